@@ -1,0 +1,24 @@
+"""launcher: distributed PyTorch training from one config, on a laptop or many SLURM nodes.
+
+    from launcher import Trainer
+    history = Trainer(max_epochs=10, run_dir="runs/a").fit(net, loss_fn, optimizer, train_ds, val_ds)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Trainer", "History", "Config"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:  # lazy: `python -m launcher --help` must not pay for torch
+    if name in ("Trainer", "History"):
+        from . import fit
+
+        return getattr(fit, name)
+    if name == "Config":
+        from .config import Config
+
+        return Config
+    raise AttributeError(name)

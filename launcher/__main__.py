@@ -1,0 +1,136 @@
+"""`python -m launcher` (or `launcher`): compose a recipe with Hydra, check it once, run it.
+
+    python -m launcher recipe=mnist                                   # 1 rank on the best local device
+    python -m launcher recipe=mnist trainer.gpus=0 trainer.nproc=2 trainer.max_epochs=3   # 2 CPU ranks (gloo)
+    python -m launcher recipe=mnist trainer.gpus=8                    # 8 GPU ranks (nccl) on this box
+    python -m launcher recipe=circles logger=wandb                    # W&B, offline when there is no API key
+    python -m launcher recipe=mnist run.dir=runs/exp1                 # killed? the same command resumes
+    python -m launcher -m recipe=linreg optimizer.lr=1e-2,3e-2        # a sweep, one run directory each
+    python -m launcher --help  |  python -m launcher recipe=mnist --cfg job
+    torchrun --nproc-per-node 2 -m launcher recipe=mnist              # an outside launcher: no second spawn
+
+Bad input (unknown option or key, wrong type, impossible value) is one line on stderr and exit 2,
+before any process starts or any file is written. A failed rank: its traceback and exit 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_CONFIG = 2
+
+
+_failures: list[int] = []  # exit codes of failed runs; a sweep goes on and exits with the first
+
+
+def _conf_dir() -> str:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):  # installed wheel / source checkout
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"launcher's conf/ directory is missing (looked in {here} and {here.parent})")
+
+
+def _task(dcfg: Any) -> None:
+    """Hydra's task function: runs in the parent, once per run (once per sweep point with -m)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from . import checkpoint, dist
+    from . import config as C
+    from . import run as R
+
+    cfg: C.Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:  # each sweep point its own run directory
+        cfg.run.dir = str(Path(cfg.run.dir) / str(hc.job.num))
+    local = cfg.launcher.name == "local"
+    C.check(cfg, local=local)
+    run_dir = Path(cfg.run.dir).expanduser().absolute()
+    if cfg.resume == "never" and checkpoint.candidates(run_dir / "checkpoints"):
+        raise C.ConfigError("resume", "never", f"{run_dir} already holds checkpoints of another start",
+                            "auto (continue it), or a new run.dir")
+    existing = R.read_id(run_dir)
+    if cfg.run.id and existing and cfg.run.id != existing:
+        raise C.ConfigError("run.id", cfg.run.id, f"{run_dir} belongs to run {existing!r}", f"{existing!r} or a new run.dir")
+    cfg.trainer.gpus = C.resolve_gpus(cfg.trainer, local)
+    cfg.run.dir = str(run_dir)
+
+    from . import worker
+
+    if dist.env_rank() is not None:  # started by torchrun / srun: this process is one rank
+        worker.run(cfg)
+        return
+    nproc = cfg.trainer.gpus or cfg.trainer.nproc
+    cfg.run.id = R.prepare(run_dir, cfg.run.id, C.to_dict(cfg))
+    if nproc * cfg.trainer.nodes == 1 and cfg.launcher.max_restarts == 0:
+        worker.run(cfg)  # one rank: no spawn, no process group, fastest start
+        return
+    from .launch import local as local_launch
+
+    code = local_launch.launch(cfg, run_dir / R.CONFIG_FILE, nproc)
+    if code:
+        _failures.append(code)
+
+
+def _one_line(e: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line errors as the one line our users get."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        return f"{group}={option!r}: unknown option; valid: {', '.join(sorted(e.options))}"
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        key = cause.full_key
+        first = str(cause.msg if hasattr(cause, "msg") else cause).strip().splitlines()[0]
+        if "not in struct" in first:
+            return f"{key}: unknown key; valid: {', '.join(_valid_keys(key))}"
+        value = getattr(cause, "value", None)
+        return f"{key}={value!r}: {first}" if value is not None else f"{key}: {first}"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return "; ".join(lines[:2]) if lines else type(e).__name__
+
+
+def _valid_keys(full_key: str) -> list[str]:
+    from . import config as C
+
+    section = full_key.split(".")[0]
+    if section in C.SECTIONS and "." in full_key:
+        return [f"{section}.{f}" for f in C.SECTIONS[section].__dataclass_fields__]
+    return [f.name for f in C.Config.__dataclass_fields__.values()]
+
+
+def main() -> None:
+    # Hydra re-raises instead of printing its own report, so every error goes through _one_line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    import hydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import ConfigError, register
+
+    register()
+    entry = hydra.main(config_path=_conf_dir(), config_name="config", version_base="1.3")(_task)
+    try:
+        entry()
+        if _failures:
+            sys.exit(_failures[0])
+    except ConfigError as e:
+        print(f"launcher: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"launcher: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    except KeyboardInterrupt:
+        print("launcher: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Config schemas (registered in Hydra's ConfigStore) and the checks that run once, in the parent.
+
+Every field carries a comment; every check raises ConfigError naming the field, the bad value and
+what would be valid, so the CLI can print one line and exit 2 before any process or file exists.
+This module imports nothing else from the package (DESIGN.md: config.py and dist.py are leaves).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+RESUME_MODES = ("auto", "never")
+LOGGERS = ("csv", "wandb", "none")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+LAUNCHERS = ("local",)
+MODES = ("min", "max")
+INTERVALS = ("epoch", "step")
+
+
+class ConfigError(ValueError):
+    """A bad config value; str() is the one line the CLI prints."""
+
+    def __init__(self, key: str, value: Any, problem: str, valid: str = "") -> None:
+        self.key, self.value = key, value
+        text = f"{key}={value!r}: {problem}"
+        super().__init__(f"{text}; valid: {valid}" if valid else text)
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10  # epochs to train; the run ends at max_epochs or max_steps, whichever comes first
+    max_steps: int = -1  # optimizer steps to train in total; -1 = no step limit
+    batch_size: int = 32  # samples per batch on EACH rank (global batch = batch_size x world size)
+    eval_batch_size: int = 0  # per-rank batch for evaluate/predict; 0 = same as batch_size
+    gpus: Optional[int] = None  # GPUs per node: 0 = CPU, -1 = all visible, unset = one GPU if CUDA is there else CPU
+    nproc: int = 1  # ranks per node when running on CPU (gpus resolves to 0)
+    nodes: int = 1  # nodes in the job; >1 needs launcher.rdzv_endpoint (local) or launcher=slurm
+    seed: int = 0  # seeds python, numpy and torch on every rank, and the data order
+    val_every_n_epochs: int = 1  # validate after every N-th epoch (the last epoch always validates)
+    val_every_n_steps: int = 0  # also validate every N optimizer steps inside epochs; 0 = off
+    monitor: str = "val_loss"  # metric for early stopping, best checkpoint and ReduceLROnPlateau
+    mode: str = "min"  # "min" or "max": which direction of `monitor` is better
+    patience: int = 0  # stop after this many validations without improvement; 0 = no early stopping
+    min_delta: float = 0.0  # an improvement must beat the best by more than this
+    scheduler_interval: str = "epoch"  # step the LR scheduler every "epoch" or every optimizer "step"
+    progress: bool = True  # progress bar on rank 0 (loss, metrics, steps/s)
+    progress_refresh_s: float = 0.5  # seconds between progress-bar updates; each costs one host sync
+    log_every_n_steps: int = 50  # per-step logger rows (W&B) every N steps; 0 = epoch rows only
+    num_workers: int = 0  # DataLoader worker processes per rank (0 = load in the training process)
+    dist_timeout_s: float = 600.0  # collective timeout: a rank that does not arrive ends the run after this
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True  # write checkpoints at all (resume needs them)
+    every_n_epochs: int = 1  # checkpoint at the end of every N-th epoch; 0 = off
+    every_n_steps: int = 0  # also checkpoint every N optimizer steps (mid-epoch resume points); 0 = off
+    save_top_k: int = 1  # keep the k best checkpoints by trainer.monitor, besides the latest; 0 = latest only
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"  # "csv" (metrics.csv + plots), "wandb" (csv plus Weights & Biases), "none"
+    project: str = "launcher"  # W&B project
+    entity: Optional[str] = None  # W&B entity (team or user); unset = the API key's default
+    mode: str = "auto"  # W&B mode: auto (online if an API key is found, else offline), online, offline, disabled
+    tags: list[str] = field(default_factory=list)  # W&B tags
+    group: Optional[str] = None  # W&B group (e.g. a sweep name)
+    plots: bool = True  # write plots.png (loss and each metric, train vs val) at the end of fit
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"  # backend: "local" (torch.distributed.elastic on this host)
+    rdzv_endpoint: str = ""  # host:port of the c10d rendezvous; "" = this host, a free port (1-node runs)
+    max_restarts: int = 0  # elastic restarts of the whole worker group after a rank fails
+    monitor_interval_s: float = 0.1  # how often the elastic agent checks its ranks (failure detection latency)
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"  # run directory: config, checkpoints, metrics, logs, wandb/
+    id: str = ""  # run id (also the W&B run id); "" = read from run.dir, or mint a new one
+    name: str = ""  # human-readable name (W&B display name); "" = the run directory's name
+
+
+@dataclass
+class Config:
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    resume: str = "auto"  # "auto" (latest complete checkpoint in run.dir, else fresh), "never", or a checkpoint path
+    # The recipe: _target_ nodes that the worker instantiates (see conf/recipe/*.yaml).
+    model: Any = None  # the nn.Module
+    data: Any = None  # a callable returning (train_dataset, val_dataset)
+    loss: Any = None  # the loss module, called as loss(outputs, targets)
+    metrics: Any = None  # name -> torchmetrics.Metric; logged as train_<name> and val_<name>
+    optimizer: Any = None  # a partial (_partial_: true) taking the model's parameters
+    scheduler: Any = None  # optional partial taking the optimizer
+
+
+SECTIONS = {"trainer": TrainerConfig, "checkpoint": CheckpointConfig, "logger": LoggerConfig,
+            "launcher": LauncherConfig, "run": RunConfig}
+RECIPE_KEYS = ("model", "data", "loss", "metrics", "optimizer", "scheduler")
+
+
+def register() -> None:
+    """Put the schemas in Hydra's ConfigStore (imported lazily: ranks never need Hydra)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="launcher_schema", node=Config)
+
+
+def from_dict(d: dict) -> Config:
+    """The typed Config from a resolved plain dict (the run directory's config.yaml)."""
+    kw = {k: cls(**(d.get(k) or {})) for k, cls in SECTIONS.items()}
+    rest = {f.name: d.get(f.name, f.default) for f in dataclasses.fields(Config) if f.name not in SECTIONS}
+    return Config(**kw, **rest)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---- checks -------------------------------------------------------------------------------------
+
+
+def _positive(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, value, "must be a positive integer")
+
+
+def _non_negative(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(key, value, "must be an integer >= 0")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(key, value, "unknown choice", ", ".join(choices))
+
+
+def check_trainer(t: TrainerConfig) -> None:
+    _positive("trainer.max_epochs", t.max_epochs)
+    if t.max_steps != -1:
+        _positive("trainer.max_steps", t.max_steps)
+    _positive("trainer.batch_size", t.batch_size)
+    _non_negative("trainer.eval_batch_size", t.eval_batch_size)
+    _positive("trainer.nproc", t.nproc)
+    _positive("trainer.nodes", t.nodes)
+    if t.gpus is not None and (isinstance(t.gpus, bool) or not isinstance(t.gpus, int) or t.gpus < -1):
+        raise ConfigError("trainer.gpus", t.gpus, "GPUs per node", "null (auto), -1 (all visible), 0 (CPU), N >= 1")
+    _positive("trainer.val_every_n_epochs", t.val_every_n_epochs)
+    _non_negative("trainer.val_every_n_steps", t.val_every_n_steps)
+    _non_negative("trainer.patience", t.patience)
+    _non_negative("trainer.log_every_n_steps", t.log_every_n_steps)
+    _non_negative("trainer.num_workers", t.num_workers)
+    _choice("trainer.mode", t.mode, MODES)
+    _choice("trainer.scheduler_interval", t.scheduler_interval, INTERVALS)
+    if t.min_delta < 0:
+        raise ConfigError("trainer.min_delta", t.min_delta, "must be >= 0")
+    if t.dist_timeout_s <= 0:
+        raise ConfigError("trainer.dist_timeout_s", t.dist_timeout_s, "must be > 0 seconds")
+
+
+def check_checkpoint(c: CheckpointConfig) -> None:
+    _non_negative("checkpoint.every_n_epochs", c.every_n_epochs)
+    _non_negative("checkpoint.every_n_steps", c.every_n_steps)
+    _non_negative("checkpoint.save_top_k", c.save_top_k)
+
+
+def check_logger(lg: LoggerConfig) -> None:
+    _choice("logger.name", lg.name, LOGGERS)
+    _choice("logger.mode", lg.mode, WANDB_MODES)
+
+
+def check_monitor(monitor: str, metric_names: list[str], has_val: bool = True) -> None:
+    """`monitor` must be a metric the run produces: {train,val}_loss and {train,val}_<metric>."""
+    produced = [f"{split}_{name}" for split in ("train", "val") if split == "train" or has_val
+                for name in ["loss", *metric_names]]
+    if monitor not in produced:
+        raise ConfigError("trainer.monitor", monitor, "not a metric this run produces", ", ".join(produced))
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process can see, without initialising CUDA in the parent."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_gpus(t: TrainerConfig, local: bool) -> int:
+    """GPUs per node the run will use (0 = CPU). For a local run, more than visible is an error."""
+    visible = visible_gpus() if local or t.gpus in (None, -1) else None
+    if t.gpus is None:
+        return 1 if visible else 0
+    if t.gpus == -1:
+        if not visible:
+            raise ConfigError("trainer.gpus", -1, "asks for all visible GPUs but CUDA sees none", "0 (CPU)")
+        return visible
+    if local and visible is not None and t.gpus > visible:
+        raise ConfigError("trainer.gpus", t.gpus, f"this machine has {visible} visible GPU(s)",
+                          f"0..{visible} or -1" if visible else "0 (CPU) or null")
+    return t.gpus
+
+
+def check_launch(cfg: Config) -> None:
+    _choice("launcher.name", cfg.launcher.name, LAUNCHERS)
+    if cfg.launcher.max_restarts < 0:
+        raise ConfigError("launcher.max_restarts", cfg.launcher.max_restarts, "must be >= 0")
+    if cfg.launcher.name == "local" and cfg.trainer.nodes > 1 and not cfg.launcher.rdzv_endpoint:
+        raise ConfigError("launcher.rdzv_endpoint", "", f"trainer.nodes={cfg.trainer.nodes} on the local "
+                          "launcher needs the rendezvous host:port every node can reach",
+                          "host:port, or launcher=slurm")
+
+
+def check_resume(resume: str) -> None:
+    if resume in RESUME_MODES:
+        return
+    if not os.path.exists(os.path.expanduser(resume)):
+        raise ConfigError("resume", resume, "no such checkpoint path",
+                          "auto, never, or an existing step-NNNNNNN directory")
+
+
+def check_recipe(cfg: Config) -> None:
+    for key in ("model", "data", "loss", "optimizer"):
+        if getattr(cfg, key) is None:
+            raise ConfigError(key, None, "the recipe does not define it", "a _target_ node (see conf/recipe/)")
+    metrics = cfg.metrics or {}
+    if not isinstance(metrics, dict):
+        raise ConfigError("metrics", metrics, "must map names to torchmetrics _target_ nodes")
+    for key in RECIPE_KEYS:
+        _check_targets(key, getattr(cfg, key))
+
+
+def _check_targets(key: str, node: Any) -> None:
+    """Every _target_ must import, so a typo fails here and not on every rank after spawning."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if isinstance(target, str):
+            module, _, attr = target.rpartition(".")
+            try:
+                import importlib
+
+                obj = importlib.import_module(module) if module else None
+                getattr(obj, attr)
+            except (ImportError, AttributeError) as e:
+                raise ConfigError(f"{key}._target_", target, f"cannot be imported ({e})",
+                                  "a dotted path to a class or function") from None
+        for k, v in node.items():
+            if k != "_target_":
+                _check_targets(f"{key}.{k}", v)
+
+
+def check(cfg: Config, local: bool = True) -> None:
+    """All parent-side checks, in the order a user would fix them."""
+    check_trainer(cfg.trainer)
+    check_checkpoint(cfg.checkpoint)
+    check_logger(cfg.logger)
+    check_launch(cfg)
+    check_resume(cfg.resume)
+    check_recipe(cfg)
+    check_monitor(cfg.trainer.monitor, list((cfg.metrics or {}).keys()))
+    resolve_gpus(cfg.trainer, local)

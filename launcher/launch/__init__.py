@@ -1,0 +1,1 @@
+"""Backends that create the rank processes; only this package knows how processes are made."""

@@ -1,0 +1,59 @@
+"""Ranks on this host through torch.distributed.elastic (c10d rendezvous, no fixed ports).
+
+The agent watches its ranks; when one dies it stops the rest and we print that rank's traceback
+and exit non-zero, so a crash never leaves the others waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .. import config as C
+
+log = logging.getLogger("launcher")
+
+
+def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
+    """Run nproc ranks per node of the worker on config_path; returns the process exit code."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    run_dir = Path(cfg.run.dir)
+    lc = LaunchConfig(
+        min_nodes=cfg.trainer.nodes, max_nodes=cfg.trainer.nodes, nproc_per_node=nproc,
+        run_id=cfg.run.id, rdzv_backend="c10d",
+        # port 0: the rendezvous store binds a free port (single node), like torchrun --standalone
+        rdzv_endpoint=cfg.launcher.rdzv_endpoint or "localhost:0",
+        max_restarts=cfg.launcher.max_restarts, monitor_interval=cfg.launcher.monitor_interval_s,
+        logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "logs" / "elastic")),
+    )
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    try:
+        elastic_launch(lc, sys.executable)("-u", "-m", "launcher.worker", str(config_path))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        print(f"launcher: rank {rank} failed (exit code {failure.exitcode}); its error:\n"
+              f"{_traceback(failure)}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, SignalException) as e:
+        print(f"launcher: interrupted ({e}); all ranks stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _traceback(failure: object) -> str:
+    data = getattr(failure, "error_file_data", None) or {}
+    msg = data.get("message", {}) if isinstance(data, dict) else {}
+    if isinstance(msg, dict):
+        stack = msg.get("extraInfo", {}).get("py_callstack")
+        if stack:
+            return stack
+        if msg.get("message"):
+            return str(msg["message"])
+    text = getattr(failure, "message", "") or ""
+    return text if isinstance(text, str) else json.dumps(text)

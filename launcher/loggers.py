@@ -1,0 +1,152 @@
+"""Where metrics go: metrics.csv, plots.png and W&B on rank 0; nothing on other ranks.
+
+Rank-0 side effects live behind one object (`RunLogger`) and a null twin (`NullLogger`), so the
+loop never asks which rank it is on (DESIGN.md habit 9). Heavy imports (wandb, matplotlib) happen
+only when that output is asked for.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger("launcher")
+
+
+def setup_logging(run_dir: Optional[Path], rank: int) -> None:
+    """Per-rank log file under run_dir/logs; rank 0 also logs INFO to the console, others WARNING."""
+    root = logging.getLogger("launcher")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        if getattr(h, "_launcher", False):
+            root.removeHandler(h)
+            h.close()
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console.setFormatter(logging.Formatter(f"[launcher{'' if rank == 0 else f' rank {rank}'}] %(message)s"))
+    handlers: list[logging.Handler] = [console]
+    if run_dir is not None:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(run_dir / "logs" / f"rank-{rank}.log")
+        fh.setFormatter(logging.Formatter("%(asctime)s rank " + str(rank) + " %(levelname)s %(message)s"))
+        handlers.append(fh)
+    for h in handlers:
+        h._launcher = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.propagate = False
+
+
+class NullLogger:
+    """What ranks > 0 (and logger=none's W&B side) get: every call does nothing."""
+
+    def log_step(self, step: int, values: dict[str, float]) -> None: ...
+
+    def log_epoch(self, history: list[dict[str, Any]]) -> None: ...
+
+    def finish(self, history: list[dict[str, Any]]) -> None: ...
+
+
+def write_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    """The whole history, rewritten atomically: after a resume, rows past the checkpoint vanish."""
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, path)
+
+
+def plot(path: Path, history: list[dict[str, Any]]) -> None:
+    """plots.png: one panel per metric (loss first), train vs val against the epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["loss"] + sorted({k.split("_", 1)[1] for row in history for k in row
+                              if k.startswith(("train_", "val_")) and not k.endswith("_loss")})
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for split, style in (("train", "o-"), ("val", "s--")):
+            pts = [(row["epoch"], row[f"{split}_{name}"]) for row in history
+                   if row.get(f"{split}_{name}") not in (None, "")]
+            if pts:
+                ax.plot(*zip(*pts), style, label=split)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def wandb_mode(requested: str) -> str:
+    """auto -> online when an API key is configured (env or netrc), else offline."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        import netrc
+
+        auth = netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1])
+        return "online" if auth else "offline"
+    except (OSError, netrc.NetrcParseError):
+        return "offline"
+
+
+class RunLogger:
+    """Rank 0's sinks: metrics.csv (+ plots.png) and optionally one W&B run per run id."""
+
+    def __init__(self, run_dir: Path, *, name: str, run_id: str, config: Optional[dict],
+                 wandb: Optional[dict] = None, csv_and_plots: bool = True, plots: bool = True) -> None:
+        self.run_dir, self.csv, self.plots = run_dir, csv_and_plots, plots and csv_and_plots
+        self.wandb_run = None
+        if wandb is not None:
+            self.wandb_run = self._init_wandb(run_dir, name, run_id, config, wandb)
+
+    @staticmethod
+    def _init_wandb(run_dir: Path, name: str, run_id: str, config: Optional[dict], opts: dict) -> Any:
+        mode = wandb_mode(opts.get("mode", "auto"))
+        if mode == "disabled":
+            return None
+        import wandb
+
+        # resume="allow" + the run's own id: a requeued or re-run job continues the same W&B run.
+        run = wandb.init(project=opts.get("project"), entity=opts.get("entity"), id=run_id, name=name,
+                         resume="allow", dir=str(run_dir), config=config, mode=mode,
+                         tags=list(opts.get("tags") or []) or None, group=opts.get("group"),
+                         settings=wandb.Settings(console="off", disable_git=True, x_disable_stats=True))
+        log.info("W&B run %s (%s) in %s", run.id, mode, run.dir)
+        return run
+
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=step)
+
+    def log_epoch(self, history: list[dict[str, Any]]) -> None:
+        if self.csv:
+            write_csv(self.run_dir / "metrics.csv", history)
+        if self.wandb_run is not None and history:
+            row = history[-1]
+            self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+
+    def finish(self, history: list[dict[str, Any]]) -> None:
+        if self.plots and history:
+            try:
+                plot(self.run_dir / "plots.png", history)
+            except ImportError:
+                log.warning("matplotlib is not installed: no plots.png (pip install 'launcher[plots]')")
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None

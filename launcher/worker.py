@@ -1,0 +1,50 @@
+"""Per-rank entry: init dist -> build recipe -> fit (which resumes) -> cleanup.
+
+Local ranks start as `python -m launcher.worker RUN_DIR/config.yaml` (elastic's binary entrypoint:
+a fresh interpreter that imports only what a rank needs); a single rank, or a rank under an
+outside torchrun/srun, calls run() in-process. Either way the same code runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from . import config as C
+
+
+def run(cfg: C.Config) -> None:
+    from . import dist, recipe
+    from .fit import Trainer
+    from .state import seed_everything
+
+    d = dist.init(int(cfg.trainer.gpus or 0), cfg.trainer.dist_timeout_s)
+    if d.device.type == "cpu" and d.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        # N ranks on one host share its cores; torch's default (all cores each) oversubscribes them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.local_world_size))
+    try:
+        seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
+        objects = recipe.build(cfg)
+        Trainer(cfg, dist=d).fit(**objects)
+    finally:
+        dist.cleanup()
+
+
+@record
+def main(argv: list[str]) -> None:
+    import yaml
+
+    with open(argv[0]) as f:
+        cfg = C.from_dict(yaml.safe_load(f))
+    try:
+        run(cfg)
+    except KeyboardInterrupt:
+        sys.exit(130)  # Ctrl-C reaches every rank: leave quietly, the parent reports it
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""User-level recipe code that conf/recipe/*.yaml names with _target_."""
