@@ -24,6 +24,7 @@ EXIT_CONFIG = 2
 
 
 _failures: list[int] = []  # exit codes of failed runs; a sweep goes on and exits with the first
+_errors: list[BaseException] = []  # raised in the task: reported by main(), not by Hydra's job runner
 
 
 def _conf_dir() -> str:
@@ -36,6 +37,14 @@ def _conf_dir() -> str:
 
 def _task(dcfg: Any) -> None:
     """Hydra's task function: runs in the parent, once per run (once per sweep point with -m)."""
+    # Hydra's job runner prints its own "Error executing job" line for anything raised from here.
+    try:
+        _run(dcfg)
+    except Exception as e:  # noqa: BLE001 - handed to main() unchanged
+        _errors.append(e)
+
+
+def _run(dcfg: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import OmegaConf
@@ -80,7 +89,7 @@ def _task(dcfg: Any) -> None:
 def _one_line(e: BaseException) -> str:
     """Hydra's and OmegaConf's multi-line errors as the one line our users get."""
     from hydra.errors import MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options:
         group, _, option = e.missing_cfg_file.rpartition("/")
@@ -89,7 +98,7 @@ def _one_line(e: BaseException) -> str:
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         key = cause.full_key
         first = str(cause.msg if hasattr(cause, "msg") else cause).strip().splitlines()[0]
-        if "not in struct" in first:
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
             return f"{key}: unknown key; valid: {', '.join(_valid_keys(key))}"
         value = getattr(cause, "value", None)
         return f"{key}={value!r}: {first}" if value is not None else f"{key}: {first}"
@@ -119,6 +128,8 @@ def main() -> None:
     entry = hydra.main(config_path=_conf_dir(), config_name="config", version_base="1.3")(_task)
     try:
         entry()
+        if _errors:
+            raise _errors[0]
         if _failures:
             sys.exit(_failures[0])
     except ConfigError as e:

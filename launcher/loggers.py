@@ -94,15 +94,18 @@ def wandb_mode(requested: str) -> str:
         return requested
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return "online"
+    # `wandb login` stores the key in ~/.netrc (or $NETRC); asking wandb itself would contact the server.
+    hosts = [os.environ.get("WANDB_BASE_URL", ""), "api.wandb.ai", "api.forge.coreweave.com"]
     try:
         import netrc
 
-        auth = netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1])
-        return "online" if auth else "offline"
+        rc = netrc.netrc(os.environ.get("NETRC") or None)
+        found = any(rc.authenticators(h.split("//")[-1].rstrip("/")) for h in hosts if h)
     except (OSError, netrc.NetrcParseError):
-        return "offline"
+        found = False
+    return "online" if found else "offline"
 
 
 class RunLogger:
@@ -120,13 +123,18 @@ class RunLogger:
         mode = wandb_mode(opts.get("mode", "auto"))
         if mode == "disabled":
             return None
+        if mode == "offline":
+            # wandb's telemetry is set up from the environment before init's mode= applies; without
+            # this it tries the network at exit even offline.
+            os.environ["WANDB_MODE"] = "offline"
         import wandb
 
         # resume="allow" + the run's own id: a requeued or re-run job continues the same W&B run.
         run = wandb.init(project=opts.get("project"), entity=opts.get("entity"), id=run_id, name=name,
                          resume="allow", dir=str(run_dir), config=config, mode=mode,
                          tags=list(opts.get("tags") or []) or None, group=opts.get("group"),
-                         settings=wandb.Settings(console="off", disable_git=True, x_disable_stats=True))
+                         settings=wandb.Settings(console="off", silent=True, disable_git=True, x_disable_stats=True,
+                                                 x_save_requirements=False))
         log.info("W&B run %s (%s) in %s", run.id, mode, run.dir)
         return run
 

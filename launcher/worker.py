@@ -34,10 +34,34 @@ def run(cfg: C.Config) -> None:
         dist.cleanup()
 
 
+def _die_with_parent() -> None:
+    """SIGTERM this rank when the launcher process dies (even by SIGKILL).
+
+    elastic starts each rank in its own session, so killing the launcher's process group does not
+    reach them; orphaned ranks would go on training and writing into the run directory.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        sys.exit(1)
+
+
 @record
 def main(argv: list[str]) -> None:
+    import signal
+
     import yaml
 
+    # elastic stops ranks with SIGTERM; as an exit (not a kill) it runs finally blocks and atexit
+    # hooks, so W&B flushes its buffered rows instead of losing the last seconds.
+    signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
+    _die_with_parent()
     with open(argv[0]) as f:
         cfg = C.from_dict(yaml.safe_load(f))
     try:

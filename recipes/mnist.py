@@ -164,20 +164,27 @@ def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
 
 
 def datasets(
-    root: str | os.PathLike[str], download: bool = True
+    root: str | os.PathLike[str], download: bool = True, train_limit: int = 0, val_limit: int = 0
 ) -> tuple[TensorDataset, TensorDataset]:
     """Return (train, val) MNIST datasets; val is the official 10k test set.
 
     Images are float32 N x 1 x 28 x 28 in [0, 1], labels int64. ``root`` may
     contain ``~`` and ``$VARS``. Missing files are downloaded into ``root`` when
     ``download`` is true; otherwise (or if that fails) FileNotFoundError is
-    raised with a one-line message naming ``data.root``.
+    raised with a one-line message naming ``data.root``. ``train_limit`` / ``val_limit`` > 0 keep
+    only the first N samples of a split (quick experiments and tests on the real data).
     """
     root_path = Path(os.path.expanduser(os.path.expandvars(os.fspath(root)))).absolute()
     paths = _ensure_files(root_path, download)
     train = _load_split(paths[TRAIN_IMAGES], paths[TRAIN_LABELS])
     val = _load_split(paths[TEST_IMAGES], paths[TEST_LABELS])
-    return train, val
+    return _head(train, train_limit), _head(val, val_limit)
+
+
+def _head(ds: TensorDataset, limit: int) -> TensorDataset:
+    if limit < 0:
+        raise ValueError(f"data limit={limit!r}: must be >= 0 (0 = the whole split)")
+    return TensorDataset(*(t[:limit] for t in ds.tensors)) if limit else ds
 
 
 def _load_split(images_path: Path, labels_path: Path) -> TensorDataset:

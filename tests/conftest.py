@@ -1,0 +1,42 @@
+"""Shared test helpers: the real CLI in a subprocess, the shared MNIST copy, tiny run settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST = REPO.parent / "shared" / "data" / "mnist"
+SUPPORT = Path(__file__).resolve().parent / "support"
+# quiet, fast runs: no progress bar, no per-step rows
+QUIET = ["trainer.progress=false"]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("WANDB_API_KEY", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(SUPPORT), str(REPO), env.get("PYTHONPATH", "")])
+    env["WANDB_SILENT"] = "true"
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+    """`python -m launcher ARGS` as a user types it; returns the finished process (text output)."""
+    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=cwd, env=cli_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    if not (MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real MNIST not found at {MNIST}")
+    return MNIST
+
+
+def mnist_small(root: Path, train: int = 2560, val: int = 1000) -> list[str]:
+    return ["recipe=mnist", f"data.root={root}", f"data.train_limit={train}", f"data.val_limit={val}"]

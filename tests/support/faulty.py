@@ -1,0 +1,30 @@
+"""A model that fails on purpose, for the failure tests (imported by ranks via PYTHONPATH).
+
+FAULT_RANK / FAULT_STEP pick the rank and the forward call that raises (FAULT_MODE=raise),
+or that sleeps forever (FAULT_MODE=hang).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+
+class FaultyLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            rank = int(os.environ.get("RANK", "0"))
+            if rank == int(os.environ.get("FAULT_RANK", "1")) and self.calls == int(os.environ.get("FAULT_STEP", "5")):
+                if os.environ.get("FAULT_MODE", "raise") == "hang":
+                    time.sleep(3600)
+                raise RuntimeError(f"injected failure on rank {rank} at step {self.calls}")
+        return self.lin(x)

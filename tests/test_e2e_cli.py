@@ -1,0 +1,109 @@
+"""Each recipe through the real CLI on 2 gloo ranks: trains, and fills the run directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import QUIET, mnist_small, run_cli
+
+TWO_RANKS = ["trainer.gpus=0", "trainer.nproc=2"]
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _check_run_dir(run_dir: Path, epochs: int) -> list[dict[str, str]]:
+    run_id = json.loads((run_dir / "run.json").read_text())["id"]
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["run"]["id"] == run_id and cfg["run"]["dir"] == str(run_dir)
+    assert "${" not in (run_dir / "config.yaml").read_text(), "the run dir holds the RESOLVED config"
+    rows = _rows(run_dir)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
+    assert {"epoch", "step", "lr", "train_loss", "val_loss"} <= set(rows[0])
+    assert (run_dir / "logs" / "rank-0.log").exists() and (run_dir / "logs" / "rank-1.log").exists()
+    assert (run_dir / "plots.png").stat().st_size > 1000
+    last = (run_dir / "checkpoints" / "last").resolve()
+    assert last.name == f"step-{int(rows[-1]['step']):07d}" and (last / "manifest.json").exists()
+    state = torch.load(last / "state.pt", weights_only=True)
+    assert state["run_id"] == run_id and len(state["ranks"]) == 2
+    final = torch.load(run_dir / "model.pt", weights_only=True)
+    assert all(not k.startswith("module.") for k in final), "model.pt holds the bare model's weights"
+    for k, v in final.items():
+        assert torch.equal(v, state["model"][k])
+    return rows
+
+
+def test_mnist_two_ranks(tmp_path: Path, mnist_root: Path) -> None:
+    run_dir = tmp_path / "mnist"
+    p = run_cli([*mnist_small(mnist_root, 2560, 1000), *TWO_RANKS, *QUIET, "trainer.max_epochs=2",
+                 f"run.dir={run_dir}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = _check_run_dir(run_dir, 2)
+    # 2560 samples / (2 ranks x 128) = 10 steps per epoch
+    assert [int(r["step"]) for r in rows] == [10, 20]
+    assert float(rows[-1]["val_acc"]) > 0.5 and float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_circles_two_ranks(tmp_path: Path) -> None:
+    run_dir = tmp_path / "circles"
+    p = run_cli(["recipe=circles", *TWO_RANKS, *QUIET, "trainer.max_epochs=3", f"run.dir={run_dir}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = _check_run_dir(run_dir, 3)
+    assert int(rows[0]["step"]) == 44  # ceil(2800 / 2 / 32)
+    assert 0.0 <= float(rows[-1]["val_acc"]) <= 1.0
+
+
+def test_linreg_two_ranks_reaches_the_noise_floor(tmp_path: Path) -> None:
+    run_dir = tmp_path / "linreg"
+    p = run_cli(["recipe=linreg", *TWO_RANKS, *QUIET, f"run.dir={run_dir}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = _check_run_dir(run_dir, 50)
+    assert float(rows[-1]["val_mae"]) < 1.9  # noise std 2: the best possible MAE is about 1.6
+    w = torch.load(run_dir / "model.pt", weights_only=True)
+    assert torch.allclose(w["weight"], torch.tensor([[2.0, -3.0]]), atol=0.3)
+    assert abs(w["bias"].item() - 10.0) < 0.6
+
+
+def test_one_rank_runs_in_process_and_writes_the_same_layout(tmp_path: Path) -> None:
+    run_dir = tmp_path / "one"
+    p = run_cli(["recipe=linreg", *QUIET, "trainer.max_epochs=2", f"run.dir={run_dir}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [int(r["step"]) for r in _rows(run_dir)] == [14, 28]
+    assert not (run_dir / "logs" / "rank-1.log").exists()
+
+
+def test_sweep_runs_each_point_in_its_own_run_dir(tmp_path: Path) -> None:
+    p = run_cli(["-m", "recipe=linreg", "optimizer.lr=0.01,0.1", *QUIET, "trainer.max_epochs=1",
+                 f"run.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lrs = [yaml.safe_load((tmp_path / "sweep" / str(i) / "config.yaml").read_text())["optimizer"]["lr"]
+           for i in (0, 1)]
+    assert lrs == [0.01, 0.1]
+    ids = {json.loads((tmp_path / "sweep" / str(i) / "run.json").read_text())["id"] for i in (0, 1)}
+    assert len(ids) == 2
+
+
+@pytest.mark.parametrize("nproc", [2])
+def test_under_an_outside_torchrun_the_launcher_does_not_spawn_again(tmp_path: Path, nproc: int) -> None:
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    run_dir = tmp_path / "torchrun"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                        "-m", "launcher", "recipe=linreg", *QUIET, "trainer.max_epochs=2", f"run.dir={run_dir}"],
+                       cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = _rows(run_dir)
+    assert [int(r["step"]) for r in rows] == [7, 14]  # 280 samples / (2 ranks x 20): 2 ranks, not 2 x 2
+    state = torch.load(run_dir / "checkpoints" / "last" / "state.pt", weights_only=True)
+    assert len(state["ranks"]) == nproc

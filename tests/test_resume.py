@@ -1,0 +1,86 @@
+"""Exact resume: a run SIGKILLed mid-epoch and resumed ends with weights bitwise equal to an
+uninterrupted run's (CPU, same world size). MNIST's CNN has Dropout2d, so the RNG streams matter."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import QUIET, cli_env, mnist_small, run_cli
+
+STEPS_PER_EPOCH = {1: 20, 2: 10}  # 2560 samples, batch 128 per rank
+
+
+def _args(root: Path, run_dir: Path, nproc: int) -> list[str]:
+    return [*mnist_small(root, 2560, 512), f"trainer.nproc={nproc}", "trainer.gpus=0", "trainer.max_epochs=3",
+            "checkpoint.every_n_steps=3", *QUIET, f"run.dir={run_dir}"]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path} appeared:\n{proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_killed_mid_epoch_then_resumed_is_bitwise_equal(tmp_path: Path, mnist_root: Path, nproc: int) -> None:
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    p = run_cli(_args(mnist_root, ref, nproc), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    # Kill the whole launcher (parent and ranks) once a checkpoint inside epoch 2 exists.
+    kill_after = (STEPS_PER_EPOCH[nproc] // 3 + 1) * 3  # the first checkpoint inside epoch 2
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", *_args(mnist_root, cut, nproc)], cwd=tmp_path,
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for(cut / "checkpoints" / f"step-{kill_after:07d}" / "manifest.json", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (cut / "model.pt").exists(), "the run must really have been cut short"
+
+    again = run_cli(_args(mnist_root, cut, nproc), cwd=tmp_path)  # the same command resumes
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = (cut / "logs" / "rank-0.log").read_text()
+    assert "resumed from" in log
+    resumed_at = [ln for ln in log.splitlines() if "resumed from" in ln][-1]
+    assert "epoch 1," in resumed_at and "batch 0 of" not in resumed_at, resumed_at  # inside epoch 2
+
+    a = torch.load(ref / "model.pt", weights_only=True)
+    b = torch.load(cut / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    with open(ref / "metrics.csv") as f1, open(cut / "metrics.csv") as f2:
+        assert list(csv.DictReader(f1)) == list(csv.DictReader(f2)), "history (incl. epoch-2 train metrics) differs"
+
+
+def test_finished_run_rerun_does_nothing_more(tmp_path: Path) -> None:
+    run_dir = tmp_path / "done"
+    args = ["recipe=linreg", "trainer.max_epochs=2", *QUIET, f"run.dir={run_dir}"]
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    before = (run_dir / "metrics.csv").read_text()
+    p = run_cli(args, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert (run_dir / "metrics.csv").read_text() == before
+    assert "resumed from" in (run_dir / "logs" / "rank-0.log").read_text()
+
+
+def test_resume_from_explicit_path_and_more_epochs(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    assert run_cli(["recipe=linreg", "trainer.max_epochs=2", *QUIET, f"run.dir={first}"], cwd=tmp_path).returncode == 0
+    second = tmp_path / "second"
+    p = run_cli(["recipe=linreg", "trainer.max_epochs=4", *QUIET, f"run.dir={second}",
+                 f"resume={first / 'checkpoints' / 'last'}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    with open(second / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [14, 28, 42, 56]
