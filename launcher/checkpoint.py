@@ -149,10 +149,10 @@ class Checkpointer:
     """Owns the interval rules, the `last`/`best` links and the top-k retention of one run."""
 
     def __init__(self, ckpt_dir: Path, *, enabled: bool, every_n_epochs: int, every_n_steps: int,
-                 save_top_k: int, mode: str) -> None:
+                 save_top_k: int, mode: str, keep_last: int = 2) -> None:
         self.dir, self.enabled = ckpt_dir, enabled
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
-        self.save_top_k, self.mode = save_top_k, mode
+        self.save_top_k, self.mode, self.keep_last = save_top_k, mode, keep_last
         self.top: list[tuple[float, str]] = []  # (score, folder name), best first
         self.last_saved_step = -1
 
@@ -179,12 +179,13 @@ class Checkpointer:
             self.top = self.top[: self.save_top_k]
             if self.top[0][1] == folder.name:
                 _replace_symlink(self.dir / "best", folder.name)
-        self._prune(keep={folder.name, *(name for _, name in self.top)})
+        self._prune(best={name for _, name in self.top})
         return folder
 
-    def _prune(self, keep: set[str]) -> None:
-        for p in candidates(self.dir):
-            if p.name not in keep:
+    def _prune(self, best: set[str]) -> None:
+        """Delete every step folder that is neither among the keep_last newest nor among the best."""
+        for p in candidates(self.dir)[self.keep_last:]:
+            if p.name not in best:
                 shutil.rmtree(p, ignore_errors=True)
 
     @property

@@ -58,7 +58,8 @@ class CheckpointConfig:
     enabled: bool = True  # write checkpoints at all (resume needs them)
     every_n_epochs: int = 1  # checkpoint at the end of every N-th epoch; 0 = off
     every_n_steps: int = 0  # also checkpoint every N optimizer steps (mid-epoch resume points); 0 = off
-    save_top_k: int = 1  # keep the k best checkpoints by trainer.monitor, besides the latest; 0 = latest only
+    save_top_k: int = 1  # also keep the k best checkpoints by trainer.monitor; 0 = none kept for being best
+    keep_last: int = 2  # keep the N most recent checkpoints (>= 2 leaves a fallback if the newest is damaged)
 
 
 @dataclass
@@ -172,6 +173,7 @@ def check_checkpoint(c: CheckpointConfig) -> None:
     _non_negative("checkpoint.every_n_epochs", c.every_n_epochs)
     _non_negative("checkpoint.every_n_steps", c.every_n_steps)
     _non_negative("checkpoint.save_top_k", c.save_top_k)
+    _positive("checkpoint.keep_last", c.keep_last)
 
 
 def check_logger(lg: LoggerConfig) -> None:

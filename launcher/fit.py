@@ -78,6 +78,7 @@ class Trainer:
         self.best_score: Optional[float] = None
         self.run_dir = Path(self.cfg.run.dir).expanduser().absolute()
         self.run_id = self.cfg.run.id
+        self._loop: Optional[_Loop] = None
 
     # ---- set-up -----------------------------------------------------------------------------------
     def _dist(self) -> D.Dist:
@@ -139,10 +140,13 @@ class Trainer:
                  metrics: Optional[dict[str, Any]] = None, batch_size: Optional[int] = None) -> dict[str, float]:
         """val_loss and val_<metric> over every sample of `data` exactly once (all ranks call it)."""
         d = self._dist()
+        if (model is None or loss_fn is None) and self._loop is None:
+            raise ValueError("evaluate() before fit() needs model= and loss_fn=")
         model = (model or self.model).to(d.device)  # type: ignore[union-attr]
-        loss_fn = loss_fn or self._loop.loss_fn
-        acc = Accumulator({k: copy.deepcopy(m) for k, m in (metrics if metrics is not None
-                                                             else self._loop.metric_protos).items()}, d.device)
+        loss_fn = loss_fn or self._loop.loss_fn  # type: ignore[union-attr]
+        if metrics is None:
+            metrics = self._loop.metric_protos if self._loop is not None else {}
+        acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
         batches = Batches(data, d, train=False, batch_size=batch_size or self.cfg.trainer.eval_batch_size
                           or self.cfg.trainer.batch_size)
         return _evaluate(model, loss_fn, batches, acc, d.device)
@@ -151,6 +155,8 @@ class Trainer:
                 batch_size: Optional[int] = None) -> Optional[torch.Tensor]:
         """Model outputs for every sample, in dataset order, on rank 0 (None on other ranks)."""
         d = self._dist()
+        if model is None and self.model is None:
+            raise ValueError("predict() before fit() needs model=")
         model = (model or self.model).to(d.device)  # type: ignore[union-attr]
         batches = Batches(data, d, train=False, batch_size=batch_size or self.cfg.trainer.eval_batch_size
                           or self.cfg.trainer.batch_size)
@@ -219,7 +225,8 @@ class _Loop:
         self.ckpt = ckpt.Checkpointer(tr.run_dir / "checkpoints", enabled=cfg.checkpoint.enabled,
                                       every_n_epochs=cfg.checkpoint.every_n_epochs,
                                       every_n_steps=cfg.checkpoint.every_n_steps,
-                                      save_top_k=cfg.checkpoint.save_top_k, mode=self.t.mode)
+                                      save_top_k=cfg.checkpoint.save_top_k, mode=self.t.mode,
+                                      keep_last=cfg.checkpoint.keep_last)
         lg = cfg.logger
         self.logger: Any = NullLogger()
         if d.is_main:
@@ -247,7 +254,7 @@ class _Loop:
         if self.d.is_main:
             meta = {"step": self.state.step, "epoch": self.state.epoch, "run_id": self.tr.run_id}
             folder = self.ckpt.save(self.state.step, state, meta, score)
-            log.info("checkpoint %s", folder)
+            log.debug("checkpoint %s", folder)
             if self.ckpt.best:
                 self.tr.best_score, self.tr.best_checkpoint = self.ckpt.best
         self.ckpt.last_saved_step = self.state.step
@@ -303,8 +310,7 @@ class _Loop:
                     self.save(None)
                 if s.stopped_early or (t.max_steps > 0 and s.step >= t.max_steps):
                     break
-            progress.close()
-            self.end_epoch()
+            progress.close(self.end_epoch())
         if self.ckpt.enabled and self.ckpt.last_saved_step != s.step:
             self.save(None)
         if self.d.is_main:
@@ -335,7 +341,8 @@ class _Loop:
             self.state.stopped_early = True
         return value
 
-    def end_epoch(self) -> None:
+    def end_epoch(self) -> dict[str, Any]:
+        """Sync the epoch's metrics, validate, log, step schedulers and early stopping; returns the row."""
         s, t = self.state, self.t
         lr = self.opt.param_groups[0]["lr"]
         row: dict[str, Any] = {"epoch": s.epoch + 1, "step": s.step, "lr": lr}
@@ -353,7 +360,7 @@ class _Loop:
         s.history.append(row)
         self.tr.history[:] = s.history
         self.logger.log_epoch(s.history)
-        if self.d.is_main:
+        if self.d.is_main and not t.progress:  # with a bar, the bar shows the row
             log.info("epoch %d: %s", row["epoch"], "  ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"))
         s.epoch += 1
@@ -361,3 +368,4 @@ class _Loop:
         self.train_acc.reset()
         if self.ckpt.due_epoch(s.epoch) or self.ckpt.due_step(s.step):
             self.save(score if score is not None and not math.isnan(score) else None)
+        return row

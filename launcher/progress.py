@@ -36,8 +36,12 @@ class Progress:
             self.bar.set_postfix_str(f"loss={loss():.4g}", refresh=True)
             self.next_refresh = now + self.refresh_s
 
-    def close(self) -> None:
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        """End the epoch's bar, showing the epoch's synced metrics (train_* and val_*) on it."""
         if self.bar is not None:
             self.bar.update(self.pending)
+            if summary:
+                self.bar.set_postfix_str("  ".join(f"{k}={v:.4g}" for k, v in summary.items()
+                                                   if isinstance(v, float) and k != "lr"), refresh=False)
             self.bar.close()
             self.bar = None

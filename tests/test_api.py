@@ -1,0 +1,72 @@
+"""The Python API (Keras/Lightning style) in one process: fit / evaluate / predict, DataLoaders or
+Datasets, early stopping, best checkpoint, history as dicts and DataFrame, the bare weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from launcher import Trainer
+from recipes import circles
+
+
+def _acc():
+    return circles.LogitAccuracy()
+
+
+def test_fit_on_circles_reaches_val_accuracy_0_9(tmp_path: Path) -> None:
+    train, val = circles.datasets()
+    torch.manual_seed(0)
+    net = circles.Net()
+    trainer = Trainer(max_epochs=20, monitor="val_acc", mode="max", patience=5, run_dir=tmp_path / "a", progress=False)
+    history = trainer.fit(net, nn.BCEWithLogitsLoss(), torch.optim.Adam(net.parameters(), lr=0.01),
+                          DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=256),
+                          metrics={"acc": _acc()})
+    assert isinstance(history, list) and history[0]["epoch"] == 1
+    assert set(history[0]) >= {"epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc"}
+    assert max(r["val_acc"] for r in history) >= 0.9
+    assert trainer.best_score == max(r["val_acc"] for r in history)
+    assert trainer.best_checkpoint is not None and trainer.best_checkpoint.is_dir()
+    df = history.df
+    assert list(df["epoch"]) == list(range(1, len(history) + 1))
+    ev = trainer.evaluate(val)
+    assert ev["val_acc"] == pytest.approx(history[-1]["val_acc"])
+    preds = trainer.predict(val)
+    assert preds.shape == (len(val), 1)
+    assert ((preds > 0).float() == val.tensors[1]).float().mean().item() == pytest.approx(ev["val_acc"])
+    sd = trainer.state_dict()
+    assert set(sd) == set(net.state_dict()) and not any(k.startswith("module.") for k in sd)
+    best = trainer.load_best()
+    assert trainer.evaluate(val, model=best)["val_acc"] == pytest.approx(trainer.best_score)
+    assert (tmp_path / "a" / "metrics.csv").exists() and (tmp_path / "a" / "plots.png").exists()
+
+
+def test_early_stopping_stops_and_a_new_trainer_resumes_the_run(tmp_path: Path) -> None:
+    train, val = circles.datasets(n_per_class=200)
+    net = circles.Net()
+    # lr=0: nothing improves, so patience 2 stops after epoch 3 (best at 1, then 2 bad validations)
+    tr = Trainer(max_epochs=50, monitor="val_loss", patience=2, batch_size=64, run_dir=tmp_path / "b",
+                 progress=False, logger="none")
+    h = tr.fit(net, nn.BCEWithLogitsLoss(), torch.optim.SGD(net.parameters(), lr=0.0), train, val)
+    assert [r["epoch"] for r in h] == [1, 2, 3]
+    again = Trainer(max_epochs=50, monitor="val_loss", patience=2, batch_size=64, run_dir=tmp_path / "b",
+                    progress=False, logger="none")
+    h2 = again.fit(circles.Net(), nn.BCEWithLogitsLoss(), lambda p: torch.optim.SGD(p, lr=0.0), train, val)
+    assert [r["epoch"] for r in h2] == [1, 2, 3], "a finished (early-stopped) run stays finished on resume"
+
+
+def test_step_scheduler_and_max_steps(tmp_path: Path) -> None:
+    train, val = circles.datasets(n_per_class=200)
+    net = circles.Net()
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    tr = Trainer(max_epochs=10, max_steps=7, batch_size=100, scheduler_interval="step", run_dir=tmp_path / "c",
+                 progress=False, logger="none", checkpoint_enabled=False)
+    h = tr.fit(net, nn.BCEWithLogitsLoss(), opt, train, val,
+               scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5))
+    assert [r["step"] for r in h] == [3, 6, 7]  # 280 samples / 100 = 3 steps per epoch; stops mid-epoch 3
+    assert h[-1]["lr"] == pytest.approx(0.5 ** 7)
+    assert not (tmp_path / "c" / "checkpoints").exists()
