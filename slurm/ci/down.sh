@@ -21,14 +21,13 @@ stop() { # pairs of (pid file, expected comm): TERM them all at once, wait up to
     rm -f "$1"; shift 2
   done
   (( ${#pids[@]} )) || return 0
-  for _ in $(seq 150); do
-    for i in "${!pids[@]}"; do [[ -d /proc/${pids[$i]} ]] && continue 2; done; break
-    sleep 0.1
-  done
+  gone() { for pid in "${pids[@]}"; do [[ -d /proc/$pid ]] && return 1; done; return 0; }
+  for _ in $(seq 150); do gone && break; sleep 0.1; done
   for i in "${!pids[@]}"; do
-    if [[ -d /proc/${pids[$i]} ]]; then echo "down.sh: ${names[$i]} (pid ${pids[$i]}) ignored TERM: KILL"; kill -KILL "${pids[$i]}"; fi
+    if [[ -d /proc/${pids[$i]} ]]; then echo "down.sh: ${names[$i]} (pid ${pids[$i]}) ignored TERM for 15 s: KILL"; kill -KILL "${pids[$i]}"; fi
     echo "down.sh: stopped ${names[$i]} (pid ${pids[$i]})"
   done
+  for _ in $(seq 50); do gone && break; sleep 0.1; done
 }
 ours() { [[ -s $1 && -s $2 ]] && [[ $(<"$1") == $(<"$2") ]]; }   # recorded pid == live pid?
 alive_pidfile() { local pid; [[ -s $1 ]] && pid=$(<"$1") && [[ -r /proc/$pid/comm && $(<"/proc/$pid/comm") == "$2" ]]; }

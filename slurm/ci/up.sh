@@ -123,7 +123,8 @@ if [[ -f $CONF ]] && [[ "$(<"$CONF")" != "$NEWCONF" ]]; then
   else
     pid=$(sed -n 's/^SlurmctldPidFile=//p' "$CONF")
     if [[ -n $pid ]] && alive "$pid" slurmctld; then
-      die "$CONF was not written by this script and its slurmctld is running; stop that cluster first"
+      echo "up.sh: $CONF was not written by this script and its slurmctld is running: stop that cluster first" >&2
+      exit 1
     fi
   fi
 fi
