@@ -25,6 +25,7 @@ EXIT_CONFIG = 2
 
 _failures: list[int] = []  # exit codes of failed runs; a sweep goes on and exits with the first
 _errors: list[BaseException] = []  # raised in the task: reported by main(), not by Hydra's job runner
+_pending: list[Any] = []  # -m with launcher=slurm: configs submitted together as one job array
 
 
 def _conf_dir() -> str:
@@ -57,8 +58,11 @@ def _run(dcfg: Any) -> None:
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:  # each sweep point its own run directory
         cfg.run.dir = str(Path(cfg.run.dir) / str(hc.job.num))
+    from .launch import slurm as S
+
     local = cfg.launcher.name == "local"
-    C.check(cfg, local=local)
+    inside = S.in_srun_step()  # srun python -m launcher ...: this process is one rank
+    C.check(cfg, local=local and not inside)
     run_dir = Path(cfg.run.dir).expanduser().absolute()
     if cfg.resume == "never" and checkpoint.candidates(run_dir / "checkpoints"):
         raise C.ConfigError("resume", "never", f"{run_dir} already holds checkpoints of another start",
@@ -66,16 +70,27 @@ def _run(dcfg: Any) -> None:
     existing = R.read_id(run_dir)
     if cfg.run.id and existing and cfg.run.id != existing:
         raise C.ConfigError("run.id", cfg.run.id, f"{run_dir} belongs to run {existing!r}", f"{existing!r} or a new run.dir")
-    cfg.trainer.gpus = C.resolve_gpus(cfg.trainer, local)
+    cfg.trainer.gpus = C.resolve_gpus(cfg.trainer, local and not inside)
     cfg.run.dir = str(run_dir)
 
     from . import worker
 
+    if inside:
+        S.export_env()
     if dist.env_rank() is not None:  # started by torchrun / srun: this process is one rank
         worker.run(cfg)
         return
+    if not local:
+        S.check(cfg)  # before anything is written
     nproc = cfg.trainer.gpus or cfg.trainer.nproc
     cfg.run.id = R.prepare(run_dir, cfg.run.id, C.to_dict(cfg))
+    if not local:
+        print(f"launcher: asking SLURM for {S.describe(cfg)}", file=sys.stderr)
+        if hc.mode == RunMode.MULTIRUN:
+            _pending.append(cfg)  # submitted as one array when the sweep is composed
+        else:
+            _submit([cfg], run_dir / "slurm")
+        return
     if nproc * cfg.trainer.nodes == 1 and cfg.launcher.max_restarts == 0:
         worker.run(cfg)  # one rank: no spawn, no process group, fastest start
         return
@@ -84,6 +99,17 @@ def _run(dcfg: Any) -> None:
     code = local_launch.launch(cfg, run_dir / R.CONFIG_FILE, nproc)
     if code:
         _failures.append(code)
+
+
+def _submit(cfgs: list[Any], folder: Path) -> None:
+    from .launch import slurm as S
+
+    jobs = S.submit(cfgs, folder)
+    S.report(cfgs, jobs)
+    if cfgs[0].launcher.wait:
+        code = S.wait(jobs, cfgs[0].launcher.poll_s)
+        if code:
+            _failures.append(code)
 
 
 def _one_line(e: BaseException) -> str:
@@ -98,6 +124,9 @@ def _one_line(e: BaseException) -> str:
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         key = cause.full_key
         first = str(cause.msg if hasattr(cause, "msg") else cause).strip().splitlines()[0]
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key.startswith("launcher.sbatch."):
+            return (f"{key}: extra sbatch parameters are new keys: add them with Hydra's '+', "
+                    f"as +{key}=<value>")
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
             return f"{key}: unknown key; valid: {', '.join(_valid_keys(key))}"
         value = getattr(cause, "value", None)
@@ -110,9 +139,16 @@ def _valid_keys(full_key: str) -> list[str]:
     from . import config as C
 
     section = full_key.split(".")[0]
-    if section in C.SECTIONS and "." in full_key:
-        return [f"{section}.{f}" for f in C.SECTIONS[section].__dataclass_fields__]
+    schemas = {**C.SECTIONS, **{"launcher": C.LAUNCHER_SCHEMAS.get(_launcher_choice(), C.LocalLauncherConfig)}}
+    if section in schemas and "." in full_key:
+        return [f"{section}.{f}" for f in schemas[section].__dataclass_fields__]
     return [f.name for f in C.Config.__dataclass_fields__.values()]
+
+
+def _launcher_choice() -> str:
+    """The launcher group option on the command line (for listing its valid keys)."""
+    chosen = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("launcher=")]
+    return chosen[-1] if chosen else "local"
 
 
 def main() -> None:
@@ -130,6 +166,8 @@ def main() -> None:
         entry()
         if _errors:
             raise _errors[0]
+        if _pending:  # a -m sweep on SLURM: one job array, its folder beside the sweep's run dirs
+            _submit(_pending, Path(_pending[0].run.dir).parent / "slurm")
         if _failures:
             sys.exit(_failures[0])
     except ConfigError as e:

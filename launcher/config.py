@@ -15,7 +15,8 @@ from typing import Any, Optional
 RESUME_MODES = ("auto", "never")
 LOGGERS = ("csv", "wandb", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-LAUNCHERS = ("local",)
+LAUNCHERS = ("local", "slurm")
+SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "URG")
 MODES = ("min", "max")
 INTERVALS = ("epoch", "step")
 
@@ -74,11 +75,33 @@ class LoggerConfig:
 
 
 @dataclass
-class LauncherConfig:
-    name: str = "local"  # backend: "local" (torch.distributed.elastic on this host)
+class LocalLauncherConfig:
+    name: str = "local"  # ranks on this host through torch.distributed.elastic
     rdzv_endpoint: str = ""  # host:port of the c10d rendezvous; "" = this host, a free port (1-node runs)
     max_restarts: int = 0  # elastic restarts of the whole worker group after a rank fails
     monitor_interval_s: float = 0.1  # how often the elastic agent checks its ranks (failure detection latency)
+
+
+@dataclass
+class SlurmLauncherConfig:
+    name: str = "slurm"  # submit through submitit (sbatch); one SLURM task per rank
+    partition: Optional[str] = None  # --partition; unset = the cluster's default partition
+    time_min: int = 60  # --time in minutes; the job is signalled signal_delay_s before it
+    account: Optional[str] = None  # --account to charge
+    qos: Optional[str] = None  # --qos
+    constraint: Optional[str] = None  # --constraint (node features, e.g. a100)
+    cpus_per_task: Optional[int] = None  # --cpus-per-task per rank; unset = SLURM's default (1)
+    mem_gb: Optional[float] = None  # --mem per node in GB; unset = SLURM's default
+    job_name: str = ""  # --job-name; "" = the run directory's name
+    signal: str = "USR1"  # requeue signal sent to every rank before the time limit (NCCL leaves USR1 alone)
+    signal_delay_s: int = 120  # seconds before the time limit that the signal arrives
+    signal_check_every_n_steps: int = 10  # ranks agree on a pending signal every N steps (one tiny all-reduce)
+    max_requeues: int = 3  # requeues (preemption or time limit) before the run gives up
+    setup: list[str] = field(default_factory=list)  # shell lines before srun (module load, conda activate)
+    sbatch: dict[str, Any] = field(default_factory=dict)  # extra #SBATCH parameters passed through by name
+    wait: bool = False  # wait for the job to finish (and report its result) instead of returning at once
+    array_parallelism: int = 64  # -m sweeps: at most this many array tasks run at once
+    poll_s: float = 5.0  # with wait=true: seconds between job-state polls
 
 
 @dataclass
@@ -93,7 +116,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    launcher: Any = field(default_factory=LocalLauncherConfig)  # local or slurm (its group option brings its schema)
     run: RunConfig = field(default_factory=RunConfig)
     resume: str = "auto"  # "auto" (latest complete checkpoint in run.dir, else fresh), "never", or a checkpoint path
     # The recipe: _target_ nodes that the worker instantiates (see conf/recipe/*.yaml).
@@ -105,8 +128,8 @@ class Config:
     scheduler: Any = None  # optional partial taking the optimizer
 
 
-SECTIONS = {"trainer": TrainerConfig, "checkpoint": CheckpointConfig, "logger": LoggerConfig,
-            "launcher": LauncherConfig, "run": RunConfig}
+SECTIONS = {"trainer": TrainerConfig, "checkpoint": CheckpointConfig, "logger": LoggerConfig, "run": RunConfig}
+LAUNCHER_SCHEMAS = {"local": LocalLauncherConfig, "slurm": SlurmLauncherConfig}
 RECIPE_KEYS = ("model", "data", "loss", "metrics", "optimizer", "scheduler")
 
 
@@ -114,13 +137,20 @@ def register() -> None:
     """Put the schemas in Hydra's ConfigStore (imported lazily: ranks never need Hydra)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="launcher_schema", node=Config)
+    cs = ConfigStore.instance()
+    schema = Config()
+    schema.launcher = None  # filled by the launcher group option, which brings its own schema
+    cs.store(name="launcher_schema", node=schema)
+    for name, cls in LAUNCHER_SCHEMAS.items():
+        cs.store(group="launcher", name=f"{name}_schema", node=cls)
 
 
 def from_dict(d: dict) -> Config:
     """The typed Config from a resolved plain dict (the run directory's config.yaml)."""
-    kw = {k: cls(**(d.get(k) or {})) for k, cls in SECTIONS.items()}
-    rest = {f.name: d.get(f.name, f.default) for f in dataclasses.fields(Config) if f.name not in SECTIONS}
+    kw: dict[str, Any] = {k: cls(**(d.get(k) or {})) for k, cls in SECTIONS.items()}
+    launcher = d.get("launcher") or {}
+    kw["launcher"] = LAUNCHER_SCHEMAS[launcher.get("name", "local")](**launcher)
+    rest = {f.name: d.get(f.name, f.default) for f in dataclasses.fields(Config) if f.name not in kw}
     return Config(**kw, **rest)
 
 
@@ -212,13 +242,28 @@ def resolve_gpus(t: TrainerConfig, local: bool) -> int:
 
 
 def check_launch(cfg: Config) -> None:
-    _choice("launcher.name", cfg.launcher.name, LAUNCHERS)
-    if cfg.launcher.max_restarts < 0:
-        raise ConfigError("launcher.max_restarts", cfg.launcher.max_restarts, "must be >= 0")
-    if cfg.launcher.name == "local" and cfg.trainer.nodes > 1 and not cfg.launcher.rdzv_endpoint:
-        raise ConfigError("launcher.rdzv_endpoint", "", f"trainer.nodes={cfg.trainer.nodes} on the local "
-                          "launcher needs the rendezvous host:port every node can reach",
-                          "host:port, or launcher=slurm")
+    lc = cfg.launcher
+    _choice("launcher.name", lc.name, LAUNCHERS)
+    if isinstance(lc, LocalLauncherConfig):
+        _non_negative("launcher.max_restarts", lc.max_restarts)
+        if cfg.trainer.nodes > 1 and not lc.rdzv_endpoint:
+            raise ConfigError("launcher.rdzv_endpoint", "", f"trainer.nodes={cfg.trainer.nodes} on the local "
+                              "launcher needs the rendezvous host:port every node can reach",
+                              "host:port, or launcher=slurm")
+    else:
+        _positive("launcher.time_min", lc.time_min)
+        _choice("launcher.signal", lc.signal, SIGNALS)
+        _non_negative("launcher.signal_delay_s", lc.signal_delay_s)
+        if lc.signal_delay_s >= lc.time_min * 60:
+            raise ConfigError("launcher.signal_delay_s", lc.signal_delay_s,
+                              f"must be shorter than launcher.time_min={lc.time_min} minutes")
+        _non_negative("launcher.max_requeues", lc.max_requeues)
+        _positive("launcher.signal_check_every_n_steps", lc.signal_check_every_n_steps)
+        _positive("launcher.array_parallelism", lc.array_parallelism)
+        if lc.cpus_per_task is not None:
+            _positive("launcher.cpus_per_task", lc.cpus_per_task)
+        if lc.mem_gb is not None and lc.mem_gb <= 0:
+            raise ConfigError("launcher.mem_gb", lc.mem_gb, "must be > 0 GB")
 
 
 def check_resume(resume: str) -> None:

@@ -10,6 +10,8 @@ loop.py is the loop itself.
 from __future__ import annotations
 
 import copy
+import os
+import socket
 import logging
 import time
 from pathlib import Path
@@ -63,13 +65,16 @@ def _config_from_kwargs(kwargs: dict[str, Any]) -> C.Config:
 
 
 class Trainer:
-    def __init__(self, config: Optional[C.Config] = None, *, dist: Optional[D.Dist] = None, **kwargs: Any) -> None:
+    def __init__(self, config: Optional[C.Config] = None, *, dist: Optional[D.Dist] = None,
+                 stop: Optional[Any] = None, **kwargs: Any) -> None:
         self.cfg = config if config is not None else _config_from_kwargs(kwargs)
         C.check_trainer(self.cfg.trainer)
         C.check_checkpoint(self.cfg.checkpoint)
         C.check_logger(self.cfg.logger)
         C.check_resume(self.cfg.resume)
         self.dist = dist
+        self.stop = stop  # a preempt.StopRequest: stop at an agreed step and checkpoint (SLURM requeue)
+        self.preempted = False  # fit() returned early because of a stop request
         self.model: Optional[nn.Module] = None  # the bare module (never the DDP wrapper)
         self.history = History()
         self.best_checkpoint: Optional[Path] = None
@@ -92,6 +97,9 @@ class Trainer:
         self.run_dir, self.run_id = D.broadcast_object((self.run_dir, self.run_id))
         self.cfg.run.id, self.cfg.run.dir = self.run_id, str(self.run_dir)
         setup_logging(self.run_dir, d.rank)
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        log.info("run %s: rank %d of %d (local rank %d) on node %s, device %s", self.run_id, d.rank,
+                 d.world_size, d.local_rank, node, d.device)
 
     def _resume_point(self, d: D.Dist) -> Optional[Path]:
         resume = self.cfg.resume
@@ -132,6 +140,7 @@ class Trainer:
         else:
             seed_everything(t.seed + d.rank)  # per-rank streams (dropout differs per rank, like torchrun)
         self._loop.run()
+        self.preempted = self._loop.preempted
         return self.history
 
     def evaluate(self, data: Any, model: Optional[nn.Module] = None, loss_fn: Optional[Callable] = None,

@@ -58,6 +58,8 @@ class Loop:
         self.train_acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
         self.val_acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
         self.state = TrainState()
+        self.stop = tr.stop
+        self.preempted = False
         self.stopper = EarlyStopping(self.t.mode, self.t.patience, self.t.min_delta)
         self.ckpt = ckpt.Checkpointer(tr.run_dir / "checkpoints", enabled=cfg.checkpoint.enabled,
                                       every_n_epochs=cfg.checkpoint.every_n_epochs,
@@ -117,8 +119,8 @@ class Loop:
         self.tr.history[:] = self.state.history
         if self.ckpt.best:
             self.tr.best_score, self.tr.best_checkpoint = self.ckpt.best
-        log.info("resumed from %s (epoch %d, step %d, batch %d of the epoch)", folder, self.state.epoch,
-                 self.state.step, self.state.batch_in_epoch)
+        log.info("resumed from %s: step %d, epoch %d at batch %d", folder, self.state.step,
+                 self.state.epoch + 1, self.state.batch_in_epoch)
 
     # ---- the loop ----------------------------------------------------------------------------------
     def done(self) -> bool:
@@ -145,8 +147,20 @@ class Loop:
                     self.monitor(values)
                 if self.ckpt.due_step(s.step) and not last_of_epoch:
                     self.save(None)
+                if self.stop is not None and self.stop.agreed(s.step):
+                    self.preempted = True
+                    break
                 if s.stopped_early or (t.max_steps > 0 and s.step >= t.max_steps):
                     break
+            if self.preempted:  # mid-epoch: no epoch row; the requeued job finishes this epoch
+                progress.close()
+                if self.ckpt.last_saved_step != s.step:
+                    self.save(None)
+                D.barrier()  # every rank leaves only once rank 0's checkpoint is on disk
+                log.info("stopped at step %d for a requeue (signal %s); checkpoint written", s.step,
+                         self.stop.signame if self.stop else "?")
+                self.logger.finish(self.tr.history)
+                return
             progress.close(self.end_epoch())
         if self.ckpt.enabled and self.ckpt.last_saved_step != s.step:
             self.save(None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -20,6 +21,12 @@ def run(cfg: C.Config) -> None:
     from .fit import Trainer
     from .state import seed_everything
 
+    stop = None
+    if cfg.launcher.name == "slurm" and os.environ.get("SLURM_JOB_ID"):
+        from .preempt import StopRequest
+
+        # installed before anything slow, so an early signal is not lost (its default action kills)
+        stop = StopRequest(cfg.launcher.signal, cfg.launcher.signal_check_every_n_steps)
     d = dist.init(int(cfg.trainer.gpus or 0), cfg.trainer.dist_timeout_s)
     if d.device.type == "cpu" and d.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
         import torch
@@ -29,9 +36,30 @@ def run(cfg: C.Config) -> None:
     try:
         seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
         objects = recipe.build(cfg)
-        Trainer(cfg, dist=d).fit(**objects)
+        trainer = Trainer(cfg, dist=d, stop=stop)
+        trainer.fit(**objects)
+        if trainer.preempted:
+            _requeue_and_wait(cfg, d)
     finally:
         dist.cleanup()
+
+
+def _requeue_and_wait(cfg: C.Config, d: Any) -> None:
+    """After the stop checkpoint: rank 0 requeues the job; every rank then waits for SLURM to end it.
+
+    Returning would let submitit record a result for a job that is about to run again.
+    """
+    import time
+
+    from . import dist
+    from .preempt import requeue
+
+    ok = dist.broadcast_object(requeue(cfg.launcher.max_requeues) if d.is_main else None)
+    if not ok:
+        raise RuntimeError("stopped by the requeue signal and checkpointed, but the job was not requeued "
+                           "(see the log above); run the same command again to resume")
+    time.sleep(600)  # SLURM kills the tasks of a requeued job within KillWait seconds
+    os._exit(1)
 
 
 def _die_with_parent() -> None:

@@ -1,0 +1,221 @@
+"""SLURM: submit through submitit (one task per rank), and be a rank inside an srun step.
+
+Submission (`launcher=slurm` on a login node): check the topology against the partition, say what
+is asked of SLURM, submit one job (or one job array for a -m sweep) whose tasks each run
+`SlurmRank`: export the torch env from SLURM's, then the same worker as local runs.
+Inside an allocation (`srun python -m launcher ...`, e.g. slurm/train.sbatch) nothing is submitted:
+export_env() turns SLURM_PROCID / SLURM_LOCALID / SLURM_STEP_NUM_TASKS and the node list into the
+torch env and this process is one rank.
+
+Requeue is ours, not submitit's: submitit's handler checkpoints inside the signal handler on rank 0
+only, at any point of a step; launcher/preempt.py instead agrees on a step across ranks first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import config as C
+
+log = logging.getLogger("launcher")
+
+
+# ---- inside an allocation -------------------------------------------------------------------------
+
+def in_srun_step() -> bool:
+    """A task of an srun step (SLURM_STEP_ID is set there, not in the batch script itself)."""
+    return "SLURM_STEP_ID" in os.environ and "SLURM_PROCID" in os.environ
+
+
+def _tasks_on_this_node() -> int:
+    """Parse SLURM_STEP_TASKS_PER_NODE ("2(x3),1") for this node's task count."""
+    spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "1")
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m:
+            counts += [int(m.group(1))] * int(m.group(2) or 1)
+    node = int(os.environ.get("SLURM_NODEID", "0"))
+    return counts[node] if node < len(counts) else 1
+
+
+def first_host(nodelist: str) -> str:
+    """The first hostname of a SLURM node list ("n[1-2]" -> "n1"), as SLURM itself expands it."""
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+    if out.returncode == 0 and out.stdout.split():
+        return out.stdout.split()[0]
+    m = re.match(r"([^\[,]+)(?:\[(\d+))?", nodelist)  # no scontrol: the simple forms
+    return (m.group(1) + (m.group(2) or "")) if m else nodelist
+
+
+def export_env() -> None:
+    """RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT from this srun task's
+    SLURM env. Overwrites: sbatch copies the submitting shell's env, which may hold stale values."""
+    env = os.environ
+    job = int(env.get("SLURM_JOB_ID", "0"))
+    env["RANK"] = env["SLURM_PROCID"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env["WORLD_SIZE"] = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS", "1")
+    env["LOCAL_WORLD_SIZE"] = str(_tasks_on_this_node())
+    env["MASTER_ADDR"] = first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost"))
+    # from the job id: the same on every task, the same after a requeue, different for array elements
+    env["MASTER_PORT"] = str(20000 + job % 20000)
+
+
+class SlurmRank:
+    """The callable submitit runs in every task: one rank of the run whose config is at config_path."""
+
+    def __init__(self, config_path: str) -> None:
+        self.config_path = config_path
+
+    def __call__(self) -> Optional[dict]:
+        import yaml
+
+        from .. import worker
+
+        export_env()
+        with open(self.config_path) as f:
+            cfg = C.from_dict(yaml.safe_load(f))
+        return worker.run(cfg)
+
+
+# ---- submission -------------------------------------------------------------------------------------
+
+def tasks_per_node(cfg: C.Config) -> int:
+    return int(cfg.trainer.gpus) if cfg.trainer.gpus else cfg.trainer.nproc
+
+
+def sbatch_options() -> list[str]:
+    """sbatch's long option names (from `sbatch --help`), to check launcher.sbatch keys by name."""
+    out = subprocess.run(["sbatch", "--help"], capture_output=True, text=True)
+    return sorted(set(re.findall(r"--([a-z][a-z0-9-]+)", out.stdout)))
+
+
+def check(cfg: C.Config) -> None:
+    """Parent-side checks of a SLURM submission: sbatch is there, extra keys exist, the topology fits."""
+    lc: C.SlurmLauncherConfig = cfg.launcher
+    if shutil.which("sbatch") is None:
+        raise C.ConfigError("launcher", "slurm", "sbatch is not on PATH (not a SLURM login node?)", "local")
+    valid = sbatch_options()
+    for key in lc.sbatch:
+        if key.replace("_", "-") not in valid:
+            raise C.ConfigError(f"launcher.sbatch.{key}", lc.sbatch[key], "not an sbatch option", ", ".join(valid))
+    tpn = tasks_per_node(cfg)
+    out = subprocess.run(["sinfo", "-h", "-o", "%P|%D|%c|%G", *(["-p", lc.partition] if lc.partition else [])],
+                         capture_output=True, text=True)
+    parts = [ln.split("|") for ln in out.stdout.split() if ln.count("|") == 3]
+    if lc.partition and out.returncode == 0 and not parts:
+        raise C.ConfigError("launcher.partition", lc.partition, "no such partition", _partitions())
+    if not parts:
+        return
+    if not lc.partition:
+        default = [p for p in parts if p[0].endswith("*")]
+        parts = default or parts[:1]
+    name, nodes, cpus = parts[0][0].rstrip("*"), int(parts[0][1]), int(re.sub(r"\D.*", "", parts[0][2]) or 0)
+    if cfg.trainer.nodes > nodes:
+        raise C.ConfigError("trainer.nodes", cfg.trainer.nodes, f"partition {name} has {nodes} node(s)", f"1..{nodes}")
+    need = tpn * (lc.cpus_per_task or 1)
+    if cpus and need > cpus:
+        raise C.ConfigError("trainer.nproc" if not cfg.trainer.gpus else "launcher.cpus_per_task", need,
+                            f"{tpn} task(s) x {lc.cpus_per_task or 1} CPU(s) per node, but partition {name} "
+                            f"nodes have {cpus} CPUs", f"at most {cpus} CPUs per node")
+
+
+def _partitions() -> str:
+    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True)
+    return ", ".join(p.rstrip("*") for p in out.stdout.split()) or "(sinfo gave none)"
+
+
+def describe(cfg: C.Config) -> str:
+    lc: C.SlurmLauncherConfig = cfg.launcher
+    tpn, g = tasks_per_node(cfg), cfg.trainer.gpus
+    per = f"{tpn} task(s)/node, one per GPU ({g} GPU(s)/node)" if g else f"{tpn} CPU task(s)/node"
+    return (f"{cfg.trainer.nodes} node(s) x {per} = {cfg.trainer.nodes * tpn} rank(s); "
+            f"partition={lc.partition or '(default)'} time={lc.time_min} min account={lc.account or '-'} "
+            f"qos={lc.qos or '-'}; SIG{lc.signal} {lc.signal_delay_s} s before the limit, "
+            f"at most {lc.max_requeues} requeue(s)")
+
+
+def executor(cfg: C.Config, folder: Path) -> Any:
+    import submitit
+
+    lc: C.SlurmLauncherConfig = cfg.launcher
+    ex = submitit.SlurmExecutor(folder=str(folder / "%j"), max_num_timeout=lc.max_requeues)
+    params: dict[str, Any] = dict(
+        nodes=cfg.trainer.nodes, ntasks_per_node=tasks_per_node(cfg), time=lc.time_min,
+        job_name=lc.job_name or Path(cfg.run.dir).name, setup=list(lc.setup),
+        array_parallelism=lc.array_parallelism, signal_delay_s=lc.signal_delay_s,
+        # our signal and our requeue (see the module docstring); later keys override submitit's lines
+        additional_parameters={"signal": f"{lc.signal}@{lc.signal_delay_s}", "requeue": True, **dict(lc.sbatch)},
+    )
+    if cfg.trainer.gpus:
+        params["gpus_per_node"] = int(cfg.trainer.gpus)
+    for key in ("partition", "account", "qos", "constraint", "cpus_per_task"):
+        if getattr(lc, key) is not None:
+            params[key] = getattr(lc, key)
+    if lc.mem_gb is not None:
+        params["mem"] = f"{int(lc.mem_gb * 1024)}M"
+    ex.update_parameters(**params)
+    return ex
+
+
+def submit(cfgs: list[C.Config], folder: Path) -> list[Any]:
+    """One job per config (a job array when there are several); the jobs, in order."""
+    ex = executor(cfgs[0], folder)
+    tasks = [SlurmRank(str(Path(c.run.dir) / "config.yaml")) for c in cfgs]
+    if len(tasks) == 1:
+        return [ex.submit(tasks[0])]
+    with ex.batch():
+        jobs = [ex.submit(t) for t in tasks]
+    return jobs
+
+
+def report(cfgs: list[C.Config], jobs: list[Any]) -> None:
+    for cfg, job in zip(cfgs, jobs):
+        print(f"launcher: submitted job {job.job_id}; run dir {cfg.run.dir}\n"
+              f"launcher: logs {job.paths.folder}/{job.job_id}_<rank>_log.out and .err "
+              f"(training log: {cfg.run.dir}/logs/rank-<rank>.log)", file=sys.stderr)
+
+
+def _rank_tracebacks(folder: Path, job_id: str) -> list[tuple[int, Path, str]]:
+    """(rank, log file, its last traceback) for every rank whose stderr log holds one."""
+    found = []
+    for path in sorted(folder.glob(f"{job_id}_*_log.err")):
+        rank = int(path.name[len(job_id) + 1:].split("_")[0])
+        # torch prefixes an uncaught exception's lines with "[rankN]: "
+        text = re.sub(r"(?m)^\[rank\d+\]: ", "", path.read_text(errors="replace"))
+        start = text.rfind("Traceback (most recent call last)")
+        if start >= 0:
+            lines = text[start:].splitlines()
+            end = next((i for i, ln in enumerate(lines) if i and not ln.startswith((" ", "Traceback"))), 0)
+            found.append((rank, path, "\n".join(lines[: end + 1][-40:])))
+    return found
+
+
+def wait(jobs: list[Any], poll_s: float) -> int:
+    """Block until the jobs end; 0 when all completed, else 1 with each failure's log tail."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    for job in jobs:
+        while not job.done():
+            time.sleep(poll_s)
+    code = 0
+    for job in jobs:
+        try:
+            job.results()
+        except (FailedJobError, UncompletedJobError) as e:
+            code = 1
+            tracebacks = _rank_tracebacks(Path(job.paths.folder), str(job.job_id))
+            detail = "\n".join(f"--- rank {r} ({path}):\n{tb}" for r, path, tb in tracebacks) or str(e)
+            print(f"launcher: job {job.job_id} failed; the ranks' errors:\n{detail}", file=sys.stderr)
+        else:
+            print(f"launcher: job {job.job_id} completed", file=sys.stderr)
+    return code

@@ -1,0 +1,162 @@
+"""SLURM against a REAL cluster (slurm/ci/up.sh: Debian's slurm packages, fake nodes n1 and n2 on
+this host, accounting on). Skipped with the reason only where it cannot be brought up; never under CI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import QUIET, REPO, cli_env, mnist_small, run_cli
+
+SLURM = ["launcher=slurm", "launcher.poll_s=0.5", "launcher.time_min=20"]  # >= 15: see slurm/ci/README.md
+
+
+@pytest.fixture(scope="session")
+def cluster() -> None:
+    ok = shutil.which("sbatch") and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+    if not ok or "n2" not in subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout:
+        up = subprocess.run(["bash", str(REPO / "slurm" / "ci" / "up.sh")], capture_output=True, text=True)
+        if up.returncode != 0:
+            reason = f"no SLURM cluster: slurm/ci/up.sh failed: {(up.stderr or up.stdout)[-500:]}"
+            if os.environ.get("CI"):
+                pytest.fail(reason)
+            pytest.skip(reason)
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _job_id(stderr: str) -> str:
+    line = next(ln for ln in stderr.splitlines() if "submitted job" in ln)
+    return line.split("submitted job ")[1].split(";")[0]
+
+
+def _sacct_states(job: str) -> list[str]:
+    out = subprocess.run(["sacct", "-n", "-X", "-D", "-j", job, "-o", "State"], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def test_one_node_two_task_cpu_job(cluster, tmp_path: Path) -> None:
+    run_dir = tmp_path / "one"
+    p = run_cli(["recipe=linreg", *SLURM, "launcher.wait=true", "trainer.gpus=0", "trainer.nproc=2",
+                 "trainer.max_epochs=3", *QUIET, f"run.dir={run_dir}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "1 node(s) x 2 CPU task(s)/node = 2 rank(s)" in p.stderr
+    assert f"run dir {run_dir}" in p.stderr and "completed" in p.stderr
+    assert [int(r["step"]) for r in _rows(run_dir)] == [7, 14, 21]  # 280 samples / (2 ranks x 20)
+    for rank in (0, 1):
+        assert f"rank {rank} of 2" in (run_dir / "logs" / f"rank-{rank}.log").read_text()
+    state = torch.load(run_dir / "checkpoints" / "last" / "state.pt", weights_only=True)
+    assert len(state["ranks"]) == 2 and (run_dir / "model.pt").exists()
+
+
+def test_two_node_job_trains_over_gloo_across_nodes(cluster, tmp_path: Path) -> None:
+    run_dir = tmp_path / "two"
+    p = run_cli(["recipe=linreg", *SLURM, "launcher.wait=true", "trainer.gpus=0", "trainer.nproc=1",
+                 "trainer.nodes=2", "trainer.max_epochs=2", *QUIET, f"run.dir={run_dir}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 node(s) x 1 CPU task(s)/node = 2 rank(s)" in p.stderr
+    assert "rank 0 of 2 (local rank 0) on node n1" in (run_dir / "logs" / "rank-0.log").read_text()
+    assert "rank 1 of 2 (local rank 0) on node n2" in (run_dir / "logs" / "rank-1.log").read_text()
+    assert [int(r["step"]) for r in _rows(run_dir)] == [7, 14]
+
+
+def _preempt_args(root: Path, run_dir: Path) -> list[str]:
+    return [*mnist_small(root, 2560, 512), *SLURM, "trainer.gpus=0", "trainer.nproc=2", "trainer.max_epochs=3",
+            "launcher.signal_check_every_n_steps=1", "checkpoint.every_n_steps=0", *QUIET, f"run.dir={run_dir}"]
+
+
+def test_preemption_checkpoints_requeues_and_resumes_exactly(cluster, tmp_path: Path, mnist_root: Path) -> None:
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    p = run_cli([*_preempt_args(mnist_root, ref), "launcher.wait=true"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    p = run_cli(_preempt_args(mnist_root, cut), cwd=tmp_path)  # returns once submitted
+    assert p.returncode == 0, p.stderr[-3000:]
+    job = _job_id(p.stderr)
+    deadline = time.monotonic() + 120
+    while not (cut / "checkpoints" / "last").exists():  # the end of epoch 1: now inside epoch 2
+        assert time.monotonic() < deadline, "no first checkpoint"
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)  # what SLURM does before the time limit
+    while "COMPLETED" not in _sacct_states(job):
+        assert time.monotonic() < deadline + 120, f"job {job} did not finish: {_sacct_states(job)}"
+        assert "FAILED" not in _sacct_states(job), (cut / "logs" / "rank-0.log").read_text()
+        time.sleep(1)
+    assert _sacct_states(job)[0] == "REQUEUED"
+    log = (cut / "logs" / "rank-0.log").read_text()
+    assert "for a requeue (signal USR1)" in log and "requeued (1 of 3 requeues)" in log and "resumed from" in log
+    assert len({ln.split("run ")[1].split(":")[0] for ln in log.splitlines() if "): rank 0 of 2" in ln or
+                ": rank 0 of 2" in ln}) == 1, "the requeued job continues the same run id"
+    assert [int(r["step"]) for r in _rows(cut)] == [10, 20, 30], "each epoch (and step) once in the history"
+    assert _rows(cut) == _rows(ref)
+    a = torch.load(ref / "model.pt", weights_only=True)
+    b = torch.load(cut / "model.pt", weights_only=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs from the uninterrupted run"
+
+
+def test_sweep_is_one_job_array(cluster, tmp_path: Path) -> None:
+    p = run_cli(["-m", "recipe=linreg", "optimizer.lr=0.05,0.1", *SLURM, "launcher.wait=true", "trainer.gpus=0",
+                 "trainer.max_epochs=2", *QUIET, f"run.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ids = [ln.split("submitted job ")[1].split(";")[0] for ln in p.stderr.splitlines() if "submitted job" in ln]
+    assert len(ids) == 2 and {i.split("_")[0] for i in ids} == {ids[0].split("_")[0]}, ids  # ARRAYID_0, _1
+    assert sorted(i.split("_")[1] for i in ids) == ["0", "1"]
+    for i, lr in ((0, 0.05), (1, 0.1)):
+        d = tmp_path / "sweep" / str(i)
+        assert [int(r["step"]) for r in _rows(d)] == [14, 28]
+        assert f"lr: {lr}" in (d / "config.yaml").read_text()
+
+
+def test_own_sbatch_template_runs_the_same_worker(cluster, tmp_path: Path) -> None:
+    run_dir = tmp_path / "tmpl"
+    env = cli_env(LAUNCHER_PYTHON=sys.executable)
+    out = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/slurm-%j.out", "--wait",
+                          str(REPO / "slurm" / "train.sbatch"), "recipe=linreg", "trainer.max_epochs=2", *QUIET,
+                          f"run.dir={run_dir}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, (out.stderr, list(tmp_path.glob("slurm-*.out")) and
+                                 next(tmp_path.glob("slurm-*.out")).read_text()[-3000:])
+    assert [int(r["step"]) for r in _rows(run_dir)] == [7, 14]  # 2 tasks from the template: 2 ranks
+    assert "rank 1 of 2" in (run_dir / "logs" / "rank-1.log").read_text()
+    assert len(json.loads((run_dir / "run.json").read_text())["id"]) == 8
+
+
+def test_a_rank_raising_fails_the_job_with_its_traceback(cluster, tmp_path: Path) -> None:
+    run_dir = tmp_path / "bad"
+    p = run_cli(["recipe=linreg", "model._target_=faulty.FaultyLinear", *SLURM, "launcher.wait=true",
+                 "trainer.gpus=0", "trainer.nproc=2", "trainer.max_epochs=5", *QUIET, f"run.dir={run_dir}"],
+                cwd=tmp_path, FAULT_RANK="1", FAULT_STEP="4")
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "failed" in p.stderr and "injected failure on rank 1 at step 4" in p.stderr
+    job = _job_id(p.stderr)
+    logs = "".join(f.read_text() for f in (run_dir / "slurm").rglob(f"{job}_1_log.err"))
+    assert "Traceback" in logs and "RuntimeError: injected failure on rank 1 at step 4" in logs
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("+launcher.sbatch.reservaton=x", "launcher.sbatch.reservaton='x': not an sbatch option; valid:"),
+    ("launcher.sbatch.reservation=x", "launcher.sbatch.reservation: extra sbatch parameters are new keys: add "
+                                      "them with Hydra's '+', as +launcher.sbatch.reservation=<value>"),
+    ("launcher.partition=gpu", "launcher.partition='gpu': no such partition; valid: debug"),
+    ("trainer.nodes=3", "trainer.nodes=3: partition debug has 2 node(s)"),
+    ("launcher.signal=KILL", "launcher.signal='KILL': unknown choice; valid: USR1, USR2"),
+    ("launcher.partiton=gpu", "launcher.partiton: unknown key; valid: launcher.name, launcher.partition"),
+])
+def test_bad_slurm_input_is_one_line_exit_2(cluster, tmp_path: Path, override: str, expected: str) -> None:
+    p = run_cli(["recipe=linreg", "launcher=slurm", override, f"run.dir={tmp_path / 'r'}"], cwd=tmp_path, timeout=60)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], p.stderr
+    assert list(tmp_path.iterdir()) == []
