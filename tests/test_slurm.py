@@ -82,7 +82,8 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(cluster, tmp_path: 
     p = run_cli([*_preempt_args(mnist_root, ref), "launcher.wait=true"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
 
-    p = run_cli(_preempt_args(mnist_root, cut), cwd=tmp_path)  # returns once submitted
+    # the interrupted run also logs to W&B (offline): the requeued job must continue the same W&B run
+    p = run_cli([*_preempt_args(mnist_root, cut), "logger=wandb", "logger.mode=offline"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     job = _job_id(p.stderr)
     deadline = time.monotonic() + 120
@@ -101,10 +102,39 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(cluster, tmp_path: 
                 ": rank 0 of 2" in ln}) == 1, "the requeued job continues the same run id"
     assert [int(r["step"]) for r in _rows(cut)] == [10, 20, 30], "each epoch (and step) once in the history"
     assert _rows(cut) == _rows(ref)
+    from wandb_offline import read_offline_run
+
+    runs = sorted((cut / "wandb").glob("offline-run-*"))
+    run_id = json.loads((cut / "run.json").read_text())["id"]
+    assert len(runs) == 2 and {read_offline_run(r)["run_id"] for r in runs} == {run_id}
+    epochs = [h["epoch"] for r in runs for h in read_offline_run(r)["history"] if "val_acc" in h]
+    assert epochs == [1, 2, 3], "one W&B run across the requeue, each epoch logged once"
     a = torch.load(ref / "model.pt", weights_only=True)
     b = torch.load(cut / "model.pt", weights_only=True)
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs from the uninterrupted run"
+
+
+def test_requeue_limit_stops_with_a_checkpoint_and_the_same_command_resumes(cluster, tmp_path: Path,
+                                                                            mnist_root: Path) -> None:
+    run_dir = tmp_path / "limit"
+    args = [*_preempt_args(mnist_root, run_dir), "launcher.max_requeues=0"]
+    p = run_cli(args, cwd=tmp_path)
+    job = _job_id(p.stderr)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "last").exists():
+        assert time.monotonic() < deadline, "no first checkpoint"
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    while not {"FAILED", "COMPLETED"} & set(_sacct_states(job)):
+        assert time.monotonic() < deadline + 60, _sacct_states(job)
+        time.sleep(1)
+    assert _sacct_states(job) == ["FAILED"], "not requeued: the job ends, failed, with its checkpoint written"
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    assert "launcher.max_requeues=0" in log and not (run_dir / "model.pt").exists()
+    p = run_cli([*args, "launcher.wait=true"], cwd=tmp_path)  # the same command again: resumes, finishes
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [int(r["step"]) for r in _rows(run_dir)] == [10, 20, 30]
 
 
 def test_sweep_is_one_job_array(cluster, tmp_path: Path) -> None:
