@@ -16,6 +16,7 @@ before any process starts or any file is written. A failed rank: its traceback a
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,8 @@ def main() -> None:
     from .config import ConfigError, register
 
     register()
+    # `async` is a Python keyword, so the schema field is async_save; accept the documented spelling.
+    sys.argv[1:] = [re.sub(r"^(\+*checkpoint\.)async=", r"\1async_save=", a) for a in sys.argv[1:]]
     entry = hydra.main(config_path=_conf_dir(), config_name="config", version_base="1.3")(_task)
     try:
         entry()

@@ -24,6 +24,7 @@ import torch
 log = logging.getLogger("launcher")
 STATE = "state.pt"
 MANIFEST = "manifest.json"
+SHARDED = "sharded"
 _NAME = re.compile(r"^step-(\d{7,})$")
 
 
@@ -54,17 +55,31 @@ def _replace_symlink(link: Path, target: str) -> None:
     os.replace(tmp, link)  # atomic: readers see the old or the new target, never none
 
 
+def staging(folder: Path) -> Path:
+    """Where `folder` is written before it is committed (the same path on every rank)."""
+    return folder.with_name(f".tmp-{folder.name}")
+
+
 def write(folder: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
     """Write `state` as the checkpoint `folder` (e.g. run/checkpoints/step-0000100), atomically."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    tmp = staging(folder)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
+    write_state(tmp, state)
+    return commit(tmp, folder, meta)
+
+
+def write_state(tmp: Path, state: dict[str, Any]) -> None:
     with open(tmp / STATE, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    files = {STATE: {"bytes": (tmp / STATE).stat().st_size, "sha256": _sha256(tmp / STATE)}}
+
+
+def commit(tmp: Path, folder: Path, meta: dict[str, Any]) -> Path:
+    """Seal a staged checkpoint: manifest (size + sha256 of every file, shards included), then rename."""
+    files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {"format": 1, **meta, "files": files, "written_at": time.time()}
     with open(tmp / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -108,6 +123,41 @@ def candidates(ckpt_dir: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def is_sharded(folder: Path) -> bool:
+    """Written under FSDP: model and optimizer as torch.distributed.checkpoint shards in sharded/."""
+    return (folder / SHARDED / ".metadata").exists()
+
+
+def export_model(folder: Path, out: Path) -> Path:
+    """One single-file state_dict of the bare model (for inference), from any checkpoint."""
+    folder = resolve(folder)
+    if is_sharded(folder):
+        import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmpdir:
+            full = Path(tmpdir) / "full.pt"
+            dcp_to_torch_save(folder / SHARDED, full)  # reassembles every shard, any world size
+            sd = torch.load(full, weights_only=True)
+        model = {k[len("model."):]: v for k, v in _flatten(sd).items() if k.startswith("model.")}
+    else:
+        model = load(folder)["model"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model, out)
+    return out
+
+
+def _flatten(sd: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in sd.items():
+        if isinstance(v, dict) and not isinstance(v, torch.Tensor):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def load(folder: Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -170,8 +220,10 @@ class Checkpointer:
                     shutil.rmtree(p, ignore_errors=True)
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], score: Optional[float]) -> Path:
-        folder = write(self.dir / step_name(step), state, meta)
-        self.last_saved_step = step
+        return self.committed(write(self.dir / step_name(step), state, meta), score)
+
+    def committed(self, folder: Path, score: Optional[float]) -> Path:
+        """After `folder` is complete: the `last`/`best` links, top-k, and pruning."""
         _replace_symlink(self.dir / "last", folder.name)
         if score is not None and self.save_top_k > 0:
             self.top = [t for t in self.top if t[1] != folder.name] + [(score, folder.name)]

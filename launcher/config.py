@@ -18,6 +18,7 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 LAUNCHERS = ("local", "slurm")
 SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "URG")
 MODES = ("min", "max")
+ACCELERATORS = ("auto", "cpu", "cuda", "xla")
 INTERVALS = ("epoch", "step")
 
 
@@ -52,6 +53,16 @@ class TrainerConfig:
     log_every_n_steps: int = 50  # per-step logger rows (W&B) every N steps; 0 = epoch rows only
     num_workers: int = 0  # DataLoader worker processes per rank (0 = load in the training process)
     dist_timeout_s: float = 600.0  # collective timeout: a rank that does not arrive ends the run after this
+    accelerator: str = "auto"  # auto (CUDA if gpus > 0, else CPU), cpu, cuda, xla (torch-xla: TPUs)
+    strategy: str = "auto"  # auto (ddp when > 1 rank), ddp, fsdp (FSDP2 fully_shard), none
+    fsdp_wrap: list[str] = field(default_factory=list)  # module class names sharded as FSDP units (e.g. [Block])
+    precision: str = "32"  # 32, bf16-mixed, 16-mixed (GradScaler), bf16-true (weights in bf16)
+    accumulate_grad_batches: int = 1  # micro-batches per optimizer step (no gradient all-reduce until the last)
+    gradient_clip_val: float = 0.0  # clip the total gradient norm to this (over all ranks' shards); 0 = off
+    nonfinite: str = "error"  # non-finite loss or gradient norm: error (stop, naming step and rank), skip the step, off
+    compile: bool = False  # torch.compile the model (in place; checkpoints keep plain parameter names)
+    channels_last: bool = False  # channels_last memory format for conv nets (model and 4-D inputs)
+    peak_tflops: float = 0.0  # per-device peak TFLOP/s for MFU; 0 = look up the GPU, unknown on CPU
 
 
 @dataclass
@@ -59,6 +70,7 @@ class CheckpointConfig:
     enabled: bool = True  # write checkpoints at all (resume needs them)
     every_n_epochs: int = 1  # checkpoint at the end of every N-th epoch; 0 = off
     every_n_steps: int = 0  # also checkpoint every N optimizer steps (mid-epoch resume points); 0 = off
+    async_save: bool = False  # `checkpoint.async`: write in the background, training goes on (one save in flight)
     save_top_k: int = 1  # also keep the k best checkpoints by trainer.monitor; 0 = none kept for being best
     keep_last: int = 2  # keep the N most recent checkpoints (>= 2 leaves a fallback if the newest is damaged)
 
@@ -142,7 +154,8 @@ def register() -> None:
     schema.launcher = None  # filled by the launcher group option, which brings its own schema
     cs.store(name="launcher_schema", node=schema)
     for name, cls in LAUNCHER_SCHEMAS.items():
-        cs.store(group="launcher", name=f"{name}_schema", node=cls)
+        # a group of their own, so `launcher=` lists only the real options (local, slurm)
+        cs.store(group="launcher_schemas", name=name, node=cls)
 
 
 def from_dict(d: dict) -> Config:
@@ -193,6 +206,15 @@ def check_trainer(t: TrainerConfig) -> None:
     _non_negative("trainer.num_workers", t.num_workers)
     _choice("trainer.mode", t.mode, MODES)
     _choice("trainer.scheduler_interval", t.scheduler_interval, INTERVALS)
+    _choice("trainer.accelerator", t.accelerator, ACCELERATORS)
+    _choice("trainer.strategy", t.strategy, ("auto", "ddp", "fsdp", "none"))
+    _choice("trainer.precision", str(t.precision), ("32", "bf16-mixed", "16-mixed", "bf16-true"))
+    _choice("trainer.nonfinite", t.nonfinite, ("error", "skip", "off"))
+    _positive("trainer.accumulate_grad_batches", t.accumulate_grad_batches)
+    if t.gradient_clip_val < 0:
+        raise ConfigError("trainer.gradient_clip_val", t.gradient_clip_val, "must be >= 0 (0 = off)")
+    if t.peak_tflops < 0:
+        raise ConfigError("trainer.peak_tflops", t.peak_tflops, "must be >= 0 (0 = unknown)")
     if t.min_delta < 0:
         raise ConfigError("trainer.min_delta", t.min_delta, "must be >= 0")
     if t.dist_timeout_s <= 0:

@@ -112,6 +112,14 @@ class Batches:
                             collate_fn=self.collate_fn, drop_last=self.drop_last, **self.loader_kw)
         return iter(loader)
 
+    def head(self) -> Any:
+        """A batch of the dataset's first samples (a stand-in forward for a rank with no eval data)."""
+        idx = list(range(min(self.batch_size, self.n)))
+        if self.tensors is not None:
+            return next(self._sliced(idx))
+        return next(iter(DataLoader(self.dataset, batch_size=self.batch_size, sampler=_Slice(idx),
+                                    collate_fn=self.collate_fn)))
+
     def _sliced(self, idx: list[int]) -> Iterator[tuple[torch.Tensor, ...]]:
         order = torch.as_tensor(idx, dtype=torch.long)
         contiguous = not self.shuffle and idx == list(range(idx[0], idx[0] + len(idx))) if idx else False

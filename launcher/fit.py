@@ -24,9 +24,12 @@ from . import checkpoint as ckpt
 from . import config as C
 from . import dist as D
 from . import run as R
-from .data import Batches, to_device
+from . import snapshot
+from . import strategy as S
+from .data import Batches
 from .loggers import setup_logging
-from .loop import Loop, evaluate
+from .loop import Loop, evaluate, forward_all
+from .precision import Precision
 from .state import Accumulator, seed_everything
 
 log = logging.getLogger("launcher")
@@ -124,19 +127,23 @@ class Trainer:
         val = Batches(val_data, d, train=False, batch_size=t.eval_batch_size or bs, num_workers=t.num_workers) \
             if val_data is not None else None
 
-        self.model = model.to(d.device)
-        net: nn.Module = self.model
-        if d.distributed:
-            net = nn.parallel.DistributedDataParallel(self.model, device_ids=[d.device] if d.device.type == "cuda" else None)
+        prec = Precision(str(t.precision), d.device)
+        strategy = S.resolve(t.strategy, d)
+        self.model = prec.prepare_model(model.to(d.device))
+        # the optimizer must see the parameters as they will be trained: after FSDP sharding
+        net = S.wrap(self.model, strategy, d, t.fsdp_wrap, t.compile, t.channels_last)
         if not isinstance(optimizer, torch.optim.Optimizer):
             optimizer = optimizer(self.model.parameters())  # a partial from the recipe
+        elif strategy == "fsdp":
+            raise ValueError("trainer.strategy=fsdp needs the optimizer as a callable taking the parameters "
+                             "(e.g. functools.partial(torch.optim.AdamW, lr=1e-3)): FSDP replaces them")
         if scheduler is not None and not hasattr(scheduler, "step"):
             scheduler = scheduler(optimizer)
 
-        self._loop = Loop(self, net, loss_fn, optimizer, scheduler, train, val, metrics, d)
+        self._loop = Loop(self, net, loss_fn, optimizer, scheduler, train, val, metrics, d, strategy, prec)
         point = self._resume_point(d)
         if point is not None:
-            self._loop.restore(point)
+            snapshot.restore(self._loop, point)
         else:
             seed_everything(t.seed + d.rank)  # per-rank streams (dropout differs per rank, like torchrun)
         self._loop.run()
@@ -156,7 +163,13 @@ class Trainer:
         acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
         batches = Batches(data, d, train=False, batch_size=batch_size or self.cfg.trainer.eval_batch_size
                           or self.cfg.trainer.batch_size)
-        return evaluate(model, loss_fn, batches, acc, d.device)
+        return evaluate(model, loss_fn, batches, acc, d.device, *self._eval_mode(d))
+
+    def _eval_mode(self, d: D.Dist) -> tuple[Precision, bool]:
+        """The fit's precision, and lockstep forwards when the model is FSDP-sharded."""
+        if self._loop is not None:
+            return self._loop.prec, self._loop.sharded
+        return Precision(str(self.cfg.trainer.precision), d.device), False
 
     def predict(self, data: Any, model: Optional[nn.Module] = None,
                 batch_size: Optional[int] = None) -> Optional[torch.Tensor]:
@@ -167,14 +180,7 @@ class Trainer:
         model = (model or self.model).to(d.device)  # type: ignore[union-attr]
         batches = Batches(data, d, train=False, batch_size=batch_size or self.cfg.trainer.eval_batch_size
                           or self.cfg.trainer.batch_size)
-        outs = []
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            for batch in batches.epoch(0):
-                x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                outs.append(model(to_device(x, d.device)).cpu())
-        model.train(was_training)
+        outs = [out.float().cpu() for _, out, _ in forward_all(model, batches, d.device, *self._eval_mode(d))]
         mine = torch.cat(outs) if outs else None
         shards = D.all_gather_object(mine)
         if not d.is_main:
@@ -191,6 +197,9 @@ class Trainer:
         """Load the best checkpoint's weights into the model and return it."""
         if self.best_checkpoint is None or self.model is None:
             raise RuntimeError("no best checkpoint: fit with checkpointing and a validated monitor first")
+        if ckpt.is_sharded(self.best_checkpoint):
+            raise RuntimeError(f"{self.best_checkpoint} is sharded (FSDP): load it with "
+                               "launcher.checkpoint.export_model(path, out) or resume=PATH")
         self.model.load_state_dict(ckpt.load(self.best_checkpoint)["model"])
         return self.model
 

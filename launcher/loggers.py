@@ -28,6 +28,8 @@ def setup_logging(run_dir: Optional[Path], rank: int) -> None:
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     console.setFormatter(logging.Formatter(f"[launcher{'' if rank == 0 else f' rank {rank}'}] %(message)s"))
+    # records with extra={"file_only": True} (e.g. epoch rows the progress bar already shows)
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
     handlers: list[logging.Handler] = [console]
     if run_dir is not None:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)

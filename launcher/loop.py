@@ -1,8 +1,10 @@
-"""The training loop of one fit() call: steps, epoch ends, validation, checkpoints, resume.
+"""The training loop of one fit() call: micro-batches, optimizer steps, epoch ends, validation.
 
-One loop (DESIGN.md habit 7): `for batch: train_step(); maybe validate; maybe save`, and at each
-epoch end one synced row of metrics. Per step: forward, backward, optimizer step, metric update,
-nothing that waits on the device except the progress bar at its refresh rate.
+One loop (DESIGN.md habit 7): for each micro-batch forward/backward (gradients all-reduced only on
+the last of an accumulation group); after the last, unscale, clip, the non-finite guard and the
+optimizer step; then maybe validate, checkpoint, or stop for a requeue. The step path holds no
+host sync except the guard's one flag (trainer.nonfinite=off removes it) and the progress bar's
+loss read at its refresh rate. Each epoch ends with one row of metrics synced over ranks.
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -19,10 +20,14 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import config as C
 from . import dist as D
+from . import snapshot
+from . import strategy as S
 from .data import Batches, batch_size_of, to_device
 from .loggers import NullLogger, RunLogger
-from .progress import Progress
-from .state import Accumulator, EarlyStopping, TrainState, rank_state, seed_everything, set_rng_state
+from .precision import Precision
+from .progress import Progress, Speed
+from .saver import Saver
+from .state import Accumulator, EarlyStopping, TrainState
 
 if TYPE_CHECKING:
     from .fit import Trainer
@@ -30,19 +35,44 @@ if TYPE_CHECKING:
 log = logging.getLogger("launcher")
 
 
-def evaluate(model: nn.Module, loss_fn: Callable, batches: Batches, acc: Accumulator,
-              device: torch.device) -> dict[str, float]:
-    # The bare module, not DDP: ranks hold different numbers of eval batches, and DDP's forward
-    # would start a collective (buffer broadcast) per batch and hang the ranks that ran out.
+def forward_all(model: nn.Module, batches: Batches, device: torch.device, prec: Precision,
+                lockstep: bool) -> Iterator[tuple[Any, Any, bool]]:
+    """(batch on device, outputs, real) over this rank's evaluation shard, without gradients.
+
+    Under FSDP every forward is a collective (parameters are gathered), so ranks with fewer eval
+    batches repeat one and discard it (real=False) until the rank with the most is done.
+    """
+    own = len(batches)
+    most = math.ceil(math.ceil(batches.n / batches.dist.world_size) / batches.batch_size) if lockstep else own
     was_training = model.training
     model.eval()
-    acc.reset()
+    first = None
     with torch.no_grad():
-        for batch in batches.epoch(0):
-            x, y = to_device(batch, device)
-            out = model(x)
-            acc.update(loss_fn(out, y), batch_size_of(y), out, y)
+        for i, batch in enumerate(batches.epoch(0)):
+            batch = to_device(batch, device)
+            first = batch if first is None else first
+            yield batch, _forward(model, batch, prec), True
+        for _ in range(most - own):
+            first = first if first is not None else to_device(batches.head(), device)
+            _forward(model, first, prec)
     model.train(was_training)
+
+
+def _forward(model: nn.Module, batch: Any, prec: Precision) -> Any:
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    with prec.autocast():
+        return model(prec.prepare_input(x))
+
+
+def evaluate(model: nn.Module, loss_fn: Callable, batches: Batches, acc: Accumulator, device: torch.device,
+             prec: Precision, lockstep: bool = False) -> dict[str, float]:
+    # The bare module, not DDP: ranks hold different numbers of eval batches, and DDP's forward
+    # would start a collective (buffer broadcast) per batch and hang the ranks that ran out.
+    acc.reset()
+    for (_, y), out, _real in forward_all(model, batches, device, prec, lockstep):
+        with prec.autocast():
+            loss = loss_fn(out, y)
+        acc.update(loss.float(), batch_size_of(y), out, y)
     return acc.compute("val")
 
 
@@ -50,22 +80,30 @@ class Loop:
     """The loop and its state for one fit() call."""
 
     def __init__(self, tr: "Trainer", net: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, train: Batches, val: Optional[Batches], metrics: dict[str, Any], d: D.Dist) -> None:
+                 scheduler: Any, train: Batches, val: Optional[Batches], metrics: dict[str, Any], d: D.Dist,
+                 strategy: str, prec: Precision) -> None:
         cfg = tr.cfg
         self.tr, self.t, self.net, self.loss_fn, self.opt, self.sched = tr, cfg.trainer, net, loss_fn, optimizer, scheduler
-        self.train, self.val, self.d = train, val, d
+        self.train, self.val, self.d, self.strategy, self.prec = train, val, d, strategy, prec
+        self.sharded = strategy == "fsdp"
+        self.k = self.t.accumulate_grad_batches
+        self.params = [p for p in tr.model.parameters() if p.requires_grad]  # type: ignore[union-attr]
         self.metric_protos = metrics
         self.train_acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
         self.val_acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
         self.state = TrainState()
         self.stop = tr.stop
         self.preempted = False
+        self.skipped_steps = 0
         self.stopper = EarlyStopping(self.t.mode, self.t.patience, self.t.min_delta)
         self.ckpt = ckpt.Checkpointer(tr.run_dir / "checkpoints", enabled=cfg.checkpoint.enabled,
                                       every_n_epochs=cfg.checkpoint.every_n_epochs,
                                       every_n_steps=cfg.checkpoint.every_n_steps,
                                       save_top_k=cfg.checkpoint.save_top_k, mode=self.t.mode,
                                       keep_last=cfg.checkpoint.keep_last)
+        self.saver = Saver(self.ckpt, d, sharded=self.sharded, background=cfg.checkpoint.async_save)
+        self.speed = Speed.of(tr.model, samples_per_step=train.batch_size * self.k * d.world_size,  # type: ignore[arg-type]
+                              world_size=d.world_size, device=d.device, peak_tflops=self.t.peak_tflops)
         lg = cfg.logger
         self.logger: Any = NullLogger()
         if d.is_main:
@@ -76,51 +114,18 @@ class Loop:
                                         plots=lg.plots)
         tr._loop = self  # evaluate() after fit() reuses the loss and metrics
 
-    # ---- checkpoint ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        bare = self.tr.model
-        ranks = D.all_gather_object(rank_state(self.train_acc))  # every rank's RNG and running sums
-        return {"model": bare.state_dict(), "optimizer": self.opt.state_dict(),  # type: ignore[union-attr]
-                "scheduler": self.sched.state_dict() if self.sched is not None else None,
-                "loop": self.state.state_dict(), "early_stopping": self.stopper.state_dict(),
-                "checkpointer": self.ckpt.state_dict(), "ranks": ranks,
-                "data": {"epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch,
-                         "seed": self.t.seed, "world_size": self.d.world_size, "shuffle": self.train.shuffle},
-                "run_id": self.tr.run_id, "config": C.to_dict(self.tr.cfg)}
-
+    # ---- checkpoints --------------------------------------------------------------------------------
     def save(self, score: Optional[float]) -> None:
-        state = self.state_dict()  # collective: every rank contributes its RNG state
-        if self.d.is_main:
-            meta = {"step": self.state.step, "epoch": self.state.epoch, "run_id": self.tr.run_id}
-            folder = self.ckpt.save(self.state.step, state, meta, score)
-            log.debug("checkpoint %s", folder)
-            if self.ckpt.best:
-                self.tr.best_score, self.tr.best_checkpoint = self.ckpt.best
-        self.ckpt.last_saved_step = self.state.step
+        snapshot.save(self, score)
+        self._publish_best()
 
-    def restore(self, folder: Path) -> None:
-        sd = ckpt.load(folder)
-        self.tr.model.load_state_dict(sd["model"])  # type: ignore[union-attr]
-        self.opt.load_state_dict(sd["optimizer"])
-        if self.sched is not None and sd["scheduler"] is not None:
-            self.sched.load_state_dict(sd["scheduler"])
-        self.state.load_state_dict(sd["loop"])
-        self.stopper.load_state_dict(sd["early_stopping"])
-        self.ckpt.load_state_dict(sd["checkpointer"])
-        self.ckpt.last_saved_step = self.state.step
-        ranks = sd["ranks"]
-        if len(ranks) == self.d.world_size:
-            set_rng_state(ranks[self.d.rank]["rng"])
-            self.train_acc.load_state_dict(ranks[self.d.rank]["train"])
-        else:
-            log.warning("checkpoint from world size %d resumed at %d: data order and RNG streams differ "
-                        "from an uninterrupted run", len(ranks), self.d.world_size)
-            seed_everything(self.t.seed + self.d.rank + self.state.step)
-        self.tr.history[:] = self.state.history
+    def _publish_best(self) -> None:
         if self.ckpt.best:
             self.tr.best_score, self.tr.best_checkpoint = self.ckpt.best
-        log.info("resumed from %s: step %d, epoch %d at batch %d", folder, self.state.step,
-                 self.state.epoch + 1, self.state.batch_in_epoch)
+
+    def validate(self) -> dict[str, float]:
+        return evaluate(self.tr.model, self.loss_fn, self.val, self.val_acc, self.d.device,  # type: ignore[arg-type]
+                        self.prec, lockstep=self.sharded)
 
     # ---- the loop ----------------------------------------------------------------------------------
     def done(self) -> bool:
@@ -129,33 +134,27 @@ class Loop:
 
     def run(self) -> None:
         s, t = self.state, self.t
-        steps_per_epoch = len(self.train)
-        progress = Progress(self.d.is_main and t.progress, t.progress_refresh_s)
+        n_batches = len(self.train)
+        steps_per_epoch = math.ceil(n_batches / self.k)
+        progress = Progress(self.d.is_main and t.progress, t.progress_refresh_s, self.speed)
         while not self.done():
-            total = steps_per_epoch if t.max_steps < 0 else min(steps_per_epoch, t.max_steps - s.step + s.batch_in_epoch)
-            progress.start(f"epoch {s.epoch + 1}/{t.max_epochs}", total, s.batch_in_epoch)
+            done_steps = s.batch_in_epoch // self.k
+            total = steps_per_epoch if t.max_steps < 0 else min(steps_per_epoch, done_steps + t.max_steps - s.step)
+            progress.start(f"epoch {s.epoch + 1}/{t.max_epochs}", total, done_steps)
+            self.speed.start_epoch(s.step)
             for batch in self.train.epoch(s.epoch, start=s.batch_in_epoch):
-                self.train_step(batch)
+                group_start = s.batch_in_epoch - s.batch_in_epoch % self.k
+                group_end = min(group_start + self.k, n_batches)  # the epoch's last group may be short
+                if not self.micro_step(batch, last=s.batch_in_epoch + 1 == group_end, group=group_end - group_start):
+                    continue
                 progress.update(self.train_acc.running_loss)
-                last_of_epoch = s.batch_in_epoch >= steps_per_epoch
-                if t.log_every_n_steps and s.step % t.log_every_n_steps == 0:
-                    self.logger.log_step(s.step, {"train_loss_step": self.train_acc.running_loss(),
-                                                  "lr": self.opt.param_groups[0]["lr"]})
-                if t.val_every_n_steps and s.step % t.val_every_n_steps == 0 and not last_of_epoch and self.val:
-                    values = evaluate(self.tr.model, self.loss_fn, self.val, self.val_acc, self.d.device)  # type: ignore[arg-type]
-                    self.logger.log_step(s.step, values)
-                    self.monitor(values)
-                if self.ckpt.due_step(s.step) and not last_of_epoch:
-                    self.save(None)
-                if self.stop is not None and self.stop.agreed(s.step):
-                    self.preempted = True
-                    break
-                if s.stopped_early or (t.max_steps > 0 and s.step >= t.max_steps):
+                if self.after_step(last_of_epoch=s.batch_in_epoch >= n_batches):
                     break
             if self.preempted:  # mid-epoch: no epoch row; the requeued job finishes this epoch
                 progress.close()
                 if self.ckpt.last_saved_step != s.step:
                     self.save(None)
+                self.saver.wait()
                 D.barrier()  # every rank leaves only once rank 0's checkpoint is on disk
                 log.info("stopped at step %d for a requeue (signal %s); checkpoint written", s.step,
                          self.stop.signame if self.stop else "?")
@@ -164,22 +163,78 @@ class Loop:
             progress.close(self.end_epoch())
         if self.ckpt.enabled and self.ckpt.last_saved_step != s.step:
             self.save(None)
-        if self.d.is_main:
-            torch.save(self.tr.model.state_dict(), self.tr.run_dir / "model.pt")  # type: ignore[union-attr]
+        self.saver.wait()
+        self._publish_best()
+        weights = snapshot.final_weights(self)
+        if weights is not None:
+            torch.save(weights, self.tr.run_dir / "model.pt")
         self.logger.finish(self.tr.history)
 
-    def train_step(self, batch: Any) -> None:
+    def after_step(self, last_of_epoch: bool) -> bool:
+        """Step-boundary work: logging, step validation, checkpoint, stop checks. True = leave the epoch."""
+        s, t = self.state, self.t
+        if t.log_every_n_steps and s.step % t.log_every_n_steps == 0:
+            self.logger.log_step(s.step, {"train_loss_step": self.train_acc.running_loss(),
+                                          "lr": self.opt.param_groups[0]["lr"]})
+        if t.val_every_n_steps and s.step % t.val_every_n_steps == 0 and not last_of_epoch and self.val:
+            with self.speed.paused():
+                values = self.validate()
+            self.logger.log_step(s.step, values)
+            self.monitor(values)
+        if self.ckpt.due_step(s.step) and not last_of_epoch:
+            with self.speed.paused():
+                self.save(None)
+        if self.stop is not None and self.stop.agreed(s.step):
+            self.preempted = True
+            return True
+        return s.stopped_early or (t.max_steps > 0 and s.step >= t.max_steps)
+
+    def micro_step(self, batch: Any, last: bool, group: int) -> bool:
+        """Forward and backward of one micro-batch; the optimizer step after the group's last."""
         x, y = to_device(batch, self.d.device)
-        out = self.net(x)
-        loss = self.loss_fn(out, y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.train_acc.update(loss, batch_size_of(y), out.detach(), y)
-        self.state.step += 1
+        x = self.prec.prepare_input(x)
+        if self.t.channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with S.no_sync(self.net, self.strategy, skip=not last):
+            with self.prec.autocast():
+                out = self.net(x)
+                loss = self.loss_fn(out, y)
+            # mean over the group's samples, as one batch of the whole group would give
+            self.prec.backward(loss / group if group > 1 else loss)
+        self.train_acc.update(loss.float(), batch_size_of(y), out.detach(), y)
         self.state.batch_in_epoch += 1
-        if self.sched is not None and self.t.scheduler_interval == "step":
+        if last:
+            self.optimizer_step(loss)
+        return last
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        s, t = self.state, self.t
+        self.prec.unscale(self.opt)
+        if t.gradient_clip_val > 0 or t.nonfinite != "off":
+            norm = S.grad_norm(self.params, t.gradient_clip_val)
+            # 16-mixed: the GradScaler skips inf/nan steps itself (and lowers its scale)
+            if t.nonfinite != "off" and self.prec.scaler is None and not bool(torch.isfinite(norm)):
+                self.nonfinite(loss, norm)  # raises unless trainer.nonfinite=skip
+                self.opt.zero_grad(set_to_none=True)
+                s.step += 1
+                return
+        self.prec.step(self.opt)
+        self.opt.zero_grad(set_to_none=True)
+        s.step += 1
+        if self.sched is not None and t.scheduler_interval == "step":
             self.sched.step()
+
+    def nonfinite(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        """Name the step and the rank(s) whose loss went bad (the norm is global: all ranks get here)."""
+        losses = D.all_gather_object(float(loss.detach().float()))
+        bad = [r for r, v in enumerate(losses) if not math.isfinite(v)]
+        where = f"rank(s) {bad} (loss {[losses[r] for r in bad]})" if bad else \
+            f"every rank's loss is finite, the gradient norm is {float(norm)}"
+        msg = f"non-finite loss or gradient norm at step {self.state.step + 1}: {where}"
+        if self.t.nonfinite == "error":
+            raise FloatingPointError(f"{msg}; the optimizer did not step (trainer.nonfinite=skip skips such steps)")
+        self.skipped_steps += 1
+        log.warning("%s; step skipped (%d so far)", msg, self.skipped_steps)
 
     def monitor(self, values: dict[str, float]) -> Optional[float]:
         """Feed the monitored value (if present) to early stopping; returns it."""
@@ -195,12 +250,12 @@ class Loop:
     def end_epoch(self) -> dict[str, Any]:
         """Sync the epoch's metrics, validate, log, step schedulers and early stopping; returns the row."""
         s, t = self.state, self.t
-        lr = self.opt.param_groups[0]["lr"]
-        row: dict[str, Any] = {"epoch": s.epoch + 1, "step": s.step, "lr": lr}
+        speed = self.speed.end_epoch(s.step)
+        row: dict[str, Any] = {"epoch": s.epoch + 1, "step": s.step, "lr": self.opt.param_groups[0]["lr"]}
         row.update(self.train_acc.compute("train"))
         last = s.stopped_early or s.epoch + 1 >= t.max_epochs or (t.max_steps > 0 and s.step >= t.max_steps)
         if self.val is not None and ((s.epoch + 1) % t.val_every_n_epochs == 0 or last):
-            row.update(evaluate(self.tr.model, self.loss_fn, self.val, self.val_acc, self.d.device))  # type: ignore[arg-type]
+            row.update(self.validate())
         score = self.monitor(row) if t.monitor in row else None
         if self.sched is not None and t.scheduler_interval == "epoch":
             if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -211,12 +266,14 @@ class Loop:
         s.history.append(row)
         self.tr.history[:] = s.history
         self.logger.log_epoch(s.history)
-        if self.d.is_main and not t.progress:  # with a bar, the bar shows the row
-            log.info("epoch %d: %s", row["epoch"], "  ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"))
+        self.logger.log_step(s.step, speed)  # throughput: logs and W&B, not the (deterministic) history
+        if self.d.is_main:
+            text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in {**row, **speed}.items() if k != "epoch")
+            log.info("epoch %d: %s", row["epoch"], text, extra={"file_only": t.progress})
         s.epoch += 1
         s.batch_in_epoch = 0
         self.train_acc.reset()
         if self.ckpt.due_epoch(s.epoch) or self.ckpt.due_step(s.step):
             self.save(score if score is not None and not math.isnan(score) else None)
-        return row
+        return {**row, **speed}

@@ -40,6 +40,9 @@ def run(cfg: C.Config) -> None:
         trainer.fit(**objects)
         if trainer.preempted:
             _requeue_and_wait(cfg, d)
+        # Leave together: rank 0 may still be writing the last checkpoint or closing W&B, and a gloo
+        # group torn down on one rank while its peer still uses it can abort the process (SIGABRT).
+        dist.barrier()
     finally:
         dist.cleanup()
 

@@ -29,7 +29,7 @@ def test_save_killed_half_way_leaves_the_previous_checkpoint_loadable(tmp_path: 
     ckpt.write(d / ckpt.step_name(1), {"w": torch.arange(5.0)}, {"step": 1})
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(d / ckpt.step_name(2))],
                             env={**os.environ, "PYTHONPATH": str(REPO)})
-    partial = d / f".tmp-{ckpt.step_name(2)}-{proc.pid}" / ckpt.STATE
+    partial = ckpt.staging(d / ckpt.step_name(2)) / ckpt.STATE
     deadline = time.monotonic() + 60
     while not (partial.exists() and partial.stat().st_size > 1_000_000):
         assert proc.poll() is None and time.monotonic() < deadline, "the writer finished before it could be killed"

@@ -1,0 +1,59 @@
+"""trainer.precision: 32, bf16-mixed, 16-mixed (with a GradScaler), bf16-true.
+
+Mixed precision is autocast on the device's own type (cpu, cuda, xla); the weights stay float32 and
+the optimizer steps in float32. 16-mixed scales the loss (GradScaler) so small float16 gradients do
+not flush to zero; the scaler's state is part of the checkpoint. bf16-true casts the model itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager, Optional
+
+import torch
+
+PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+class Precision:
+    def __init__(self, precision: str, device: torch.device) -> None:
+        self.precision, self.device = precision, device
+        self.autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+        self.scaler: Optional[Any] = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
+        self.param_dtype = torch.bfloat16 if precision == "bf16-true" else None
+
+    def autocast(self) -> ContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.param_dtype) if self.param_dtype is not None else model
+
+    def prepare_input(self, x: Any) -> Any:
+        """bf16-true: floating inputs must match the bf16 weights."""
+        if self.param_dtype is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
+            return x.to(self.param_dtype)
+        return x
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Bring gradients back to their true scale before clipping or checking their norm."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.step(optimizer)  # skips the step itself when it finds inf/nan gradients
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def state_dict(self) -> Optional[dict[str, Any]]:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, sd: Optional[dict[str, Any]]) -> None:
+        if self.scaler is not None and sd:
+            self.scaler.load_state_dict(sd)
