@@ -64,6 +64,9 @@ def _run(dcfg: Any) -> None:
     local = cfg.launcher.name == "local"
     inside = S.in_srun_step()  # srun python -m launcher ...: this process is one rank
     C.check(cfg, local=local and not inside)
+    from . import xla
+
+    xla.check(cfg.trainer.accelerator)
     run_dir = Path(cfg.run.dir).expanduser().absolute()
     if cfg.resume == "never" and checkpoint.candidates(run_dir / "checkpoints"):
         raise C.ConfigError("resume", "never", f"{run_dir} already holds checkpoints of another start",
@@ -91,6 +94,9 @@ def _run(dcfg: Any) -> None:
             _pending.append(cfg)  # submitted as one array when the sweep is composed
         else:
             _submit([cfg], run_dir / "slurm")
+        return
+    if cfg.trainer.accelerator == "xla":
+        xla.launch(str(run_dir / R.CONFIG_FILE))  # one process per local XLA device (PJRT)
         return
     if nproc * cfg.trainer.nodes == 1 and cfg.launcher.max_restarts == 0:
         worker.run(cfg)  # one rank: no spawn, no process group, fastest start

@@ -71,6 +71,9 @@ class Trainer:
     def __init__(self, config: Optional[C.Config] = None, *, dist: Optional[D.Dist] = None,
                  stop: Optional[Any] = None, **kwargs: Any) -> None:
         self.cfg = config if config is not None else _config_from_kwargs(kwargs)
+        from . import xla
+
+        xla.check(self.cfg.trainer.accelerator)
         C.check_trainer(self.cfg.trainer)
         C.check_checkpoint(self.cfg.checkpoint)
         C.check_logger(self.cfg.logger)
@@ -88,6 +91,10 @@ class Trainer:
 
     # ---- set-up -----------------------------------------------------------------------------------
     def _dist(self) -> D.Dist:
+        if self.dist is None and self.cfg.trainer.accelerator == "xla":
+            from . import xla
+
+            self.dist, _ = xla.init(self.cfg.trainer.dist_timeout_s)
         if self.dist is None:
             self.dist = D.init(int(self.cfg.trainer.gpus or 0), self.cfg.trainer.dist_timeout_s) \
                 if D.env_rank() else D.current()
@@ -128,7 +135,8 @@ class Trainer:
             if val_data is not None else None
 
         prec = Precision(str(t.precision), d.device)
-        strategy = S.resolve(t.strategy, d)
+        # XLA: gradients are all-reduced by xm.optimizer_step, not by DDP
+        strategy = "none" if t.accelerator == "xla" else S.resolve(t.strategy, d)
         self.model = prec.prepare_model(model.to(d.device))
         # the optimizer must see the parameters as they will be trained: after FSDP sharding
         net = S.wrap(self.model, strategy, d, t.fsdp_wrap, t.compile, t.channels_last)

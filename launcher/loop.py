@@ -86,6 +86,11 @@ class Loop:
         self.tr, self.t, self.net, self.loss_fn, self.opt, self.sched = tr, cfg.trainer, net, loss_fn, optimizer, scheduler
         self.train, self.val, self.d, self.strategy, self.prec = train, val, d, strategy, prec
         self.sharded = strategy == "fsdp"
+        self.xla = None
+        if self.t.accelerator == "xla":
+            from .xla import XLA
+
+            self.xla = XLA()
         self.k = self.t.accumulate_grad_batches
         self.params = [p for p in tr.model.parameters() if p.requires_grad]  # type: ignore[union-attr]
         self.metric_protos = metrics
@@ -101,7 +106,7 @@ class Loop:
                                       every_n_steps=cfg.checkpoint.every_n_steps,
                                       save_top_k=cfg.checkpoint.save_top_k, mode=self.t.mode,
                                       keep_last=cfg.checkpoint.keep_last)
-        self.saver = Saver(self.ckpt, d, sharded=self.sharded, background=cfg.checkpoint.async_save)
+        self.saver = Saver(self.ckpt, d, sharded=self.sharded, background=cfg.checkpoint.async_save, xla=self.xla)
         self.speed = Speed.of(tr.model, samples_per_step=train.batch_size * self.k * d.world_size,  # type: ignore[arg-type]
                               world_size=d.world_size, device=d.device, peak_tflops=self.t.peak_tflops)
         lg = cfg.logger
@@ -142,7 +147,10 @@ class Loop:
             total = steps_per_epoch if t.max_steps < 0 else min(steps_per_epoch, done_steps + t.max_steps - s.step)
             progress.start(f"epoch {s.epoch + 1}/{t.max_epochs}", total, done_steps)
             self.speed.start_epoch(s.step)
-            for batch in self.train.epoch(s.epoch, start=s.batch_in_epoch):
+            batches = self.train.epoch(s.epoch, start=s.batch_in_epoch)
+            if self.xla is not None:
+                batches = self.xla.loader(batches, self.d.device)  # host->device copies in the background
+            for batch in batches:
                 group_start = s.batch_in_epoch - s.batch_in_epoch % self.k
                 group_end = min(group_start + self.k, n_batches)  # the epoch's last group may be short
                 if not self.micro_step(batch, last=s.batch_in_epoch + 1 == group_end, group=group_end - group_start):
@@ -218,7 +226,11 @@ class Loop:
                 self.opt.zero_grad(set_to_none=True)
                 s.step += 1
                 return
-        self.prec.step(self.opt)
+        if self.xla is not None:
+            self.xla.optimizer_step(self.opt)  # all-reduces the gradients over replicas, then steps
+            self.xla.mark_step()  # cut and run the step's lazy graph
+        else:
+            self.prec.step(self.opt)
         self.opt.zero_grad(set_to_none=True)
         s.step += 1
         if self.sched is not None and t.scheduler_interval == "step":

@@ -32,8 +32,11 @@ def _cpu_copy(obj: Any) -> Any:
 
 
 class Saver:
-    def __init__(self, checkpointer: ckpt.Checkpointer, d: Dist, *, sharded: bool, background: bool) -> None:
-        self.ckpt, self.d, self.sharded, self.background = checkpointer, d, sharded, background
+    def __init__(self, checkpointer: ckpt.Checkpointer, d: Dist, *, sharded: bool, background: bool,
+                 xla: Any = None) -> None:
+        # XLA tensors are written through xm.save, a rendezvous of all ranks: no background thread
+        self.ckpt, self.d, self.sharded, self.background = checkpointer, d, sharded, background and xla is None
+        self.xla = xla
         self._thread: Optional[threading.Thread] = None
         self._future: Any = None
         self._error: Optional[BaseException] = None
@@ -64,6 +67,14 @@ class Saver:
                 self._future = dcp.async_save(shards, checkpoint_id=str(tmp / ckpt.SHARDED), process_group=self._pg)
             else:
                 dcp.save(shards, checkpoint_id=str(tmp / ckpt.SHARDED))
+        if self.xla is not None:
+            from . import dist as D
+
+            D.barrier()  # rank 0 created the staging folder
+            self.xla.save(state, str(tmp / ckpt.STATE))  # every rank; the master writes
+            if self.d.is_main:
+                self.ckpt.committed(ckpt.commit(tmp, folder, meta), score)
+            return
         if not self.d.is_main:
             return
         if not self.background:

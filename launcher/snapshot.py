@@ -36,7 +36,7 @@ def save(loop: "Loop", score: Optional[float]) -> None:
     ranks = D.all_gather_object(rank_state(loop.train_acc))  # every rank's RNG and running sums
     shards = _dcp_state(loop) if loop.sharded else None
     state: dict[str, Any] = {}
-    if loop.d.is_main:
+    if loop.d.is_main or loop.xla is not None:  # xm.save is called by every rank (the master writes)
         state = {"scheduler": loop.sched.state_dict() if loop.sched is not None else None,
                  "scaler": loop.prec.state_dict(), "loop": loop.state.state_dict(),
                  "early_stopping": loop.stopper.state_dict(), "checkpointer": loop.ckpt.state_dict(),

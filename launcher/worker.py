@@ -27,7 +27,12 @@ def run(cfg: C.Config) -> None:
 
         # installed before anything slow, so an early signal is not lost (its default action kills)
         stop = StopRequest(cfg.launcher.signal, cfg.launcher.signal_check_every_n_steps)
-    d = dist.init(int(cfg.trainer.gpus or 0), cfg.trainer.dist_timeout_s)
+    if cfg.trainer.accelerator == "xla":
+        from . import xla
+
+        d, _ = xla.init(cfg.trainer.dist_timeout_s)
+    else:
+        d = dist.init(int(cfg.trainer.gpus or 0), cfg.trainer.dist_timeout_s)
     if d.device.type == "cpu" and d.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
         import torch
 

@@ -16,12 +16,22 @@ import torch
 
 from conftest import QUIET, cli_env, mnist_small, run_cli
 
-STEPS_PER_EPOCH = {1: 20, 2: 10}  # 2560 samples, batch 128 per rank
+# name -> (ranks, optimizer steps per epoch, overrides besides the run dir)
+CASES = {
+    "1-rank": (1, 20, []),  # MNIST: 2560 samples, batch 128 per rank, Dropout2d
+    "2-ranks": (2, 10, []),
+    "2-ranks-accumulate-2": (2, 5, ["trainer.accumulate_grad_batches=2"]),
+    # FSDP at the same world size: charlm, 40k characters -> 9 steps per epoch on 2 ranks
+    "2-ranks-fsdp": (2, 9, ["recipe=charlm", "data.n_chars=40000", "trainer.max_steps=-1", "trainer.strategy=fsdp",
+                            "trainer.log_every_n_steps=0"]),
+}
 
 
-def _args(root: Path, run_dir: Path, nproc: int) -> list[str]:
-    return [*mnist_small(root, 2560, 512), f"trainer.nproc={nproc}", "trainer.gpus=0", "trainer.max_epochs=3",
-            "checkpoint.every_n_steps=3", *QUIET, f"run.dir={run_dir}"]
+def _args(root: Path, run_dir: Path, case: str) -> list[str]:
+    nproc, _, extra = CASES[case]
+    data = [] if "recipe=charlm" in extra else mnist_small(root, 2560, 512)
+    return [*data, f"trainer.nproc={nproc}", "trainer.gpus=0", "trainer.max_epochs=3", "checkpoint.every_n_steps=3",
+            *extra, *QUIET, f"run.dir={run_dir}"]
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -32,15 +42,16 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_killed_mid_epoch_then_resumed_is_bitwise_equal(tmp_path: Path, mnist_root: Path, nproc: int) -> None:
+@pytest.mark.parametrize("case", list(CASES))
+def test_killed_mid_epoch_then_resumed_is_bitwise_equal(tmp_path: Path, mnist_root: Path, case: str) -> None:
+    """Bitwise: on CPU at the same world size every case is deterministic, sharded (FSDP) included."""
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    p = run_cli(_args(mnist_root, ref, nproc), cwd=tmp_path)
+    p = run_cli(_args(mnist_root, ref, case), cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
 
     # Kill the whole launcher (parent and ranks) once a checkpoint inside epoch 2 exists.
-    kill_after = (STEPS_PER_EPOCH[nproc] // 3 + 1) * 3  # the first checkpoint inside epoch 2
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", *_args(mnist_root, cut, nproc)], cwd=tmp_path,
+    kill_after = (CASES[case][1] // 3 + 1) * 3  # the first checkpoint inside epoch 2
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", *_args(mnist_root, cut, case)], cwd=tmp_path,
                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     _wait_for(cut / "checkpoints" / f"step-{kill_after:07d}" / "manifest.json", proc)
@@ -48,7 +59,7 @@ def test_killed_mid_epoch_then_resumed_is_bitwise_equal(tmp_path: Path, mnist_ro
     proc.wait(timeout=30)
     assert not (cut / "model.pt").exists(), "the run must really have been cut short"
 
-    again = run_cli(_args(mnist_root, cut, nproc), cwd=tmp_path)  # the same command resumes
+    again = run_cli(_args(mnist_root, cut, case), cwd=tmp_path)  # the same command resumes
     assert again.returncode == 0, again.stderr[-3000:]
     log = (cut / "logs" / "rank-0.log").read_text()
     assert "resumed from" in log

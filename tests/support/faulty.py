@@ -1,7 +1,7 @@
 """A model that fails on purpose, for the failure tests (imported by ranks via PYTHONPATH).
 
 FAULT_RANK / FAULT_STEP pick the rank and the forward call that raises (FAULT_MODE=raise),
-or that sleeps forever (FAULT_MODE=hang).
+or that sleeps forever (FAULT_MODE=hang), or whose output is NaN (FAULT_MODE=nan).
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ class FaultyLinear(nn.Module):
             self.calls += 1
             rank = int(os.environ.get("RANK", "0"))
             if rank == int(os.environ.get("FAULT_RANK", "1")) and self.calls == int(os.environ.get("FAULT_STEP", "5")):
-                if os.environ.get("FAULT_MODE", "raise") == "hang":
+                mode = os.environ.get("FAULT_MODE", "raise")
+                if mode == "hang":
                     time.sleep(3600)
+                if mode == "nan":
+                    return self.lin(x) * float("nan")
                 raise RuntimeError(f"injected failure on rank {rank} at step {self.calls}")
         return self.lin(x)
