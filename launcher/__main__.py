@@ -26,7 +26,7 @@ EXIT_CONFIG = 2
 
 _failures: list[int] = []  # exit codes of failed runs; a sweep goes on and exits with the first
 _errors: list[BaseException] = []  # raised in the task: reported by main(), not by Hydra's job runner
-_pending: list[Any] = []  # -m with launcher=slurm: configs submitted together as one job array
+_pending: list[Any] = []  # -m: the checked configs of every sweep point, started once all have passed
 
 
 def _conf_dir() -> str:
@@ -49,25 +49,45 @@ def _task(dcfg: Any) -> None:
 def _run(dcfg: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+
+    cfg = _checked(dcfg)
+    if cfg is None:  # this process was one rank of an outside torchrun / srun, and has run
+        return
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        _pending.append(cfg)  # a sweep starts only once every point has passed its checks
+        return
+    _start([cfg])
+
+
+def _checked(dcfg: Any) -> Any:
+    """The typed, checked Config, with nothing written yet; ConfigError on bad input. Under an
+    outside torchrun / srun this process is a rank: it runs the worker and returns None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from . import checkpoint, dist
+    from . import checkpoint, dist, worker, xla
     from . import config as C
     from . import run as R
+    from .launch import slurm as S
 
     cfg: C.Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:  # each sweep point its own run directory
         cfg.run.dir = str(Path(cfg.run.dir) / str(hc.job.num))
-    from .launch import slurm as S
-
     local = cfg.launcher.name == "local"
-    inside = S.in_srun_step()  # srun python -m launcher ...: this process is one rank
+    # srun python -m launcher launcher=slurm ...: this process is one rank of the allocation. With the
+    # local launcher inside an srun (an interactive srun --pty bash), launch locally as anywhere.
+    inside = S.in_srun_step() and not local
     C.check(cfg, local=local and not inside)
-    from . import xla
-
     xla.check(cfg.trainer.accelerator)
     run_dir = Path(cfg.run.dir).expanduser().absolute()
+    if cfg.resume not in C.RESUME_MODES:
+        try:
+            checkpoint.resolve(cfg.resume)
+        except ValueError as e:
+            raise C.ConfigError("resume", cfg.resume, str(e).split(": ", 1)[-1],
+                                "auto, never, or a complete checkpoint") from None
     if cfg.resume == "never" and checkpoint.candidates(run_dir / "checkpoints"):
         raise C.ConfigError("resume", "never", f"{run_dir} already holds checkpoints of another start",
                             "auto (continue it), or a new run.dir")
@@ -76,34 +96,63 @@ def _run(dcfg: Any) -> None:
         raise C.ConfigError("run.id", cfg.run.id, f"{run_dir} belongs to run {existing!r}", f"{existing!r} or a new run.dir")
     cfg.trainer.gpus = C.resolve_gpus(cfg.trainer, local and not inside)
     cfg.run.dir = str(run_dir)
-
-    from . import worker
-
     if inside:
         S.export_env()
+        want = (cfg.trainer.gpus or cfg.trainer.nproc) * cfg.trainer.nodes
+        if int(os.environ["WORLD_SIZE"]) != want:
+            print(f"launcher: warning: the SLURM step has {os.environ['WORLD_SIZE']} task(s), the config asks for "
+                  f"{want} (trainer.nodes x trainer.gpus or nproc); the allocation wins", file=sys.stderr)
+    problem = dist.env_problem()
+    if problem:  # e.g. a torchrun-style env with RANK >= WORLD_SIZE: fail here, not in init_process_group
+        key, value, what, valid = problem
+        raise C.ConfigError(f"env {key}", value, what, valid)
     if dist.env_rank() is not None:  # started by torchrun / srun: this process is one rank
         worker.run(cfg)
-        return
+        return None
     if not local:
-        S.check(cfg)  # before anything is written
-    nproc = cfg.trainer.gpus or cfg.trainer.nproc
-    cfg.run.id = R.prepare(run_dir, cfg.run.id, C.to_dict(cfg))
-    if not local:
-        print(f"launcher: asking SLURM for {S.describe(cfg)}", file=sys.stderr)
-        if hc.mode == RunMode.MULTIRUN:
-            _pending.append(cfg)  # submitted as one array when the sweep is composed
-        else:
-            _submit([cfg], run_dir / "slurm")
+        S.check(cfg)
+    return cfg
+
+
+def _start(cfgs: list[Any]) -> None:
+    """Create the run directories and start: SLURM gets them all at once (job arrays), the local
+    launcher runs them one after another."""
+    from . import config as C
+    from . import run as R
+    from .launch import slurm as S
+
+    if cfgs[0].launcher.name == "slurm":
+        for cfg in cfgs:
+            cfg.run.id = R.prepare(Path(cfg.run.dir), cfg.run.id, C.to_dict(cfg))
+            print(f"launcher: asking SLURM for {S.describe(cfg)}", file=sys.stderr)
+        folder = Path(cfgs[0].run.dir) / "slurm" if len(cfgs) == 1 else Path(cfgs[0].run.dir).parent / "slurm"
+        _submit(cfgs, folder)
         return
-    if cfg.trainer.accelerator == "xla":
-        xla.launch(str(run_dir / R.CONFIG_FILE))  # one process per local XLA device (PJRT)
-        return
-    if nproc * cfg.trainer.nodes == 1 and cfg.launcher.max_restarts == 0:
-        worker.run(cfg)  # one rank: no spawn, no process group, fastest start
-        return
+    for cfg in cfgs:
+        _start_local(cfg)
+
+
+def _start_local(cfg: Any) -> None:
+    from . import config as C
+    from . import run as R
+    from . import worker, xla
     from .launch import local as local_launch
 
-    code = local_launch.launch(cfg, run_dir / R.CONFIG_FILE, nproc)
+    run_dir = Path(cfg.run.dir)
+    nproc = cfg.trainer.gpus or cfg.trainer.nproc
+    if cfg.trainer.nodes > 1:
+        # Every node runs this same command: none may mint the run id (rank 0 does, and tells the
+        # others), and each hands its ranks the config from a node-local file.
+        code = local_launch.launch(cfg, R.node_local_config(C.to_dict(cfg)), nproc)
+    else:
+        cfg.run.id = R.prepare(run_dir, cfg.run.id, C.to_dict(cfg))
+        if cfg.trainer.accelerator == "xla":
+            xla.launch(str(run_dir / R.CONFIG_FILE))  # one process per local XLA device (PJRT)
+            return
+        if nproc == 1 and cfg.launcher.max_restarts == 0:
+            worker.run(cfg)  # one rank: no spawn, no process group, fastest start
+            return
+        code = local_launch.launch(cfg, run_dir / R.CONFIG_FILE, nproc)
     if code:
         _failures.append(code)
 
@@ -138,7 +187,13 @@ def _one_line(e: BaseException) -> str:
             return f"{key}: unknown key; valid: {', '.join(_valid_keys(key))}"
         value = getattr(cause, "value", None)
         return f"{key}={value!r}: {first}" if value is not None else f"{key}: {first}"
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = str(e)
+    key = re.search(r"full_key: (\S+)", text)
+    where = re.match(r"In '([^']+)'", text)
+    if key and re.search(r"Key '[^']+' not in", text):  # an unknown key inside a config file
+        return (f"{key.group(1)}: unknown key{f' (in {where.group(1)}.yaml)' if where else ''}; "
+                f"valid: {', '.join(_valid_keys(key.group(1)))}")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return "; ".join(lines[:2]) if lines else type(e).__name__
 
 
@@ -162,6 +217,7 @@ def main() -> None:
     # Hydra re-raises instead of printing its own report, so every error goes through _one_line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     import hydra
+    import yaml
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -175,8 +231,8 @@ def main() -> None:
         entry()
         if _errors:
             raise _errors[0]
-        if _pending:  # a -m sweep on SLURM: one job array, its folder beside the sweep's run dirs
-            _submit(_pending, Path(_pending[0].run.dir).parent / "slurm")
+        if _pending:  # a -m sweep, every point checked: start them (SLURM: job arrays)
+            _start(_pending)
         if _failures:
             sys.exit(_failures[0])
     except ConfigError as e:
@@ -184,6 +240,11 @@ def main() -> None:
         sys.exit(EXIT_CONFIG)
     except (HydraException, OmegaConfBaseException) as e:
         print(f"launcher: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    except yaml.YAMLError as e:  # a config file that is not YAML
+        mark = getattr(e, "problem_mark", None)
+        where = f"{mark.name} line {mark.line + 1}" if mark else "a config file"
+        print(f"launcher: error: {where}: not valid YAML ({getattr(e, 'problem', None) or e})", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     except KeyboardInterrupt:
         print("launcher: interrupted", file=sys.stderr)

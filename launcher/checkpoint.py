@@ -160,9 +160,10 @@ def _flatten(sd: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load(folder: Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """The state of a complete checkpoint; ValueError naming the file when it is not one."""
-    problem = verify(folder)
+def load(folder: Path, map_location: Any = "cpu", verified: bool = False) -> dict[str, Any]:
+    """The state of a complete checkpoint; ValueError naming the file when it is not one.
+    verified=True skips re-hashing a folder rank 0 has just checked (every rank loads it)."""
+    problem = None if verified else verify(folder)
     if problem:
         raise ValueError(problem)
     try:
@@ -182,16 +183,20 @@ def latest(ckpt_dir: Path) -> Optional[Path]:
 
 
 def resolve(path: str | Path) -> Path:
-    """A user's resume=PATH: a step folder, its state.pt, a checkpoints/ folder, or a run directory."""
+    """A user's resume=PATH as a verified complete checkpoint folder: a step folder (or a link to
+    one), its state.pt, a checkpoints/ folder, or a run directory (its latest). ValueError else."""
     p = Path(path).expanduser()
     if p.is_file() and p.name == STATE:
-        return p.parent
+        p = p.parent
     for ckpt_dir in (p, p / "checkpoints"):
         if candidates(ckpt_dir):
             found = latest(ckpt_dir)
             if found is None:
                 raise ValueError(f"resume={path}: no complete checkpoint under {ckpt_dir}")
             return found
+    problem = verify(p)
+    if problem:
+        raise ValueError(f"resume={path}: not a complete checkpoint ({problem})")
     return p
 
 
@@ -213,11 +218,35 @@ class Checkpointer:
         return self.enabled and self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0
 
     def clean_temp(self) -> None:
-        """Remove what an interrupted save left behind (rank 0, at start)."""
-        if self.dir.is_dir():
-            for p in self.dir.iterdir():
-                if p.name.startswith((".tmp-", ".old-")):
-                    shutil.rmtree(p, ignore_errors=True)
+        """Remove what an interrupted save left behind (rank 0, at start).
+
+        A `.old-X` whose `X` is missing is the committed checkpoint of a same-step swap that was
+        cut between its two renames: it is put back, not deleted.
+        """
+        if not self.dir.is_dir():
+            return
+        for p in self.dir.iterdir():
+            if p.name.startswith(".old-"):
+                name = p.name[len(".old-"):].rsplit("-", 1)[0]
+                if not (self.dir / name).exists() and verify(p) is None:
+                    os.rename(p, self.dir / name)
+                    continue
+            if p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def retire_after(self, step: int) -> None:
+        """Move this run's checkpoints newer than `step` (the point training continues from) into
+        checkpoints/retired/: kept for the user, but out of `latest()` and out of pruning, which
+        would otherwise rank that abandoned timeline above the checkpoints written from now on."""
+        stale = [p for p in candidates(self.dir) if int(p.name.split("-")[1]) > step]
+        if not stale:
+            return
+        target = self.dir / "retired" / time.strftime("%Y%m%d-%H%M%S")
+        target.mkdir(parents=True, exist_ok=True)
+        for p in stale:
+            os.rename(p, target / p.name)
+        log.warning("moved %d checkpoint(s) newer than step %d to %s (training continues from step %d)",
+                    len(stale), step, target, step)
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], score: Optional[float]) -> Path:
         return self.committed(write(self.dir / step_name(step), state, meta), score)
@@ -226,9 +255,7 @@ class Checkpointer:
         """After `folder` is complete: the `last`/`best` links, top-k, and pruning."""
         _replace_symlink(self.dir / "last", folder.name)
         if score is not None and self.save_top_k > 0:
-            self.top = [t for t in self.top if t[1] != folder.name] + [(score, folder.name)]
-            self.top.sort(key=lambda t: t[0], reverse=self.mode == "max")
-            self.top = self.top[: self.save_top_k]
+            self.top = self._ranked(score, folder.name)
             if self.top[0][1] == folder.name:
                 _replace_symlink(self.dir / "best", folder.name)
         self._prune(best={name for _, name in self.top})
@@ -244,8 +271,18 @@ class Checkpointer:
     def best(self) -> Optional[tuple[float, Path]]:
         return (self.top[0][0], self.dir / self.top[0][1]) if self.top else None
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"top": [list(t) for t in self.top]}
+    def _ranked(self, score: Optional[float], name: str) -> list[tuple[float, str]]:
+        top = [t for t in self.top if t[1] != name]
+        if score is not None and self.save_top_k > 0:
+            top.append((score, name))
+        top.sort(key=lambda t: t[0], reverse=self.mode == "max")
+        return top[: self.save_top_k]
+
+    def state_dict(self, pending: Optional[tuple[Optional[float], str]] = None) -> dict[str, Any]:
+        """The top-k list; with `pending` (the score and name of the checkpoint being written),
+        as it will be once that checkpoint is committed, so the checkpoint records itself."""
+        top = self._ranked(*pending) if pending is not None else self.top
+        return {"top": [list(t) for t in top]}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.top = [(float(s), str(n)) for s, n in sd.get("top", [])]

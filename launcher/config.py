@@ -90,6 +90,7 @@ class LoggerConfig:
 class LocalLauncherConfig:
     name: str = "local"  # ranks on this host through torch.distributed.elastic
     rdzv_endpoint: str = ""  # host:port of the c10d rendezvous; "" = this host, a free port (1-node runs)
+    local_addr: str = ""  # this node's address the other nodes reach it by; "" = its hostname
     max_restarts: int = 0  # elastic restarts of the whole worker group after a rank fails
     monitor_interval_s: float = 0.1  # how often the elastic agent checks its ranks (failure detection latency)
 
@@ -213,6 +214,9 @@ def check_trainer(t: TrainerConfig) -> None:
     _positive("trainer.accumulate_grad_batches", t.accumulate_grad_batches)
     if t.gradient_clip_val < 0:
         raise ConfigError("trainer.gradient_clip_val", t.gradient_clip_val, "must be >= 0 (0 = off)")
+    if t.strategy == "fsdp" and str(t.precision) == "16-mixed":
+        raise ConfigError("trainer.precision", "16-mixed", "with trainer.strategy=fsdp each rank's GradScaler "
+                          "would skip steps on its own shard's overflow", "bf16-mixed, 32, bf16-true")
     if t.peak_tflops < 0:
         raise ConfigError("trainer.peak_tflops", t.peak_tflops, "must be >= 0 (0 = unknown)")
     if t.min_delta < 0:
@@ -249,8 +253,13 @@ def visible_gpus() -> int:
 
 
 def resolve_gpus(t: TrainerConfig, local: bool) -> int:
-    """GPUs per node the run will use (0 = CPU). For a local run, more than visible is an error."""
-    visible = visible_gpus() if local or t.gpus in (None, -1) else None
+    """GPUs per node the run will use (0 = CPU), honouring trainer.accelerator. For a local run,
+    more than visible is an error."""
+    if t.accelerator in ("cpu", "xla"):
+        return 0
+    visible = visible_gpus() if local or t.gpus in (None, -1) or t.accelerator == "cuda" else None
+    if t.accelerator == "cuda" and local and not visible:
+        raise ConfigError("trainer.accelerator", "cuda", "CUDA sees no GPU on this machine", "auto, cpu")
     if t.gpus is None:
         return 1 if visible else 0
     if t.gpus == -1:
@@ -328,6 +337,8 @@ def _check_targets(key: str, node: Any) -> None:
 
 def check(cfg: Config, local: bool = True) -> None:
     """All parent-side checks, in the order a user would fix them."""
+    if not str(cfg.run.dir).strip():
+        raise ConfigError("run.dir", cfg.run.dir, "empty", "a directory for this run")
     check_trainer(cfg.trainer)
     check_checkpoint(cfg.checkpoint)
     check_logger(cfg.logger)
@@ -335,4 +346,8 @@ def check(cfg: Config, local: bool = True) -> None:
     check_resume(cfg.resume)
     check_recipe(cfg)
     check_monitor(cfg.trainer.monitor, list((cfg.metrics or {}).keys()))
-    resolve_gpus(cfg.trainer, local)
+    gpus = resolve_gpus(cfg.trainer, local)
+    ranks = (gpus or cfg.trainer.nproc) * cfg.trainer.nodes
+    if cfg.trainer.strategy == "none" and ranks > 1 and cfg.trainer.accelerator != "xla":
+        raise ConfigError("trainer.strategy", "none", f"{ranks} ranks would train unsynchronised copies",
+                          "auto, ddp, fsdp")

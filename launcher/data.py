@@ -108,7 +108,10 @@ class Batches:
             idx = idx[: len(idx) - len(idx) % self.batch_size]
         if self.tensors is not None:
             return self._sliced(idx)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=_Slice(idx),
+        # A DataLoader iterator draws its workers' base seed from the global RNG unless given a
+        # generator: one of its own keeps the training RNG stream (dropout...) exactly resumable.
+        gen = torch.Generator().manual_seed(hash((self.seed, epoch, self.dist.rank, start)) % 2**63)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=_Slice(idx), generator=gen,
                             collate_fn=self.collate_fn, drop_last=self.drop_last, **self.loader_kw)
         return iter(loader)
 

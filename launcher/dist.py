@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import io
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -32,6 +33,46 @@ class Dist:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+TORCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def env_problem() -> Optional[tuple[str, str, str, str]]:
+    """(variable, value, problem, valid) for an inconsistent torchrun-style env, else None."""
+    env = os.environ
+    if not any(k in env for k in TORCH_ENV):
+        return None
+    for k in ("RANK", "WORLD_SIZE"):
+        if k not in env:
+            other = "WORLD_SIZE" if k == "RANK" else "RANK"
+            return k, "", f"{other} is set but {k} is not (a partial torchrun environment)", "both, or neither"
+    values: dict[str, int] = {}
+    for k in TORCH_ENV:
+        if k in env:
+            try:
+                values[k] = int(env[k])
+            except ValueError:
+                return k, env[k], "not an integer", "an integer >= 0"
+            if values[k] < 0:
+                return k, env[k], "negative", "an integer >= 0"
+    rank, world = values["RANK"], values["WORLD_SIZE"]
+    if world < 1:
+        return "WORLD_SIZE", env["WORLD_SIZE"], "must be >= 1", "the number of ranks"
+    if rank >= world:
+        return "RANK", env["RANK"], f"not below WORLD_SIZE={world}", f"0..{world - 1}"
+    local_world = values.get("LOCAL_WORLD_SIZE", world)
+    if local_world > world or local_world < 1:
+        return "LOCAL_WORLD_SIZE", str(local_world), f"must be 1..WORLD_SIZE={world}", f"1..{world}"
+    if values.get("LOCAL_RANK", 0) >= local_world:
+        return "LOCAL_RANK", env["LOCAL_RANK"], f"not below LOCAL_WORLD_SIZE={local_world}", f"0..{local_world - 1}"
+    if world > 1:
+        if not env.get("MASTER_ADDR"):
+            return "MASTER_ADDR", "", f"WORLD_SIZE={world} needs the rendezvous host", "a hostname or address"
+        port = env.get("MASTER_PORT", "")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            return "MASTER_PORT", port, "not a TCP port", "1..65535"
+    return None
 
 
 def env_rank() -> Optional[tuple[int, int, int, int]]:
@@ -108,3 +149,48 @@ def all_gather_object(obj: Any) -> list[Any]:
 def barrier() -> None:
     if td.is_initialized() and td.get_world_size() > 1:
         td.barrier()
+
+
+class Heartbeat:
+    """Each rank's last step boundary, in the process group's store, so a rank that times out in a
+    collective can name the ranks that did not arrive (gloo's and NCCL's errors do not say).
+
+    beat() writes at most once per `every_s` seconds (a time check per step, one store write per
+    second): cheap, and enough to tell a hung rank (no news for many seconds) from a slow one.
+    """
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        self.every_s, self.next = every_s, 0.0
+        self.store = None
+        if td.is_initialized() and td.get_world_size() > 1:
+            try:
+                self.store = td.distributed_c10d._get_default_store()
+            except (AttributeError, RuntimeError):  # a private API: without it, no diagnosis
+                self.store = None
+
+    def beat(self, step: int) -> None:
+        if self.store is None:
+            return
+        now = time.time()
+        if now >= self.next:
+            self.next = now + self.every_s
+            self.store.set(f"launcher/heartbeat/{td.get_rank()}", f"{step} {now}")
+
+    def missing(self, step: int) -> str:
+        """Which ranks are behind `step` (or silent), as one line; "" when nothing can be said."""
+        if self.store is None:
+            return ""
+        now, late = time.time(), []
+        for r in range(td.get_world_size()):
+            key = f"launcher/heartbeat/{r}"
+            if r == td.get_rank() or not self.store.check([key]):
+                continue
+            their_step, when = self.store.get(key).decode().split()
+            if int(their_step) < step or now - float(when) > 2 * self.every_s + 1:
+                late.append(f"rank {r} (last at step {their_step}, {now - float(when):.0f} s ago)")
+        return "; ".join(late)
+
+
+def is_timeout(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text)

@@ -10,9 +10,9 @@ loop.py is the loop itself.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import socket
-import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -96,8 +96,9 @@ class Trainer:
 
             self.dist, _ = xla.init(self.cfg.trainer.dist_timeout_s)
         if self.dist is None:
-            self.dist = D.init(int(self.cfg.trainer.gpus or 0), self.cfg.trainer.dist_timeout_s) \
-                if D.env_rank() else D.current()
+            # the same device rules as the CLI (gpus unset: one GPU if CUDA is there), in or out of torchrun
+            gpus = C.resolve_gpus(self.cfg.trainer, local=True)
+            self.dist = D.init(gpus, self.cfg.trainer.dist_timeout_s) if D.env_rank() or gpus else D.current()
         return self.dist
 
     def _prepare_run(self, d: D.Dist) -> None:
@@ -109,14 +110,40 @@ class Trainer:
         setup_logging(self.run_dir, d.rank)
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
         log.info("run %s: rank %d of %d (local rank %d) on node %s, device %s", self.run_id, d.rank,
-                 d.world_size, d.local_rank, node, d.device)
+                 d.world_size, d.local_rank, node, d.device, extra={"file_only": True})
 
     def _resume_point(self, d: D.Dist) -> Optional[Path]:
-        resume = self.cfg.resume
+        """Rank 0 decides (and every rank learns) where training continues from.
+
+        A restart of this run (elastic restart, SLURM requeue: their restart counters are set)
+        always continues from the run's own newest checkpoint: re-applying resume=PATH or never
+        there would throw away what the run trained since it started.
+        """
         found: Optional[Path] = None
-        if d.is_main and resume != "never":
-            found = ckpt.latest(self.run_dir / "checkpoints") if resume == "auto" else ckpt.resolve(resume)
-        return D.broadcast_object(found)
+        error = ""
+        if d.is_main:
+            try:
+                found = self._choose_resume_point()
+            except (ValueError, C.ConfigError) as e:
+                error = str(e)  # raised on every rank below, not just here (the others would wait)
+        found, error = D.broadcast_object((found, error))
+        if error:
+            raise ValueError(error)
+        return found
+
+    def _choose_resume_point(self) -> Optional[Path]:
+        own = ckpt.latest(self.run_dir / "checkpoints")
+        restarted = any(int(os.environ.get(k, "0") or 0) > 0
+                        for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+        resume = self.cfg.resume
+        if resume == "auto" or (restarted and own is not None):
+            return own
+        if resume == "never":
+            if own is not None:
+                raise C.ConfigError("resume", "never", f"{self.run_dir} already holds checkpoints of another start",
+                                    "auto (continue it), or a new run.dir")
+            return None
+        return ckpt.resolve(resume)
 
     # ---- the API -------------------------------------------------------------------------------------
     def fit(self, model: nn.Module, loss_fn: Callable, optimizer: Any, train_data: Any, val_data: Any = None,
@@ -135,8 +162,11 @@ class Trainer:
             if val_data is not None else None
 
         prec = Precision(str(t.precision), d.device)
-        # XLA: gradients are all-reduced by xm.optimizer_step, not by DDP
+        # XLA: gradients are all-reduced by xm.reduce_gradients, not by DDP
         strategy = "none" if t.accelerator == "xla" else S.resolve(t.strategy, d)
+        if strategy == "none" and d.distributed and t.accelerator != "xla":
+            raise ValueError(f"trainer.strategy=none with {d.world_size} ranks would train unsynchronised copies; "
+                             "valid: auto, ddp, fsdp")
         self.model = prec.prepare_model(model.to(d.device))
         # the optimizer must see the parameters as they will be trained: after FSDP sharding
         net = S.wrap(self.model, strategy, d, t.fsdp_wrap, t.compile, t.channels_last)
@@ -147,6 +177,9 @@ class Trainer:
                              "(e.g. functools.partial(torch.optim.AdamW, lr=1e-3)): FSDP replaces them")
         if scheduler is not None and not hasattr(scheduler, "step"):
             scheduler = scheduler(optimizer)
+        if t.scheduler_interval == "step" and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ValueError("trainer.scheduler_interval=step with ReduceLROnPlateau: it needs the monitored "
+                             "metric, which exists per epoch; valid: epoch")
 
         self._loop = Loop(self, net, loss_fn, optimizer, scheduler, train, val, metrics, d, strategy, prec)
         point = self._resume_point(d)
@@ -154,6 +187,8 @@ class Trainer:
             snapshot.restore(self._loop, point)
         else:
             seed_everything(t.seed + d.rank)  # per-rank streams (dropout differs per rank, like torchrun)
+        if d.is_main:
+            self._loop.ckpt.retire_after(self._loop.state.step)
         self._loop.run()
         self.preempted = self._loop.preempted
         return self.history

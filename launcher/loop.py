@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
@@ -100,6 +101,7 @@ class Loop:
         self.stop = tr.stop
         self.preempted = False
         self.skipped_steps = 0
+        self.first_step_logged = False
         self.stopper = EarlyStopping(self.t.mode, self.t.patience, self.t.min_delta)
         self.ckpt = ckpt.Checkpointer(tr.run_dir / "checkpoints", enabled=cfg.checkpoint.enabled,
                                       every_n_epochs=cfg.checkpoint.every_n_epochs,
@@ -121,7 +123,10 @@ class Loop:
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def save(self, score: Optional[float]) -> None:
+        t0 = time.perf_counter()
         snapshot.save(self, score)
+        log.info("checkpoint at step %d: training blocked %.3f s", self.state.step, time.perf_counter() - t0,
+                 extra={"file_only": True})
         self._publish_best()
 
     def _publish_best(self) -> None:
@@ -138,6 +143,18 @@ class Loop:
         return s.stopped_early or s.epoch >= t.max_epochs or (t.max_steps > 0 and s.step >= t.max_steps)
 
     def run(self) -> None:
+        self.heartbeat = D.Heartbeat()
+        try:
+            self._run()
+        except RuntimeError as e:
+            if not D.is_timeout(e):
+                raise
+            late = self.heartbeat.missing(self.state.step)
+            raise RuntimeError(f"a collective timed out after trainer.dist_timeout_s={self.t.dist_timeout_s:g} s "
+                               f"at step {self.state.step} on rank {self.d.rank}: "
+                               f"{late + ' did not arrive' if late else 'the other ranks did not arrive'}") from e
+
+    def _run(self) -> None:
         s, t = self.state, self.t
         n_batches = len(self.train)
         steps_per_epoch = math.ceil(n_batches / self.k)
@@ -156,6 +173,7 @@ class Loop:
                 if not self.micro_step(batch, last=s.batch_in_epoch + 1 == group_end, group=group_end - group_start):
                     continue
                 progress.update(self.train_acc.running_loss)
+                self.heartbeat.beat(s.step)
                 if self.after_step(last_of_epoch=s.batch_in_epoch >= n_batches):
                     break
             if self.preempted:  # mid-epoch: no epoch row; the requeued job finishes this epoch
@@ -184,15 +202,21 @@ class Loop:
         if t.log_every_n_steps and s.step % t.log_every_n_steps == 0:
             self.logger.log_step(s.step, {"train_loss_step": self.train_acc.running_loss(),
                                           "lr": self.opt.param_groups[0]["lr"]})
-        if t.val_every_n_steps and s.step % t.val_every_n_steps == 0 and not last_of_epoch and self.val:
+        if t.val_every_n_steps and s.step % t.val_every_n_steps == 0 and not last_of_epoch and self.val is not None:
             with self.speed.paused():
                 values = self.validate()
             self.logger.log_step(s.step, values)
+            log.info("validation at step %d: %s", s.step, "  ".join(f"{k}={v:.4g}" for k, v in values.items()
+                                                                    if isinstance(v, float)), extra={"file_only": True})
             self.monitor(values)
         if self.ckpt.due_step(s.step) and not last_of_epoch:
             with self.speed.paused():
                 self.save(None)
-        if self.stop is not None and self.stop.agreed(s.step):
+        finishing = s.stopped_early or (t.max_steps > 0 and s.step >= t.max_steps) or \
+            (last_of_epoch and s.epoch + 1 >= t.max_epochs)
+        # a stop request at the run's last step is no reason to requeue (every rank agrees: the
+        # terms are the same on all of them, and agreed() is called on all of them)
+        if self.stop is not None and self.stop.agreed(s.step) and not finishing:
             self.preempted = True
             return True
         return s.stopped_early or (t.max_steps > 0 and s.step >= t.max_steps)
@@ -217,6 +241,8 @@ class Loop:
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         s, t = self.state, self.t
+        if self.xla is not None:
+            self.xla.reduce_gradients(self.opt)  # global gradients before clipping and the guard
         self.prec.unscale(self.opt)
         if t.gradient_clip_val > 0 or t.nonfinite != "off":
             norm = S.grad_norm(self.params, t.gradient_clip_val)
@@ -226,13 +252,14 @@ class Loop:
                 self.opt.zero_grad(set_to_none=True)
                 s.step += 1
                 return
+        self.prec.step(self.opt)
         if self.xla is not None:
-            self.xla.optimizer_step(self.opt)  # all-reduces the gradients over replicas, then steps
             self.xla.mark_step()  # cut and run the step's lazy graph
-        else:
-            self.prec.step(self.opt)
         self.opt.zero_grad(set_to_none=True)
         s.step += 1
+        if not self.first_step_logged:  # startup latency: bench/startup.py reads this line
+            self.first_step_logged = True
+            log.info("first optimizer step done at unix time %.3f", time.time(), extra={"file_only": True})
         if self.sched is not None and t.scheduler_interval == "step":
             self.sched.step()
 

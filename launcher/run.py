@@ -57,3 +57,15 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def node_local_config(config: dict[str, Any]) -> Path:
+    """The resolved config in a node-local temp file (multi-node local runs: see __main__)."""
+    import tempfile
+
+    import yaml
+
+    fd, path = tempfile.mkstemp(prefix="launcher-config-", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    return Path(path)

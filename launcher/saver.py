@@ -9,8 +9,10 @@ mid-save leaves the previous checkpoint as the latest complete one.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +20,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .dist import Dist
+
+log = logging.getLogger("launcher")
 
 
 def _cpu_copy(obj: Any) -> Any:
@@ -52,6 +56,7 @@ class Saver:
              shards: Optional[dict[str, Any]] = None) -> None:
         """state: rank 0's full state (model/optimizer included unless sharded); shards: DCP state."""
         self.wait()
+        started = time.perf_counter()
         folder = self.ckpt.dir / ckpt.step_name(step)
         tmp = ckpt.staging(folder)
         if self.d.is_main:
@@ -78,20 +83,22 @@ class Saver:
         if not self.d.is_main:
             return
         if not self.background:
-            self._finish(tmp, folder, state, meta, score)
+            self._finish(tmp, folder, state, meta, score, started)
             return
         state = _cpu_copy(state)
-        self._thread = threading.Thread(target=self._finish_bg, args=(tmp, folder, state, meta, score),
+        self._thread = threading.Thread(target=self._finish_bg, args=(tmp, folder, state, meta, score, started),
                                         name=f"checkpoint-{step}", daemon=True)
         self._thread.start()
 
     def _finish(self, tmp: Path, folder: Path, state: dict[str, Any], meta: dict[str, Any],
-                score: Optional[float]) -> None:
+                score: Optional[float], started: float) -> None:
         if self._future is not None:
             self._future.result()  # rank 0's future ends after every rank's shard and the metadata
             self._future = None
         ckpt.write_state(tmp, state)
         self.ckpt.committed(ckpt.commit(tmp, folder, meta), score)
+        log.info("checkpoint %s committed %.3f s after the save began", folder.name, time.perf_counter() - started,
+                 extra={"file_only": True})
 
     def _finish_bg(self, *args: Any) -> None:
         try:

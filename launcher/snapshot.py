@@ -33,13 +33,15 @@ def _dcp_state(loop: "Loop") -> dict[str, Any]:
 
 def save(loop: "Loop", score: Optional[float]) -> None:
     """A checkpoint at the loop's current step (a collective: every rank calls it)."""
+    loop.saver.wait()  # the previous save's commit updates the top-k list this one records
     ranks = D.all_gather_object(rank_state(loop.train_acc))  # every rank's RNG and running sums
     shards = _dcp_state(loop) if loop.sharded else None
     state: dict[str, Any] = {}
     if loop.d.is_main or loop.xla is not None:  # xm.save is called by every rank (the master writes)
         state = {"scheduler": loop.sched.state_dict() if loop.sched is not None else None,
                  "scaler": loop.prec.state_dict(), "loop": loop.state.state_dict(),
-                 "early_stopping": loop.stopper.state_dict(), "checkpointer": loop.ckpt.state_dict(),
+                 "early_stopping": loop.stopper.state_dict(),
+                 "checkpointer": loop.ckpt.state_dict(pending=(score, ckpt.step_name(loop.state.step))),
                  "ranks": ranks, "run_id": loop.tr.run_id, "config": C.to_dict(loop.tr.cfg),
                  "data": {"epoch": loop.state.epoch, "batch_in_epoch": loop.state.batch_in_epoch,
                           "seed": loop.t.seed, "world_size": loop.d.world_size, "shuffle": loop.train.shuffle}}
@@ -53,8 +55,8 @@ def save(loop: "Loop", score: Optional[float]) -> None:
 
 
 def restore(loop: "Loop", folder: Path) -> None:
-    """Put a checkpoint's state back (every rank reads it; the folder was chosen by rank 0)."""
-    sd = ckpt.load(folder)
+    """Put a checkpoint's state back (every rank reads it; rank 0 chose and verified the folder)."""
+    sd = ckpt.load(folder, verified=True)
     if ckpt.is_sharded(folder):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict

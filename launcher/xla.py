@@ -4,7 +4,8 @@ What torch-xla recommends for data parallel training, and what this path does:
 - processes: `torch_xla.launch` spawns one process per local device (PJRT runtime); ranks come from
   torch_xla.runtime (global_ordinal, world_size), and torch.distributed runs on the "xla" backend
   (init_method "xla://") so the loop's metric syncs and gathers work unchanged;
-- gradients: no DDP; `xm.optimizer_step` all-reduces the gradients across replicas and steps;
+- gradients: no DDP; `xm.reduce_gradients` averages them across replicas (as xm.optimizer_step
+  would), then clipping and the guard see the same global gradients on every rank, then the step;
 - graphs: `xm.mark_step()` after each optimizer step cuts and runs the lazy graph;
 - input: `MpDeviceLoader` moves batches to the device in the background;
 - checkpoints: `xm.save` (tensors moved to CPU, written by the master only; every rank calls it).
@@ -53,8 +54,10 @@ class XLA:
         if not td.is_initialized():
             td.init_process_group("xla", init_method="xla://", timeout=timeout)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.xm.optimizer_step(optimizer)  # all-reduce of the gradients over replicas, then step
+    def reduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Average the gradients over replicas (what xm.optimizer_step does before stepping), so
+        clipping and the non-finite guard see the global gradients, the same on every rank."""
+        self.xm.reduce_gradients(optimizer)
 
     def mark_step(self) -> None:
         self.xm.mark_step()

@@ -34,7 +34,7 @@ def test_xla_path_against_the_stand_in_matches_ddp(tmp_path: Path) -> None:
     calls = Counter(line.strip() for line in log.read_text().splitlines())
     for rank in ("0", "1"):  # one process per device; every step through the XLA calls
         assert calls[f"{rank} launch"] == 1 and calls[f"{rank} xla_device"] == 1
-        assert calls[f"{rank} optimizer_step"] == 14 and calls[f"{rank} mark_step"] == 14
+        assert calls[f"{rank} reduce_gradients"] == 14 and calls[f"{rank} mark_step"] == 14
         assert calls[f"{rank} MpDeviceLoader"] == 2 and calls[f"{rank} save"] == 2  # one per epoch checkpoint
     ddp = tmp_path / "ddp"
     p = run_cli(["recipe=linreg", "trainer.gpus=0", "trainer.nproc=2", "trainer.max_epochs=2", *QUIET,

@@ -26,10 +26,11 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
     run_dir = Path(cfg.run.dir)
     lc = LaunchConfig(
         min_nodes=cfg.trainer.nodes, max_nodes=cfg.trainer.nodes, nproc_per_node=nproc,
-        run_id=cfg.run.id, rdzv_backend="c10d",
+        run_id=_rdzv_id(cfg), rdzv_backend="c10d",
         # port 0: the rendezvous store binds a free port (single node), like torchrun --standalone
         rdzv_endpoint=cfg.launcher.rdzv_endpoint or "localhost:0",
         max_restarts=cfg.launcher.max_restarts, monitor_interval=cfg.launcher.monitor_interval_s,
+        local_addr=cfg.launcher.local_addr or None,
         logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "logs" / "elastic")),
     )
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
@@ -44,6 +45,15 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
         print(f"launcher: interrupted ({e}); all ranks stopped", file=sys.stderr)
         return 130
     return 0
+
+
+def _rdzv_id(cfg: C.Config) -> str:
+    """The same on every node of the job: from the run directory and the rendezvous endpoint."""
+    if cfg.run.id:
+        return cfg.run.id
+    import hashlib
+
+    return "launcher-" + hashlib.sha256(f"{cfg.run.dir}|{cfg.launcher.rdzv_endpoint}".encode()).hexdigest()[:12]
 
 
 def _traceback(failure: object) -> str:

@@ -155,6 +155,8 @@ def executor(cfg: C.Config, folder: Path) -> Any:
         array_parallelism=lc.array_parallelism, signal_delay_s=lc.signal_delay_s,
         # our signal and our requeue (see the module docstring); later keys override submitit's lines
         additional_parameters={"signal": f"{lc.signal}@{lc.signal_delay_s}", "requeue": True, **dict(lc.sbatch)},
+        # one failed task ends the step at once: survivors would otherwise wait in a collective
+        srun_args=["--kill-on-bad-exit=1"],
     )
     if cfg.trainer.gpus:
         params["gpus_per_node"] = int(cfg.trainer.gpus)
@@ -168,13 +170,21 @@ def executor(cfg: C.Config, folder: Path) -> Any:
 
 
 def submit(cfgs: list[C.Config], folder: Path) -> list[Any]:
-    """One job per config (a job array when there are several); the jobs, in order."""
-    ex = executor(cfgs[0], folder)
-    tasks = [SlurmRank(str(Path(c.run.dir) / "config.yaml")) for c in cfgs]
-    if len(tasks) == 1:
-        return [ex.submit(tasks[0])]
-    with ex.batch():
-        jobs = [ex.submit(t) for t in tasks]
+    """One job per config, as one job array per distinct set of SLURM resources (a sweep over
+    trainer.gpus or launcher.time_min needs several); the jobs, in the configs' order."""
+    groups: dict[str, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        groups.setdefault(repr(sorted(executor(cfg, folder).parameters.items())), []).append(i)
+    jobs: list[Any] = [None] * len(cfgs)
+    for members in groups.values():
+        ex = executor(cfgs[members[0]], folder)
+        tasks = [SlurmRank(str(Path(cfgs[i].run.dir) / "config.yaml")) for i in members]
+        if len(tasks) == 1:
+            jobs[members[0]] = ex.submit(tasks[0])
+            continue
+        with ex.batch():
+            for i, task in zip(members, tasks):
+                jobs[i] = ex.submit(task)
     return jobs
 
 

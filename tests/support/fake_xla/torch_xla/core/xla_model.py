@@ -27,6 +27,17 @@ def optimizer_step(optimizer: torch.optim.Optimizer, barrier: bool = False) -> N
     optimizer.step()
 
 
+def reduce_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Like xm.reduce_gradients: average the gradients over replicas."""
+    record("reduce_gradients")
+    if td.is_initialized() and td.get_world_size() > 1:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    td.all_reduce(p.grad)
+                    p.grad.div_(td.get_world_size())
+
+
 def mark_step() -> None:
     record("mark_step")
 

@@ -7,7 +7,7 @@ import os
 from datetime import timedelta
 
 import torch.distributed as td
-import torch.distributed.rendezvous as _rendezvous_module  # noqa: F401
+import torch.distributed.rendezvous  # noqa: F401  (the module, shadowed by the function of that name)
 import sys
 
 from torch_xla import runtime

@@ -1,0 +1,214 @@
+"""The contenders, one per process: `python bench/peers.py NAME [args]` prints one RESULT line.
+
+Overhead job (Linear(2, 1), 64k samples, batch 64, 3 epochs, Adam 1e-2, MSE, one CPU process):
+  limit        a loop indexing in-memory tensors with a shuffled index, no per-sample loader
+  dataloader   the hand-written loop: DataLoader(TensorDataset, shuffle) + loss tracking (loss.item())
+  launcher     launcher.Trainer(...).fit with its defaults (progress bar, loss tracking, checkpoints)
+  lightning    lightning.Trainer with its defaults (progress bar, logger, checkpointing), self.log(loss)
+  torchkeras   torchkeras.KerasModel(...).fit with its defaults
+MNIST one epoch (whole command; the CNN of recipes/mnist.py, Adam 1e-3, batch 128):
+  raw-mnist, lightning-mnist   (the launcher side is `python -m launcher recipe=mnist`)
+Start-up (command start -> first optimizer step, written as unix time):
+  lightning-startup DEVICES
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+
+T_START = time.time()  # for start-up: as close to the interpreter's start as a script gets
+
+from common import MNIST, Timed, emit, linreg_data  # noqa: E402
+
+EPOCHS, BATCH = 3, 64
+
+
+def _model():  # type: ignore[no-untyped-def]
+    import torch
+
+    torch.manual_seed(0)
+    return Timed(torch.nn.Linear(2, 1))
+
+
+def limit() -> None:
+    import torch
+
+    x, y = linreg_data()
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn = torch.nn.MSELoss()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(EPOCHS):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), BATCH):
+            idx = perm[i:i + BATCH]
+            loss = loss_fn(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    emit(steps_per_s=model.steps_per_s(), steps=model.n)
+
+
+def dataloader() -> None:
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = linreg_data()
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn = torch.nn.MSELoss()
+    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True)
+    for epoch in range(EPOCHS):
+        total, n = 0.0, 0
+        for xb, yb in loader:
+            loss = loss_fn(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, n = total + loss.item() * len(xb), n + len(xb)
+        print(f"epoch {epoch + 1}: loss {total / n:.4f}", file=sys.stderr)
+    emit(steps_per_s=model.steps_per_s(), steps=model.n)
+
+
+def launcher() -> None:
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from launcher import Trainer
+
+    x, y = linreg_data()
+    model = _model()
+    with tempfile.TemporaryDirectory() as tmp:
+        Trainer(max_epochs=EPOCHS, batch_size=BATCH, monitor="train_loss", run_dir=f"{tmp}/run").fit(
+            model, torch.nn.MSELoss(), torch.optim.Adam(model.parameters(), lr=1e-2), TensorDataset(x, y))
+    emit(steps_per_s=model.steps_per_s(), steps=model.n)
+
+
+def _lit_module(net, lr: float, loss_fn, log_every_step: bool = True):  # type: ignore[no-untyped-def]
+    import lightning as L
+    import torch
+
+    class Lit(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            x, y = batch
+            loss = loss_fn(self.net(x), y)
+            self.log("train_loss", loss, prog_bar=True)
+            return loss
+
+        def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            x, y = batch
+            out = self.net(x)
+            self.log("val_loss", loss_fn(out, y))
+            self.log("val_acc", (out.argmax(1) == y).float().mean())
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.Adam(self.parameters(), lr=lr)
+
+    return Lit()
+
+
+def lightning() -> None:
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = linreg_data()
+    model = _model()
+    with tempfile.TemporaryDirectory() as tmp:
+        L.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=1, default_root_dir=tmp).fit(
+            _lit_module(model, 1e-2, torch.nn.MSELoss()),
+            DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True))
+    emit(steps_per_s=model.steps_per_s(), steps=model.n)
+
+
+def torchkeras() -> None:
+    import torch
+    import torchkeras as tk
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = linreg_data()
+    model = _model()
+    km = tk.KerasModel(model, loss_fn=torch.nn.MSELoss(), optimizer=torch.optim.Adam(model.parameters(), lr=1e-2))
+    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        km.fit(train_data=loader, val_data=None, epochs=EPOCHS, ckpt_path=f"{tmp}/ckpt.pt", monitor="train_loss",
+               mode="min", plot=False)
+    emit(steps_per_s=model.steps_per_s(), steps=model.n)
+
+
+def _mnist_loaders():  # type: ignore[no-untyped-def]
+    from torch.utils.data import DataLoader
+
+    from recipes import mnist
+
+    train, val = mnist.datasets(MNIST, download=False)
+    return DataLoader(train, batch_size=128, shuffle=True), DataLoader(val, batch_size=128)
+
+
+def raw_mnist() -> None:
+    import torch
+
+    from recipes import mnist
+
+    torch.manual_seed(0)
+    net = mnist.Net()
+    train, val = _mnist_loaders()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    net.train()
+    for x, y in train:
+        loss = loss_fn(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for x, y in val:
+            correct += (net(x).argmax(1) == y).sum().item()
+    emit(val_acc=correct / len(val.dataset))
+
+
+def lightning_mnist() -> None:
+    import lightning as L
+    import torch
+
+    from recipes import mnist
+
+    torch.manual_seed(0)
+    train, val = _mnist_loaders()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, default_root_dir=tmp)
+        trainer.fit(_lit_module(mnist.Net(), 1e-3, torch.nn.CrossEntropyLoss()), train, val)
+        emit(val_acc=float(trainer.callback_metrics["val_acc"]))
+
+
+def lightning_startup(devices: str) -> None:
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class FirstStep(L.Callback):
+        def on_train_batch_end(self, trainer, *args):  # type: ignore[no-untyped-def]
+            if trainer.global_step == 1 and trainer.global_rank == 0:
+                emit(first_step_unix=time.time(), start_unix=T_START)
+                trainer.should_stop = True
+
+    x, y = linreg_data(4096)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        L.Trainer(max_epochs=1, accelerator="cpu", devices=int(devices), default_root_dir=tmp,
+                  callbacks=[FirstStep()]).fit(
+            _lit_module(torch.nn.Linear(2, 1), 1e-2, torch.nn.MSELoss()),
+            DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True))
+
+
+if __name__ == "__main__":
+    name, *args = sys.argv[1:]
+    globals()[name.replace("-", "_")](*args)
