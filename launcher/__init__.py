@@ -6,7 +6,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# Bitwise reproducibility (exact resume): MKL otherwise varies its thread count with the machine's
+# load (e.g. while a checkpoint is written in the background), which changes float summation order.
+# Set before torch's first BLAS call; a user's own MKL_DYNAMIC wins.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 __all__ = ["Trainer", "History", "Config"]
 __version__ = "0.1.0"

@@ -96,10 +96,26 @@ def init(gpus: int = 0, timeout_s: float = 600.0) -> Dist:
         device = torch.device("cpu")
     if world > 1 and not td.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        td.init_process_group(backend=backend, rank=rank, world_size=world,
-                              timeout=datetime.timedelta(seconds=timeout_s),
+        timeout = datetime.timedelta(seconds=timeout_s)
+        td.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout,
+                              store=_restart_store(world, timeout),
                               device_id=device if device.type == "cuda" else None)
     return Dist(rank, local, world, local_world, device)
+
+
+def _restart_store(world: int, timeout: datetime.timedelta) -> Optional[td.Store]:
+    """After an elastic restart, the process group's keys under a prefix of this attempt.
+
+    torch.distributed.elastic keeps its store across restarts, and in torch 2.13 the restarted
+    ranks read the previous attempt's peer addresses from it and wait forever on dead sockets
+    (pytorch/pytorch#167288). None (torch's own env:// store) on a first attempt.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = td.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                         timeout=timeout)
+    return td.PrefixStore(f"launcher/attempt_{attempt}", client)
 
 
 def current() -> Dist:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,9 +32,11 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
         rdzv_endpoint=cfg.launcher.rdzv_endpoint or "localhost:0",
         max_restarts=cfg.launcher.max_restarts, monitor_interval=cfg.launcher.monitor_interval_s,
         local_addr=cfg.launcher.local_addr or None,
+        rdzv_configs=_rdzv_configs(cfg),
         logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "logs" / "elastic")),
     )
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    _pin_interface(cfg.launcher.local_addr)
     try:
         elastic_launch(lc, sys.executable)("-u", "-m", "launcher.worker", str(config_path))
     except ChildFailedError as e:
@@ -45,6 +48,46 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
         print(f"launcher: interrupted ({e}); all ranks stopped", file=sys.stderr)
         return 130
     return 0
+
+
+def _pin_interface(addr: str) -> None:
+    """Ranks' gloo/NCCL sockets on the interface that owns launcher.local_addr (inherited by the
+    ranks); left alone when unset or when the user set the variables. By default both pick the
+    address the hostname resolves to, which on many hosts is a loopback the other nodes cannot reach."""
+    if not addr:
+        return
+    iface = _interface_of(addr)
+    if iface is None:
+        log.warning("launcher.local_addr=%s is not an address of this host's interfaces", addr)
+        return
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.setdefault(var, iface)
+
+
+def _interface_of(addr: str) -> str | None:
+    import fcntl
+    import socket
+    import struct
+
+    SIOCGIFADDR = 0x8915  # Linux: the IPv4 address of an interface
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
+            except OSError:
+                continue
+            if socket.inet_ntoa(raw[20:24]) == addr:
+                return name
+    return None
+
+
+def _rdzv_configs(cfg: C.Config) -> dict:
+    """With launcher.local_addr the node whose address is the endpoint's hosts the rendezvous store:
+    c10d would otherwise guess from the hostname, which need not resolve to that address."""
+    if not cfg.launcher.local_addr or not cfg.launcher.rdzv_endpoint:
+        return {}
+    host = cfg.launcher.rdzv_endpoint.rsplit(":", 1)[0]
+    return {"is_host": host == cfg.launcher.local_addr}
 
 
 def _rdzv_id(cfg: C.Config) -> str:
