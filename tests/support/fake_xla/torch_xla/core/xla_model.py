@@ -18,12 +18,7 @@ def xla_device() -> torch.device:
 def optimizer_step(optimizer: torch.optim.Optimizer, barrier: bool = False) -> None:
     """Like xm.optimizer_step: average the gradients over replicas, then step."""
     record("optimizer_step")
-    if td.is_initialized() and td.get_world_size() > 1:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    td.all_reduce(p.grad)
-                    p.grad.div_(td.get_world_size())
+    reduce_gradients(optimizer)
     optimizer.step()
 
 
