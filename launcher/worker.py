@@ -11,8 +11,6 @@ import os
 import sys
 from typing import Any
 
-from torch.distributed.elastic.multiprocessing.errors import record
-
 from . import config as C
 
 
@@ -88,8 +86,15 @@ def _die_with_parent() -> None:
         sys.exit(1)
 
 
-@record
 def main(argv: list[str]) -> None:
+    """A rank started by elastic: its exception goes to the error file the agent reports (record).
+    Imported here, not at the top: the one-rank in-process path never needs elastic."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(_main)(argv)
+
+
+def _main(argv: list[str]) -> None:
     import signal
 
     import yaml

@@ -150,6 +150,16 @@ def test_sweep_is_one_job_array(cluster, tmp_path: Path) -> None:
         assert f"lr: {lr}" in (d / "config.yaml").read_text()
 
 
+def test_sweep_over_resources_is_one_submission_per_resource_set(cluster, tmp_path: Path) -> None:
+    p = run_cli(["-m", "recipe=linreg", "trainer.nproc=1,2", *SLURM, "launcher.wait=true", "trainer.gpus=0",
+                 "trainer.max_epochs=1", *QUIET, f"run.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ids = [ln.split("submitted job ")[1].split(";")[0] for ln in p.stderr.splitlines() if "submitted job" in ln]
+    assert len(ids) == 2 and ids[0] != ids[1], ids
+    for i, world in ((0, 1), (1, 2)):  # each point got the tasks it asked for
+        assert f"rank 0 of {world}" in (tmp_path / "sweep" / str(i) / "logs" / "rank-0.log").read_text()
+
+
 def test_own_sbatch_template_runs_the_same_worker(cluster, tmp_path: Path) -> None:
     run_dir = tmp_path / "tmpl"
     env = cli_env(LAUNCHER_PYTHON=sys.executable)

@@ -144,14 +144,14 @@ def describe(cfg: C.Config) -> str:
             f"at most {lc.max_requeues} requeue(s)")
 
 
-def executor(cfg: C.Config, folder: Path) -> Any:
+def executor(cfg: C.Config, folder: Path, job_name: str = "") -> Any:
     import submitit
 
     lc: C.SlurmLauncherConfig = cfg.launcher
     ex = submitit.SlurmExecutor(folder=str(folder / "%j"), max_num_timeout=lc.max_requeues)
     params: dict[str, Any] = dict(
         nodes=cfg.trainer.nodes, ntasks_per_node=tasks_per_node(cfg), time=lc.time_min,
-        job_name=lc.job_name or Path(cfg.run.dir).name, setup=list(lc.setup),
+        job_name=lc.job_name or job_name or Path(cfg.run.dir).name, setup=list(lc.setup),
         array_parallelism=lc.array_parallelism, signal_delay_s=lc.signal_delay_s,
         # our signal and our requeue (see the module docstring); later keys override submitit's lines
         additional_parameters={"signal": f"{lc.signal}@{lc.signal_delay_s}", "requeue": True, **dict(lc.sbatch)},
@@ -172,12 +172,14 @@ def executor(cfg: C.Config, folder: Path) -> Any:
 def submit(cfgs: list[C.Config], folder: Path) -> list[Any]:
     """One job per config, as one job array per distinct set of SLURM resources (a sweep over
     trainer.gpus or launcher.time_min needs several); the jobs, in the configs' order."""
+    # a sweep's points are named after the sweep (their run dirs are sweep/0, sweep/1, ...)
+    name = Path(cfgs[0].run.dir).parent.name if len(cfgs) > 1 else ""
     groups: dict[str, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        groups.setdefault(repr(sorted(executor(cfg, folder).parameters.items())), []).append(i)
+        groups.setdefault(repr(sorted(executor(cfg, folder, name).parameters.items())), []).append(i)
     jobs: list[Any] = [None] * len(cfgs)
     for members in groups.values():
-        ex = executor(cfgs[members[0]], folder)
+        ex = executor(cfgs[members[0]], folder, name)
         tasks = [SlurmRank(str(Path(cfgs[i].run.dir) / "config.yaml")) for i in members]
         if len(tasks) == 1:
             jobs[members[0]] = ex.submit(tasks[0])
