@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import platform
 import statistics
 import subprocess
@@ -69,8 +70,9 @@ def run(cmd: list[str], env: Optional[dict] = None, cwd: Optional[Path] = None, 
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         sys.exit(f"bench: {' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    return (json.loads(lines[-1][7:]) if lines else {}), wall
+    # anywhere in stdout: Lightning's progress bar shares stdout (and lines, via carriage returns)
+    found = re.findall(r"RESULT (\{[^\n\r]*?\})", p.stdout)
+    return (json.loads(found[-1]) if found else {}), wall
 
 
 def median(values: list[float]) -> float:

@@ -196,8 +196,9 @@ def lightning_startup(devices: str) -> None:
 
     class FirstStep(L.Callback):
         def on_train_batch_end(self, trainer, *args):  # type: ignore[no-untyped-def]
-            if trainer.global_step == 1 and trainer.global_rank == 0:
-                emit(first_step_unix=time.time(), start_unix=T_START)
+            if trainer.global_step == 1:  # every rank stops; rank 0 reports
+                if trainer.global_rank == 0:
+                    emit(first_step_unix=time.time(), start_unix=T_START)
                 trainer.should_stop = True
 
     x, y = linreg_data(4096)

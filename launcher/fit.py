@@ -109,8 +109,8 @@ class Trainer:
         self.cfg.run.id, self.cfg.run.dir = self.run_id, str(self.run_dir)
         setup_logging(self.run_dir, d.rank)
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-        log.info("run %s: rank %d of %d (local rank %d) on node %s, device %s", self.run_id, d.rank,
-                 d.world_size, d.local_rank, node, d.device, extra={"file_only": True})
+        log.info("run %s: rank %d of %d (local rank %d) on node %s, device %s, pid %d", self.run_id, d.rank,
+                 d.world_size, d.local_rank, node, d.device, os.getpid(), extra={"file_only": True})
 
     def _resume_point(self, d: D.Dist) -> Optional[Path]:
         """Rank 0 decides (and every rank learns) where training continues from.

@@ -93,6 +93,8 @@ class Loop:
 
             self.xla = XLA()
         self.k = self.t.accumulate_grad_batches
+        # in-memory tensors already where the model is: no per-step device check (the fast path)
+        self.data_on_device = train.tensors is not None and all(t.device == d.device for t in train.tensors)
         self.params = [p for p in tr.model.parameters() if p.requires_grad]  # type: ignore[union-attr]
         self.metric_protos = metrics
         self.train_acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
@@ -223,7 +225,7 @@ class Loop:
 
     def micro_step(self, batch: Any, last: bool, group: int) -> bool:
         """Forward and backward of one micro-batch; the optimizer step after the group's last."""
-        x, y = to_device(batch, self.d.device)
+        x, y = batch if self.data_on_device else to_device(batch, self.d.device)
         x = self.prec.prepare_input(x)
         if self.t.channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -233,7 +235,8 @@ class Loop:
                 loss = self.loss_fn(out, y)
             # mean over the group's samples, as one batch of the whole group would give
             self.prec.backward(loss / group if group > 1 else loss)
-        self.train_acc.update(loss.float(), batch_size_of(y), out.detach(), y)
+        self.train_acc.update(loss.float(), y.shape[0] if isinstance(y, torch.Tensor) else batch_size_of(y),
+                              out.detach(), y)
         self.state.batch_in_epoch += 1
         if last:
             self.optimizer_step(loss)
@@ -244,10 +247,11 @@ class Loop:
         if self.xla is not None:
             self.xla.reduce_gradients(self.opt)  # global gradients before clipping and the guard
         self.prec.unscale(self.opt)
-        if t.gradient_clip_val > 0 or t.nonfinite != "off":
-            norm = S.grad_norm(self.params, t.gradient_clip_val)
-            # 16-mixed: the GradScaler skips inf/nan steps itself (and lowers its scale)
-            if t.nonfinite != "off" and self.prec.scaler is None and not bool(torch.isfinite(norm)):
+        norm = S.grad_norm(self.params, t.gradient_clip_val) if t.gradient_clip_val > 0 else None
+        # 16-mixed: the GradScaler skips inf/nan steps itself (and lowers its scale)
+        if t.nonfinite != "off" and self.prec.scaler is None:
+            finite = bool(torch.isfinite(norm)) if norm is not None else S.grads_finite(self.params, self.strategy)
+            if not finite:
                 self.nonfinite(loss, norm)  # raises unless trainer.nonfinite=skip
                 self.opt.zero_grad(set_to_none=True)
                 s.step += 1
@@ -263,12 +267,12 @@ class Loop:
         if self.sched is not None and t.scheduler_interval == "step":
             self.sched.step()
 
-    def nonfinite(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
+    def nonfinite(self, loss: torch.Tensor, norm: Optional[torch.Tensor]) -> None:
         """Name the step and the rank(s) whose loss went bad (the norm is global: all ranks get here)."""
         losses = D.all_gather_object(float(loss.detach().float()))
         bad = [r for r, v in enumerate(losses) if not math.isfinite(v)]
         where = f"rank(s) {bad} (loss {[losses[r] for r in bad]})" if bad else \
-            f"every rank's loss is finite, the gradient norm is {float(norm)}"
+            f"every rank's loss is finite, not every gradient{f' (norm {float(norm)})' if norm is not None else ''}"
         msg = f"non-finite loss or gradient norm at step {self.state.step + 1}: {where}"
         if self.t.nonfinite == "error":
             raise FloatingPointError(f"{msg}; the optimizer did not step (trainer.nonfinite=skip skips such steps)")

@@ -108,7 +108,7 @@ class Accumulator:
             m.reset()
 
     def update(self, loss: torch.Tensor, n: int, outputs: torch.Tensor, targets: Any) -> None:
-        self.loss_sum += loss.detach() * n  # stays on the device: no host sync per step
+        self.loss_sum.add_(loss.detach(), alpha=n)  # stays on the device: no host sync per step
         self.count += n
         for m in self.metrics.values():
             m.update(outputs, targets)

@@ -76,3 +76,21 @@ def grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+
+
+def grads_finite(params: list[nn.Parameter], strategy: str) -> bool:
+    """Are all gradients finite, decided alike on every rank (one host sync).
+
+    DDP/one rank: the gradients are the same on every rank after the all-reduce, so the fused
+    elementwise check GradScaler uses (one kernel; ~1 us for a small model against ~18 us for a
+    norm) decides alike everywhere. FSDP: each rank holds a different shard, so the global norm.
+    """
+    if strategy == "fsdp":
+        return bool(torch.isfinite(grad_norm(params, 0.0)))
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    found = torch.zeros(1, device=grads[0].device)
+    # multiplies by 1.0 in place (bitwise a no-op) while looking for inf/nan in every element
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=grads[0].device))
+    return not bool(found)

@@ -34,18 +34,10 @@ def _same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), f"{k} differs"
 
 
-def _rank_pids(launcher_pid: int) -> dict[int, int]:
-    """rank -> pid of the launcher's worker processes (read from their environment)."""
-    out = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
-    ranks = {}
-    for pid in map(int, out):
-        try:
-            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
-        except OSError:
-            continue
-        if "RANK" in env:
-            ranks[int(env["RANK"])] = pid
-    return ranks
+def _rank_pid(run_dir: Path, rank: int) -> int:
+    """The pid of a rank, from the first line each rank writes to its log (the newest attempt's)."""
+    lines = [ln for ln in (run_dir / "logs" / f"rank-{rank}.log").read_text().splitlines() if ", pid " in ln]
+    return int(lines[-1].rsplit(", pid ", 1)[1])
 
 
 def _wait(predicate, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
@@ -75,7 +67,7 @@ def test_sigkill_of_one_rank_restarts_from_the_checkpoint_bitwise(tmp_path: Path
                                 text=True)
         marker = run_dir / "checkpoints" / f"step-{kill_step:07d}" / "manifest.json"
         _wait(marker.exists, proc, f"checkpoint {kill_step}")
-        os.kill(_rank_pids(proc.pid)[victim], signal.SIGKILL)
+        os.kill(_rank_pid(run_dir, victim), signal.SIGKILL)
         assert proc.wait(timeout=240) == 0, f"trial {trial} (kill rank {victim} after step {kill_step}): " + \
             proc.stderr.read()[-3000:]
         log = (run_dir / "logs" / "rank-0.log").read_text()
