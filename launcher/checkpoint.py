@@ -248,9 +248,6 @@ class Checkpointer:
         log.warning("moved %d checkpoint(s) newer than step %d to %s (training continues from step %d)",
                     len(stale), step, target, step)
 
-    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], score: Optional[float]) -> Path:
-        return self.committed(write(self.dir / step_name(step), state, meta), score)
-
     def committed(self, folder: Path, score: Optional[float]) -> Path:
         """After `folder` is complete: the `last`/`best` links, top-k, and pruning."""
         _replace_symlink(self.dir / "last", folder.name)

@@ -19,6 +19,9 @@ LAUNCHERS = ("local", "slurm")
 SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "URG")
 MODES = ("min", "max")
 ACCELERATORS = ("auto", "cpu", "cuda", "xla")
+STRATEGIES = ("auto", "ddp", "fsdp", "none")
+PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
+NONFINITE = ("error", "skip", "off")
 INTERVALS = ("epoch", "step")
 
 
@@ -208,9 +211,9 @@ def check_trainer(t: TrainerConfig) -> None:
     _choice("trainer.mode", t.mode, MODES)
     _choice("trainer.scheduler_interval", t.scheduler_interval, INTERVALS)
     _choice("trainer.accelerator", t.accelerator, ACCELERATORS)
-    _choice("trainer.strategy", t.strategy, ("auto", "ddp", "fsdp", "none"))
-    _choice("trainer.precision", str(t.precision), ("32", "bf16-mixed", "16-mixed", "bf16-true"))
-    _choice("trainer.nonfinite", t.nonfinite, ("error", "skip", "off"))
+    _choice("trainer.strategy", t.strategy, STRATEGIES)
+    _choice("trainer.precision", str(t.precision), PRECISIONS)
+    _choice("trainer.nonfinite", t.nonfinite, NONFINITE)
     _positive("trainer.accumulate_grad_batches", t.accumulate_grad_batches)
     if t.gradient_clip_val < 0:
         raise ConfigError("trainer.gradient_clip_val", t.gradient_clip_val, "must be >= 0 (0 = off)")

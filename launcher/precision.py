@@ -12,8 +12,6 @@ from typing import Any, ContextManager, Optional
 
 import torch
 
-PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
-
 
 class Precision:
     def __init__(self, precision: str, device: torch.device) -> None:

@@ -15,8 +15,6 @@ from torch import nn
 
 from .dist import Dist
 
-STRATEGIES = ("auto", "ddp", "fsdp", "none")
-
 
 def resolve(strategy: str, d: Dist) -> str:
     if strategy == "auto":
