@@ -20,9 +20,9 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:  # lazy: `python -m launcher --help` must not pay for torch
     if name in ("Trainer", "History"):
-        from . import fit
+        from . import trainer
 
-        return getattr(fit, name)
+        return getattr(trainer, name)
     if name == "Config":
         from .config import Config
 

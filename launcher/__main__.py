@@ -21,6 +21,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import hydra
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from . import config as C
+
+# Everything that imports torch (checkpoint, dist, run, worker, launch/*) is imported inside the
+# functions that need it, once Hydra has composed the config: `--help`, `--cfg` and Hydra's own
+# errors must not wait ~2 s for torch.
 EXIT_CONFIG = 2
 
 
@@ -47,9 +60,6 @@ def _task(dcfg: Any) -> None:
 
 
 def _run(dcfg: Any) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     cfg = _checked(dcfg)
     if cfg is None:  # this process was one rank of an outside torchrun / srun, and has run
         return
@@ -62,13 +72,9 @@ def _run(dcfg: Any) -> None:
 def _checked(dcfg: Any) -> Any:
     """The typed, checked Config, with nothing written yet; ConfigError on bad input. Under an
     outside torchrun / srun this process is a rank: it runs the worker and returns None."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    from omegaconf import OmegaConf
-
-    from . import checkpoint, dist, worker, xla
-    from . import config as C
+    from . import dist, recipe, worker
     from . import run as R
+    from .checkpoint import format as F
     from .launch import slurm as S
 
     cfg: C.Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
@@ -80,15 +86,15 @@ def _checked(dcfg: Any) -> Any:
     # local launcher inside an srun (an interactive srun --pty bash), launch locally as anywhere.
     inside = S.in_srun_step() and not local
     C.check(cfg, local=local and not inside)
-    xla.check(cfg.trainer.accelerator)
+    recipe.check(cfg)
     run_dir = Path(cfg.run.dir).expanduser().absolute()
     if cfg.resume not in C.RESUME_MODES:
         try:
-            checkpoint.resolve(cfg.resume)
+            F.resolve(cfg.resume)
         except ValueError as e:
             raise C.ConfigError("resume", cfg.resume, str(e).split(": ", 1)[-1],
                                 "auto, never, or a complete checkpoint") from None
-    if cfg.resume == "never" and checkpoint.candidates(run_dir / "checkpoints"):
+    if cfg.resume == "never" and F.candidates(run_dir / "checkpoints"):
         raise C.ConfigError("resume", "never", f"{run_dir} already holds checkpoints of another start",
                             "auto (continue it), or a new run.dir")
     existing = R.read_id(run_dir)
@@ -98,7 +104,7 @@ def _checked(dcfg: Any) -> Any:
     cfg.run.dir = str(run_dir)
     if inside:
         S.export_env()
-        want = (cfg.trainer.gpus or cfg.trainer.nproc) * cfg.trainer.nodes
+        want = C.ranks_per_node(cfg.trainer) * cfg.trainer.nodes
         if int(os.environ["WORLD_SIZE"]) != want:
             print(f"launcher: warning: the SLURM step has {os.environ['WORLD_SIZE']} task(s), the config asks for "
                   f"{want} (trainer.nodes x trainer.gpus or nproc); the allocation wins", file=sys.stderr)
@@ -117,7 +123,6 @@ def _checked(dcfg: Any) -> Any:
 def _start(cfgs: list[Any]) -> None:
     """Create the run directories and start: SLURM gets them all at once (job arrays), the local
     launcher runs them one after another."""
-    from . import config as C
     from . import run as R
     from .launch import slurm as S
 
@@ -133,13 +138,13 @@ def _start(cfgs: list[Any]) -> None:
 
 
 def _start_local(cfg: Any) -> None:
-    from . import config as C
     from . import run as R
-    from . import worker, xla
+    from . import worker
     from .launch import local as local_launch
+    from .launch import xla as xla_launch
 
     run_dir = Path(cfg.run.dir)
-    nproc = cfg.trainer.gpus or cfg.trainer.nproc
+    nproc = C.ranks_per_node(cfg.trainer)
     if cfg.trainer.nodes > 1:
         # Every node runs this same command: none may mint the run id (rank 0 does, and tells the
         # others), and each hands its ranks the config from a node-local file.
@@ -147,7 +152,7 @@ def _start_local(cfg: Any) -> None:
     else:
         cfg.run.id = R.prepare(run_dir, cfg.run.id, C.to_dict(cfg))
         if cfg.trainer.accelerator == "xla":
-            xla.launch(str(run_dir / R.CONFIG_FILE))  # one process per local XLA device (PJRT)
+            xla_launch.launch(str(run_dir / R.CONFIG_FILE))  # one process per local XLA device (PJRT)
             return
         if nproc == 1 and cfg.launcher.max_restarts == 0:
             worker.run(cfg)  # one rank: no spawn, no process group, fastest start
@@ -170,9 +175,6 @@ def _submit(cfgs: list[Any], folder: Path) -> None:
 
 def _one_line(e: BaseException) -> str:
     """Hydra's and OmegaConf's multi-line errors as the one line our users get."""
-    from hydra.errors import MissingConfigException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
     if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options:
         group, _, option = e.missing_cfg_file.rpartition("/")
         return f"{group}={option!r}: unknown option; valid: {', '.join(sorted(e.options))}"
@@ -198,8 +200,6 @@ def _one_line(e: BaseException) -> str:
 
 
 def _valid_keys(full_key: str) -> list[str]:
-    from . import config as C
-
     section = full_key.split(".")[0]
     schemas = {**C.SECTIONS, **{"launcher": C.LAUNCHER_SCHEMAS.get(_launcher_choice(), C.LocalLauncherConfig)}}
     if section in schemas and "." in full_key:
@@ -213,19 +213,18 @@ def _launcher_choice() -> str:
     return chosen[-1] if chosen else "local"
 
 
+def _field_alias(arg: str) -> str:
+    """checkpoint.async=true -> checkpoint.async_save=true (config.FIELD_ALIASES: a keyword can't be a field)."""
+    for (section, alias), name in C.FIELD_ALIASES.items():
+        arg = re.sub(rf"^(\+*{section}\.){alias}=", rf"\g<1>{name}=", arg)
+    return arg
+
+
 def main() -> None:
     # Hydra re-raises instead of printing its own report, so every error goes through _one_line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    import hydra
-    import yaml
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from .config import ConfigError, register
-
-    register()
-    # `async` is a Python keyword, so the schema field is async_save; accept the documented spelling.
-    sys.argv[1:] = [re.sub(r"^(\+*checkpoint\.)async=", r"\1async_save=", a) for a in sys.argv[1:]]
+    C.register()
+    sys.argv[1:] = [_field_alias(a) for a in sys.argv[1:]]
     entry = hydra.main(config_path=_conf_dir(), config_name="config", version_base="1.3")(_task)
     try:
         entry()
@@ -235,7 +234,7 @@ def main() -> None:
             _start(_pending)
         if _failures:
             sys.exit(_failures[0])
-    except ConfigError as e:
+    except C.ConfigError as e:
         print(f"launcher: error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     except (HydraException, OmegaConfBaseException) as e:

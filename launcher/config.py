@@ -8,21 +8,39 @@ This module imports nothing else from the package (DESIGN.md: config.py and dist
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args
 
+import yaml
+
+# The closed choices, as types for the code that consumes them and as tuples for the checks.
+# The schema fields stay `str`: OmegaConf rejects Literal annotations ("Unexpected type annotation"),
+# so a value is checked against these once (check_trainer) and is one of them from then on.
+Accelerator = Literal["auto", "cpu", "cuda", "xla"]
+Strategy = Literal["auto", "ddp", "fsdp", "none"]
+PrecisionName = Literal["32", "bf16-mixed", "16-mixed", "bf16-true"]
+NonFinite = Literal["error", "skip", "off"]
+Mode = Literal["min", "max"]
+Interval = Literal["epoch", "step"]
+ACCELERATORS: tuple[str, ...] = get_args(Accelerator)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+PRECISIONS: tuple[str, ...] = get_args(PrecisionName)
+NONFINITE: tuple[str, ...] = get_args(NonFinite)
+MODES: tuple[str, ...] = get_args(Mode)
+INTERVALS: tuple[str, ...] = get_args(Interval)
 RESUME_MODES = ("auto", "never")
 LOGGERS = ("csv", "wandb", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 LAUNCHERS = ("local", "slurm")
 SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "URG")
-MODES = ("min", "max")
-ACCELERATORS = ("auto", "cpu", "cuda", "xla")
-STRATEGIES = ("auto", "ddp", "fsdp", "none")
-PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
-NONFINITE = ("error", "skip", "off")
-INTERVALS = ("epoch", "step")
+# `async` is a Python keyword, so no dataclass field can have that name: the user writes
+# checkpoint.async (CLI) or checkpoint_async (Trainer), the schema holds it as async_save.
+FIELD_ALIASES = {("checkpoint", "async"): "async_save"}
+XLA_INSTALL = ("torch-xla is not installed: pip install 'launcher[xla]' (a torch_xla wheel matching your torch; "
+               "see the torch-xla install guide for TPU VMs)")
 
 
 class ConfigError(ValueError):
@@ -73,7 +91,7 @@ class CheckpointConfig:
     enabled: bool = True  # write checkpoints at all (resume needs them)
     every_n_epochs: int = 1  # checkpoint at the end of every N-th epoch; 0 = off
     every_n_steps: int = 0  # also checkpoint every N optimizer steps (mid-epoch resume points); 0 = off
-    async_save: bool = False  # `checkpoint.async`: write in the background, training goes on (one save in flight)
+    async_save: bool = False  # checkpoint.async: write in the background while training goes on (one save in flight)
     save_top_k: int = 1  # also keep the k best checkpoints by trainer.monitor; 0 = none kept for being best
     keep_last: int = 2  # keep the N most recent checkpoints (>= 2 leaves a fallback if the newest is damaged)
 
@@ -150,8 +168,8 @@ RECIPE_KEYS = ("model", "data", "loss", "metrics", "optimizer", "scheduler")
 
 
 def register() -> None:
-    """Put the schemas in Hydra's ConfigStore (imported lazily: ranks never need Hydra)."""
-    from hydra.core.config_store import ConfigStore
+    """Put the schemas in Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore  # the CLI's parent only: ranks never import Hydra
 
     cs = ConfigStore.instance()
     schema = Config()
@@ -173,6 +191,17 @@ def from_dict(d: dict) -> Config:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def load_resolved_config(path: str | Path) -> Config:
+    """The typed Config a rank runs: the resolved YAML the parent wrote (run dir or node-local file)."""
+    with open(path) as f:
+        return from_dict(yaml.safe_load(f))
+
+
+def ranks_per_node(t: TrainerConfig) -> int:
+    """Ranks on each node once trainer.gpus is resolved: one per GPU, else trainer.nproc CPU ranks."""
+    return int(t.gpus) if t.gpus else t.nproc
 
 
 # ---- checks -------------------------------------------------------------------------------------
@@ -212,12 +241,15 @@ def check_trainer(t: TrainerConfig) -> None:
     _choice("trainer.scheduler_interval", t.scheduler_interval, INTERVALS)
     _choice("trainer.accelerator", t.accelerator, ACCELERATORS)
     _choice("trainer.strategy", t.strategy, STRATEGIES)
-    _choice("trainer.precision", str(t.precision), PRECISIONS)
+    t.precision = str(t.precision)  # `trainer.precision=32` arrives as an int; from here on one of PRECISIONS
+    _choice("trainer.precision", t.precision, PRECISIONS)
     _choice("trainer.nonfinite", t.nonfinite, NONFINITE)
     _positive("trainer.accumulate_grad_batches", t.accumulate_grad_batches)
     if t.gradient_clip_val < 0:
         raise ConfigError("trainer.gradient_clip_val", t.gradient_clip_val, "must be >= 0 (0 = off)")
-    if t.strategy == "fsdp" and str(t.precision) == "16-mixed":
+    if t.accelerator == "xla" and importlib.util.find_spec("torch_xla") is None:
+        raise ConfigError("trainer.accelerator", "xla", XLA_INSTALL, "auto, cpu, cuda")
+    if t.strategy == "fsdp" and t.precision == "16-mixed":
         raise ConfigError("trainer.precision", "16-mixed", "with trainer.strategy=fsdp each rank's GradScaler "
                           "would skip steps on its own shard's overflow", "bf16-mixed, 32, bf16-true")
     if t.peak_tflops < 0:
@@ -240,17 +272,9 @@ def check_logger(lg: LoggerConfig) -> None:
     _choice("logger.mode", lg.mode, WANDB_MODES)
 
 
-def check_monitor(monitor: str, metric_names: list[str], has_val: bool = True) -> None:
-    """`monitor` must be a metric the run produces: {train,val}_loss and {train,val}_<metric>."""
-    produced = [f"{split}_{name}" for split in ("train", "val") if split == "train" or has_val
-                for name in ["loss", *metric_names]]
-    if monitor not in produced:
-        raise ConfigError("trainer.monitor", monitor, "not a metric this run produces", ", ".join(produced))
-
-
 def visible_gpus() -> int:
     """CUDA devices this process can see, without initialising CUDA in the parent."""
-    import torch
+    import torch  # here, not at the top: `--help` and config errors must not wait for torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -308,38 +332,8 @@ def check_resume(resume: str) -> None:
                           "auto, never, or an existing step-NNNNNNN directory")
 
 
-def check_recipe(cfg: Config) -> None:
-    for key in ("model", "data", "loss", "optimizer"):
-        if getattr(cfg, key) is None:
-            raise ConfigError(key, None, "the recipe does not define it", "a _target_ node (see conf/recipe/)")
-    metrics = cfg.metrics or {}
-    if not isinstance(metrics, dict):
-        raise ConfigError("metrics", metrics, "must map names to torchmetrics _target_ nodes")
-    for key in RECIPE_KEYS:
-        _check_targets(key, getattr(cfg, key))
-
-
-def _check_targets(key: str, node: Any) -> None:
-    """Every _target_ must import, so a typo fails here and not on every rank after spawning."""
-    if isinstance(node, dict):
-        target = node.get("_target_")
-        if isinstance(target, str):
-            module, _, attr = target.rpartition(".")
-            try:
-                import importlib
-
-                obj = importlib.import_module(module) if module else None
-                getattr(obj, attr)
-            except (ImportError, AttributeError) as e:
-                raise ConfigError(f"{key}._target_", target, f"cannot be imported ({e})",
-                                  "a dotted path to a class or function") from None
-        for k, v in node.items():
-            if k != "_target_":
-                _check_targets(f"{key}.{k}", v)
-
-
 def check(cfg: Config, local: bool = True) -> None:
-    """All parent-side checks, in the order a user would fix them."""
+    """The parent's checks of every section but the recipe (recipe.check: it imports the targets)."""
     if not str(cfg.run.dir).strip():
         raise ConfigError("run.dir", cfg.run.dir, "empty", "a directory for this run")
     check_trainer(cfg.trainer)
@@ -347,10 +341,15 @@ def check(cfg: Config, local: bool = True) -> None:
     check_logger(cfg.logger)
     check_launch(cfg)
     check_resume(cfg.resume)
-    check_recipe(cfg)
-    check_monitor(cfg.trainer.monitor, list((cfg.metrics or {}).keys()))
-    gpus = resolve_gpus(cfg.trainer, local)
-    ranks = (gpus or cfg.trainer.nproc) * cfg.trainer.nodes
+    ranks = ranks_per_node(dataclasses.replace(cfg.trainer, gpus=resolve_gpus(cfg.trainer, local))) * cfg.trainer.nodes
     if cfg.trainer.strategy == "none" and ranks > 1 and cfg.trainer.accelerator != "xla":
         raise ConfigError("trainer.strategy", "none", f"{ranks} ranks would train unsynchronised copies",
                           "auto, ddp, fsdp")
+
+
+def check_api(cfg: Config) -> None:
+    """What Trainer(...) checks: the Python API has no parent process to have done it."""
+    check_trainer(cfg.trainer)
+    check_checkpoint(cfg.checkpoint)
+    check_logger(cfg.logger)
+    check_resume(cfg.resume)

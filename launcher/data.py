@@ -10,6 +10,7 @@ __getitem__ + collate path: a batch is one index_select per tensor, bitwise what
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -17,6 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 from .dist import Dist
+
+log = logging.getLogger("launcher")
 
 
 class _Slice(torch.utils.data.Sampler):
@@ -82,6 +85,17 @@ class Batches:
             self.loader_kw.pop("persistent_workers", None)
         self.tensors = _tensors(dataset, custom)
         self.n = len(dataset)  # type: ignore[arg-type]
+
+    # ---- Stateful: the position lives in TrainProgress; this is what decides the order ----------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "world_size": self.dist.world_size, "shuffle": self.shuffle}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """The order is fixed by the config, not restored; say when it differs from the saved run's."""
+        if (sd.get("seed"), sd.get("shuffle")) != (self.seed, self.shuffle):
+            log.warning("data order differs from the checkpoint's (seed %s -> %s, shuffle %s -> %s): the "
+                        "rest of this epoch may repeat or skip samples", sd.get("seed"), self.seed,
+                        sd.get("shuffle"), self.shuffle)
 
     # ---- which indices this rank sees -----------------------------------------------------------
     def indices(self, epoch: int) -> list[int]:

@@ -7,12 +7,13 @@ and the CLI run one rank in-process with no spawn at all.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as td
@@ -205,6 +206,20 @@ class Heartbeat:
             if int(their_step) < step or now - float(when) > 2 * self.every_s + 1:
                 late.append(f"rank {r} (last at step {their_step}, {now - float(when):.0f} s ago)")
         return "; ".join(late)
+
+    @contextlib.contextmanager
+    def naming_late_ranks(self, step: Callable[[], int], timeout_s: float) -> Iterator[None]:
+        """A collective that times out inside is re-raised naming the step and the ranks that did not arrive."""
+        try:
+            yield
+        except RuntimeError as e:
+            if not is_timeout(e):
+                raise
+            late = self.missing(step())
+            rank = td.get_rank() if td.is_initialized() else 0
+            raise RuntimeError(f"a collective timed out after trainer.dist_timeout_s={timeout_s:g} s at step {step()} "
+                               f"on rank {rank}: {late + ' did not arrive' if late else 'the other ranks did not arrive'}"
+                               ) from e
 
 
 def is_timeout(error: BaseException) -> bool:

@@ -16,7 +16,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] in ("-h", "--help"):
         print(__doc__.strip().splitlines()[0], file=sys.stderr)
         return 2
-    from .checkpoint import export_model, resolve, verify
+    from .checkpoint.format import export_model, resolve, verify  # after the usage check: torch is slow to import
 
     folder = resolve(argv[0])
     problem = verify(folder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import netrc
 import os
 import sys
 from pathlib import Path
@@ -67,7 +68,7 @@ def write_csv(path: Path, history: list[dict[str, Any]]) -> None:
 
 def plot(path: Path, history: list[dict[str, Any]]) -> None:
     """plots.png: one panel per metric (loss first), train vs val against the epoch."""
-    import matplotlib
+    import matplotlib  # optional extra ([plots]) and slow to import: only at the end of fit
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -101,8 +102,6 @@ def wandb_mode(requested: str) -> str:
     # `wandb login` stores the key in ~/.netrc (or $NETRC); asking wandb itself would contact the server.
     hosts = [os.environ.get("WANDB_BASE_URL", ""), "api.wandb.ai", "api.forge.coreweave.com"]
     try:
-        import netrc
-
         rc = netrc.netrc(os.environ.get("NETRC") or None)
         found = any(rc.authenticators(h.split("//")[-1].rstrip("/")) for h in hosts if h)
     except (OSError, netrc.NetrcParseError):
@@ -129,7 +128,7 @@ class RunLogger:
             # wandb's telemetry is set up from the environment before init's mode= applies; without
             # this it tries the network at exit even offline.
             os.environ["WANDB_MODE"] = "offline"
-        import wandb
+        import wandb  # optional extra ([wandb]) and slow to import: only for logger=wandb
 
         # resume="allow" + the run's own id: a requeued or re-run job continues the same W&B run.
         run = wandb.init(project=opts.get("project"), entity=opts.get("entity"), id=run_id, name=name,

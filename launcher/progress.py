@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+from tqdm import tqdm
 
 # dense bf16/fp16 tensor-core peaks, TFLOP/s per GPU (vendor datasheets); MFU is against these
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
@@ -80,8 +81,6 @@ class Progress:
     def start(self, desc: str, total: int, initial: int) -> None:
         if not self.enabled:
             return
-        from tqdm import tqdm
-
         self.bar = tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True,
                         mininterval=self.refresh_s, leave=True, unit="step")
         self.t0, self.n0, self.pending = time.perf_counter(), 0, 0

@@ -1,7 +1,9 @@
-"""Build a recipe's objects from its `_target_` nodes, on each rank, without importing Hydra.
+"""The recipe contract: `_target_` nodes checked in the parent, built on each rank without Hydra.
 
 The contract is Hydra's (_target_, _partial_, _args_, nested nodes built first), so a recipe
-written for hydra.utils.instantiate works here; ranks skip Hydra's import cost.
+written for hydra.utils.instantiate works here; ranks skip Hydra's import cost. The parent checks
+that every target imports and that trainer.monitor names a metric the recipe produces, so a typo
+fails once, before any process starts, and not on every rank after spawning.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import functools
 import importlib
 from typing import Any
+
+from .config import RECIPE_KEYS, Config, ConfigError
 
 
 def locate(path: str) -> Any:
@@ -30,7 +34,7 @@ def instantiate(node: Any) -> Any:
     return functools.partial(fn, *args, **kwargs) if node.get("_partial_") else fn(*args, **kwargs)
 
 
-def build(cfg: Any) -> dict[str, Any]:
+def build(cfg: Config) -> dict[str, Any]:
     """The keyword arguments of Trainer.fit from a Config's recipe nodes."""
     train, val = instantiate(cfg.data)
     return {
@@ -42,3 +46,40 @@ def build(cfg: Any) -> dict[str, Any]:
         "metrics": {k: instantiate(v) for k, v in (cfg.metrics or {}).items()},
         "scheduler": instantiate(cfg.scheduler) if cfg.scheduler else None,
     }
+
+
+# ---- checks (the parent's; a rank trusts the resolved config) -------------------------------------
+
+def check(cfg: Config) -> None:
+    for key in ("model", "data", "loss", "optimizer"):
+        if getattr(cfg, key) is None:
+            raise ConfigError(key, None, "the recipe does not define it", "a _target_ node (see conf/recipe/)")
+    metrics = cfg.metrics or {}
+    if not isinstance(metrics, dict):
+        raise ConfigError("metrics", metrics, "must map names to torchmetrics _target_ nodes")
+    for key in RECIPE_KEYS:
+        _check_targets(key, getattr(cfg, key))
+    check_monitor(cfg.trainer.monitor, list(metrics))
+
+
+def _check_targets(key: str, node: Any) -> None:
+    """Every _target_ must import."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if isinstance(target, str):
+            try:
+                locate(target)
+            except (ImportError, AttributeError, ValueError) as e:
+                raise ConfigError(f"{key}._target_", target, f"cannot be imported ({e})",
+                                  "a dotted path to a class or function") from None
+        for k, v in node.items():
+            if k != "_target_":
+                _check_targets(f"{key}.{k}", v)
+
+
+def check_monitor(monitor: str, metric_names: list[str], has_val: bool = True) -> None:
+    """`monitor` must be a metric the run produces: {train,val}_loss and {train,val}_<metric>."""
+    produced = [f"{split}_{name}" for split in ("train", "val") if split == "train" or has_val
+                for name in ["loss", *metric_names]]
+    if monitor not in produced:
+        raise ConfigError("trainer.monitor", monitor, "not a metric this run produces", ", ".join(produced))

@@ -8,9 +8,16 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+import yaml
+
+from . import dist as D
+from .checkpoint import format as F
+from .config import ConfigError
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -47,8 +54,6 @@ def prepare(run_dir: Path, run_id: str, config: dict[str, Any] | None) -> str:
     if not existing:
         _atomic_write(run_dir / RUN_FILE, json.dumps({"id": run_id, "created": time.time()}) + "\n")
     if config is not None:
-        import yaml
-
         _atomic_write(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
     return run_id
 
@@ -61,11 +66,52 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def node_local_config(config: dict[str, Any]) -> Path:
     """The resolved config in a node-local temp file (multi-node local runs: see __main__)."""
-    import tempfile
-
-    import yaml
-
     fd, path = tempfile.mkstemp(prefix="launcher-config-", suffix=".yaml")
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
     return Path(path)
+
+
+def restarted() -> bool:
+    """This process is a restart of its run: an elastic restart or a SLURM requeue."""
+    return any(int(os.environ.get(k, "0") or 0) > 0 for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+
+
+def resume_point(run_dir: Path, resume: str) -> Optional[Path]:
+    """The checkpoint a run in `run_dir` continues from under `resume` (auto, never, a path), or None.
+
+    A restart of this run always continues from the run's own newest checkpoint: re-applying
+    resume=PATH or never there would throw away what the run trained since it started.
+    """
+    own = F.latest(run_dir / "checkpoints")
+    if resume == "auto" or (restarted() and own is not None):
+        return own
+    if resume == "never":
+        if own is not None:
+            raise ConfigError("resume", "never", f"{run_dir} already holds checkpoints of another start",
+                              "auto (continue it), or a new run.dir")
+        return None
+    return F.resolve(resume)
+
+
+def agree_on_run(d: D.Dist, run_dir: Path, run_id: str, config: dict[str, Any] | None) -> tuple[Path, str]:
+    """prepare() on rank 0, its result on every rank (ranks may differ on clocks and disks)."""
+    if d.is_main:
+        run_id = prepare(run_dir, run_id, config)
+    return D.broadcast_object((run_dir, run_id))
+
+
+def agree_on_resume_point(d: D.Dist, run_dir: Path, resume: str) -> Optional[Path]:
+    """resume_point() decided by rank 0 and learnt by every rank; its error raised on every rank
+    (raised on rank 0 alone, the others would wait for it in the broadcast)."""
+    found: Optional[Path] = None
+    error = ""
+    if d.is_main:
+        try:
+            found = resume_point(run_dir, resume)
+        except ValueError as e:  # ConfigError too
+            error = str(e)
+    found, error = D.broadcast_object((found, error))
+    if error:
+        raise ValueError(error)
+    return found

@@ -1,25 +1,27 @@
-"""Everything the loop must carry across a restart, each piece with state_dict / load_state_dict.
+"""The loop's own resumable parts, each Stateful (state_dict / load_state_dict).
 
-TrainState is the loop position and history (global, rank 0 saves it); RankState is what differs
-per rank (RNG streams, the running loss and metric states of the epoch in progress): rank 0
-gathers every rank's into the checkpoint and each rank takes its own back on resume.
+TrainProgress is the loop position and history (the same on every rank, rank 0 saves it);
+PerRank is what differs per rank (RNG streams, the running metric sums of the epoch in progress).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
-from . import dist
+from .dist import Dist, all_gather_object
+
+log = logging.getLogger("launcher")
 
 
 @dataclass
-class TrainState:
+class TrainProgress:
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps taken
     batch_in_epoch: int = 0  # batches of epoch `epoch` already trained (the data position)
@@ -93,58 +95,39 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Accumulator:
-    """One split's running loss and torchmetrics on this rank; compute() syncs over ranks."""
+class PerRank:
+    """What differs from rank to rank: each rank's RNG streams and `parts` (the running train
+    metrics). state_dict() gathers every rank's (a collective: every rank calls it), so rank 0's
+    checkpoint holds them all; load_state_dict() gives each rank its own back. At another world
+    size there is no "own": the streams are reseeded by `reseed` and the parts start afresh."""
 
-    def __init__(self, metrics: dict[str, Any], device: torch.device) -> None:
-        self.metrics = {k: m.to(device) for k, m in metrics.items()}
-        self.device = device
-        self.reset()
+    def __init__(self, parts: dict[str, Any], dist: Dist, reseed: Callable[[], None]) -> None:
+        self.parts, self.d, self.reseed = parts, dist, reseed
 
-    def reset(self) -> None:
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.count = 0
-        for m in self.metrics.values():
-            m.reset()
+    def state_dict(self) -> list[dict[str, Any]]:
+        return all_gather_object({"rng": rng_state(), **{k: p.state_dict() for k, p in self.parts.items()}})
 
-    def update(self, loss: torch.Tensor, n: int, outputs: torch.Tensor, targets: Any) -> None:
-        self.loss_sum.add_(loss.detach(), alpha=n)  # stays on the device: no host sync per step
-        self.count += n
-        for m in self.metrics.values():
-            m.update(outputs, targets)
-
-    def running_loss(self) -> float:
-        """This rank's mean loss so far (one host sync; for the progress bar)."""
-        return (self.loss_sum / max(self.count, 1)).item()
-
-    def compute(self, prefix: str) -> dict[str, float]:
-        """Mean loss and metrics over every rank's samples (collective: all ranks must call)."""
-        totals = torch.stack([self.loss_sum.double(), torch.tensor(float(self.count), dtype=torch.float64,
-                                                                   device=self.device)])
-        dist.all_reduce_sum(totals)
-        out = {f"{prefix}_loss": (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")}
-        for name, m in self.metrics.items():
-            value = m.compute()  # torchmetrics all-gathers its states across ranks here
-            out[f"{prefix}_{name}"] = value.item() if value.numel() == 1 else value.tolist()
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        metrics = {}
-        for name, m in self.metrics.items():
-            states = {k: ([t.cpu() for t in v] if isinstance(v, list) else v.cpu()) for k, v in m.metric_state.items()}
-            metrics[name] = {"states": states, "update_count": m._update_count}
-        return {"loss_sum": self.loss_sum.cpu(), "count": self.count, "metrics": metrics}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.loss_sum = sd["loss_sum"].to(self.device)
-        self.count = sd["count"]
-        for name, m in self.metrics.items():
-            saved = sd["metrics"][name]
-            for k, v in saved["states"].items():
-                setattr(m, k, [t.to(self.device) for t in v] if isinstance(v, list) else v.to(self.device))
-            m._update_count = saved["update_count"]
-            m._computed = None
+    def load_state_dict(self, ranks: list[dict[str, Any]]) -> None:
+        if len(ranks) != self.d.world_size:
+            log.warning("checkpoint from world size %d resumed at %d: data order and RNG streams differ "
+                        "from an uninterrupted run", len(ranks), self.d.world_size)
+            self.reseed()
+            return
+        mine = ranks[self.d.rank]
+        set_rng_state(mine["rng"])
+        for k, p in self.parts.items():
+            p.load_state_dict(mine[k])
 
 
-def rank_state(train: Accumulator) -> dict[str, Any]:
-    return {"rng": rng_state(), "train": train.state_dict()}
+class Maybe:
+    """A part a run may not have (no scheduler): None in the checkpoint, and loads only into one."""
+
+    def __init__(self, part: Any) -> None:
+        self.part = part
+
+    def state_dict(self) -> Any:
+        return self.part.state_dict() if self.part is not None else None
+
+    def load_state_dict(self, sd: Any) -> None:
+        if self.part is not None and sd is not None:
+            self.part.load_state_dict(sd)

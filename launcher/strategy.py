@@ -8,27 +8,92 @@ gradient all-reduce on all but the last micro-batch (DDP no_sync; FSDP2 set_requ
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Iterable
+from typing import Any, ContextManager, Iterable
 
 import torch
 from torch import nn
 
+from .config import Strategy
 from .dist import Dist
 
 
-def resolve(strategy: str, d: Dist) -> str:
+def _dcp() -> Any:
+    """torch.distributed.checkpoint.state_dict, imported on first use: it costs ~1 s of start-up
+    (it imports all of DCP) and only sharded runs and sharded checkpoints need it."""
+    import torch.distributed.checkpoint.state_dict as sd
+
+    return sd
+
+
+def resolve(strategy: Strategy, d: Dist) -> Strategy:
     if strategy == "auto":
         return "ddp" if d.distributed else "none"
     return strategy
 
 
-def wrap(model: nn.Module, strategy: str, d: Dist, fsdp_wrap: Iterable[str], compile: bool,
+class ModelState:
+    """The model as a checkpoint part. state_dict(): the full weights (an unsharded run); the DCP
+    view (dcp_state_dict) is what sharded checkpoints hold, and loads into any run, sharded or not."""
+
+    def __init__(self, model: nn.Module, sharded: bool) -> None:
+        self.model, self.sharded = model, sharded
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if self.sharded:  # full weights (an unsharded checkpoint) into FSDP shards
+            _dcp().set_model_state_dict(self.model, sd, options=_dcp().StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(sd)
+
+    def dcp_state_dict(self) -> dict[str, Any]:
+        return _dcp().get_model_state_dict(self.model)
+
+    def load_dcp_state_dict(self, sd: dict[str, Any]) -> None:
+        _dcp().set_model_state_dict(self.model, sd)
+
+
+class OptimizerState:
+    """The optimizer as a checkpoint part, with the same two views as ModelState (the DCP view is
+    keyed by parameter names, the plain one by parameter index: format 1 holds the plain one)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> None:
+        self.model, self.opt, self.sharded = model, optimizer, sharded
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if self.sharded:
+            _dcp().set_optimizer_state_dict(self.model, self.opt, sd,
+                                            options=_dcp().StateDictOptions(full_state_dict=True))
+        else:
+            self.opt.load_state_dict(sd)
+
+    def dcp_state_dict(self) -> dict[str, Any]:
+        return _dcp().get_optimizer_state_dict(self.model, self.opt)
+
+    def load_dcp_state_dict(self, sd: dict[str, Any]) -> None:
+        _dcp().set_optimizer_state_dict(self.model, self.opt, sd)
+
+
+def full_weights(model: nn.Module, sharded: bool, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The bare model's full state_dict on rank 0 (None elsewhere); a collective under FSDP."""
+    if sharded:
+        sd = _dcp().get_model_state_dict(model, options=_dcp().StateDictOptions(full_state_dict=True,
+                                                                                cpu_offload=True))
+        return sd if is_main else None
+    return model.state_dict() if is_main else None
+
+
+def wrap(model: nn.Module, strategy: Strategy, d: Dist, fsdp_wrap: Iterable[str], compile: bool,
          channels_last: bool) -> nn.Module:
     """The module to train through; `model` itself stays the bare module (FSDP2 shards it in place)."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # FSDP runs only
 
         names = set(fsdp_wrap)
         units = [m for m in model.modules() if type(m).__name__ in names and m is not model]
@@ -46,7 +111,7 @@ def wrap(model: nn.Module, strategy: str, d: Dist, fsdp_wrap: Iterable[str], com
     return model
 
 
-def no_sync(net: nn.Module, strategy: str, skip: bool) -> ContextManager:
+def no_sync(net: nn.Module, strategy: Strategy, skip: bool) -> ContextManager:
     """Inside: backward accumulates locally, no gradient all-reduce (micro-batches but the last)."""
     if not skip:
         return contextlib.nullcontext()
@@ -76,7 +141,7 @@ def grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
 
-def grads_finite(params: list[nn.Parameter], strategy: str) -> bool:
+def grads_finite(params: list[nn.Parameter], strategy: Strategy) -> bool:
     """Are all gradients finite, decided alike on every rank (one host sync).
 
     DDP/one rank: the gradients are the same on every rank after the all-reduce, so the fused

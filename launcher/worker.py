@@ -1,45 +1,46 @@
 """Per-rank entry: init dist -> build recipe -> fit (which resumes) -> cleanup.
 
-Local ranks start as `python -m launcher.worker RUN_DIR/config.yaml` (elastic's binary entrypoint:
-a fresh interpreter that imports only what a rank needs); a single rank, or a rank under an
-outside torchrun/srun, calls run() in-process. Either way the same code runs.
+Every backend ends here: local ranks start as `python -m launcher.worker RUN_DIR/config.yaml`
+(or forked from the launcher), SLURM tasks through launch/slurm.py, XLA processes through
+launch/xla.py; a single rank, or a rank under an outside torchrun/srun, calls run() in-process.
+The config is the parent's resolved and checked one: ranks trust it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
+import time
 from typing import Any
 
+import torch
+
 from . import config as C
+from . import dist, recipe
+from .preempt import StopRequest, requeue
+from .state import seed_everything
+from .trainer import Trainer
+from .xla import init as xla_init
 
 
 def run(cfg: C.Config) -> None:
-    from . import dist, recipe
-    from .fit import Trainer
-    from .state import seed_everything
-
     stop = None
     if cfg.launcher.name == "slurm" and os.environ.get("SLURM_JOB_ID"):
-        from .preempt import StopRequest
-
         # installed before anything slow, so an early signal is not lost (its default action kills)
         stop = StopRequest(cfg.launcher.signal, cfg.launcher.signal_check_every_n_steps)
     if cfg.trainer.accelerator == "xla":
-        from . import xla
-
-        d, _ = xla.init(cfg.trainer.dist_timeout_s)
+        d, _ = xla_init(cfg.trainer.dist_timeout_s)
     else:
         d = dist.init(int(cfg.trainer.gpus or 0), cfg.trainer.dist_timeout_s)
     if d.device.type == "cpu" and d.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-        import torch
-
         # N ranks on one host share its cores; torch's default (all cores each) oversubscribes them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.local_world_size))
     try:
         seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
         objects = recipe.build(cfg)
-        trainer = Trainer(cfg, dist=d, stop=stop)
+        trainer = Trainer.for_rank(cfg, d, stop)
         trainer.fit(**objects)
         if trainer.preempted:
             _requeue_and_wait(cfg, d)
@@ -55,11 +56,6 @@ def _requeue_and_wait(cfg: C.Config, d: Any) -> None:
 
     Returning would let submitit record a result for a job that is about to run again.
     """
-    import time
-
-    from . import dist
-    from .preempt import requeue
-
     ok = dist.broadcast_object(requeue(cfg.launcher.max_requeues) if d.is_main else None)
     if not ok:
         raise RuntimeError("stopped by the requeue signal and checkpointed, but the job was not requeued "
@@ -76,9 +72,6 @@ def _die_with_parent() -> None:
     """
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-    import signal
-
     parent = os.getppid()
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -95,16 +88,11 @@ def main(argv: list[str]) -> None:
 
 
 def _main(argv: list[str]) -> None:
-    import signal
-
-    import yaml
-
     # elastic stops ranks with SIGTERM; as an exit (not a kill) it runs finally blocks and atexit
     # hooks, so W&B flushes its buffered rows instead of losing the last seconds.
     signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
     _die_with_parent()
-    with open(argv[0]) as f:
-        cfg = C.from_dict(yaml.safe_load(f))
+    cfg = C.load_resolved_config(argv[0])
     try:
         run(cfg)
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ What torch-xla recommends for data parallel training, and what this path does:
 - graphs: `xm.mark_step()` after each optimizer step cuts and runs the lazy graph;
 - input: `MpDeviceLoader` moves batches to the device in the background;
 - checkpoints: `xm.save` (tensors moved to CPU, written by the master only; every rank calls it).
+Processes are started by launch/xla.py; this module is what runs inside them.
 
 Not run on a real TPU here (no TPU in CI): the tests run this path against a stand-in module that
 implements the same five calls on CPU; see README.
@@ -16,13 +17,15 @@ implements the same five calls on CPU; see README.
 
 from __future__ import annotations
 
+import datetime
+import importlib
 import importlib.util
 from typing import Any, Iterable
 
 import torch
+import torch.distributed as td
 
-INSTALL = ("torch-xla is not installed: pip install 'launcher[xla]' (a torch_xla wheel matching your torch; "
-           "see the torch-xla install guide for TPU VMs)")
+from .dist import Dist
 
 
 def available() -> bool:
@@ -33,6 +36,7 @@ class XLA:
     """The handful of torch-xla calls the loop needs, in one place."""
 
     def __init__(self) -> None:
+        # imported here: torch-xla is optional, and only accelerator=xla runs construct this
         import torch_xla
         import torch_xla.core.xla_model as xm
         import torch_xla.distributed.parallel_loader as pl
@@ -49,8 +53,6 @@ class XLA:
         return xr.global_ordinal(), xr.local_ordinal(), xr.world_size(), xr.local_device_count()
 
     def init_process_group(self, timeout: Any) -> None:
-        import torch.distributed as td
-
         if not td.is_initialized():
             td.init_process_group("xla", init_method="xla://", timeout=timeout)
 
@@ -69,41 +71,11 @@ class XLA:
         self.xm.save(state, path, master_only=True)
 
 
-def check(accelerator: str) -> None:
-    """Parent-side: accelerator=xla needs torch-xla (one line, exit 2, before anything starts)."""
-    if accelerator == "xla" and not available():
-        from .config import ConfigError
-
-        raise ConfigError("trainer.accelerator", "xla", INSTALL, "auto, cpu, cuda")
-
-
-def init(timeout_s: float) -> tuple[Any, XLA]:
+def init(timeout_s: float) -> tuple[Dist, XLA]:
     """This process's Dist on its XLA device (the process group on the xla backend when > 1 rank)."""
-    import datetime
-
-    from .dist import Dist
-
     x = XLA()
     importlib.import_module("torch_xla.distributed.xla_backend")  # registers the "xla" process-group backend
-
     rank, local, world, local_world = x.ranks()
     if world > 1:
         x.init_process_group(datetime.timedelta(seconds=timeout_s))
     return Dist(rank, local, world, local_world, x.device()), x
-
-
-def launch(config_path: str) -> None:
-    """One process per local XLA device, each running the worker on config_path."""
-    import torch_xla
-
-    torch_xla.launch(_rank_main, args=(config_path,))
-
-
-def _rank_main(index: int, config_path: str) -> None:
-    import yaml
-
-    from . import config as C
-    from . import worker
-
-    with open(config_path) as f:
-        worker.run(C.from_dict(yaml.safe_load(f)))

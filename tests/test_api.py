@@ -70,3 +70,19 @@ def test_step_scheduler_and_max_steps(tmp_path: Path) -> None:
     assert [r["step"] for r in h] == [3, 6, 7]  # 280 samples / 100 = 3 steps per epoch; stops mid-epoch 3
     assert h[-1]["lr"] == pytest.approx(0.5 ** 7)
     assert not (tmp_path / "c" / "checkpoints").exists()
+
+
+def test_checkpoint_keywords_reach_the_run(tmp_path: Path) -> None:
+    """checkpoint_<key> (README) for every checkpoint key, async included (`async` is a keyword)."""
+    train, val = circles.datasets(n_per_class=200)
+    net = circles.Net()
+    tr = Trainer(max_epochs=2, batch_size=40, run_dir=tmp_path / "d", progress=False, logger="none",
+                 checkpoint_async=True, checkpoint_every_n_steps=2, checkpoint_keep_last=3, checkpoint_save_top_k=0)
+    tr.fit(net, nn.BCEWithLogitsLoss(), torch.optim.Adam(net.parameters(), lr=0.01), train, val)
+    assert tr.cfg.checkpoint.async_save is True and tr.ckpt is not None and tr.ckpt.async_save
+    ckpts = tmp_path / "d" / "checkpoints"
+    # 7 steps per epoch: saves at 2, 4, 6, 7 (epoch end), 8, 10, 12, 14; the newest 3 are kept
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-0000010", "step-0000012", "step-0000014"]
+    log = (tmp_path / "d" / "logs" / "rank-0.log").read_text()
+    assert log.count("committed") == 8, "every save was committed"
+    assert tr.best_checkpoint is None  # save_top_k=0: none kept for being best

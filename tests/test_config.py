@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import REPO, run_cli
 from launcher import config as C
+from launcher import recipe
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,7 @@ def test_to_object_gives_typed_config_that_passes_checks(compose_cfg) -> None:
     assert isinstance(cfg, C.Config) and isinstance(cfg.trainer, C.TrainerConfig)
     assert cfg.logger.name == "wandb"
     C.check(cfg)
+    recipe.check(cfg)
     round_trip = C.from_dict(C.to_dict(cfg))
     assert round_trip == cfg
 

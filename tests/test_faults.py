@@ -97,7 +97,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path: 
     _wait(lambda: (staging / "state.pt").exists(), proc, f"the write of step {kill_at}", timeout=300)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    from launcher import checkpoint as ckpt
+    from launcher.checkpoint import format as ckpt
 
     assert not (run_dir / "checkpoints" / f"step-{kill_at:07d}").exists(), "killed mid-write, yet committed"
     previous = ckpt.latest(run_dir / "checkpoints")

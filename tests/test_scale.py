@@ -102,7 +102,7 @@ def test_async_save_is_equivalent_to_sync(tmp_path: Path, recipe: list[str]) -> 
     _assert_same_weights(_weights(runs["true"] / "model.pt"), _weights(runs["false"] / "model.pt"), atol=1e-5)
     a, b = (sorted(p.name for p in (runs[m] / "checkpoints").glob("step-*")) for m in ("true", "false"))
     assert a == b and a, "the same checkpoints, all committed"
-    from launcher import checkpoint as ckpt
+    from launcher.checkpoint import format as ckpt
 
     for name in a:
         assert ckpt.verify(runs["true"] / "checkpoints" / name) is None

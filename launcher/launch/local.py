@@ -6,20 +6,27 @@ and exit non-zero, so a crash never leaves the others waiting in a collective.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import logging
 import os
+import socket
+import struct
 import sys
 from pathlib import Path
 from typing import Any
 
 from .. import config as C
+# imported by the launcher before it forks: CPU ranks then start with the worker (and torch) loaded
+from .. import worker
 
 log = logging.getLogger("launcher")
 
 
 def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
     """Run nproc ranks per node of the worker on config_path; returns the process exit code."""
+    # elastic is imported here, not at the top: a one-rank in-process run never needs it
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -59,8 +66,6 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
 
 
 def _forked_rank(config_path: str) -> None:
-    from .. import worker
-
     worker.main([config_path])
 
 
@@ -79,10 +84,6 @@ def _pin_interface(addr: str) -> None:
 
 
 def _interface_of(addr: str) -> str | None:
-    import fcntl
-    import socket
-    import struct
-
     SIOCGIFADDR = 0x8915  # Linux: the IPv4 address of an interface
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for _, name in socket.if_nameindex():
@@ -108,8 +109,6 @@ def _rdzv_id(cfg: C.Config) -> str:
     """The same on every node of the job: from the run directory and the rendezvous endpoint."""
     if cfg.run.id:
         return cfg.run.id
-    import hashlib
-
     return "launcher-" + hashlib.sha256(f"{cfg.run.dir}|{cfg.launcher.rdzv_endpoint}".encode()).hexdigest()[:12]
 
 

@@ -21,9 +21,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .. import config as C
+from .. import worker
 
 log = logging.getLogger("launcher")
 
@@ -57,17 +58,27 @@ def first_host(nodelist: str) -> str:
 
 
 def export_env() -> None:
-    """RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT from this srun task's
-    SLURM env. Overwrites: sbatch copies the submitting shell's env, which may hold stale values."""
+    """The torch env (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) of
+    this srun task, exported by submitit's TorchDistributedEnvironment, then narrowed to the step.
+
+    Overwrites: sbatch copies the submitting shell's env, which may hold stale values (a stale
+    MASTER_PORT is dropped so the port comes from the job id: the same on every task and after a
+    requeue, different for each array element). submitit reads the job's task count and node list
+    and assumes even tasks per node; an srun step may use fewer tasks or nodes than its allocation,
+    and uneven ones, so SLURM's step values win where it gives them.
+    """
+    from submitit.helpers import TorchDistributedEnvironment  # the [slurm] extra; local runs never need it
+
     env = os.environ
-    job = int(env.get("SLURM_JOB_ID", "0"))
-    env["RANK"] = env["SLURM_PROCID"]
-    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    env["WORLD_SIZE"] = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS", "1")
+    env.setdefault("SUBMITIT_EXECUTOR", "slurm")  # outside a submitit job (an sbatch script's srun) say where we are
+    env.pop("MASTER_PORT", None)
+    # one device per rank is chosen by LOCAL_RANK (dist.init), not by narrowing CUDA_VISIBLE_DEVICES
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    if env.get("SLURM_STEP_NUM_TASKS"):
+        env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
+    if env.get("SLURM_STEP_NODELIST"):
+        env["MASTER_ADDR"] = first_host(env["SLURM_STEP_NODELIST"])
     env["LOCAL_WORLD_SIZE"] = str(_tasks_on_this_node())
-    env["MASTER_ADDR"] = first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost"))
-    # from the job id: the same on every task, the same after a requeue, different for array elements
-    env["MASTER_PORT"] = str(20000 + job % 20000)
 
 
 class SlurmRank:
@@ -76,22 +87,12 @@ class SlurmRank:
     def __init__(self, config_path: str) -> None:
         self.config_path = config_path
 
-    def __call__(self) -> Optional[dict]:
-        import yaml
-
-        from .. import worker
-
+    def __call__(self) -> None:
         export_env()
-        with open(self.config_path) as f:
-            cfg = C.from_dict(yaml.safe_load(f))
-        return worker.run(cfg)
+        worker.run(C.load_resolved_config(self.config_path))
 
 
 # ---- submission -------------------------------------------------------------------------------------
-
-def tasks_per_node(cfg: C.Config) -> int:
-    return int(cfg.trainer.gpus) if cfg.trainer.gpus else cfg.trainer.nproc
-
 
 def sbatch_options() -> list[str]:
     """sbatch's long option names (from `sbatch --help`), to check launcher.sbatch keys by name."""
@@ -108,7 +109,7 @@ def check(cfg: C.Config) -> None:
     for key in lc.sbatch:
         if key.replace("_", "-") not in valid:
             raise C.ConfigError(f"launcher.sbatch.{key}", lc.sbatch[key], "not an sbatch option", ", ".join(valid))
-    tpn = tasks_per_node(cfg)
+    tpn = C.ranks_per_node(cfg.trainer)
     out = subprocess.run(["sinfo", "-h", "-o", "%P|%D|%c|%G", *(["-p", lc.partition] if lc.partition else [])],
                          capture_output=True, text=True)
     parts = [ln.split("|") for ln in out.stdout.split() if ln.count("|") == 3]
@@ -136,7 +137,7 @@ def _partitions() -> str:
 
 def describe(cfg: C.Config) -> str:
     lc: C.SlurmLauncherConfig = cfg.launcher
-    tpn, g = tasks_per_node(cfg), cfg.trainer.gpus
+    tpn, g = C.ranks_per_node(cfg.trainer), cfg.trainer.gpus
     per = f"{tpn} task(s)/node, one per GPU ({g} GPU(s)/node)" if g else f"{tpn} CPU task(s)/node"
     return (f"{cfg.trainer.nodes} node(s) x {per} = {cfg.trainer.nodes * tpn} rank(s); "
             f"partition={lc.partition or '(default)'} time={lc.time_min} min account={lc.account or '-'} "
@@ -145,12 +146,12 @@ def describe(cfg: C.Config) -> str:
 
 
 def executor(cfg: C.Config, folder: Path, job_name: str = "") -> Any:
-    import submitit
+    import submitit  # the [slurm] extra: imported only when a job is submitted
 
     lc: C.SlurmLauncherConfig = cfg.launcher
     ex = submitit.SlurmExecutor(folder=str(folder / "%j"), max_num_timeout=lc.max_requeues)
     params: dict[str, Any] = dict(
-        nodes=cfg.trainer.nodes, ntasks_per_node=tasks_per_node(cfg), time=lc.time_min,
+        nodes=cfg.trainer.nodes, ntasks_per_node=C.ranks_per_node(cfg.trainer), time=lc.time_min,
         job_name=lc.job_name or job_name or Path(cfg.run.dir).name, setup=list(lc.setup),
         array_parallelism=lc.array_parallelism, signal_delay_s=lc.signal_delay_s,
         # our signal and our requeue (see the module docstring); later keys override submitit's lines
@@ -214,7 +215,7 @@ def _rank_tracebacks(folder: Path, job_id: str) -> list[tuple[int, Path, str]]:
 
 def wait(jobs: list[Any], poll_s: float) -> int:
     """Block until the jobs end; 0 when all completed, else 1 with each failure's log tail."""
-    from submitit.core.utils import FailedJobError, UncompletedJobError
+    from submitit.core.utils import FailedJobError, UncompletedJobError  # the [slurm] extra
 
     for job in jobs:
         while not job.done():

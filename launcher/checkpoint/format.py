@@ -1,10 +1,15 @@
-"""Checkpoints on disk: atomic `step-NNNNNNN/` folders, the latest + top-k, and safe loading.
+"""Checkpoints on disk: atomic `step-NNNNNNN/` folders, finding the latest, and safe loading.
 
-A checkpoint is written into a hidden temp folder, its files fsynced, then `manifest.json` (sizes
-and sha256 of every file), then the folder is renamed into place. So a folder named step-* with a
-manifest whose sizes and hashes match is complete; anything else (a crash mid-save, a truncated
-copy) is reported by name and passed over for the previous complete one. Loading uses
-torch.load(weights_only=True): a checkpoint cannot run code.
+A checkpoint is written into a hidden staging folder, its files fsynced, then `manifest.json`
+(format version, sizes and sha256 of every file), then the folder is renamed into place. So a
+folder named step-* with a manifest whose sizes and hashes match is complete; anything else (a
+crash mid-save, a truncated copy) is reported by name and passed over for the previous complete
+one. Loading uses torch.load(weights_only=True): a checkpoint cannot run code.
+
+Layout of format 1 (unchanged since the first release, so every checkpoint ever written loads):
+state.pt holds one entry per registered Stateful part plus run_id and config; under FSDP the
+model and optimizer entries are torch.distributed.checkpoint shards in sharded/ instead.
+This module knows files, not training: what the entries mean is the manager's callers' business.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +31,8 @@ log = logging.getLogger("launcher")
 STATE = "state.pt"
 MANIFEST = "manifest.json"
 SHARDED = "sharded"
+FORMAT = 1  # written into every manifest; a reader refuses (one line) a format it does not know
+READS = (1,)
 _NAME = re.compile(r"^step-(\d{7,})$")
 
 
@@ -48,23 +56,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _replace_symlink(link: Path, target: str) -> None:
-    tmp = link.with_name(f".{link.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)  # atomic: readers see the old or the new target, never none
-
-
 def staging(folder: Path) -> Path:
     """Where `folder` is written before it is committed (the same path on every rank)."""
     return folder.with_name(f".tmp-{folder.name}")
 
 
-def write(folder: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Write `state` as the checkpoint `folder` (e.g. run/checkpoints/step-0000100), atomically."""
+def begin(folder: Path) -> Path:
+    """A fresh, empty staging folder for `folder` (whatever an earlier attempt left is removed)."""
     tmp = staging(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def write(folder: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write `state` as the checkpoint `folder` (e.g. run/checkpoints/step-0000100), atomically."""
+    tmp = begin(folder)
     write_state(tmp, state)
     return commit(tmp, folder, meta)
 
@@ -80,7 +87,7 @@ def commit(tmp: Path, folder: Path, meta: dict[str, Any]) -> Path:
     """Seal a staged checkpoint: manifest (size + sha256 of every file, shards included), then rename."""
     files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(tmp.rglob("*")) if p.is_file()}
-    manifest = {"format": 1, **meta, "files": files, "written_at": time.time()}
+    manifest = {"format": FORMAT, **meta, "files": files, "written_at": time.time()}
     with open(tmp / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
@@ -97,14 +104,29 @@ def commit(tmp: Path, folder: Path, meta: dict[str, Any]) -> Path:
     return folder
 
 
+def read_manifest(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def remove_tree(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def format_problem(folder: Path, manifest: dict[str, Any]) -> str:
+    return (f"{folder}: checkpoint format {manifest.get('format')!r}; this launcher reads format "
+            f"{', '.join(map(str, READS))} (the checkpoint was written by another launcher version)")
+
+
 def verify(folder: Path) -> Optional[str]:
     """None when `folder` is a complete checkpoint, else why not (one line)."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = read_manifest(folder)
     except FileNotFoundError:
         return f"{folder}: no {MANIFEST} (the save did not finish)"
     except (OSError, ValueError) as e:
         return f"{folder}/{MANIFEST}: unreadable ({e})"
+    if manifest.get("format") not in READS:
+        return format_problem(folder, manifest)
     for name, info in manifest.get("files", {}).items():
         path = folder / name
         if not path.exists():
@@ -134,9 +156,7 @@ def export_model(folder: Path, out: Path) -> Path:
     """One single-file state_dict of the bare model (for inference), from any checkpoint."""
     folder = resolve(folder)
     if is_sharded(folder):
-        import tempfile
-
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save  # only export needs it
 
         with tempfile.TemporaryDirectory() as tmpdir:
             full = Path(tmpdir) / "full.pt"
@@ -196,90 +216,52 @@ def resolve(path: str | Path) -> Path:
             return found
     problem = verify(p)
     if problem:
+        try:
+            manifest = read_manifest(p)
+        except (OSError, ValueError):
+            manifest = {"format": FORMAT}
+        if manifest.get("format") not in READS:  # complete, but not ours to read: say so, not "damaged"
+            raise ValueError(f"resume={path}: {format_problem(p, manifest)}")
         raise ValueError(f"resume={path}: not a complete checkpoint ({problem})")
     return p
 
 
-class Checkpointer:
-    """Owns the interval rules, the `last`/`best` links and the top-k retention of one run."""
+def clean_temp(ckpt_dir: Path) -> None:
+    """Remove what an interrupted save left behind (rank 0, at start).
 
-    def __init__(self, ckpt_dir: Path, *, enabled: bool, every_n_epochs: int, every_n_steps: int,
-                 save_top_k: int, mode: str, keep_last: int = 2) -> None:
-        self.dir, self.enabled = ckpt_dir, enabled
-        self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
-        self.save_top_k, self.mode, self.keep_last = save_top_k, mode, keep_last
-        self.top: list[tuple[float, str]] = []  # (score, folder name), best first
-        self.last_saved_step = -1
+    A `.old-X` whose `X` is missing is the committed checkpoint of a same-step swap that was
+    cut between its two renames: it is put back, not deleted.
+    """
+    if not ckpt_dir.is_dir():
+        return
+    for p in ckpt_dir.iterdir():
+        if p.name.startswith(".old-"):
+            name = p.name[len(".old-"):].rsplit("-", 1)[0]
+            if not (ckpt_dir / name).exists() and verify(p) is None:
+                os.rename(p, ckpt_dir / name)
+                continue
+        if p.name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(p, ignore_errors=True)
 
-    def due_step(self, step: int) -> bool:
-        return self.enabled and self.every_n_steps > 0 and step % self.every_n_steps == 0
 
-    def due_epoch(self, epoch: int) -> bool:
-        return self.enabled and self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0
+def retire_after(ckpt_dir: Path, step: int) -> None:
+    """Move the checkpoints newer than `step` (the point training continues from) into
+    checkpoints/retired/: kept for the user, but out of `latest()` and out of pruning, which
+    would otherwise rank that abandoned timeline above the checkpoints written from now on."""
+    stale = [p for p in candidates(ckpt_dir) if int(p.name.split("-")[1]) > step]
+    if not stale:
+        return
+    target = ckpt_dir / "retired" / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    for p in stale:
+        os.rename(p, target / p.name)
+    log.warning("moved %d checkpoint(s) newer than step %d to %s (training continues from step %d)",
+                len(stale), step, target, step)
 
-    def clean_temp(self) -> None:
-        """Remove what an interrupted save left behind (rank 0, at start).
 
-        A `.old-X` whose `X` is missing is the committed checkpoint of a same-step swap that was
-        cut between its two renames: it is put back, not deleted.
-        """
-        if not self.dir.is_dir():
-            return
-        for p in self.dir.iterdir():
-            if p.name.startswith(".old-"):
-                name = p.name[len(".old-"):].rsplit("-", 1)[0]
-                if not (self.dir / name).exists() and verify(p) is None:
-                    os.rename(p, self.dir / name)
-                    continue
-            if p.name.startswith((".tmp-", ".old-")):
-                shutil.rmtree(p, ignore_errors=True)
-
-    def retire_after(self, step: int) -> None:
-        """Move this run's checkpoints newer than `step` (the point training continues from) into
-        checkpoints/retired/: kept for the user, but out of `latest()` and out of pruning, which
-        would otherwise rank that abandoned timeline above the checkpoints written from now on."""
-        stale = [p for p in candidates(self.dir) if int(p.name.split("-")[1]) > step]
-        if not stale:
-            return
-        target = self.dir / "retired" / time.strftime("%Y%m%d-%H%M%S")
-        target.mkdir(parents=True, exist_ok=True)
-        for p in stale:
-            os.rename(p, target / p.name)
-        log.warning("moved %d checkpoint(s) newer than step %d to %s (training continues from step %d)",
-                    len(stale), step, target, step)
-
-    def committed(self, folder: Path, score: Optional[float]) -> Path:
-        """After `folder` is complete: the `last`/`best` links, top-k, and pruning."""
-        _replace_symlink(self.dir / "last", folder.name)
-        if score is not None and self.save_top_k > 0:
-            self.top = self._ranked(score, folder.name)
-            if self.top[0][1] == folder.name:
-                _replace_symlink(self.dir / "best", folder.name)
-        self._prune(best={name for _, name in self.top})
-        return folder
-
-    def _prune(self, best: set[str]) -> None:
-        """Delete every step folder that is neither among the keep_last newest nor among the best."""
-        for p in candidates(self.dir)[self.keep_last:]:
-            if p.name not in best:
-                shutil.rmtree(p, ignore_errors=True)
-
-    @property
-    def best(self) -> Optional[tuple[float, Path]]:
-        return (self.top[0][0], self.dir / self.top[0][1]) if self.top else None
-
-    def _ranked(self, score: Optional[float], name: str) -> list[tuple[float, str]]:
-        top = [t for t in self.top if t[1] != name]
-        if score is not None and self.save_top_k > 0:
-            top.append((score, name))
-        top.sort(key=lambda t: t[0], reverse=self.mode == "max")
-        return top[: self.save_top_k]
-
-    def state_dict(self, pending: Optional[tuple[Optional[float], str]] = None) -> dict[str, Any]:
-        """The top-k list; with `pending` (the score and name of the checkpoint being written),
-        as it will be once that checkpoint is committed, so the checkpoint records itself."""
-        top = self._ranked(*pending) if pending is not None else self.top
-        return {"top": [list(t) for t in top]}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.top = [(float(s), str(n)) for s, n in sd.get("top", [])]
+def replace_symlink(link: Path, target: str) -> None:
+    """Point `link` at `target` atomically: readers see the old or the new target, never none."""
+    tmp = link.with_name(f".{link.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)

@@ -1,0 +1,243 @@
+"""When checkpoints are written, which are kept, and how a run's state is saved and put back.
+
+CheckpointManager saves and restores one dict of Stateful parts (name -> object with state_dict()
+and load_state_dict()) that the trainer registers once; it knows nothing about the loop. A part
+that also has dcp_state_dict() / load_dcp_state_dict() (the model and the optimizer) is written
+as torch.distributed.checkpoint shards by every rank when the run is sharded (FSDP); everything
+else goes into rank 0's state.pt. Saves are sync or async (checkpoint.async: one in flight, its
+tensors staged first so training may change the live weights at once); either way the commit
+(manifest, rename, links, retention) runs when every byte is written, so a crash mid-save leaves
+the previous checkpoint as the latest complete one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import torch
+
+from .. import dist as D
+from ..config import CheckpointConfig
+from . import format as F
+
+log = logging.getLogger("launcher")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, sd: Any) -> None: ...
+
+
+class Retention:
+    """Which checkpoints stay: the keep_last newest and the save_top_k best by the monitored score.
+    Owns the `last` and `best` links. Stateful: the top-k list survives restarts."""
+
+    def __init__(self, ckpt_dir: Path, *, save_top_k: int, mode: str, keep_last: int) -> None:
+        self.dir, self.save_top_k, self.mode, self.keep_last = ckpt_dir, save_top_k, mode, keep_last
+        self.top: list[tuple[float, str]] = []  # (score, folder name), best first
+        # (score, name) of the checkpoint being written: it records the top-k list as it will be
+        # once it is committed, so a run resumed from it ranks itself correctly
+        self.pending: Optional[tuple[Optional[float], str]] = None
+
+    def ranked(self, score: Optional[float], name: str) -> list[tuple[float, str]]:
+        """The top-k list with `name` scored `score` (a re-save of the same name replaces it)."""
+        top = [t for t in self.top if t[1] != name]
+        if score is not None and self.save_top_k > 0:
+            top.append((score, name))
+        top.sort(key=lambda t: t[0], reverse=self.mode == "max")
+        return top[: self.save_top_k]
+
+    def committed(self, folder: Path, score: Optional[float]) -> None:
+        """After `folder` is complete: the `last`/`best` links, top-k, and pruning."""
+        F.replace_symlink(self.dir / "last", folder.name)
+        if score is not None and self.save_top_k > 0:
+            self.top = self.ranked(score, folder.name)
+            if self.top[0][1] == folder.name:
+                F.replace_symlink(self.dir / "best", folder.name)
+        self.prune()
+
+    def doomed(self, names: list[str]) -> list[str]:
+        """Of `names` (newest first), those neither among the keep_last newest nor among the best."""
+        best = {name for _, name in self.top}
+        return [n for n in names[self.keep_last:] if n not in best]
+
+    def prune(self) -> None:
+        for name in self.doomed([p.name for p in F.candidates(self.dir)]):
+            F.remove_tree(self.dir / name)
+
+    @property
+    def best(self) -> Optional[tuple[float, Path]]:
+        return (self.top[0][0], self.dir / self.top[0][1]) if self.top else None
+
+    def state_dict(self) -> dict[str, Any]:
+        top = self.ranked(*self.pending) if self.pending is not None else self.top
+        return {"top": [list(t) for t in top]}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.top = [(float(s), str(n)) for s, n in sd.get("top", [])]
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """A copy that training cannot change under the background writer's feet."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointManager:
+    """One run's checkpoints: the interval rules, retention, and the save / restore of `states`."""
+
+    def __init__(self, ckpt_dir: Path, cfg: CheckpointConfig, *, mode: str, dist: D.Dist,
+                 states: dict[str, Stateful], sharded: bool, info: dict[str, Any], xla: Any = None) -> None:
+        self.dir, self.cfg, self.d, self.sharded, self.info, self.xla = ckpt_dir, cfg, dist, sharded, info, xla
+        self.retention = Retention(ckpt_dir, save_top_k=cfg.save_top_k, mode=mode, keep_last=cfg.keep_last)
+        self.states: dict[str, Stateful] = {**states, "checkpointer": self.retention}
+        # XLA tensors are written through xm.save, a rendezvous of all ranks: no background thread
+        self.async_save = cfg.async_save and xla is None
+        self.last_saved_step = -1
+        self._thread: Optional[threading.Thread] = None
+        self._future: Any = None
+        self._error: Optional[BaseException] = None
+        self._pg: Any = None
+        if sharded and self.async_save and dist.distributed:
+            # DCP's background finish runs collectives; a group of their own keeps them from
+            # interleaving with the training loop's all-reduces.
+            self._pg = torch.distributed.new_group(backend="gloo")
+
+    # ---- when ------------------------------------------------------------------------------------
+    def due_step(self, step: int) -> bool:
+        return self.cfg.enabled and self.cfg.every_n_steps > 0 and step % self.cfg.every_n_steps == 0
+
+    def due_epoch(self, epoch: int) -> bool:
+        return self.cfg.enabled and self.cfg.every_n_epochs > 0 and epoch % self.cfg.every_n_epochs == 0
+
+    @property
+    def best(self) -> Optional[tuple[float, Path]]:
+        return self.retention.best
+
+    def clean(self) -> None:
+        """Rank 0, before the resume point is chosen: finish or remove what interrupted saves left."""
+        if self.d.is_main:
+            F.clean_temp(self.dir)
+
+    def retire_after(self, step: int) -> None:
+        """Rank 0, once training continues from `step`: newer checkpoints are another timeline."""
+        if self.d.is_main:
+            F.retire_after(self.dir, step)
+
+    # ---- save ------------------------------------------------------------------------------------
+    def save(self, step: int, epoch: int, score: Optional[float]) -> None:
+        """A checkpoint of every registered part at `step` (a collective: every rank calls it)."""
+        started = time.perf_counter()
+        self.wait()  # the previous save's commit updates the top-k list this one records
+        folder = self.dir / F.step_name(step)
+        writes = self.d.is_main or self.xla is not None  # xm.save is called by every rank (the master writes)
+        state: dict[str, Any] = {}
+        shards: dict[str, Any] = {}
+        self.retention.pending = (score, folder.name)
+        try:
+            for name, part in self.states.items():
+                if self.sharded and hasattr(part, "dcp_state_dict"):
+                    shards[name] = part.dcp_state_dict()  # type: ignore[attr-defined]
+                else:
+                    sd = part.state_dict()  # on every rank: some parts gather from all ranks
+                    if writes:
+                        state[name] = sd
+        finally:
+            self.retention.pending = None
+        state.update(self.info)
+        meta = {"step": step, "epoch": epoch, "run_id": self.info.get("run_id", ""),
+                "world_size": self.d.world_size, "sharded": self.sharded}
+        self._write(folder, state, meta, score, shards, started)
+        self.last_saved_step = step
+        log.info("checkpoint at step %d: training blocked %.3f s", step, time.perf_counter() - started,
+                 extra={"file_only": True})
+
+    def _write(self, folder: Path, state: dict[str, Any], meta: dict[str, Any], score: Optional[float],
+               shards: dict[str, Any], started: float) -> None:
+        tmp = F.staging(folder)
+        if self.d.is_main:
+            F.begin(folder)
+        if self.sharded:
+            import torch.distributed.checkpoint as dcp  # FSDP runs only: a second of import otherwise
+
+            D.barrier()  # the staging folder exists before any rank writes into it
+            if self.async_save:
+                self._future = dcp.async_save(shards, checkpoint_id=str(tmp / F.SHARDED), process_group=self._pg)
+            else:
+                dcp.save(shards, checkpoint_id=str(tmp / F.SHARDED))
+        if self.xla is not None:
+            D.barrier()  # rank 0 created the staging folder
+            self.xla.save(state, str(tmp / F.STATE))  # every rank; the master writes
+            if self.d.is_main:
+                self.retention.committed(F.commit(tmp, folder, meta), score)
+            return
+        if not self.d.is_main:
+            return
+        if not self.async_save:
+            self._finish(tmp, folder, state, meta, score, started)
+            return
+        self._thread = threading.Thread(target=self._finish_in_background,
+                                        args=(tmp, folder, _cpu_copy(state), meta, score, started),
+                                        name=f"checkpoint-{folder.name}", daemon=True)
+        self._thread.start()
+
+    def _finish(self, tmp: Path, folder: Path, state: dict[str, Any], meta: dict[str, Any],
+                score: Optional[float], started: float) -> None:
+        if self._future is not None:
+            self._future.result()  # rank 0's future ends after every rank's shard and the metadata
+            self._future = None
+        F.write_state(tmp, state)
+        self.retention.committed(F.commit(tmp, folder, meta), score)
+        log.info("checkpoint %s committed %.3f s after the save began", folder.name, time.perf_counter() - started,
+                 extra={"file_only": True})
+
+    def _finish_in_background(self, *args: Any) -> None:
+        try:
+            self._finish(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed; raise what it failed with."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._future is not None:  # ranks > 0 of a sharded async save
+            self._future.result()
+            self._future = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"background checkpoint save failed: {error}") from error
+
+    # ---- restore ---------------------------------------------------------------------------------
+    def restore(self, folder: Path) -> None:
+        """Put every registered part back from `folder` (every rank reads it; rank 0 chose and
+        verified it). A sharded checkpoint loads at any world size, sharded run or not."""
+        sd = F.load(folder, verified=True)
+        shards: dict[str, Any] = {}
+        if F.is_sharded(folder):
+            import torch.distributed.checkpoint as dcp  # sharded checkpoints only (see _write)
+
+            # DCP fills these templates with each rank's part of every tensor, whatever wrote them
+            shards = {name: part.dcp_state_dict() for name, part in self.states.items()  # type: ignore[attr-defined]
+                      if hasattr(part, "dcp_state_dict")}
+            dcp.load(shards, checkpoint_id=str(folder / F.SHARDED))
+        for name, part in self.states.items():
+            if name in shards:
+                part.load_dcp_state_dict(shards[name])  # type: ignore[attr-defined]
+            elif name in sd:
+                part.load_state_dict(sd[name])
+            else:
+                raise ValueError(f"{folder / F.STATE}: holds no {name!r} state; valid: a checkpoint written "
+                                 "by this launcher for this kind of run")
+        self.last_saved_step = int(F.read_manifest(folder)["step"])

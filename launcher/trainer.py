@@ -1,0 +1,360 @@
+"""Trainer: fit / evaluate / predict, for the CLI's ranks and the Python API alike.
+
+    history = Trainer(max_epochs=10, monitor="val_loss", patience=5, run_dir="runs/a").fit(
+        net, loss_fn, optimizer, train_data, val_data, metrics={"acc": torchmetrics.Accuracy(...)})
+
+fit() is set-up, then one loop (`while self.should_continue(): one optimizer step, then what
+follows it`), then teardown. The Trainer owns the loop's state; what must survive a restart is
+registered once in `self.states` and the checkpoint manager saves and restores exactly that.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from . import config as C
+from . import dist as D
+from . import parts
+from . import run as R
+from . import strategy as S
+from .checkpoint import format as F
+from .checkpoint.manager import CheckpointManager
+from .data import Batches
+from .evaluation import evaluate, predict
+from .loggers import NullLogger, RunLogger, setup_logging
+from .metrics import Accumulator
+from .options import from_kwargs
+from .precision import Precision
+from .progress import Progress
+from .recipe import check_monitor
+from .state import EarlyStopping, Maybe, PerRank, TrainProgress, seed_everything
+from .xla import init as xla_init
+
+log = logging.getLogger("launcher")
+
+
+class History(list):
+    """One dict per epoch (epoch, step, lr, train_*, val_*); `.df` is the same as a pandas DataFrame."""
+
+    @property
+    def df(self) -> Any:
+        import pandas as pd  # optional extra ([pandas]); only this property needs it
+
+        return pd.DataFrame(list(self))
+
+
+class Trainer:
+    def __init__(self, config: Optional[C.Config] = None, *, dist: Optional[D.Dist] = None,
+                 stop: Optional[Any] = None, **kwargs: Any) -> None:
+        self.cfg = config if config is not None else from_kwargs(kwargs)
+        C.check_api(self.cfg)  # the Python API has no parent process that checked it
+        self._init(dist, stop)
+
+    @classmethod
+    def for_rank(cls, cfg: C.Config, dist: D.Dist, stop: Optional[Any]) -> "Trainer":
+        """A CLI rank's Trainer: its config was resolved and checked once, in the parent."""
+        self = cls.__new__(cls)
+        self.cfg = cfg
+        self._init(dist, stop)
+        return self
+
+    def _init(self, dist: Optional[D.Dist], stop: Optional[Any]) -> None:
+        self.dist = dist
+        self.stop = stop  # a preempt.StopRequest: stop at an agreed step and checkpoint (SLURM requeue)
+        self.preempted = False  # fit() returned early because of a stop request
+        self.model: Optional[nn.Module] = None  # the bare module (never the DDP wrapper)
+        self.run_dir = Path(self.cfg.run.dir).expanduser().absolute()
+        self.run_id = self.cfg.run.id
+        self.progress = TrainProgress()
+        self.ckpt: Optional[CheckpointManager] = None
+        self.parts: Optional[parts.FitParts] = None  # built by fit(); evaluate() after it reuses them
+
+    # ---- what fit() leaves behind --------------------------------------------------------------------
+    @property
+    def history(self) -> "History":
+        return History(self.progress.history)
+
+    @property
+    def best_checkpoint(self) -> Optional[Path]:
+        return self.ckpt.best[1] if self.ckpt is not None and self.ckpt.best else None
+
+    @property
+    def best_score(self) -> Optional[float]:
+        return self.ckpt.best[0] if self.ckpt is not None and self.ckpt.best else None
+
+    # ---- set-up ------------------------------------------------------------------------------------
+    def _dist(self) -> D.Dist:
+        if self.dist is None and self.cfg.trainer.accelerator == "xla":
+            self.dist, _ = xla_init(self.cfg.trainer.dist_timeout_s)
+        if self.dist is None:
+            # the same device rules as the CLI (gpus unset: one GPU if CUDA is there), in or out of torchrun
+            gpus = C.resolve_gpus(self.cfg.trainer, local=True)
+            self.dist = D.init(gpus, self.cfg.trainer.dist_timeout_s) if D.env_rank() or gpus else D.current()
+        return self.dist
+
+    def _prepare_run(self, d: D.Dist) -> None:
+        config = C.to_dict(self.cfg) if not self.run_id else None  # a CLI rank's parent wrote it already
+        self.run_dir, self.run_id = R.agree_on_run(d, self.run_dir, self.run_id, config)
+        self.cfg.run.id, self.cfg.run.dir = self.run_id, str(self.run_dir)
+        setup_logging(self.run_dir, d.rank)
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        log.info("run %s: rank %d of %d (local rank %d) on node %s, device %s, pid %d", self.run_id, d.rank,
+                 d.world_size, d.local_rank, node, d.device, os.getpid(), extra={"file_only": True})
+
+    def _setup(self, model: nn.Module, loss_fn: Callable, optimizer: Any, train_data: Any, val_data: Any,
+               metrics: dict[str, Any], scheduler: Any, batch_size: Optional[int]) -> None:
+        t, cfg = self.cfg.trainer, self.cfg
+        d = self._dist()
+        self.progress, self.preempted = TrainProgress(), False  # a second fit() starts over (or resumes)
+        check_monitor(t.monitor, list(metrics), has_val=val_data is not None)  # only fit() knows the data
+        self._prepare_run(d)
+        self.parts = fp = parts.build(t, d, model, loss_fn, optimizer, train_data, val_data, metrics, scheduler,
+                                      batch_size)
+        self.model = fp.model
+        self.stopper = EarlyStopping(t.mode, t.patience, t.min_delta)
+        # Everything that must survive a restart, registered once; the manager adds its own retention.
+        # Order matters on load: the model before its optimizer, the progress before the per-rank
+        # part (which reseeds from the step at another world size).
+        self.states: dict[str, Any] = {
+            "model": S.ModelState(fp.model, fp.sharded),
+            "optimizer": S.OptimizerState(fp.model, fp.optimizer, fp.sharded),
+            "scheduler": Maybe(fp.scheduler),
+            "scaler": fp.prec,
+            "loop": self.progress,
+            "early_stopping": self.stopper,
+            "ranks": PerRank({"train": fp.train_acc}, d,
+                             reseed=lambda: seed_everything(t.seed + d.rank + self.progress.step)),
+            "data": fp.train,
+        }
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint, mode=t.mode, dist=d,
+                                      states=self.states, sharded=fp.sharded, xla=fp.xla,
+                                      info={"run_id": self.run_id, "config": C.to_dict(cfg)})
+        self.logger: Any = NullLogger()
+        if d.is_main and cfg.logger.name != "none":
+            self.logger = RunLogger(self.run_dir, name=cfg.run.name or self.run_dir.name, run_id=self.run_id,
+                                    config=C.to_dict(cfg), wandb=vars(cfg.logger) if cfg.logger.name == "wandb"
+                                    else None, plots=cfg.logger.plots)
+        self.ckpt.clean()  # before choosing: a same-step swap cut short is put back first
+        point = R.agree_on_resume_point(d, self.run_dir, self.cfg.resume)
+        if point is not None:
+            self.ckpt.restore(point)
+            log.info("resumed from %s: step %d, epoch %d at batch %d", point, self.progress.step,
+                     self.progress.epoch + 1, self.progress.batch_in_epoch)
+        else:
+            seed_everything(t.seed + d.rank)  # per-rank streams (dropout differs per rank, like torchrun)
+        self.ckpt.retire_after(self.progress.step)
+        self.bar = Progress(d.is_main and t.progress, t.progress_refresh_s, fp.speed)
+        self._epoch: Optional[Iterator[Any]] = None  # the batches left in the epoch in progress
+
+    # ---- fit: set-up, one loop, teardown -------------------------------------------------------------
+    def fit(self, model: nn.Module, loss_fn: Callable, optimizer: Any, train_data: Any, val_data: Any = None,
+            metrics: Optional[dict[str, Any]] = None, scheduler: Any = None,
+            batch_size: Optional[int] = None) -> History:
+        """Train; returns the history (also self.history). Resumes per `resume` (default: auto)."""
+        self._setup(model, loss_fn, optimizer, train_data, val_data, dict(metrics or {}), scheduler, batch_size)
+        self.heartbeat = D.Heartbeat()
+        with self.heartbeat.naming_late_ranks(lambda: self.progress.step, self.cfg.trainer.dist_timeout_s):
+            while self.should_continue():
+                self._train_step()
+                self._after_step()
+                if self._epoch_over():
+                    self._end_epoch()
+            self._teardown()
+        return self.history
+
+    def should_continue(self) -> bool:
+        return not self.preempted and not self._ends_at(self.progress.epoch)
+
+    def _ends_at(self, epochs_done: int) -> bool:
+        """The one end rule, asked at every point that must know it: early stopping, max_steps, or
+        max_epochs with `epochs_done` complete."""
+        p, t = self.progress, self.cfg.trainer
+        return p.stopped_early or epochs_done >= t.max_epochs or 0 < t.max_steps <= p.step
+
+    def _epoch_done(self) -> bool:
+        return self.progress.batch_in_epoch >= len(self.parts.train)  # type: ignore[union-attr]
+
+    def _train_step(self) -> None:
+        """One optimizer step: the micro-batches of one accumulation group (shorter at the epoch's end)."""
+        p, t = self.progress, self.cfg.trainer
+        if self._epoch is None:
+            self._start_epoch()
+        n, k = len(self.parts.train), t.accumulate_grad_batches
+        start = p.batch_in_epoch - p.batch_in_epoch % k
+        end = min(start + k, n)
+        loss = None
+        for i in range(p.batch_in_epoch, end):
+            loss = self.parts.stepper.micro(next(self._epoch), last=i + 1 == end, group=end - start)  # type: ignore[arg-type]
+            p.batch_in_epoch += 1
+        stepped = self.parts.stepper.step(loss, p.step + 1)  # type: ignore[arg-type]
+        p.step += 1
+        if stepped and self.parts.scheduler is not None and t.scheduler_interval == "step":
+            self.parts.scheduler.step()
+        self.bar.update(self.parts.train_acc.running_loss)
+        self.heartbeat.beat(p.step)
+
+    def _start_epoch(self) -> None:
+        p, t = self.progress, self.cfg.trainer
+        done = p.batch_in_epoch // t.accumulate_grad_batches
+        left = math.ceil(len(self.parts.train) / t.accumulate_grad_batches) - done
+        total = done + (left if t.max_steps < 0 else min(left, t.max_steps - p.step))
+        self.bar.start(f"epoch {p.epoch + 1}/{t.max_epochs}", total, done)
+        self.parts.speed.start_epoch(p.step)
+        batches: Any = self.parts.train.epoch(p.epoch, start=p.batch_in_epoch)
+        if self.parts.xla is not None:
+            batches = self.parts.xla.loader(batches, self.dist.device)  # type: ignore[union-attr]
+        self._epoch = iter(batches)
+
+    def _epoch_over(self) -> bool:
+        """The epoch ends with its batches, or early where the run ends (not for a requeue: the
+        requeued job finishes the epoch)."""
+        return not self.preempted and (self._epoch_done() or self._ends_at(self.progress.epoch))
+
+    def _after_step(self) -> None:
+        """Step-boundary work: per-step logging, step validation, step checkpoints, stop requests."""
+        p, t = self.progress, self.cfg.trainer
+        mid_epoch = not self._epoch_done()
+        if t.log_every_n_steps and p.step % t.log_every_n_steps == 0:
+            self.logger.log_step(p.step, {"train_loss_step": self.parts.train_acc.running_loss(),
+                                          "lr": self.parts.optimizer.param_groups[0]["lr"]})
+        if t.val_every_n_steps and p.step % t.val_every_n_steps == 0 and mid_epoch and self.parts.val is not None:
+            with self.parts.speed.paused():
+                values = self._validate()
+            self.logger.log_step(p.step, values)
+            log.info("validation at step %d: %s", p.step, "  ".join(f"{k}={v:.4g}" for k, v in values.items()
+                                                                    if isinstance(v, float)), extra={"file_only": True})
+            self._monitor(values)
+        if self.ckpt.due_step(p.step) and mid_epoch:  # type: ignore[union-attr]
+            with self.parts.speed.paused():
+                self._save(None)
+        # agreed() is a collective on every rank every step; a stop request at the run's last step
+        # is no reason to requeue (every rank agrees: the terms are the same on all of them)
+        if self.stop is not None and self.stop.agreed(p.step) and not self._ends_at(p.epoch + (not mid_epoch)):
+            self.preempted = True
+
+    def _save(self, score: Optional[float]) -> None:
+        self.ckpt.save(self.progress.step, self.progress.epoch, score)  # type: ignore[union-attr]
+
+    def _validate(self) -> dict[str, float]:
+        fp = self.parts
+        return evaluate(fp.model, fp.loss_fn, fp.val, fp.val_acc, self.dist.device, fp.prec,  # type: ignore
+                        lockstep=fp.sharded)
+
+    def _monitor(self, values: dict[str, float]) -> Optional[float]:
+        """Feed the monitored value (if present) to early stopping; returns it."""
+        t = self.cfg.trainer
+        value = values.get(t.monitor)
+        if value is None or not isinstance(value, float):
+            return None
+        if self.stopper.update(value):
+            log.info("early stopping: %s did not improve for %d validations (best %.6g)",
+                     t.monitor, self.stopper.wait, self.stopper.best)
+            self.progress.stopped_early = True
+        return value
+
+    def _end_epoch(self) -> None:
+        """Sync the epoch's metrics, validate, log, step schedulers and early stopping, maybe save."""
+        p, t = self.progress, self.cfg.trainer
+        speed = self.parts.speed.end_epoch(p.step)
+        row: dict[str, Any] = {"epoch": p.epoch + 1, "step": p.step, "lr": self.parts.optimizer.param_groups[0]["lr"]}
+        row.update(self.parts.train_acc.compute("train"))
+        if self.parts.val is not None and ((p.epoch + 1) % t.val_every_n_epochs == 0 or self._ends_at(p.epoch + 1)):
+            row.update(self._validate())
+        score = self._monitor(row) if t.monitor in row else None
+        if self.parts.scheduler is not None and t.scheduler_interval == "epoch":
+            if isinstance(self.parts.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                if score is not None:
+                    self.parts.scheduler.step(score)
+            else:
+                self.parts.scheduler.step()
+        p.history.append(row)
+        self.logger.log_epoch(p.history)
+        self.logger.log_step(p.step, speed)  # throughput: logs and W&B, not the (deterministic) history
+        if self.dist.is_main:  # type: ignore[union-attr]
+            text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in {**row, **speed}.items() if k != "epoch")
+            log.info("epoch %d: %s", row["epoch"], text, extra={"file_only": t.progress})
+        p.epoch += 1
+        p.batch_in_epoch = 0
+        self._epoch = None
+        self.parts.train_acc.reset()
+        if self.ckpt.due_epoch(p.epoch) or self.ckpt.due_step(p.step):  # type: ignore[union-attr]
+            self._save(score if score is not None and not math.isnan(score) else None)
+        self.bar.close({**row, **speed})
+
+    def _teardown(self) -> None:
+        """A requeue: checkpoint and leave together. The end: last checkpoint, model.pt, plots, W&B."""
+        p, ckpt, d = self.progress, self.ckpt, self.dist
+        assert ckpt is not None and d is not None
+        self.bar.close()
+        if self.preempted:  # mid-epoch: no epoch row; the requeued job finishes this epoch
+            if ckpt.last_saved_step != p.step:
+                self._save(None)
+            ckpt.wait()
+            D.barrier()  # every rank leaves only once rank 0's checkpoint is on disk
+            log.info("stopped at step %d for a requeue (signal %s); checkpoint written", p.step,
+                     self.stop.signame if self.stop else "?")
+        else:
+            if ckpt.cfg.enabled and ckpt.last_saved_step != p.step:
+                self._save(None)
+            ckpt.wait()
+            weights = S.full_weights(self.model, self.parts.sharded, d.is_main)  # type: ignore
+            if weights is not None:
+                torch.save(weights, self.run_dir / "model.pt")
+        self.logger.finish(p.history)
+
+    # ---- the rest of the API ---------------------------------------------------------------------------
+    def evaluate(self, data: Any, model: Optional[nn.Module] = None, loss_fn: Optional[Callable] = None,
+                 metrics: Optional[dict[str, Any]] = None, batch_size: Optional[int] = None) -> dict[str, float]:
+        """val_loss and val_<metric> over every sample of `data` exactly once (all ranks call it)."""
+        d = self._dist()
+        if (model is None or loss_fn is None) and self.parts is None:
+            raise ValueError("evaluate() before fit() needs model= and loss_fn=")
+        model = (model or self.model).to(d.device)  # type: ignore[union-attr]
+        loss_fn = loss_fn or self.parts.loss_fn  # type: ignore[union-attr]
+        metrics = (self.parts.metrics if self.parts is not None else {}) if metrics is None else metrics
+        acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
+        return evaluate(model, loss_fn, self._batches(data, d, batch_size), acc, d.device, *self._eval_mode(d))
+
+    def predict(self, data: Any, model: Optional[nn.Module] = None,
+                batch_size: Optional[int] = None) -> Optional[torch.Tensor]:
+        """Model outputs for every sample, in dataset order, on rank 0 (None on other ranks)."""
+        d = self._dist()
+        if model is None and self.model is None:
+            raise ValueError("predict() before fit() needs model=")
+        model = (model or self.model).to(d.device)  # type: ignore[union-attr]
+        return predict(model, self._batches(data, d, batch_size), d, *self._eval_mode(d))
+
+    def _batches(self, data: Any, d: D.Dist, batch_size: Optional[int]) -> Batches:
+        t = self.cfg.trainer
+        return Batches(data, d, train=False, batch_size=batch_size or t.eval_batch_size or t.batch_size)
+
+    def _eval_mode(self, d: D.Dist) -> tuple[Precision, bool]:
+        """The fit's precision, and lockstep forwards when the model is FSDP-sharded."""
+        if self.parts is not None:
+            return self.parts.prec, self.parts.sharded
+        return Precision(self.cfg.trainer.precision, d.device), False  # type: ignore[arg-type]
+
+    def load_best(self) -> nn.Module:
+        """Load the best checkpoint's weights into the model and return it."""
+        if self.best_checkpoint is None or self.model is None:
+            raise RuntimeError("no best checkpoint: fit with checkpointing and a validated monitor first")
+        if F.is_sharded(self.best_checkpoint):
+            raise RuntimeError(f"{self.best_checkpoint} is sharded (FSDP): load it with "
+                               "launcher.checkpoint.export_model(path, out) or resume=PATH")
+        self.model.load_state_dict(F.load(self.best_checkpoint)["model"])
+        return self.model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The bare model's weights (no DDP 'module.' prefix)."""
+        assert self.model is not None, "fit() first"
+        return self.model.state_dict()

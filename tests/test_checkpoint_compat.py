@@ -1,0 +1,71 @@
+"""Checkpoints written before the rank-core redesign (format 1, by the launcher at 86fd24f) still
+load and continue; a checkpoint of a format this launcher does not know is refused in one line.
+
+tests/support/checkpoint-v1/step-0000010: linreg, 1 rank, mid-epoch 1 (step 10 of 14).
+tests/support/checkpoint-v1-fsdp/step-0000002: charlm (1 layer, n_embd 32) under FSDP on 2 ranks,
+step 2 of max_steps=4, as DCP shards.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from conftest import QUIET, SUPPORT, run_cli
+
+V1 = SUPPORT / "checkpoint-v1" / "step-0000010"
+V1_FSDP = SUPPORT / "checkpoint-v1-fsdp" / "step-0000002"
+LINREG = ["recipe=linreg", "trainer.max_epochs=1", "checkpoint.every_n_steps=5", *QUIET]
+CHARLM = ["recipe=charlm", "data.n_chars=40000", "trainer.max_steps=4", "checkpoint.every_n_steps=2",
+          "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "trainer.gpus=0", "trainer.nproc=2",
+          "trainer.strategy=fsdp", *QUIET]
+
+
+def _close(a: Path, b: Path) -> None:
+    # close, not bitwise: the fixture's first steps ran on another machine, whose CPU kernels may
+    # round differently from this one's
+    wa, wb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5), k
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_format_1_checkpoint_resumes_mid_epoch(tmp_path: Path) -> None:
+    assert json.loads((V1 / "manifest.json").read_text())["format"] == 1
+    fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
+    assert run_cli([*LINREG, f"run.dir={fresh}"], cwd=tmp_path).returncode == 0
+    p = run_cli([*LINREG, f"resume={V1}", f"run.dir={resumed}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resumed from {V1}: step 10, epoch 1 at batch 10" in p.stderr
+    assert [r["step"] for r in _rows(resumed)] == ["14"]
+    _close(fresh / "model.pt", resumed / "model.pt")
+
+
+def test_a_format_1_sharded_checkpoint_resumes_under_fsdp(tmp_path: Path) -> None:
+    fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
+    assert run_cli([*CHARLM, f"run.dir={fresh}"], cwd=tmp_path).returncode == 0
+    p = run_cli([*CHARLM, f"resume={V1_FSDP}", f"run.dir={resumed}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stderr and "step 2" in p.stderr
+    _close(fresh / "model.pt", resumed / "model.pt")
+
+
+def test_an_unknown_format_is_refused_in_one_line(tmp_path: Path) -> None:
+    future = tmp_path / "future" / "step-0000010"
+    shutil.copytree(V1, future)
+    manifest = json.loads((future / "manifest.json").read_text())
+    (future / "manifest.json").write_text(json.dumps({**manifest, "format": 99}))
+    p = run_cli([*LINREG, f"resume={future}", f"run.dir={tmp_path / 'r'}"], cwd=tmp_path, timeout=120)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "checkpoint format 99; this launcher reads format 1" in lines[0], lines
+    assert not (tmp_path / "r").exists()
