@@ -15,6 +15,8 @@ before any process starts or any file is written. A failed rank: its traceback a
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import re
 import sys
@@ -40,6 +42,7 @@ EXIT_CONFIG = 2
 _failures: list[int] = []  # exit codes of failed runs; a sweep goes on and exits with the first
 _errors: list[BaseException] = []  # raised in the task: reported by main(), not by Hydra's job runner
 _pending: list[Any] = []  # -m: the checked configs of every sweep point, started once all have passed
+_sweep_parents: dict[str, str] = {}  # -m: run.dir as written -> as resolved at the sweep's first point
 
 
 def _conf_dir() -> str:
@@ -77,14 +80,20 @@ def _checked(dcfg: Any) -> Any:
     from .checkpoint import format as F
     from .launch import slurm as S
 
+    _refuse_unknown_keys(dcfg)
     cfg: C.Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:  # each sweep point its own run directory
-        cfg.run.dir = str(Path(cfg.run.dir) / str(hc.job.num))
+    if hc.mode == RunMode.MULTIRUN:  # each sweep point its own run directory, all under one parent:
+        # a run.dir that is the same template for every point (the default `runs/${now:...}`) is
+        # resolved once, at the first point, not again (a second later) at each
+        template = str(OmegaConf.to_container(dcfg.run, resolve=False)["dir"])
+        cfg.run.dir = str(Path(_sweep_parents.setdefault(template, cfg.run.dir)) / str(hc.job.num))
     local = cfg.launcher.name == "local"
     # srun python -m launcher launcher=slurm ...: this process is one rank of the allocation. With the
     # local launcher inside an srun (an interactive srun --pty bash), launch locally as anywhere.
     inside = S.in_srun_step() and not local
+    if not local:
+        S.check_installed()
     C.check(cfg, local=local and not inside)
     recipe.check(cfg)
     run_dir = Path(cfg.run.dir).expanduser().absolute()
@@ -120,6 +129,17 @@ def _checked(dcfg: Any) -> Any:
     return cfg
 
 
+def _refuse_unknown_keys(dcfg: Any) -> None:
+    """Keys added with Hydra's `+` pass composition, and to_object() would drop them silently."""
+    fields = [f.name for f in dataclasses.fields(C.Config)]
+    schemas = {**C.SECTIONS, "launcher": C.LAUNCHER_SCHEMAS.get(dcfg.launcher.name, C.LocalLauncherConfig)}
+    unknown = [str(k) for k in dcfg if k not in fields]
+    unknown += [f"{s}.{k}" for s, cls in schemas.items() for k in dcfg[s] if k not in cls.__dataclass_fields__]
+    if unknown:
+        guess, valid = _unknown(unknown[0])
+        raise C.ConfigError(unknown[0], OmegaConf.select(dcfg, unknown[0]), f"unknown key{guess}", valid)
+
+
 def _start(cfgs: list[Any]) -> None:
     """Create the run directories and start: SLURM gets them all at once (job arrays), the local
     launcher runs them one after another."""
@@ -139,11 +159,28 @@ def _start(cfgs: list[Any]) -> None:
 
 def _start_local(cfg: Any) -> None:
     from . import run as R
+
+    run_dir = Path(cfg.run.dir)
+    fresh = not (run_dir / R.RUN_FILE).exists()
+    try:
+        _launch_local(cfg, run_dir)
+    except C.UserError as e:
+        # nothing half-written: a new run that failed before its first checkpoint keeps only the
+        # logs its error line points to; a sweep goes on with its next point
+        if fresh and not (run_dir / "checkpoints").is_dir():
+            R.discard(run_dir)
+        log = run_dir / "logs" / "rank-0.log"
+        where = f" (traceback: {log})" if "(traceback: " not in str(e) and log.is_file() else ""
+        print(f"launcher: error: {e}{where}", file=sys.stderr)
+        _failures.append(EXIT_CONFIG)
+
+
+def _launch_local(cfg: Any, run_dir: Path) -> None:
+    from . import run as R
     from . import worker
     from .launch import local as local_launch
     from .launch import xla as xla_launch
 
-    run_dir = Path(cfg.run.dir)
     nproc = C.ranks_per_node(cfg.trainer)
     if cfg.trainer.nodes > 1:
         # Every node runs this same command: none may mint the run id (rank 0 does, and tells the
@@ -186,25 +223,35 @@ def _one_line(e: BaseException) -> str:
             return (f"{key}: extra sbatch parameters are new keys: add them with Hydra's '+', "
                     f"as +{key}=<value>")
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
-            return f"{key}: unknown key; valid: {', '.join(_valid_keys(key))}"
+            guess, valid = _unknown(key)
+            return f"{key}: unknown key{guess}; valid: {valid}"
         value = getattr(cause, "value", None)
         return f"{key}={value!r}: {first}" if value is not None else f"{key}: {first}"
     text = str(e)
     key = re.search(r"full_key: (\S+)", text)
     where = re.match(r"In '([^']+)'", text)
     if key and re.search(r"Key '[^']+' not in", text):  # an unknown key inside a config file
-        return (f"{key.group(1)}: unknown key{f' (in {where.group(1)}.yaml)' if where else ''}; "
-                f"valid: {', '.join(_valid_keys(key.group(1)))}")
+        guess, valid = _unknown(key.group(1))
+        return f"{key.group(1)}: unknown key{f' (in {where.group(1)}.yaml)' if where else ''}{guess}; valid: {valid}"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return "; ".join(lines[:2]) if lines else type(e).__name__
 
 
-def _valid_keys(full_key: str) -> list[str]:
-    section = full_key.split(".")[0]
+def _unknown(full_key: str) -> tuple[str, str]:
+    """(" (did you mean X?)" or "", valid keys) for an unknown key: the same name in another section
+    (checkpoint.monitor -> trainer.monitor), else the closest in its own (trainer.epochs -> max_epochs)."""
+    section, _, leaf = full_key.rpartition(".")
+    if not section:  # Hydra names only the missing top-level node: take the leaf from the override
+        given = [a.lstrip("+~").split("=", 1)[0] for a in sys.argv[1:] if a.lstrip("+~").startswith(f"{full_key}.")]
+        leaf = given[0].rpartition(".")[2] if given else ""
     schemas = {**C.SECTIONS, **{"launcher": C.LAUNCHER_SCHEMAS.get(_launcher_choice(), C.LocalLauncherConfig)}}
-    if section in schemas and "." in full_key:
-        return [f"{section}.{f}" for f in schemas[section].__dataclass_fields__]
-    return [f.name for f in C.Config.__dataclass_fields__.values()]
+    own = list(schemas[section].__dataclass_fields__) if section in schemas else []
+    guess = [f"{s}.{leaf}" for s, cls in schemas.items() if s != section and leaf in cls.__dataclass_fields__]
+    guess = guess or [f"{section}.{m}" for m in difflib.get_close_matches(leaf, own, n=1, cutoff=0.75)]
+    hint = f" (did you mean {' or '.join(guess)}?)" if guess else ""
+    if own:
+        return hint, ", ".join(f"{section}.{f}" for f in own)
+    return hint, ", ".join(f.name for f in dataclasses.fields(C.Config))
 
 
 def _launcher_choice() -> str:

@@ -16,18 +16,17 @@ from typing import Any, Literal, Optional, get_args
 
 import yaml
 
-# The closed choices, as types for the code that consumes them and as tuples for the checks.
-# The schema fields stay `str`: OmegaConf rejects Literal annotations ("Unexpected type annotation"),
-# so a value is checked against these once (check_trainer) and is one of them from then on.
+# The closed choices, as types for the code that consumes them and as tuples for the checks. Schema
+# fields stay `str` (OmegaConf rejects Literal annotations): check_trainer checks them once.
 Accelerator = Literal["auto", "cpu", "cuda", "xla"]
 Strategy = Literal["auto", "ddp", "fsdp", "none"]
-PrecisionName = Literal["32", "bf16-mixed", "16-mixed", "bf16-true"]
+PrecisionName = Literal["32", "bf16-mixed", "16-mixed", "bf16-true"]  # what runs; "auto" resolves to one
 NonFinite = Literal["error", "skip", "off"]
 Mode = Literal["min", "max"]
 Interval = Literal["epoch", "step"]
 ACCELERATORS: tuple[str, ...] = get_args(Accelerator)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
-PRECISIONS: tuple[str, ...] = get_args(PrecisionName)
+PRECISIONS: tuple[str, ...] = ("auto", *get_args(PrecisionName))
 NONFINITE: tuple[str, ...] = get_args(NonFinite)
 MODES: tuple[str, ...] = get_args(Mode)
 INTERVALS: tuple[str, ...] = get_args(Interval)
@@ -43,7 +42,18 @@ XLA_INSTALL = ("torch-xla is not installed: pip install 'launcher[xla]' (a torch
                "see the torch-xla install guide for TPU VMs)")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A failure the user caused (config, recipe code, data, run dir, tracker), at config or run
+    time: str() is the one line the CLI prints, exit 2. Anything else is a bug: it keeps its traceback."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+class ConfigError(UserError, ValueError):
     """A bad config value; str() is the one line the CLI prints."""
 
     def __init__(self, key: str, value: Any, problem: str, valid: str = "") -> None:
@@ -77,13 +87,14 @@ class TrainerConfig:
     accelerator: str = "auto"  # auto (CUDA if gpus > 0, else CPU), cpu, cuda, xla (torch-xla: TPUs)
     strategy: str = "auto"  # auto (ddp when > 1 rank), ddp, fsdp (FSDP2 fully_shard), none
     fsdp_wrap: list[str] = field(default_factory=list)  # module class names sharded as FSDP units (e.g. [Block])
-    precision: str = "32"  # 32, bf16-mixed, 16-mixed (GradScaler), bf16-true (weights in bf16)
+    precision: str = "auto"  # auto (bf16-mixed where bf16 is native, else 32: launcher/hardware.py), 32, bf16-mixed, 16-mixed, bf16-true
     accumulate_grad_batches: int = 1  # micro-batches per optimizer step (no gradient all-reduce until the last)
     gradient_clip_val: float = 0.0  # clip the total gradient norm to this (over all ranks' shards); 0 = off
     nonfinite: str = "error"  # non-finite loss or gradient norm: error (stop, naming step and rank), skip the step, off
     compile: bool = False  # torch.compile the model (in place; checkpoints keep plain parameter names)
-    channels_last: bool = False  # channels_last memory format for conv nets (model and 4-D inputs)
+    channels_last: Any = "auto"  # channels_last memory format for conv nets (model, 4-D inputs): auto, true, false
     peak_tflops: float = 0.0  # per-device peak TFLOP/s for MFU; 0 = look up the GPU, unknown on CPU
+    summary: bool = True  # print the model summary (layers, output shapes, parameters) on rank 0 when fit starts
 
 
 @dataclass
@@ -245,6 +256,8 @@ def check_trainer(t: TrainerConfig) -> None:
     _choice("trainer.precision", t.precision, PRECISIONS)
     _choice("trainer.nonfinite", t.nonfinite, NONFINITE)
     _positive("trainer.accumulate_grad_batches", t.accumulate_grad_batches)
+    if t.channels_last not in ("auto", True, False):
+        raise ConfigError("trainer.channels_last", t.channels_last, "unknown choice", "auto, true, false")
     if t.gradient_clip_val < 0:
         raise ConfigError("trainer.gradient_clip_val", t.gradient_clip_val, "must be >= 0 (0 = off)")
     if t.accelerator == "xla" and importlib.util.find_spec("torch_xla") is None:
@@ -345,11 +358,3 @@ def check(cfg: Config, local: bool = True) -> None:
     if cfg.trainer.strategy == "none" and ranks > 1 and cfg.trainer.accelerator != "xla":
         raise ConfigError("trainer.strategy", "none", f"{ranks} ranks would train unsynchronised copies",
                           "auto, ddp, fsdp")
-
-
-def check_api(cfg: Config) -> None:
-    """What Trainer(...) checks: the Python API has no parent process to have done it."""
-    check_trainer(cfg.trainer)
-    check_checkpoint(cfg.checkpoint)
-    check_logger(cfg.logger)
-    check_resume(cfg.resume)

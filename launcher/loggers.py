@@ -15,7 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from .config import UserError, one_line
+
 log = logging.getLogger("launcher")
+# how long W&B may take to start online before the run falls back to offline (wandb's own default
+# is 90 s, each retry included: a long stall at start for a run that would train fine offline)
+WANDB_INIT_TIMEOUT_S = 10.0
 
 
 def setup_logging(run_dir: Optional[Path], rank: int) -> None:
@@ -66,29 +71,57 @@ def write_csv(path: Path, history: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def plot(path: Path, history: list[dict[str, Any]]) -> None:
+def plot(path: Path, history: list[dict[str, Any]], title: str = "") -> None:
     """plots.png: one panel per metric (loss first), train vs val against the epoch."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(history, title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def figure(history: list[dict[str, Any]], title: str = "") -> Any:
+    """The plots' figure: readable from the first epoch on (whole-epoch ticks, each value written
+    beside its point while there are few, y labels, the run's name on top)."""
     import matplotlib  # optional extra ([plots]) and slow to import: only at the end of fit
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = ["loss"] + sorted({k.split("_", 1)[1] for row in history for k in row
                               if k.startswith(("train_", "val_")) and not k.endswith("_loss")})
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
+    last = max(int(row["epoch"]) for row in history)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names):
+        values: list[float] = []
         for split, style in (("train", "o-"), ("val", "s--")):
-            pts = [(row["epoch"], row[f"{split}_{name}"]) for row in history
-                   if row.get(f"{split}_{name}") not in (None, "")]
+            pts = [(row["epoch"], float(row[f"{split}_{name}"])) for row in history
+                   if isinstance(row.get(f"{split}_{name}"), (int, float))]
             if pts:
                 ax.plot(*zip(*pts), style, label=split)
+                values += [v for _, v in pts]
+                if len(pts) <= 3:
+                    for x, v in pts:
+                        ax.annotate(f"{v:.4g}", (x, v), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        finite = [v for v in values if v == v and abs(v) != float("inf")]
+        if finite and max(finite) - min(finite) < 1e-12:  # one value: a readable band around it
+            pad = abs(finite[0]) * 0.1 or 1.0
+            ax.set_ylim(finite[0] - pad, finite[0] + pad)
         ax.set_title(name)
         ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.set_xlim(0.5, last + 0.5)
+        if last <= 12:
+            ax.set_xticks(range(1, last + 1))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def wandb_mode(requested: str) -> str:
@@ -109,12 +142,21 @@ def wandb_mode(requested: str) -> str:
     return "online" if found else "offline"
 
 
+def open_logger(is_main: bool, run_dir: Path, run_id: str, cfg: Any, run_name: str, config: dict) -> Any:
+    """Rank 0's RunLogger for logger config `cfg` (csv, wandb, none); a NullLogger elsewhere."""
+    if not is_main or cfg.name == "none":
+        return NullLogger()
+    return RunLogger(run_dir, name=run_name or run_dir.name, run_id=run_id, config=config,
+                     wandb=vars(cfg) if cfg.name == "wandb" else None, plots=cfg.plots)
+
+
 class RunLogger:
     """Rank 0's sinks: metrics.csv (+ plots.png) and optionally one W&B run per run id."""
 
     def __init__(self, run_dir: Path, *, name: str, run_id: str, config: Optional[dict],
                  wandb: Optional[dict] = None, csv_and_plots: bool = True, plots: bool = True) -> None:
         self.run_dir, self.csv, self.plots = run_dir, csv_and_plots, plots and csv_and_plots
+        self.name = f"{name} ({run_id})" if run_id else name
         self.wandb_run = None
         if wandb is not None:
             self.wandb_run = self._init_wandb(run_dir, name, run_id, config, wandb)
@@ -130,12 +172,27 @@ class RunLogger:
             os.environ["WANDB_MODE"] = "offline"
         import wandb  # optional extra ([wandb]) and slow to import: only for logger=wandb
 
-        # resume="allow" + the run's own id: a requeued or re-run job continues the same W&B run.
-        run = wandb.init(project=opts.get("project"), entity=opts.get("entity"), id=run_id, name=name,
-                         resume="allow", dir=str(run_dir), config=config, mode=mode,
-                         tags=list(opts.get("tags") or []) or None, group=opts.get("group"),
-                         settings=wandb.Settings(console="off", silent=True, disable_git=True, x_disable_stats=True,
-                                                 x_save_requirements=False))
+        def init(mode: str) -> Any:
+            # resume="allow" + the run's own id: a requeued or re-run job continues the same W&B run.
+            return wandb.init(project=opts.get("project"), entity=opts.get("entity"), id=run_id, name=name,
+                              resume="allow", dir=str(run_dir), config=config, mode=mode,
+                              tags=list(opts.get("tags") or []) or None, group=opts.get("group"),
+                              settings=wandb.Settings(console="off", silent=True, disable_git=True,
+                                                      x_disable_stats=True, x_save_requirements=False,
+                                                      init_timeout=WANDB_INIT_TIMEOUT_S))
+
+        try:
+            run = init(mode)
+        except Exception as e:  # noqa: BLE001 - a bad key, no network, a server down: all of wandb's kinds
+            if mode != "online":
+                raise UserError(f"logger=wandb ({mode}): {one_line(e)}") from e
+            # the run goes on: offline files in the run dir, uploaded later by `wandb sync`
+            log.warning("W&B online start failed (%s); logging offline to %s/wandb instead "
+                        "(`wandb sync` uploads it later)", one_line(e), run_dir)
+            wandb.teardown()  # the failed start holds the run id in wandb's service: a fresh one
+            os.environ["WANDB_MODE"] = "offline"
+            mode = "offline"
+            run = init(mode)
         log.info("W&B run %s (%s) in %s", run.id, mode, run.dir)
         return run
 
@@ -153,7 +210,7 @@ class RunLogger:
     def finish(self, history: list[dict[str, Any]]) -> None:
         if self.plots and history:
             try:
-                plot(self.run_dir / "plots.png", history)
+                plot(self.run_dir / "plots.png", history, self.name)
             except ImportError:
                 log.warning("matplotlib is not installed: no plots.png (pip install 'launcher[plots]')")
         if self.wandb_run is not None:

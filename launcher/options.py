@@ -1,4 +1,5 @@
-"""The Python API's keywords: Trainer(max_epochs=.., checkpoint_async=.., run_dir=..) -> Config.
+"""The Python API's keywords, Trainer(max_epochs=.., checkpoint_async=.., run_dir=..) -> Config,
+and its checks: Trainer(...) has no parent process that checked its config.
 
 Trainer fields go by their own names, every other section's as <section>_<field>
 (checkpoint_every_n_steps, logger_project, ...); a few short names are kept for the common ones.
@@ -6,9 +7,12 @@ Trainer fields go by their own names, every other section's as <section>_<field>
 
 from __future__ import annotations
 
+import difflib
+import os
 import time
 from typing import Any
 
+from . import config as C
 from .config import FIELD_ALIASES, SECTIONS, Config
 
 
@@ -34,7 +38,24 @@ def from_kwargs(kwargs: dict[str, Any]) -> Config:
             section, name = names[key]
             setattr(getattr(cfg, section), name, value)
         else:
-            raise TypeError(f"Trainer got an unknown argument {key!r}; valid: resume, {', '.join(sorted(names))}")
+            close = difflib.get_close_matches(key, [*names, "resume"], n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"Trainer got an unknown argument {key!r}{hint}; valid: resume, {', '.join(sorted(names))}")
     if "run_dir" not in kwargs:
         cfg.run.dir = time.strftime("runs/%Y-%m-%d_%H-%M-%S")
     return cfg
+
+
+def check(cfg: Config) -> None:
+    """What Trainer(...) checks: the Python API has no parent process to have done it."""
+    C.check_trainer(cfg.trainer)
+    C.check_checkpoint(cfg.checkpoint)
+    C.check_logger(cfg.logger)
+    C.check_resume(cfg.resume)
+    t = cfg.trainer
+    if "RANK" not in os.environ:  # outside torchrun the world is the one process that called it
+        for key, value in (("nproc", t.nproc), ("nodes", t.nodes), ("gpus", t.gpus)):
+            if isinstance(value, int) and (value > 1 or (key == "gpus" and value == -1)):
+                raise C.ConfigError(f"trainer.{key}", value, "Trainer(...) trains in the process that calls it",
+                                    f"1; for more ranks run the script under `torchrun --nproc-per-node N`, "
+                                    f"or the CLI: python -m launcher ... trainer.{key}=N")

@@ -6,6 +6,7 @@ the Stepper and the throughput meter. Built once per fit; the Trainer owns the r
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -13,14 +14,19 @@ import torch
 from torch import nn
 
 from . import strategy as S
-from .config import Strategy, TrainerConfig
+from .config import Strategy, TrainerConfig, UserError, one_line
 from .data import Batches
+from .data import to_device
 from .dist import Dist
+from .hardware import resolve_channels_last, resolve_precision
 from .metrics import Accumulator
 from .precision import Precision
 from .progress import Speed
 from .step import Stepper
+from .summary import summarize
 from .xla import XLA
+
+log = logging.getLogger("launcher")
 
 
 @dataclass
@@ -39,36 +45,53 @@ class FitParts:
     val_acc: Accumulator
     stepper: Stepper
     speed: Speed
+    chosen: str  # what precision=auto / channels_last=auto became on this device, and why (for the log)
 
     @property
     def sharded(self) -> bool:
         return self.strategy == "fsdp"
 
 
+def _called(key: str, make: Callable, arg: Any) -> Any:
+    """The recipe's optimizer / scheduler from its partial: what its arguments make it raise (a
+    negative or non-numeric lr...) is the user's, named by the recipe key and the class."""
+    try:
+        return make(arg)
+    except Exception as e:  # noqa: BLE001 - raised by the user's arguments to their class
+        name = getattr(getattr(make, "func", make), "__qualname__", type(make).__name__)
+        raise UserError(f"{key} ({name}): {one_line(e)}") from e
+
+
 def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Callable, optimizer: Any, train_data: Any,
           val_data: Any, metrics: dict[str, Any], scheduler: Any, batch_size: Optional[int]) -> FitParts:
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model: {type(model).__name__} is not a torch.nn.Module; valid: a _target_ that builds one")
     bs = batch_size or t.batch_size
     train = Batches(train_data, d, train=True, batch_size=bs, seed=t.seed, num_workers=t.num_workers,
                     pin_memory=d.device.type == "cuda")
     val = Batches(val_data, d, train=False, batch_size=t.eval_batch_size or bs,
                   num_workers=t.num_workers) if val_data is not None else None
     xla = XLA() if t.accelerator == "xla" else None
-    prec = Precision(t.precision, d.device)  # type: ignore[arg-type]
+    precision, why_precision = resolve_precision(t.precision, d.device)
+    channels_last, why_cl = resolve_channels_last(t.channels_last, d.device, precision)
+    chosen = f"precision {precision} ({why_precision}), channels_last {'on' if channels_last else 'off'} ({why_cl})"
+    prec = Precision(precision, d.device)
     # XLA: gradients are all-reduced by xm.reduce_gradients, not by DDP
     strategy: Strategy = "none" if xla is not None else S.resolve(t.strategy, d)  # type: ignore[arg-type]
     if strategy == "none" and d.distributed and xla is None:  # a torchrun world no parent has seen
         raise ValueError(f"trainer.strategy=none with {d.world_size} ranks would train unsynchronised copies; "
                          "valid: auto, ddp, fsdp")
     model = prec.prepare_model(model.to(d.device))
+    summary = _summary(t, d, model, train, prec) if t.summary and d.is_main and xla is None and train.n else ""
     # the optimizer must see the parameters as they will be trained: after FSDP sharding
-    net = S.wrap(model, strategy, d, t.fsdp_wrap, t.compile, t.channels_last)
+    net = S.wrap(model, strategy, d, t.fsdp_wrap, t.compile, channels_last)
     if not isinstance(optimizer, torch.optim.Optimizer):
-        optimizer = optimizer(model.parameters())  # a partial from the recipe
+        optimizer = _called("optimizer", optimizer, model.parameters())  # a partial from the recipe
     elif strategy == "fsdp":
         raise ValueError("trainer.strategy=fsdp needs the optimizer as a callable taking the parameters "
                          "(e.g. functools.partial(torch.optim.AdamW, lr=1e-3)): FSDP replaces them")
     if scheduler is not None and not hasattr(scheduler, "step"):
-        scheduler = scheduler(optimizer)
+        scheduler = _called("scheduler", scheduler, optimizer)
     if t.scheduler_interval == "step" and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         raise ValueError("trainer.scheduler_interval=step with ReduceLROnPlateau: it needs the monitored "
                          "metric, which exists per epoch; valid: epoch")
@@ -76,8 +99,20 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Callable, optimi
     val_acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
     on_device = train.tensors is not None and all(x.device == d.device for x in train.tensors)
     stepper = Stepper(t, net, [p for p in model.parameters() if p.requires_grad], loss_fn, optimizer, prec,
-                      strategy, d, train_acc, on_device, xla)
+                      strategy, d, train_acc, on_device, channels_last, xla)
     speed = Speed.of(model, samples_per_step=train.batch_size * t.accumulate_grad_batches * d.world_size,
                      world_size=d.world_size, device=d.device, peak_tflops=t.peak_tflops)
+    log.info(chosen)  # printed once all is built: a user's error above stays the run's only line
+    if summary:
+        log.info(summary)
     return FitParts(model, optimizer, scheduler, loss_fn, metrics, train, val, prec, strategy, xla, train_acc,
-                    val_acc, stepper, speed)
+                    val_acc, stepper, speed, chosen)
+
+
+def _summary(t: TrainerConfig, d: Dist, model: nn.Module, train: Batches, prec: Precision) -> str:
+    """The model summary of the bare model (before any wrapping: its forward has no collective)."""
+    batch = to_device(train.head(), d.device)
+    try:
+        return summarize(model, prec.prepare_input(batch[0] if isinstance(batch, (list, tuple)) else batch))
+    except Exception as e:  # noqa: BLE001 - a summary is never a reason not to train
+        return f"no model summary: a forward of the first batch raised {one_line(e)}"

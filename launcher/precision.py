@@ -14,6 +14,7 @@ import torch
 
 
 class Precision:
+    absent_ok = True  # checkpoints from before 944490e have no "scaler" entry: no GradScaler state then
     def __init__(self, precision: str, device: torch.device) -> None:
         self.precision, self.device = precision, device
         self.autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)

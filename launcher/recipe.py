@@ -12,7 +12,7 @@ import functools
 import importlib
 from typing import Any
 
-from .config import RECIPE_KEYS, Config, ConfigError
+from .config import RECIPE_KEYS, Config, ConfigError, UserError, one_line
 
 
 def locate(path: str) -> Any:
@@ -35,17 +35,33 @@ def instantiate(node: Any) -> Any:
 
 
 def build(cfg: Config) -> dict[str, Any]:
-    """The keyword arguments of Trainer.fit from a Config's recipe nodes."""
-    train, val = instantiate(cfg.data)
+    """The keyword arguments of Trainer.fit from a Config's recipe nodes. What the recipe's own code
+    raises (a model that cannot be built, missing or corrupt data) is the user's: a UserError naming
+    the recipe key and its target, the original exception chained for the rank log."""
+    train, val = _built("data", cfg.data)
+    metrics = cfg.metrics or {}
     return {
-        "model": instantiate(cfg.model),
-        "loss_fn": instantiate(cfg.loss),
-        "optimizer": instantiate(cfg.optimizer),
+        "model": _built("model", cfg.model),
+        "loss_fn": _built("loss", cfg.loss),
+        "optimizer": _built("optimizer", cfg.optimizer),
         "train_data": train,
         "val_data": val,
-        "metrics": {k: instantiate(v) for k, v in (cfg.metrics or {}).items()},
-        "scheduler": instantiate(cfg.scheduler) if cfg.scheduler else None,
+        "metrics": {k: _built(f"metrics.{k}", v) for k, v in metrics.items()},
+        "scheduler": _built("scheduler", cfg.scheduler) if cfg.scheduler else None,
     }
+
+
+def _built(key: str, node: Any) -> Any:
+    try:
+        return instantiate(node)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the recipe's code: any failure there is the user's to fix
+        raise UserError(f"{key} ({target_of(node)}): {one_line(e)}") from e
+
+
+def target_of(node: Any) -> str:
+    return str(node.get("_target_", "?")) if isinstance(node, dict) else type(node).__name__
 
 
 # ---- checks (the parent's; a rank trusts the resolved config) -------------------------------------

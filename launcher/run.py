@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import yaml
 
 from . import dist as D
 from .checkpoint import format as F
-from .config import ConfigError
+from .config import ConfigError, UserError
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -45,17 +46,39 @@ def prepare(run_dir: Path, run_id: str, config: dict[str, Any] | None) -> str:
     """
     existing = read_id(run_dir)
     if existing and run_id and run_id != existing:
-        raise ValueError(f"run.id={run_id!r}: {run_dir} already belongs to run {existing!r}; "
-                         "valid: that id, or a new run.dir")
+        raise ConfigError("run.id", run_id, f"{run_dir} already belongs to run {existing!r}",
+                          f"{existing!r}, or a new run.dir")
     run_id = existing or run_id or new_id()
-    run_dir.mkdir(parents=True, exist_ok=True)
     if config is not None:
         config = {**config, "run": {**config.get("run", {}), "id": run_id, "dir": str(run_dir)}}
-    if not existing:
-        _atomic_write(run_dir / RUN_FILE, json.dumps({"id": run_id, "created": time.time()}) + "\n")
-    if config is not None:
-        _atomic_write(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not existing:
+            _atomic_write(run_dir / RUN_FILE, json.dumps({"id": run_id, "created": time.time()}) + "\n")
+        if config is not None:
+            _atomic_write(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+    except OSError as e:
+        if not existing:
+            discard(run_dir)
+        raise ConfigError("run.dir", str(run_dir), f"cannot be written ({e.strerror or e})",
+                          "a directory this user can create and write") from None
     return run_id
+
+
+def discard(run_dir: Path) -> None:
+    """Remove what a run that failed before its first checkpoint wrote, but its logs/ (the traceback
+    the error line points to); the directory itself too when nothing else is left in it."""
+    if not run_dir.is_dir():
+        return
+    for p in run_dir.iterdir():
+        if p.name == "logs":
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+    if not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -95,10 +118,18 @@ def resume_point(run_dir: Path, resume: str) -> Optional[Path]:
 
 
 def agree_on_run(d: D.Dist, run_dir: Path, run_id: str, config: dict[str, Any] | None) -> tuple[Path, str]:
-    """prepare() on rank 0, its result on every rank (ranks may differ on clocks and disks)."""
+    """prepare() on rank 0, its result (or its error) on every rank (ranks may differ on clocks and
+    disks; an error raised on rank 0 alone would leave the others waiting in the broadcast)."""
+    error = ""
     if d.is_main:
-        run_id = prepare(run_dir, run_id, config)
-    return D.broadcast_object((run_dir, run_id))
+        try:
+            run_id = prepare(run_dir, run_id, config)
+        except ConfigError as e:
+            error = str(e)
+    run_dir, run_id, error = D.broadcast_object((run_dir, run_id, error))
+    if error:
+        raise UserError(error)
+    return run_dir, run_id
 
 
 def agree_on_resume_point(d: D.Dist, run_dir: Path, resume: str) -> Optional[Path]:
@@ -113,5 +144,5 @@ def agree_on_resume_point(d: D.Dist, run_dir: Path, resume: str) -> Optional[Pat
             error = str(e)
     found, error = D.broadcast_object((found, error))
     if error:
-        raise ValueError(error)
+        raise UserError(error)
     return found

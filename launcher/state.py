@@ -15,9 +15,20 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from .config import TrainerConfig
 from .dist import Dist, all_gather_object
 
 log = logging.getLogger("launcher")
+
+
+class History(list):
+    """One dict per epoch (epoch, step, lr, train_*, val_*); `.df` is the same as a pandas DataFrame."""
+
+    @property
+    def df(self) -> Any:
+        import pandas as pd  # optional extra ([pandas]); only this property needs it
+
+        return pd.DataFrame(list(self))
 
 
 @dataclass
@@ -31,6 +42,17 @@ class TrainProgress:
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
                 "history": [dict(r) for r in self.history], "stopped_early": self.stopped_early}
+
+    def complete(self, t: TrainerConfig, stopper: "EarlyStopping") -> str:
+        """Why a run with nothing left to train is complete, and which limit would continue it."""
+        if self.stopped_early:
+            why, limit = f"early stopping: no better {t.monitor} in {stopper.wait} validations", "patience"
+        elif 0 < t.max_steps <= self.step:
+            why, limit = f"trainer.max_steps={t.max_steps}", "max_steps"
+        else:
+            why, limit = f"trainer.max_epochs={t.max_epochs}", "max_epochs"
+        return (f"run complete at epoch {self.epoch}, step {self.step} ({why}); raise trainer.{limit} to "
+                "continue it, or start over in a new run.dir")
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.epoch, self.step, self.batch_in_epoch = sd["epoch"], sd["step"], sd["batch_in_epoch"]
@@ -57,6 +79,9 @@ class EarlyStopping:
             self.best, self.wait = value, 0
         else:
             self.wait += 1
+        return self.should_stop()
+
+    def should_stop(self) -> bool:
         return self.patience > 0 and self.wait >= self.patience
 
     def state_dict(self) -> dict[str, Any]:

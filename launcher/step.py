@@ -28,11 +28,12 @@ log = logging.getLogger("launcher")
 class Stepper:
     def __init__(self, t: TrainerConfig, net: nn.Module, params: list[nn.Parameter], loss_fn: Callable,
                  optimizer: torch.optim.Optimizer, prec: Precision, strategy: Strategy, d: Dist,
-                 acc: Accumulator, data_on_device: bool, xla: Any = None) -> None:
+                 acc: Accumulator, data_on_device: bool, channels_last: bool, xla: Any = None) -> None:
         self.t, self.net, self.params, self.loss_fn, self.opt = t, net, params, loss_fn, optimizer
         self.prec, self.strategy, self.d, self.acc, self.xla = prec, strategy, d, acc, xla
         # in-memory tensors already where the model is: no per-step device check (the fast path)
         self.data_on_device = data_on_device
+        self.channels_last = channels_last
         self.skipped_steps = 0
         self.first_step_logged = False
 
@@ -40,7 +41,7 @@ class Stepper:
         """Forward and backward of one micro-batch of a `group`; gradients sync on the `last`."""
         x, y = batch if self.data_on_device else to_device(batch, self.d.device)
         x = self.prec.prepare_input(x)
-        if self.t.channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
+        if self.channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with S.no_sync(self.net, self.strategy, skip=not last):
             with self.prec.autocast():

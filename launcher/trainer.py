@@ -23,40 +23,32 @@ from torch import nn
 
 from . import config as C
 from . import dist as D
-from . import parts
+from . import options, parts
 from . import run as R
 from . import strategy as S
 from .checkpoint import format as F
 from .checkpoint.manager import CheckpointManager
 from .data import Batches
 from .evaluation import evaluate, predict
-from .loggers import NullLogger, RunLogger, setup_logging
+from .loggers import open_logger, setup_logging
 from .metrics import Accumulator
-from .options import from_kwargs
+from .hardware import resolve_precision
 from .precision import Precision
 from .progress import Progress
 from .recipe import check_monitor
-from .state import EarlyStopping, Maybe, PerRank, TrainProgress, seed_everything
+from .state import EarlyStopping, History, Maybe, PerRank, TrainProgress, seed_everything
+from .summary import print_summary
 from .xla import init as xla_init
 
 log = logging.getLogger("launcher")
 
 
-class History(list):
-    """One dict per epoch (epoch, step, lr, train_*, val_*); `.df` is the same as a pandas DataFrame."""
-
-    @property
-    def df(self) -> Any:
-        import pandas as pd  # optional extra ([pandas]); only this property needs it
-
-        return pd.DataFrame(list(self))
-
-
 class Trainer:
+    summary = staticmethod(print_summary)  # Trainer.summary(model, example_input): the Keras-style table
     def __init__(self, config: Optional[C.Config] = None, *, dist: Optional[D.Dist] = None,
                  stop: Optional[Any] = None, **kwargs: Any) -> None:
-        self.cfg = config if config is not None else from_kwargs(kwargs)
-        C.check_api(self.cfg)  # the Python API has no parent process that checked it
+        self.cfg = config if config is not None else options.from_kwargs(kwargs)
+        options.check(self.cfg)  # the Python API has no parent process that checked it
         self._init(dist, stop)
 
     @classmethod
@@ -138,11 +130,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint, mode=t.mode, dist=d,
                                       states=self.states, sharded=fp.sharded, xla=fp.xla,
                                       info={"run_id": self.run_id, "config": C.to_dict(cfg)})
-        self.logger: Any = NullLogger()
-        if d.is_main and cfg.logger.name != "none":
-            self.logger = RunLogger(self.run_dir, name=cfg.run.name or self.run_dir.name, run_id=self.run_id,
-                                    config=C.to_dict(cfg), wandb=vars(cfg.logger) if cfg.logger.name == "wandb"
-                                    else None, plots=cfg.logger.plots)
+        self.logger = open_logger(d.is_main, self.run_dir, self.run_id, cfg.logger, cfg.run.name, C.to_dict(cfg))
         self.ckpt.clean()  # before choosing: a same-step swap cut short is put back first
         point = R.agree_on_resume_point(d, self.run_dir, self.cfg.resume)
         if point is not None:
@@ -151,6 +139,9 @@ class Trainer:
                      self.progress.epoch + 1, self.progress.batch_in_epoch)
         else:
             seed_everything(t.seed + d.rank)  # per-rank streams (dropout differs per rank, like torchrun)
+        # early stopping is judged by this run's patience, as if it had been set from the start: a
+        # run stopped early continues when trainer.patience is raised (or set to 0)
+        self.progress.stopped_early = self.stopper.should_stop()
         self.ckpt.retire_after(self.progress.step)
         self.bar = Progress(d.is_main and t.progress, t.progress_refresh_s, fp.speed)
         self._epoch: Optional[Iterator[Any]] = None  # the batches left in the epoch in progress
@@ -160,12 +151,23 @@ class Trainer:
             metrics: Optional[dict[str, Any]] = None, scheduler: Any = None,
             batch_size: Optional[int] = None) -> History:
         """Train; returns the history (also self.history). Resumes per `resume` (default: auto)."""
-        self._setup(model, loss_fn, optimizer, train_data, val_data, dict(metrics or {}), scheduler, batch_size)
+        fresh = not (self.run_dir / R.RUN_FILE).exists()  # (a CLI rank's parent has made it: not fresh)
+        try:
+            self._setup(model, loss_fn, optimizer, train_data, val_data, dict(metrics or {}), scheduler, batch_size)
+        except C.UserError:
+            if fresh and self.dist is not None and self.dist.is_main:
+                R.discard(self.run_dir)  # nothing half-written: only the logs stay
+            raise
+        if not self.should_continue():
+            log.info(self.progress.complete(self.cfg.trainer, self.stopper))
         self.heartbeat = D.Heartbeat()
         with self.heartbeat.naming_late_ranks(lambda: self.progress.step, self.cfg.trainer.dist_timeout_s):
             while self.should_continue():
-                self._train_step()
-                self._after_step()
+                if self._epoch is None:
+                    self._start_epoch()
+                if not self._epoch_done():  # resumed at an epoch's end, or an empty epoch: no step
+                    self._train_step()
+                    self._after_step()
                 if self._epoch_over():
                     self._end_epoch()
             self._teardown()
@@ -186,8 +188,6 @@ class Trainer:
     def _train_step(self) -> None:
         """One optimizer step: the micro-batches of one accumulation group (shorter at the epoch's end)."""
         p, t = self.progress, self.cfg.trainer
-        if self._epoch is None:
-            self._start_epoch()
         n, k = len(self.parts.train), t.accumulate_grad_batches
         start = p.batch_in_epoch - p.batch_in_epoch % k
         end = min(start + k, n)
@@ -312,7 +312,6 @@ class Trainer:
                 torch.save(weights, self.run_dir / "model.pt")
         self.logger.finish(p.history)
 
-    # ---- the rest of the API ---------------------------------------------------------------------------
     def evaluate(self, data: Any, model: Optional[nn.Module] = None, loss_fn: Optional[Callable] = None,
                  metrics: Optional[dict[str, Any]] = None, batch_size: Optional[int] = None) -> dict[str, float]:
         """val_loss and val_<metric> over every sample of `data` exactly once (all ranks call it)."""
@@ -342,7 +341,7 @@ class Trainer:
         """The fit's precision, and lockstep forwards when the model is FSDP-sharded."""
         if self.parts is not None:
             return self.parts.prec, self.parts.sharded
-        return Precision(self.cfg.trainer.precision, d.device), False  # type: ignore[arg-type]
+        return Precision(resolve_precision(self.cfg.trainer.precision, d.device)[0], d.device), False
 
     def load_best(self) -> nn.Module:
         """Load the best checkpoint's weights into the model and return it."""

@@ -8,11 +8,12 @@ The config is the parent's resolved and checked one: ranks trust it.
 
 from __future__ import annotations
 
-import ctypes
+import json
+import logging
 import os
-import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +23,12 @@ from . import dist, recipe
 from .preempt import StopRequest, requeue
 from .state import seed_everything
 from .trainer import Trainer
+from .loggers import setup_logging
 from .xla import init as xla_init
+
+log = logging.getLogger("launcher")
+EXIT_USER_ERROR = 2  # as the CLI's own for bad input
+USER_ERROR_KEY = "launcher_user_error"  # in a rank's elastic error file: the failure is the user's
 
 
 def run(cfg: C.Config) -> None:
@@ -37,6 +43,8 @@ def run(cfg: C.Config) -> None:
     if d.device.type == "cpu" and d.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
         # N ranks on one host share its cores; torch's default (all cores each) oversubscribes them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.local_world_size))
+    # before the recipe is built: what its code raises goes with its traceback into this rank's log
+    setup_logging(Path(cfg.run.dir), d.rank)
     try:
         seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
         objects = recipe.build(cfg)
@@ -47,6 +55,9 @@ def run(cfg: C.Config) -> None:
         # Leave together: rank 0 may still be writing the last checkpoint or closing W&B, and a gloo
         # group torn down on one rank while its peer still uses it can abort the process (SIGABRT).
         dist.barrier()
+    except C.UserError as e:
+        log.error("run failed: %s", e, exc_info=True, extra={"file_only": True})  # the one line is the CLI's
+        raise
     finally:
         dist.cleanup()
 
@@ -64,40 +75,32 @@ def _requeue_and_wait(cfg: C.Config, d: Any) -> None:
     os._exit(1)
 
 
-def _die_with_parent() -> None:
-    """SIGTERM this rank when the launcher process dies (even by SIGKILL).
-
-    elastic starts each rank in its own session, so killing the launcher's process group does not
-    reach them; orphaned ranks would go on training and writing into the run directory.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        sys.exit(1)
-
-
 def main(argv: list[str]) -> None:
-    """A rank started by elastic: its exception goes to the error file the agent reports (record).
-    Imported here, not at the top: the one-rank in-process path never needs elastic."""
+    """A rank started by elastic (after launch/rank.py's prepare()): its exception goes to the error
+    file the agent reports (record). Imported here, not at the top: the one-rank in-process path
+    never needs elastic."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
     record(_main)(argv)
 
 
 def _main(argv: list[str]) -> None:
-    # elastic stops ranks with SIGTERM; as an exit (not a kill) it runs finally blocks and atexit
-    # hooks, so W&B flushes its buffered rows instead of losing the last seconds.
-    signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
-    _die_with_parent()
     cfg = C.load_resolved_config(argv[0])
     try:
         run(cfg)
     except KeyboardInterrupt:
         sys.exit(130)  # Ctrl-C reaches every rank: leave quietly, the parent reports it
+    except C.UserError as e:
+        _report_user_error(e)
+        sys.exit(EXIT_USER_ERROR)
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+def _report_user_error(e: C.UserError) -> None:
+    """The one line for the parent to print (once, whichever rank failed): written where elastic
+    reads a failed rank's error (its error file), marked as the user's, so no traceback is shown."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"message": str(e), "timestamp": int(time.time()), USER_ERROR_KEY: str(e)}, f)
+
+

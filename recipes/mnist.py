@@ -235,6 +235,7 @@ def _ensure_files(root: Path, download: bool) -> dict[str, Path]:
     if _missing(root):
         if not download:
             raise _not_found(root, "not attempted: download=False")
+        created = not root.exists()
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -245,12 +246,22 @@ def _ensure_files(root: Path, download: bool) -> dict[str, Path]:
                 # first rank fetched and download nothing.
                 for name in _missing(root):
                     _download(name, root)
-        except _DownloadFailed as err:
-            raise _not_found(root, str(err)) from None
-        except OSError as err:  # e.g. the lock file cannot be created
-            raise _not_found(root, f"{type(err).__name__}: {err}") from None
+        except (_DownloadFailed, OSError) as err:  # OSError: e.g. the lock file cannot be created
+            if created:
+                _remove_empty(root)
+            reason = str(err) if isinstance(err, _DownloadFailed) else f"{type(err).__name__}: {err}"
+            raise _not_found(root, reason) from None
     found = {name: _find(root, name) for name in FILES}
     return {name: path for name, path in found.items() if path is not None}
+
+
+def _remove_empty(root: Path) -> None:
+    """A failed download leaves nothing in a directory it created: not even the lock file (a
+    process still waiting on it then finds the download failed too, and tries on its own)."""
+    if all(p.name == LOCK_NAME for p in root.iterdir()):
+        (root / LOCK_NAME).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            root.rmdir()
 
 
 @contextlib.contextmanager

@@ -86,3 +86,26 @@ def test_checkpoint_keywords_reach_the_run(tmp_path: Path) -> None:
     log = (tmp_path / "d" / "logs" / "rank-0.log").read_text()
     assert log.count("committed") == 8, "every save was committed"
     assert tr.best_checkpoint is None  # save_top_k=0: none kept for being best
+
+
+def test_an_early_stopped_run_says_so_and_continues_when_patience_is_raised(tmp_path: Path, capsys) -> None:
+    train, val = circles.datasets(n_per_class=200)
+
+    def fit(run_dir: Path, patience: int) -> list:
+        torch.manual_seed(0)
+        # min_delta=10: no validation after the first counts as an improvement
+        tr = Trainer(max_epochs=10, monitor="val_loss", patience=patience, min_delta=10.0, batch_size=64,
+                     run_dir=run_dir, progress=False, logger="none", precision="32")
+        return tr.fit(circles.Net(), nn.BCEWithLogitsLoss(), lambda p: torch.optim.Adam(p, lr=0.01), train, val)
+
+    assert [r["epoch"] for r in fit(tmp_path / "a", 2)] == [1, 2, 3]
+    capsys.readouterr()
+    assert [r["epoch"] for r in fit(tmp_path / "a", 2)] == [1, 2, 3]
+    said = [ln for ln in capsys.readouterr().err.splitlines() if "run complete" in ln]
+    assert said == ["[launcher] run complete at epoch 3, step 15 (early stopping: no better val_loss in 2 "
+                    "validations); raise trainer.patience to continue it, or start over in a new run.dir"], said
+    continued = fit(tmp_path / "a", 4)
+    straight = fit(tmp_path / "b", 4)  # patience 4 from the start
+    assert [r["epoch"] for r in continued] == [1, 2, 3, 4, 5] and continued == straight
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "bitwise as if the patience had been there from the start"

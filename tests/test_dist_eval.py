@@ -40,7 +40,8 @@ def _worker(run_dir: str) -> dict:
     from launcher import Trainer
 
     ds, net = _data()
-    tr = Trainer(run_dir=run_dir, logger="none", progress=False)
+    # float32: the expected values below are computed in float32 (auto would pick bf16 on AMX CPUs)
+    tr = Trainer(run_dir=run_dir, logger="none", progress=False, precision="32")
     loss = nn.CrossEntropyLoss()
     out = tr.evaluate(ds, model=net, loss_fn=loss, batch_size=8,
                       metrics={"acc": MulticlassAccuracy(num_classes=N, average="micro"), "seen": SeenTargets()})

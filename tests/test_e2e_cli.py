@@ -91,6 +91,16 @@ def test_sweep_runs_each_point_in_its_own_run_dir(tmp_path: Path) -> None:
     assert len(ids) == 2
 
 
+def test_a_sweep_with_the_default_run_dir_lands_under_one_parent(tmp_path: Path) -> None:
+    # the default run.dir is runs/${now:...}: resolved per point it gave each point its own parent
+    # once the points' checks crossed a second boundary (three points: seconds apart)
+    p = run_cli(["-m", "recipe=linreg", "optimizer.lr=0.01,0.05,0.1", *QUIET, "trainer.max_epochs=1"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    parents = list((tmp_path / "runs").iterdir())
+    assert len(parents) == 1, parents
+    assert sorted(x.name for x in parents[0].iterdir()) == ["0", "1", "2"]
+
+
 @pytest.mark.parametrize("nproc", [2])
 def test_under_an_outside_torchrun_the_launcher_does_not_spawn_again(tmp_path: Path, nproc: int) -> None:
     import subprocess

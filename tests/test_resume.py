@@ -84,6 +84,8 @@ def test_finished_run_rerun_does_nothing_more(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert (run_dir / "metrics.csv").read_text() == before
     assert "resumed from" in (run_dir / "logs" / "rank-0.log").read_text()
+    assert "run complete at epoch 2, step 28 (trainer.max_epochs=2); raise trainer.max_epochs to continue it" \
+        in p.stderr
 
 
 def test_resume_from_explicit_path_and_more_epochs(tmp_path: Path) -> None:

@@ -270,3 +270,96 @@ def test_maybe_and_progress_round_trip() -> None:
     q = TrainProgress()
     q.load_state_dict(p.state_dict())
     assert q == p
+
+
+# ---- hardware-aware defaults ------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("features, precision, channels_last", [
+    ({"avx2": True}, "32", False),  # e.g. an AVX2-only EPYC: bf16 emulated, NHWC slower
+    ({"avx2": True, "avx512": True}, "32", True),  # AVX-512 without bf16 units
+    ({"avx2": True, "avx512": True, "avx512_bf16": True}, "bf16-mixed", True),
+    ({"avx2": True, "avx512": True, "amx": True}, "bf16-mixed", True),  # e.g. a Sapphire Rapids Xeon
+])
+def test_auto_precision_and_channels_last_follow_the_cpu(monkeypatch, features, precision, channels_last) -> None:
+    from launcher import hardware
+
+    full = {"avx2": False, "avx512": False, "avx512_bf16": False, "amx": False, **features}
+    monkeypatch.setattr(hardware, "cpu_features", lambda: full)
+    chosen, why = hardware.resolve_precision("auto", CPU)
+    assert chosen == precision and why.startswith("auto: CPU")
+    assert hardware.resolve_channels_last("auto", CPU, chosen)[0] is channels_last
+    assert hardware.resolve_precision("16-mixed", CPU) == ("16-mixed", "set")  # explicit values stay
+    assert hardware.resolve_channels_last(False, CPU, chosen) == (False, "set")
+
+
+def test_the_cpu_is_read_from_torch_not_guessed() -> None:
+    from launcher import hardware
+
+    f = hardware.cpu_features()
+    assert f["amx"] == torch.cpu._is_amx_tile_supported() and f["avx512"] == torch.cpu._is_avx512_supported()
+    native = f["amx"] or f["avx512_bf16"]
+    assert hardware.resolve_precision("auto", CPU)[0] == ("bf16-mixed" if native else "32")
+
+
+def test_channels_last_accepts_auto_true_false_only() -> None:
+    C.check_trainer(C.TrainerConfig(channels_last=True))
+    with pytest.raises(C.ConfigError, match="trainer.channels_last='yes': unknown choice; valid: auto, true, false"):
+        C.check_trainer(C.TrainerConfig(channels_last="yes"))
+
+
+def test_the_python_api_refuses_more_ranks_than_its_process(monkeypatch) -> None:
+    from launcher import Trainer
+
+    monkeypatch.delenv("RANK", raising=False)
+    for kw, key in (({"nproc": 2}, "trainer.nproc=2"), ({"nodes": 2}, "trainer.nodes=2"), ({"gpus": -1}, "trainer.gpus=-1")):
+        with pytest.raises(C.ConfigError, match=f"{key}: Trainer.*torchrun --nproc-per-node N"):
+            Trainer(**kw)
+    with pytest.raises(TypeError, match="unknown argument 'epochs' \\(did you mean 'max_epochs'\\?\\)"):
+        Trainer(epochs=5)
+
+
+# ---- the model summary ------------------------------------------------------------------------------
+
+
+def test_summary_lists_layers_shapes_and_parameters(capsys) -> None:
+    from launcher import Trainer
+    from recipes import mnist
+
+    torch.manual_seed(0)
+    net = mnist.Net()
+    net.net[0].weight.requires_grad_(False)  # one frozen tensor
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    text = Trainer.summary(net, torch.zeros(4, 1, 28, 28))
+    assert capsys.readouterr().out.strip() == text.strip()
+    lines = text.splitlines()
+    assert lines[0] == "model summary: Net, output [4, 10]"
+    conv = next(ln for ln in lines if " Conv2d " in ln and "[4, 32, 26, 26]" in ln)
+    assert conv.split()[-2:] == ["320", "yes"]  # its bias still trains
+    total = sum(p.numel() for p in net.parameters())
+    assert f"total {total:,} parameters ({total - 288:,} trainable, 288 frozen)" in lines[-1]
+    assert net.training and torch.equal(torch.get_rng_state(), rng), "no RNG drawn, train mode kept"
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_summary_of_a_one_layer_model() -> None:
+    from launcher.summary import summarize
+
+    text = summarize(torch.nn.Linear(2, 1), torch.zeros(3, 2))
+    assert "(model)  Linear  [3, 1]" in text and "total 3 parameters" in text
+
+
+def test_plots_are_readable_after_one_epoch() -> None:
+    from launcher.loggers import figure
+
+    fig = figure([{"epoch": 1, "step": 7, "train_loss": 0.64, "val_loss": 0.57, "train_acc": 0.6, "val_acc": 0.76}],
+                 "run-a (abc)")
+    loss, acc = fig.axes
+    assert [t.get_text() for t in loss.get_xticklabels()] == ["1"], "whole epochs only"
+    assert (loss.get_ylabel(), acc.get_ylabel()) == ("loss", "acc") and fig._suptitle.get_text() == "run-a (abc)"
+    assert {t.get_text() for t in loss.texts} == {"0.64", "0.57"}, "each value beside its point"
+    many = figure([{"epoch": e, "train_loss": 1 / e} for e in range(1, 41)])
+    assert all(float(t).is_integer() for t in many.axes[0].get_xticks()) and not many.axes[0].texts

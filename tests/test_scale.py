@@ -164,7 +164,7 @@ def test_clipping_bounds_the_global_gradient_norm_under_fsdp(tmp_path: Path) -> 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16-true"])
 def test_mixed_precision_trains_on_cpu(tmp_path: Path, precision: str) -> None:
     d = tmp_path / precision
-    p = run_cli(["recipe=circles", "trainer.max_epochs=4", f"trainer.precision={precision}", *QUIET, f"run.dir={d}"],
+    p = run_cli(["recipe=circles", "trainer.max_epochs=4", *QUIET, f"trainer.precision={precision}", f"run.dir={d}"],
                 cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = _rows(d)

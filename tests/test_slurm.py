@@ -192,7 +192,8 @@ def test_a_rank_raising_fails_the_job_with_its_traceback(cluster, tmp_path: Path
     ("launcher.partition=gpu", "launcher.partition='gpu': no such partition; valid: debug"),
     ("trainer.nodes=3", "trainer.nodes=3: partition debug has 2 node(s)"),
     ("launcher.signal=KILL", "launcher.signal='KILL': unknown choice; valid: USR1, USR2"),
-    ("launcher.partiton=gpu", "launcher.partiton: unknown key; valid: launcher.name, launcher.partition"),
+    ("launcher.partiton=gpu", "launcher.partiton: unknown key (did you mean launcher.partition?); valid: "
+                              "launcher.name, launcher.partition"),
 ])
 def test_bad_slurm_input_is_one_line_exit_2(cluster, tmp_path: Path, override: str, expected: str) -> None:
     p = run_cli(["recipe=linreg", "launcher=slurm", override, f"run.dir={tmp_path / 'r'}"], cwd=tmp_path, timeout=60)

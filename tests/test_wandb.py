@@ -50,3 +50,27 @@ def test_wandb_offline_run_files_hold_config_and_metrics_and_resume_continues_th
     assert second["run_id"] == run_id
     assert min(h["_step"] for h in second["history"]) > 88, "a resumed run logs no step twice"
     assert [h["epoch"] for h in second["history"] if "val_acc" in h] == [3]
+
+
+@pytest.mark.parametrize("key, cause", [
+    ("abc123fake", "AuthenticationError: WANDB_API_KEY invalid"),  # a malformed key: refused at once
+    ("a" * 40, "CommError"),  # a key of the right shape and no server: bounded by the init timeout
+])
+def test_wandb_online_start_that_fails_falls_back_to_offline_in_one_line(tmp_path: Path, key: str, cause: str) -> None:
+    import time
+
+    run_dir = tmp_path / "w"
+    started = time.monotonic()
+    # the server is a closed port on loopback: nothing leaves this machine
+    p = run_cli(["recipe=linreg", "logger=wandb", "logger.mode=online", "trainer.max_epochs=1", *QUIET,
+                 f"run.dir={run_dir}"], cwd=tmp_path, WANDB_API_KEY=key, WANDB_BASE_URL="http://127.0.0.1:9")
+    took = time.monotonic() - started
+    assert p.returncode == 0, p.stderr[-3000:]
+    warned = [ln for ln in p.stderr.splitlines() if "W&B online start failed" in ln]
+    assert len(warned) == 1 and cause in warned[0] and "logging offline to" in warned[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert took < 60, f"{took:.0f} s: the online attempt must be bounded"
+    runs = _offline_runs(run_dir)
+    assert len(runs) == 1
+    rows = read_offline_run(runs[0])
+    assert rows["history"], "metrics went to the offline run"

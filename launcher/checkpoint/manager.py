@@ -28,6 +28,9 @@ log = logging.getLogger("launcher")
 
 
 class Stateful(Protocol):
+    """A part of the run that survives restarts. One that sets `absent_ok = True` accepts
+    load_state_dict(None) from a checkpoint written before the part existed."""
+
     def state_dict(self) -> Any: ...
 
     def load_state_dict(self, sd: Any) -> None: ...
@@ -237,6 +240,8 @@ class CheckpointManager:
                 part.load_dcp_state_dict(shards[name])  # type: ignore[attr-defined]
             elif name in sd:
                 part.load_state_dict(sd[name])
+            elif getattr(part, "absent_ok", False):  # a part added after the checkpoint was written
+                part.load_state_dict(None)
             else:
                 raise ValueError(f"{folder / F.STATE}: holds no {name!r} state; valid: a checkpoint written "
                                  "by this launcher for this kind of run")

@@ -20,6 +20,7 @@ from typing import Any
 from .. import config as C
 # imported by the launcher before it forks: CPU ranks then start with the worker (and torch) loaded
 from .. import worker
+from . import rank
 
 log = logging.getLogger("launcher")
 
@@ -43,18 +44,25 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
         rdzv_configs=_rdzv_configs(cfg),
         logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "logs" / "elastic")),
     )
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    # elastic logs each failed rank at ERROR; the report below says the same, once and readably
+    # (and a user's error must stay one line)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     _pin_interface(cfg.launcher.local_addr)
     try:
         if cfg.trainer.gpus:
             # GPU ranks: fresh interpreters (a fork after the parent touched CUDA is unsafe)
-            elastic_launch(lc, sys.executable)("-u", "-m", "launcher.worker", str(config_path))
+            elastic_launch(lc, sys.executable)("-u", "-m", "launcher.launch.rank", str(config_path))
         else:
             # CPU ranks: forked from this process, which has imported torch already (~1.3 s
             # saved per rank start on this 2-core machine); the parent ran no torch compute.
             lc.start_method = "fork"
             elastic_launch(lc, _forked_rank)(str(config_path))
     except ChildFailedError as e:
+        mine = sorted((r, f) for r, f in e.failures.items() if worker.USER_ERROR_KEY in (f.error_file_data or {}))
+        if mine:  # the user's (recipe, data, run dir, tracker): one line, printed once, not N tracebacks
+            rank, failure = mine[0]
+            raise C.UserError(f"{failure.error_file_data[worker.USER_ERROR_KEY]} "
+                              f"(traceback: {run_dir / 'logs' / f'rank-{rank}.log'})") from None
         rank, failure = _root_cause(e)
         print(f"launcher: rank {rank} failed (exit code {failure.exitcode}); its error:\n"
               f"{_traceback(failure)}", file=sys.stderr)
@@ -66,6 +74,7 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
 
 
 def _forked_rank(config_path: str) -> None:
+    rank.prepare()
     worker.main([config_path])
 
 

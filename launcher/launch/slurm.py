@@ -13,6 +13,7 @@ only, at any point of a step; launcher/preempt.py instead agrees on a step acros
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -61,17 +62,18 @@ def export_env() -> None:
     """The torch env (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) of
     this srun task, exported by submitit's TorchDistributedEnvironment, then narrowed to the step.
 
-    Overwrites: sbatch copies the submitting shell's env, which may hold stale values (a stale
-    MASTER_PORT is dropped so the port comes from the job id: the same on every task and after a
-    requeue, different for each array element). submitit reads the job's task count and node list
-    and assumes even tasks per node; an srun step may use fewer tasks or nodes than its allocation,
-    and uneven ones, so SLURM's step values win where it gives them.
+    Overwrites: sbatch copies the submitting shell's env, which may hold stale values. The port is
+    set from the job id before submitit reads it (its own pick is random per job, so two elements
+    of an array could collide): the same on every task and after a requeue, distinct for array
+    elements (consecutive job ids). submitit reads the job's task count and node list and assumes
+    even tasks per node; an srun step may use fewer tasks or nodes than its allocation, and uneven
+    ones, so SLURM's step values win where it gives them.
     """
     from submitit.helpers import TorchDistributedEnvironment  # the [slurm] extra; local runs never need it
 
     env = os.environ
-    env.setdefault("SUBMITIT_EXECUTOR", "slurm")  # outside a submitit job (an sbatch script's srun) say where we are
-    env.pop("MASTER_PORT", None)
+    env["SUBMITIT_EXECUTOR"] = "slurm"  # also in an sbatch script's own srun: submitit must read SLURM's env
+    env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
     # one device per rank is chosen by LOCAL_RANK (dist.init), not by narrowing CUDA_VISIBLE_DEVICES
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     if env.get("SLURM_STEP_NUM_TASKS"):
@@ -98,6 +100,12 @@ def sbatch_options() -> list[str]:
     """sbatch's long option names (from `sbatch --help`), to check launcher.sbatch keys by name."""
     out = subprocess.run(["sbatch", "--help"], capture_output=True, text=True)
     return sorted(set(re.findall(r"--([a-z][a-z0-9-]+)", out.stdout)))
+
+
+def check_installed() -> None:
+    """launcher=slurm needs submitit, to submit and inside an allocation alike."""
+    if importlib.util.find_spec("submitit") is None:
+        raise C.ConfigError("launcher", "slurm", "submitit is not installed", "pip install 'launcher[slurm]', or local")
 
 
 def check(cfg: C.Config) -> None:

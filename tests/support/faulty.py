@@ -31,3 +31,13 @@ class FaultyLinear(nn.Module):
                     return self.lin(x) * float("nan")
                 raise RuntimeError(f"injected failure on rank {rank} at step {self.calls}")
         return self.lin(x)
+
+
+class RaisingNet(nn.Module):
+    """A model whose constructor rejects its arguments, as a user's model might."""
+
+    def __init__(self, hidden: int = -1) -> None:
+        super().__init__()
+        if hidden < 1:
+            raise ValueError(f"hidden={hidden}: must be >= 1")
+        self.lin = nn.Linear(2, hidden)

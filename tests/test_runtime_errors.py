@@ -1,0 +1,94 @@
+"""Failures the user causes at run time (the recipe's code, its data, its optimizer arguments, the
+run dir): ONE line naming the key, the value or file and the problem, exit code 2, printed once
+however many ranks, the traceback in the rank log the line names, and nothing else left behind
+(a new run that fails before its first checkpoint keeps only logs/)."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+from conftest import QUIET, run_cli
+
+TWO = ["trainer.gpus=0", "trainer.nproc=2"]
+
+
+def _mnist_copy(damage: str) -> Callable[[Path, Path], list[str]]:
+    """A copy of the real MNIST with one file damaged, as the data.root of the run."""
+    def make(tmp: Path, mnist: Path) -> list[str]:
+        root = tmp / "mnist"
+        shutil.copytree(mnist, root)
+        victim = root / "t10k-images-idx3-ubyte.gz"
+        raw = victim.read_bytes()
+        if damage == "truncated":
+            victim.write_bytes(raw[: len(raw) // 2])
+        else:  # a valid gzip stream whose IDX payload is short
+            victim.write_bytes(gzip.compress(gzip.decompress(raw)[:1000]))
+        return ["recipe=mnist", f"data.root={root}"]
+    return make
+
+
+# (what, overrides or a maker of them, ranks, text the one line must contain, traceback expected)
+CASES: list[tuple[str, object, int, str, bool]] = [
+    ("data: no files and download=false", ["recipe=mnist", "data.root={tmp}/none", "data.download=false"], 1,
+     "data (recipes.mnist.datasets): FileNotFoundError: MNIST not found under data.root=", True),
+    ("data: no files, 2 ranks (printed once)", ["recipe=mnist", "data.root={tmp}/none", "data.download=false"], 2,
+     "data (recipes.mnist.datasets): FileNotFoundError: MNIST not found under data.root=", True),
+    ("data: a truncated gz file", _mnist_copy("truncated"), 1,
+     "t10k-images-idx3-ubyte.gz: corrupt or truncated gzip data", True),
+    ("data: a short IDX payload", _mnist_copy("short"), 1, "t10k-images-idx3-ubyte.gz", True),
+    ("model: its constructor raises", ["recipe=linreg", "model._target_=faulty.RaisingNet"], 1,
+     "model (faulty.RaisingNet): ValueError: hidden=-1: must be >= 1", True),
+    ("model: the target builds no nn.Module", ["recipe=linreg", "model._target_=recipes.linreg.datasets"], 1,
+     "model: tuple is not a torch.nn.Module", True),
+    ("optimizer: negative lr", ["recipe=linreg", "optimizer.lr=-1"], 1,
+     "optimizer (Adam): ValueError: Invalid learning rate: -1", True),
+    ("optimizer: lr not a number, 2 ranks", ["recipe=linreg", "optimizer.lr=abc", *TWO], 2,
+     "optimizer (Adam): TypeError:", True),
+    ("scheduler: an argument its class does not take", ["recipe=linreg", "+scheduler._partial_=true",
+                                                         "+scheduler._target_=torch.optim.lr_scheduler.StepLR",
+                                                         "+scheduler.step_size=1", "+scheduler.gama=0.5"], 1,
+     "scheduler (StepLR): TypeError: StepLR.__init__() got an unexpected keyword argument 'gama'", True),
+    ("run dir: cannot be created", ["recipe=linreg", "run.dir=/proc/launcher-test/run"], 1,
+     "run.dir='/proc/launcher-test/run': cannot be written", False),
+]
+
+
+@pytest.mark.parametrize("what,overrides,ranks,expected,traceback", CASES, ids=[c[0] for c in CASES])
+def test_runtime_user_error(tmp_path: Path, mnist_root: Path, what: str, overrides: object, ranks: int,
+                            expected: str, traceback: bool) -> None:
+    args = overrides(tmp_path, mnist_root) if callable(overrides) else \
+        [o.replace("{tmp}", str(tmp_path)) for o in overrides]  # type: ignore[union-attr]
+    run_dir = tmp_path / "run"
+    if not any(a.startswith("run.dir=") for a in args):
+        args.append(f"run.dir={run_dir}")
+    if ranks == 2 and "trainer.nproc=2" not in args:
+        args += TWO
+    p = run_cli([*args, *QUIET, "trainer.max_epochs=1"], cwd=tmp_path, timeout=180)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("launcher: error: "), p.stderr[-3000:]
+    assert expected in lines[0], lines[0]
+    log: Optional[Path] = None
+    if traceback:
+        assert "(traceback: " in lines[0], lines[0]
+        log = Path(lines[0].rsplit("(traceback: ", 1)[1].rstrip(")"))
+        assert "Traceback (most recent call last)" in log.read_text()
+        assert log.parent.parent == run_dir
+    left = sorted(str(x.relative_to(tmp_path)) for x in tmp_path.rglob("*") if not x.is_relative_to(tmp_path / "mnist"))
+    assert all(x.startswith("run/logs") or x == "run" for x in left), f"only the logs may remain: {left}"
+    if not traceback:
+        assert not run_dir.exists()
+
+
+def test_the_same_command_after_the_fix_runs_in_that_run_dir(tmp_path: Path) -> None:
+    """What a failed start leaves (logs/) is no obstacle: fixing the value and re-running trains."""
+    args = ["recipe=linreg", *QUIET, "trainer.max_epochs=1", f"run.dir={tmp_path / 'run'}"]
+    assert run_cli([*args, "optimizer.lr=-1"], cwd=tmp_path).returncode == 2
+    p = run_cli(args, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "run" / "model.pt").exists() and "resumed from" not in p.stderr
