@@ -109,3 +109,37 @@ def test_an_early_stopped_run_says_so_and_continues_when_patience_is_raised(tmp_
     assert [r["epoch"] for r in continued] == [1, 2, 3, 4, 5] and continued == straight
     a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a), "bitwise as if the patience had been there from the start"
+
+
+class _StopAt:
+    """A stop request (what a SLURM signal becomes) agreed at one step."""
+
+    signame = "TEST"
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def agreed(self, step: int) -> bool:
+        return step == self.step
+
+
+def test_a_run_stopped_at_an_epoch_end_resumes_without_an_extra_step(tmp_path: Path) -> None:
+    """Preempted on the last step of a non-final epoch: the continuation takes no empty step."""
+    train, val = circles.datasets(n_per_class=200)  # 280 samples, batch 100: 3 steps per epoch
+
+    def fit(run_dir: Path, stop=None) -> tuple:
+        torch.manual_seed(0)
+        tr = Trainer(max_epochs=3, batch_size=100, scheduler_interval="step", run_dir=run_dir, progress=False,
+                     logger="none", precision="32", stop=stop)
+        h = tr.fit(circles.Net(), nn.BCEWithLogitsLoss(), lambda p: torch.optim.SGD(p, lr=1.0), train, val,
+                   scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5))
+        return tr, h
+
+    tr, h = fit(tmp_path / "cut", stop=_StopAt(3))
+    assert tr.preempted and h == [], "stopped at the end of epoch 1's batches, before its row"
+    _, resumed = fit(tmp_path / "cut")
+    _, straight = fit(tmp_path / "straight")
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == [3, 6, 9]
+    assert resumed[-1]["lr"] == straight[-1]["lr"] == pytest.approx(0.5 ** 9)
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("cut", "straight"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -69,3 +69,17 @@ def test_an_unknown_format_is_refused_in_one_line(tmp_path: Path) -> None:
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "checkpoint format 99; this launcher reads format 1" in lines[0], lines
     assert not (tmp_path / "r").exists()
+
+
+def test_a_format_1_checkpoint_from_before_the_grad_scaler_entry_loads(tmp_path: Path) -> None:
+    """Checkpoints written before 944490e have no "scaler" entry: a part added later loads as absent."""
+    from launcher.checkpoint import format as F
+
+    old = tmp_path / "old" / "step-0000010"
+    sd = torch.load(V1 / "state.pt", weights_only=True)
+    del sd["scaler"]
+    F.write(old, sd, {k: v for k, v in json.loads((V1 / "manifest.json").read_text()).items()
+                      if k not in ("files", "written_at", "format")})
+    p = run_cli([*LINREG, f"resume={old}", f"run.dir={tmp_path / 'r'}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stderr and [r["step"] for r in _rows(tmp_path / "r")] == ["14"]
