@@ -249,6 +249,8 @@ def _unknown(full_key: str) -> tuple[str, str]:
     guess = [f"{s}.{leaf}" for s, cls in schemas.items() if s != section and leaf in cls.__dataclass_fields__]
     guess = guess or [f"{section}.{m}" for m in difflib.get_close_matches(leaf, own, n=1, cutoff=0.75)]
     hint = f" (did you mean {' or '.join(guess)}?)" if guess else ""
+    if full_key == "recipe":  # a recipe file's keys landed under `recipe:` instead of the top level
+        hint = " (a recipe file must begin with `# @package _global_`: its keys are top-level ones)"
     if own:
         return hint, ", ".join(f"{section}.{f}" for f in own)
     return hint, ", ".join(f.name for f in dataclasses.fields(C.Config))

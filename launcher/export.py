@@ -18,7 +18,11 @@ def main(argv: list[str]) -> int:
         return 2
     from .checkpoint.format import export_model, resolve, verify  # after the usage check: torch is slow to import
 
-    folder = resolve(argv[0])
+    try:
+        folder = resolve(argv[0], what="CHECKPOINT")
+    except ValueError as e:
+        print(f"launcher.export: error: {e}", file=sys.stderr)
+        return 2
     problem = verify(folder)
     if problem:
         print(f"launcher.export: error: {problem}", file=sys.stderr)

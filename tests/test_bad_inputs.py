@@ -46,6 +46,8 @@ CATALOGUE: list[tuple[str, list[str], dict[str, str], str]] = [
     ("config file: recipe with an unknown trainer key", ["--config-dir", BAD_CONF, "recipe=unknown_key"], {},
      "trainer.epochs: unknown key (in recipe/unknown_key.yaml) (did you mean trainer.max_epochs?); valid: "
      "trainer.max_epochs"),
+    ("config file: recipe without its package line", ["--config-dir", BAD_CONF, "recipe=no_package"], {},
+     "recipe: unknown key (in recipe/no_package.yaml) (a recipe file must begin with `# @package _global_`"),
     ("recipe: metrics not a mapping", ["--config-dir", BAD_CONF, "recipe=bad_metrics"], {},
      "metrics=['mae']: must map names to torchmetrics _target_ nodes"),
     ("recipe: optimizer class misspelt", ["--config-dir", BAD_CONF, "recipe=bad_optimizer"], {},

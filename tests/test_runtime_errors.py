@@ -92,3 +92,16 @@ def test_the_same_command_after_the_fix_runs_in_that_run_dir(tmp_path: Path) -> 
     p = run_cli(args, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "run" / "model.pt").exists() and "resumed from" not in p.stderr
+
+
+def test_export_of_a_path_that_is_no_checkpoint_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    p = subprocess.run([sys.executable, "-m", "launcher.export", str(tmp_path / "nope"), str(tmp_path / "o.pt")],
+                       env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"launcher.export: error: CHECKPOINT={tmp_path / 'nope'}: no such file or directory"]
+    assert not (tmp_path / "o.pt").exists()

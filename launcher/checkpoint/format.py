@@ -202,17 +202,20 @@ def latest(ckpt_dir: Path) -> Optional[Path]:
     return None
 
 
-def resolve(path: str | Path) -> Path:
-    """A user's resume=PATH as a verified complete checkpoint folder: a step folder (or a link to
-    one), its state.pt, a checkpoints/ folder, or a run directory (its latest). ValueError else."""
+def resolve(path: str | Path, what: str = "resume") -> Path:
+    """A user's checkpoint path (`what`=PATH in messages: resume=..., or the export's argument) as a
+    verified complete checkpoint folder: a step folder (or a link to one), its state.pt, a
+    checkpoints/ folder, or a run directory (its latest). ValueError else."""
     p = Path(path).expanduser()
+    if not p.exists():
+        raise ValueError(f"{what}={path}: no such file or directory")
     if p.is_file() and p.name == STATE:
         p = p.parent
     for ckpt_dir in (p, p / "checkpoints"):
         if candidates(ckpt_dir):
             found = latest(ckpt_dir)
             if found is None:
-                raise ValueError(f"resume={path}: no complete checkpoint under {ckpt_dir}")
+                raise ValueError(f"{what}={path}: no complete checkpoint under {ckpt_dir}")
             return found
     problem = verify(p)
     if problem:
@@ -221,8 +224,8 @@ def resolve(path: str | Path) -> Path:
         except (OSError, ValueError):
             manifest = {"format": FORMAT}
         if manifest.get("format") not in READS:  # complete, but not ours to read: say so, not "damaged"
-            raise ValueError(f"resume={path}: {format_problem(p, manifest)}")
-        raise ValueError(f"resume={path}: not a complete checkpoint ({problem})")
+            raise ValueError(f"{what}={path}: {format_problem(p, manifest)}")
+        raise ValueError(f"{what}={path}: not a complete checkpoint ({problem})")
     return p
 
 
