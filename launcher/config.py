@@ -187,8 +187,8 @@ def register() -> None:
     schema.launcher = None  # filled by the launcher group option, which brings its own schema
     cs.store(name="launcher_schema", node=schema)
     for name, cls in LAUNCHER_SCHEMAS.items():
-        # a group of their own, so `launcher=` lists only the real options (local, slurm)
-        cs.store(group="launcher_schemas", name=name, node=cls)
+        # top-level names, not a group: `launcher=` lists only the real options and --help no group of these
+        cs.store(name=f"launcher_schema_{name}", node=cls)
 
 
 def from_dict(d: dict) -> Config:

@@ -103,6 +103,8 @@ def test_resume_never_refuses_a_run_dir_with_checkpoints(tmp_path: Path) -> None
 def test_help_and_cfg_are_hydras(tmp_path: Path) -> None:
     h = run_cli(["--help"], cwd=tmp_path, timeout=60)
     assert h.returncode == 0 and f"recipe: {RECIPES}" in h.stdout
+    groups = h.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert sorted(ln.split(":")[0] for ln in groups.splitlines() if ": " in ln) == ["launcher", "logger", "recipe"]
     c = run_cli(["recipe=circles", "--cfg", "job"], cwd=tmp_path, timeout=60)
     assert c.returncode == 0 and "_target_: recipes.circles.Net" in c.stdout
     assert list(tmp_path.iterdir()) == []

@@ -97,3 +97,13 @@ def test_resume_from_explicit_path_and_more_epochs(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     with open(second / "metrics.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [14, 28, 42, 56]
+
+
+def test_resume_path_past_the_limit_says_so(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    assert run_cli(["recipe=linreg", "trainer.max_epochs=2", *QUIET, f"run.dir={src}"], cwd=tmp_path).returncode == 0
+    p = run_cli(["recipe=linreg", "trainer.max_epochs=1", *QUIET, f"resume={src}", f"run.dir={tmp_path / 'dst'}"],
+                cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert ("run complete at epoch 2, step 28 (trainer.max_epochs=1); raise trainer.max_epochs to continue it"
+            in p.stderr), p.stderr[-2000:]
