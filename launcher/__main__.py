@@ -87,7 +87,9 @@ def _checked(dcfg: Any) -> Any:
         # a run.dir that is the same template for every point (the default `runs/${now:...}`) is
         # resolved once, at the first point, not again (a second later) at each
         template = str(OmegaConf.to_container(dcfg.run, resolve=False)["dir"])
-        cfg.run.dir = str(Path(_sweep_parents.setdefault(template, cfg.run.dir)) / str(hc.job.num))
+        shared = template if re.fullmatch(r"[^$]*(\$\{now:[^}]*\}[^$]*)+", template) else None
+        cfg.run.dir = str(Path(_sweep_parents.setdefault(shared, cfg.run.dir) if shared else cfg.run.dir)
+                          / str(hc.job.num))
     local = cfg.launcher.name == "local"
     # srun python -m launcher launcher=slurm ...: this process is one rank of the allocation. With the
     # local launcher inside an srun (an interactive srun --pty bash), launch locally as anywhere.
@@ -161,16 +163,17 @@ def _start_local(cfg: Any) -> None:
     from . import run as R
 
     run_dir = Path(cfg.run.dir)
-    fresh = not (run_dir / R.RUN_FILE).exists()
+    new = R.is_new(run_dir) and cfg.trainer.nodes == 1  # several nodes may share the dir: none deletes
     try:
         _launch_local(cfg, run_dir)
     except C.UserError as e:
         # nothing half-written: a new run that failed before its first checkpoint keeps only the
         # logs its error line points to; a sweep goes on with its next point
-        if fresh and not (run_dir / "checkpoints").is_dir():
+        if new and not (run_dir / "checkpoints").is_dir():
             R.discard(run_dir)
         log = run_dir / "logs" / "rank-0.log"
-        where = f" (traceback: {log})" if "(traceback: " not in str(e) and log.is_file() else ""
+        logged = log.is_file() and "run failed: " in log.read_text(errors="replace")
+        where = f" (traceback: {log})" if "(traceback: " not in str(e) and logged else ""
         print(f"launcher: error: {e}{where}", file=sys.stderr)
         _failures.append(EXIT_CONFIG)
 
@@ -283,8 +286,9 @@ def main() -> None:
             _start(_pending)
         if _failures:
             sys.exit(_failures[0])
-    except C.ConfigError as e:
-        print(f"launcher: error: {e}", file=sys.stderr)
+    except C.UserError as e:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun / srun every rank gets here: one line
+            print(f"launcher: error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     except (HydraException, OmegaConfBaseException) as e:
         print(f"launcher: error: {_one_line(e)}", file=sys.stderr)

@@ -42,7 +42,7 @@ XLA_INSTALL = ("torch-xla is not installed: pip install 'launcher[xla]' (a torch
                "see the torch-xla install guide for TPU VMs)")
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A failure the user caused (config, recipe code, data, run dir, tracker), at config or run
     time: str() is the one line the CLI prints, exit 2. Anything else is a bug: it keeps its traceback."""
 
@@ -53,7 +53,7 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(UserError):
     """A bad config value; str() is the one line the CLI prints."""
 
     def __init__(self, key: str, value: Any, problem: str, valid: str = "") -> None:

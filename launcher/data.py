@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
+from .config import UserError
 from .dist import Dist
 
 log = logging.getLogger("launcher")
@@ -39,10 +40,10 @@ def _loader_settings(data: Any, batch_size: Optional[int]) -> tuple[Dataset, int
     """(dataset, batch size, DataLoader kwargs, shuffle-or-None) of a Dataset or a user DataLoader."""
     if isinstance(data, DataLoader):
         if data.batch_size is None:
-            raise ValueError("a DataLoader with a custom batch_sampler cannot be re-sharded across ranks; "
+            raise UserError("a DataLoader with a custom batch_sampler cannot be re-sharded across ranks; "
                              "pass the Dataset and batch_size= instead")
         if not isinstance(data.sampler, (RandomSampler, SequentialSampler, DistributedSampler)):
-            raise ValueError(f"a DataLoader with a custom sampler ({type(data.sampler).__name__}) cannot be "
+            raise UserError(f"a DataLoader with a custom sampler ({type(data.sampler).__name__}) cannot be "
                              "re-sharded across ranks; pass the Dataset instead")
         shuffle = isinstance(data.sampler, RandomSampler) or (
             isinstance(data.sampler, DistributedSampler) and data.sampler.shuffle)
@@ -52,7 +53,7 @@ def _loader_settings(data: Any, batch_size: Optional[int]) -> tuple[Dataset, int
         custom_collate = data.collate_fn is not torch.utils.data.default_collate
         return data.dataset, data.batch_size, {**kw, "_custom": custom_collate}, shuffle
     if batch_size is None:
-        raise ValueError("a Dataset needs batch_size= (or pass a DataLoader)")
+        raise UserError("a Dataset needs batch_size= (or pass a DataLoader)")
     return data, batch_size, {"_custom": False}, None
 
 

@@ -12,6 +12,7 @@ from .data import Batches, batch_size_of, to_device
 from .dist import Dist, all_gather_object
 from .metrics import Accumulator
 from .precision import Precision
+from .summary import inference
 
 
 def forward_all(model: nn.Module, batches: Batches, device: torch.device, prec: Precision,
@@ -23,10 +24,8 @@ def forward_all(model: nn.Module, batches: Batches, device: torch.device, prec: 
     """
     own = len(batches)
     most = math.ceil(math.ceil(batches.n / batches.dist.world_size) / batches.batch_size) if lockstep else own
-    was_training = model.training
-    model.eval()
     first = None
-    with torch.no_grad():
+    with inference(model):  # each module back in its own mode after (a frozen BatchNorm stays frozen)
         for batch in batches.epoch(0):
             batch = to_device(batch, device)
             first = batch if first is None else first
@@ -34,7 +33,6 @@ def forward_all(model: nn.Module, batches: Batches, device: torch.device, prec: 
         for _ in range(most - own):
             first = first if first is not None else to_device(batches.head(), device)
             _forward(model, first, prec)
-    model.train(was_training)
 
 
 def _forward(model: nn.Module, batch: Any, prec: Precision) -> Any:

@@ -192,7 +192,10 @@ class RunLogger:
             wandb.teardown()  # the failed start holds the run id in wandb's service: a fresh one
             os.environ["WANDB_MODE"] = "offline"
             mode = "offline"
-            run = init(mode)
+            try:
+                run = init(mode)
+            except Exception as e2:  # noqa: BLE001 - e.g. run.dir/wandb not writable
+                raise UserError(f"logger=wandb (offline after the online start failed): {one_line(e2)}") from e2
         log.info("W&B run %s (%s) in %s", run.id, mode, run.dir)
         return run
 

@@ -17,13 +17,13 @@ from . import strategy as S
 from .config import Strategy, TrainerConfig, UserError, one_line
 from .data import Batches
 from .data import to_device
-from .dist import Dist
+from .dist import Dist, broadcast_object
 from .hardware import resolve_channels_last, resolve_precision
 from .metrics import Accumulator
 from .precision import Precision
 from .progress import Speed
 from .step import Stepper
-from .summary import summarize
+from .summary import runs_channels_last, summarize
 from .xla import XLA
 
 log = logging.getLogger("launcher")
@@ -74,26 +74,33 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Callable, optimi
     xla = XLA() if t.accelerator == "xla" else None
     precision, why_precision = resolve_precision(t.precision, d.device)
     channels_last, why_cl = resolve_channels_last(t.channels_last, d.device, precision)
-    chosen = f"precision {precision} ({why_precision}), channels_last {'on' if channels_last else 'off'} ({why_cl})"
     prec = Precision(precision, d.device)
     # XLA: gradients are all-reduced by xm.reduce_gradients, not by DDP
     strategy: Strategy = "none" if xla is not None else S.resolve(t.strategy, d)  # type: ignore[arg-type]
     if strategy == "none" and d.distributed and xla is None:  # a torchrun world no parent has seen
-        raise ValueError(f"trainer.strategy=none with {d.world_size} ranks would train unsynchronised copies; "
+        raise UserError(f"trainer.strategy=none with {d.world_size} ranks would train unsynchronised copies; "
                          "valid: auto, ddp, fsdp")
     model = prec.prepare_model(model.to(d.device))
-    summary = _summary(t, d, model, train, prec) if t.summary and d.is_main and xla is None and train.n else ""
+    x = _example(train, d, prec) if d.is_main and xla is None else None  # rank 0 looks, every rank learns
+    if t.channels_last == "auto" and channels_last:
+        # rank 0 tries a channels_last input (a `.view()` of a conv output fails on one); all ranks follow
+        ok, why = broadcast_object(runs_channels_last(model, x) if isinstance(x, torch.Tensor) and x.dim() == 4
+                                   else (True, ""))
+        if not ok:
+            channels_last, why_cl = False, why
+    chosen = f"precision {precision} ({why_precision}), channels_last {'on' if channels_last else 'off'} ({why_cl})"
+    summary = _summary(model, x) if t.summary and x is not None else ""
     # the optimizer must see the parameters as they will be trained: after FSDP sharding
     net = S.wrap(model, strategy, d, t.fsdp_wrap, t.compile, channels_last)
     if not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = _called("optimizer", optimizer, model.parameters())  # a partial from the recipe
     elif strategy == "fsdp":
-        raise ValueError("trainer.strategy=fsdp needs the optimizer as a callable taking the parameters "
+        raise UserError("trainer.strategy=fsdp needs the optimizer as a callable taking the parameters "
                          "(e.g. functools.partial(torch.optim.AdamW, lr=1e-3)): FSDP replaces them")
     if scheduler is not None and not hasattr(scheduler, "step"):
         scheduler = _called("scheduler", scheduler, optimizer)
     if t.scheduler_interval == "step" and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        raise ValueError("trainer.scheduler_interval=step with ReduceLROnPlateau: it needs the monitored "
+        raise UserError("trainer.scheduler_interval=step with ReduceLROnPlateau: it needs the monitored "
                          "metric, which exists per epoch; valid: epoch")
     train_acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
     val_acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
@@ -109,10 +116,21 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Callable, optimi
                     val_acc, stepper, speed, chosen)
 
 
-def _summary(t: TrainerConfig, d: Dist, model: nn.Module, train: Batches, prec: Precision) -> str:
-    """The model summary of the bare model (before any wrapping: its forward has no collective)."""
-    batch = to_device(train.head(), d.device)
+def _example(train: Batches, d: Dist, prec: Precision) -> Any:
+    """The inputs of the first training batch, on the device; None when there is none to read (the
+    data's own error then surfaces where every rank meets it: in training)."""
+    if not train.n:
+        return None
     try:
-        return summarize(model, prec.prepare_input(batch[0] if isinstance(batch, (list, tuple)) else batch))
+        batch = to_device(train.head(), d.device)
+    except Exception:  # noqa: BLE001 - see above
+        return None
+    return prec.prepare_input(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
+
+def _summary(model: nn.Module, x: Any) -> str:
+    """The model summary of the bare model (before any wrapping: its forward has no collective)."""
+    try:
+        return summarize(model, x)
     except Exception as e:  # noqa: BLE001 - a summary is never a reason not to train
         return f"no model summary: a forward of the first batch raised {one_line(e)}"

@@ -38,7 +38,11 @@ def build(cfg: Config) -> dict[str, Any]:
     """The keyword arguments of Trainer.fit from a Config's recipe nodes. What the recipe's own code
     raises (a model that cannot be built, missing or corrupt data) is the user's: a UserError naming
     the recipe key and its target, the original exception chained for the rank log."""
-    train, val = _built("data", cfg.data)
+    data = _built("data", cfg.data)
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise UserError(f"data ({target_of(cfg.data)}): returned {type(data).__name__}; valid: (train_dataset, "
+                        "val_dataset), val_dataset may be None")
+    train, val = data
     metrics = cfg.metrics or {}
     return {
         "model": _built("model", cfg.model),

@@ -5,6 +5,7 @@ The parent (or rank 0 under an outside torchrun/srun) calls prepare(); ranks onl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -45,6 +46,7 @@ def prepare(run_dir: Path, run_id: str, config: dict[str, Any] | None) -> str:
     would share checkpoints and one W&B run.
     """
     existing = read_id(run_dir)
+    new = is_new(run_dir)
     if existing and run_id and run_id != existing:
         raise ConfigError("run.id", run_id, f"{run_dir} already belongs to run {existing!r}",
                           f"{existing!r}, or a new run.dir")
@@ -58,11 +60,17 @@ def prepare(run_dir: Path, run_id: str, config: dict[str, Any] | None) -> str:
         if config is not None:
             _atomic_write(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
     except OSError as e:
-        if not existing:
-            discard(run_dir)
+        if new:
+            with contextlib.suppress(OSError):
+                discard(run_dir)
         raise ConfigError("run.dir", str(run_dir), f"cannot be written ({e.strerror or e})",
                           "a directory this user can create and write") from None
     return run_id
+
+
+def is_new(run_dir: Path) -> bool:
+    """Nothing is there yet (no directory, or an empty one): what a failed start writes may go."""
+    return not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir()))
 
 
 def discard(run_dir: Path) -> None:

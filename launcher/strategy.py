@@ -13,7 +13,7 @@ from typing import Any, ContextManager, Iterable
 import torch
 from torch import nn
 
-from .config import Strategy
+from .config import Strategy, UserError
 from .dist import Dist
 
 
@@ -99,7 +99,7 @@ def wrap(model: nn.Module, strategy: Strategy, d: Dist, fsdp_wrap: Iterable[str]
         units = [m for m in model.modules() if type(m).__name__ in names and m is not model]
         if names and not units:
             found = sorted({type(m).__name__ for m in model.modules()})
-            raise ValueError(f"trainer.fsdp_wrap={sorted(names)}: no such module class in the model; "
+            raise UserError(f"trainer.fsdp_wrap={sorted(names)}: no such module class in the model; "
                              f"valid: {', '.join(found)}")
         for unit in units:
             fully_shard(unit)

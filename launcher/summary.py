@@ -8,10 +8,38 @@ bitwise as one with it off.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode without gradients, then every module back in its own mode (a frozen BatchNorm
+    stays in eval, a training one in train): a look at the model that leaves no trace."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def runs_channels_last(model: nn.Module, x: Any) -> tuple[bool, str]:
+    """Does `model` take a channels_last input (a `.view()` of a conv output fails on one)? Leaves
+    the model in channels_last when it does, in its own format when it does not."""
+    model.to(memory_format=torch.channels_last)
+    try:
+        with inference(model):
+            model(x.contiguous(memory_format=torch.channels_last))
+    except RuntimeError as e:
+        model.to(memory_format=torch.contiguous_format)
+        return False, f"auto: the model fails on a channels_last input ({str(e).splitlines()[0][:80]})"
+    return True, ""
 
 
 def _shape(out: Any) -> str:
@@ -34,15 +62,12 @@ def summarize(model: nn.Module, example_input: Any) -> str:
         return hook
 
     hooks = [m.register_forward_hook(record(name)) for name, m in leaves]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with inference(model):
             out = model(*example_input) if isinstance(example_input, tuple) else model(example_input)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     rows = [("layer", "type", "output shape", "params", "trainable")]
     for name, m in leaves:
         n = sum(p.numel() for p in m.parameters(recurse=False))

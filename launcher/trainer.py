@@ -151,7 +151,7 @@ class Trainer:
             metrics: Optional[dict[str, Any]] = None, scheduler: Any = None,
             batch_size: Optional[int] = None) -> History:
         """Train; returns the history (also self.history). Resumes per `resume` (default: auto)."""
-        fresh = not (self.run_dir / R.RUN_FILE).exists()  # (a CLI rank's parent has made it: not fresh)
+        fresh = R.is_new(self.run_dir)  # (a CLI rank's parent has made it: not new)
         try:
             self._setup(model, loss_fn, optimizer, train_data, val_data, dict(metrics or {}), scheduler, batch_size)
         except C.UserError:

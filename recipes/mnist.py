@@ -266,8 +266,10 @@ def _remove_empty(root: Path) -> None:
 
 @contextlib.contextmanager
 def _exclusive_lock(path: Path) -> Iterator[None]:
-    # The lock file is never deleted: unlinking it while another process waits
-    # on the old inode would let a third process lock a fresh one concurrently.
+    # The lock file is not deleted after a download: unlinking it while another
+    # process waits on the old inode would let a third process lock a fresh one
+    # concurrently. Only a failed download in a directory it created removes it
+    # (_remove_empty): the waiters then fail or retry on their own, nothing is lost.
     # flock is per machine (and unreliable on some network filesystems), which
     # matches "one downloader per machine".
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)

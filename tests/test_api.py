@@ -143,3 +143,32 @@ def test_a_run_stopped_at_an_epoch_end_resumes_without_an_extra_step(tmp_path: P
     assert resumed[-1]["lr"] == straight[-1]["lr"] == pytest.approx(0.5 ** 9)
     a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("cut", "straight"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _ViewNet(nn.Module):
+    """A CNN that flattens with .view(), which a channels_last conv output cannot take; a frozen BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Linear(2 * 6 * 6, 1)
+        self.bn.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.conv(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_channels_last_auto_leaves_a_model_that_cannot_take_it_alone(tmp_path: Path, capsys) -> None:
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 2, (64, 1), generator=g).float())
+    net = _ViewNet()
+    h = Trainer(max_epochs=1, batch_size=16, monitor="train_loss", run_dir=tmp_path / "v", progress=False,
+                logger="none").fit(
+        net, nn.BCEWithLogitsLoss(), torch.optim.SGD(net.parameters(), lr=0.1), data)
+    assert len(h) == 1
+    err = capsys.readouterr().err
+    assert "channels_last off (auto: the model fails on a channels_last input" in err, err
+    assert "model summary: _ViewNet" in err
+    assert not net.bn.training and net.training, "the summary and the check leave each module's mode as it was"

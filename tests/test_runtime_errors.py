@@ -105,3 +105,12 @@ def test_export_of_a_path_that_is_no_checkpoint_is_one_line(tmp_path: Path) -> N
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         f"launcher.export: error: CHECKPOINT={tmp_path / 'nope'}: no such file or directory"]
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_a_failed_start_in_a_directory_that_holds_other_things_removes_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "busy"
+    (run_dir / "old_run" / "checkpoints").mkdir(parents=True)
+    (run_dir / "notes.txt").write_text("mine")
+    p = run_cli(["recipe=linreg", "optimizer.lr=-1", *QUIET, f"run.dir={run_dir}"], cwd=tmp_path)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert (run_dir / "notes.txt").read_text() == "mine" and (run_dir / "old_run" / "checkpoints").is_dir()

@@ -201,3 +201,12 @@ def test_bad_slurm_input_is_one_line_exit_2(cluster, tmp_path: Path, override: s
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], p.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_users_error_in_a_job_is_one_line_exit_2(cluster, tmp_path: Path) -> None:
+    p = run_cli(["recipe=linreg", "optimizer.lr=-1", *SLURM, "launcher.wait=true", "trainer.gpus=0",
+                 "trainer.nproc=2", *QUIET, f"run.dir={tmp_path / 'bad'}"], cwd=tmp_path)
+    assert p.returncode == 2, p.stderr[-3000:]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("launcher: error:")]
+    assert len(errors) == 1 and "optimizer (Adam): ValueError: Invalid learning rate: -1 (traceback: " in errors[0]
+    assert "Traceback" not in p.stderr

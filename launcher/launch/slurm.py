@@ -222,7 +222,8 @@ def _rank_tracebacks(folder: Path, job_id: str) -> list[tuple[int, Path, str]]:
 
 
 def wait(jobs: list[Any], poll_s: float) -> int:
-    """Block until the jobs end; 0 when all completed, else 1 with each failure's log tail."""
+    """Block until the jobs end; 0 when all completed, 2 when a job failed on the user's error (one
+    line), else 1 with each failure's log tail."""
     from submitit.core.utils import FailedJobError, UncompletedJobError  # the [slurm] extra
 
     for job in jobs:
@@ -233,8 +234,14 @@ def wait(jobs: list[Any], poll_s: float) -> int:
         try:
             job.results()
         except (FailedJobError, UncompletedJobError) as e:
-            code = 1
             tracebacks = _rank_tracebacks(Path(job.paths.folder), str(job.job_id))
+            mine = [(path, m.group(1)) for _, path, tb in tracebacks
+                    if (m := re.search(r"(?m)^launcher\.config\.(?:User|Config)Error: (.*)$", tb))]
+            if mine:  # the user's (recipe, data, arguments): one line, once, as a local run gives it
+                print(f"launcher: error: job {job.job_id}: {mine[0][1]} (traceback: {mine[0][0]})", file=sys.stderr)
+                code = code or 2
+                continue
+            code = 1
             detail = "\n".join(f"--- rank {r} ({path}):\n{tb}" for r, path, tb in tracebacks) or str(e)
             print(f"launcher: job {job.job_id} failed; the ranks' errors:\n{detail}", file=sys.stderr)
         else:
