@@ -272,6 +272,14 @@ def _field_alias(arg: str) -> str:
     return arg
 
 
+def _another_rank() -> bool:
+    """This process is a rank other than 0 of a valid torchrun / srun world."""
+    from . import dist
+
+    rank = dist.env_rank() if dist.env_problem() is None else None
+    return rank is not None and rank[0] > 0
+
+
 def main() -> None:
     # Hydra re-raises instead of printing its own report, so every error goes through _one_line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -287,7 +295,7 @@ def main() -> None:
         if _failures:
             sys.exit(_failures[0])
     except C.UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun / srun every rank gets here: one line
+        if not _another_rank():  # under torchrun / srun every rank gets here: rank 0 says it
             print(f"launcher: error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     except (HydraException, OmegaConfBaseException) as e:
