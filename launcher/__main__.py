@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from . import config as C
+from . import faults
 
 # Everything that imports torch (checkpoint, dist, run, worker, launch/*) is imported inside the
 # functions that need it, once Hydra has composed the config: `--help`, `--cfg` and Hydra's own
@@ -150,7 +151,9 @@ def _start(cfgs: list[Any]) -> None:
 
     if cfgs[0].launcher.name == "slurm":
         for cfg in cfgs:
-            cfg.run.id = R.prepare(Path(cfg.run.dir), cfg.run.id, C.to_dict(cfg))
+            # the job's rank 0 holds the lock while it runs; a run dir in use is refused here already
+            with R.RunLock.acquire(Path(cfg.run.dir)):
+                cfg.run.id = R.prepare(Path(cfg.run.dir), cfg.run.id, C.to_dict(cfg), cfg.resume)
             print(f"launcher: asking SLURM for {S.describe(cfg)}", file=sys.stderr)
         folder = Path(cfgs[0].run.dir) / "slurm" if len(cfgs) == 1 else Path(cfgs[0].run.dir).parent / "slurm"
         _submit(cfgs, folder)
@@ -161,21 +164,31 @@ def _start(cfgs: list[Any]) -> None:
 
 def _start_local(cfg: Any) -> None:
     from . import run as R
+    from .lock import LOCK_ENV
 
     run_dir = Path(cfg.run.dir)
-    new = R.is_new(run_dir) and cfg.trainer.nodes == 1  # several nodes may share the dir: none deletes
+    one_node = cfg.trainer.nodes == 1  # several nodes share the dir: rank 0 locks it, and none deletes
+    new = R.is_new(run_dir) and one_node
+    lock = None
     try:
+        if one_node:  # held here, for the ranks this process starts (they inherit LOCK_ENV)
+            lock = R.RunLock.acquire(run_dir)  # in use: one line, and nothing touched
+            os.environ[LOCK_ENV] = str(run_dir)
         _launch_local(cfg, run_dir)
     except C.UserError as e:
         # nothing half-written: a new run that failed before its first checkpoint keeps only the
         # logs its error line points to; a sweep goes on with its next point
-        if new and not (run_dir / "checkpoints").is_dir():
+        if lock is not None and new and not (run_dir / "checkpoints").is_dir():
             R.discard(run_dir)
         log = run_dir / "logs" / "rank-0.log"
-        logged = log.is_file() and "run failed: " in log.read_text(errors="replace")
+        logged = lock is not None and log.is_file() and "run failed: " in log.read_text(errors="replace")
         where = f" (traceback: {log})" if "(traceback: " not in str(e) and logged else ""
         print(f"launcher: error: {e}{where}", file=sys.stderr)
         _failures.append(EXIT_CONFIG)
+    finally:
+        os.environ.pop(LOCK_ENV, None)
+        if lock is not None:
+            lock.release()
 
 
 def _launch_local(cfg: Any, run_dir: Path) -> None:
@@ -188,9 +201,13 @@ def _launch_local(cfg: Any, run_dir: Path) -> None:
     if cfg.trainer.nodes > 1:
         # Every node runs this same command: none may mint the run id (rank 0 does, and tells the
         # others), and each hands its ranks the config from a node-local file.
-        code = local_launch.launch(cfg, R.node_local_config(C.to_dict(cfg)), nproc)
+        path = R.node_local_config(C.to_dict(cfg))
+        try:
+            code = local_launch.launch(cfg, path, nproc)
+        finally:
+            path.unlink(missing_ok=True)
     else:
-        cfg.run.id = R.prepare(run_dir, cfg.run.id, C.to_dict(cfg))
+        cfg.run.id = R.prepare(run_dir, cfg.run.id, C.to_dict(cfg), cfg.resume)
         if cfg.trainer.accelerator == "xla":
             xla_launch.launch(str(run_dir / R.CONFIG_FILE))  # one process per local XLA device (PJRT)
             return
@@ -283,6 +300,7 @@ def _another_rank() -> bool:
 def main() -> None:
     # Hydra re-raises instead of printing its own report, so every error goes through _one_line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    faults.raise_on_sigterm()  # SIGTERM ends a run as Ctrl-C does, its cleanup done: exit 143
     C.register()
     sys.argv[1:] = [_field_alias(a) for a in sys.argv[1:]]
     entry = hydra.main(config_path=_conf_dir(), config_name="config", version_base="1.3")(_task)
@@ -306,9 +324,11 @@ def main() -> None:
         where = f"{mark.name} line {mark.line + 1}" if mark else "a config file"
         print(f"launcher: error: {where}: not valid YAML ({getattr(e, 'problem', None) or e})", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
-    except KeyboardInterrupt:
-        print("launcher: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the same on one rank and on N
+        if not _another_rank():
+            print(f"launcher: interrupted by {faults.signal_name(e)}; the run stopped (run the same command "
+                  "to continue it from its last checkpoint)", file=sys.stderr)
+        sys.exit(faults.exit_code(e))
 
 
 if __name__ == "__main__":

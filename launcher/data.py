@@ -2,6 +2,12 @@
 
 Training: DistributedSampler order (seed + epoch, padded so every rank steps equally often), and a
 start offset so a run resumed mid-epoch sees exactly the batches it had not yet seen.
+Resumed mid-epoch with another layout (world size, batch size, drop_last, seed or shuffle; issue 10:
+2 -> 1 ranks used to visit 12,800 samples of a 10,240-sample set), `continue_epoch` works out which
+samples the saved world had trained on and spreads the rest of the epoch over the new ranks, each
+unseen sample once. Data coverage is exact; the weights are not bitwise those of an uninterrupted
+run (other batches, other reduction order, reseeded RNG streams). At the same layout nothing changes
+and the resume stays bitwise (tests/test_resume.py).
 Evaluation: a strided shard per rank with NO padding, so every sample counts exactly once (the
 DistributedSampler would repeat samples to even out ranks and bias the metrics).
 In-memory datasets (TensorDataset, or anything with a `.tensors` tuple) skip the per-sample
@@ -69,6 +75,30 @@ def _tensors(dataset: Dataset, custom_collate: bool) -> Optional[tuple[torch.Ten
     return tensors
 
 
+def _spread(order: torch.Tensor, world: int, batch: int, drop_last: bool) -> tuple[torch.Tensor, int]:
+    """DistributedSampler's layout of `order` over `world` ranks, then Batches' whole-batch cut:
+    (S, per_rank) where rank r trains on S[r::world][:per_rank], so after b batches per rank the world
+    has trained on S[:b * batch * world]. Without drop_last, S repeats `order` from its start up to a
+    multiple of `world` (world - 1 extra samples at most: every rank must step as often under DDP);
+    with it, S drops the tail and each rank its last incomplete batch, as drop_last does in any epoch."""
+    n = len(order)
+    if drop_last:
+        m = n // world
+        return order[: m * world], (m // batch) * batch
+    m = math.ceil(n / world)
+    return (order.repeat(math.ceil(m * world / n))[: m * world] if n else order), m
+
+
+def _first_unseen(rest: torch.Tensor, seen: torch.Tensor, n: int) -> torch.Tensor:
+    """`rest` without the samples in `seen` and without second occurrences (padding), in order."""
+    fresh = torch.ones(n, dtype=torch.bool)
+    fresh[seen] = False
+    rest = rest[fresh[rest]]
+    pos = torch.arange(len(rest))
+    first = torch.full((n,), len(rest), dtype=torch.long).scatter_reduce(0, rest, pos, "amin")
+    return rest[first[rest] == pos]
+
+
 class Batches:
     """One split's batches on this rank: `for batch in batches.epoch(e, start=b)`."""
 
@@ -86,17 +116,106 @@ class Batches:
             self.loader_kw.pop("persistent_workers", None)
         self.tensors = _tensors(dataset, custom)
         self.n = len(dataset)  # type: ignore[arg-type]
+        self._restored: Optional[dict[str, Any]] = None  # the checkpoint's layout, for continue_epoch
+        # an epoch continued at another layout: {"epoch", "at", "offset", "from"} (saved with every
+        # checkpoint, so a second interruption in the same epoch resumes the same plan) and this
+        # rank's share of the samples that were left
+        self._plan: Optional[dict[str, Any]] = None
+        self._share: Optional[torch.Tensor] = None
 
     # ---- Stateful: the position lives in TrainProgress; this is what decides the order ----------------
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "world_size": self.dist.world_size, "shuffle": self.shuffle}
+        sd = {"seed": self.seed, "world_size": self.dist.world_size, "shuffle": self.shuffle,
+              "batch_size": self.batch_size, "drop_last": self.drop_last}
+        return {**sd, "resumed": self._plan} if self._plan is not None else sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """The order is fixed by the config, not restored; say when it differs from the saved run's."""
+        """Keep the saved layout: continue_epoch needs it to know what the saved world trained on.
+        The order of later epochs is the config's; say when it differs from the saved run's."""
+        self._restored = dict(sd)
         if (sd.get("seed"), sd.get("shuffle")) != (self.seed, self.shuffle):
-            log.warning("data order differs from the checkpoint's (seed %s -> %s, shuffle %s -> %s): the "
-                        "rest of this epoch may repeat or skip samples", sd.get("seed"), self.seed,
+            log.warning("data order differs from the checkpoint's (seed %s -> %s, shuffle %s -> %s): epochs "
+                        "started from here on follow the new order", sd.get("seed"), self.seed,
                         sd.get("shuffle"), self.shuffle)
+
+    def _layout(self, sd: dict[str, Any]) -> tuple[int, int, bool, int, bool]:
+        """(world size, batch size, drop_last, seed, shuffle) of a saved state; checkpoints written
+        before batch_size and drop_last were saved are taken to have the current ones."""
+        return (int(sd.get("world_size", self.dist.world_size)), int(sd.get("batch_size", self.batch_size)),
+                bool(sd.get("drop_last", self.drop_last)), int(sd.get("seed", self.seed)),
+                bool(sd.get("shuffle", self.shuffle)))
+
+    def _prior(self, sd: dict[str, Any], epoch: int) -> Optional[dict[str, Any]]:
+        """The plan `sd` was following in `epoch`, if that epoch had been continued at its layout."""
+        prior = sd.get("resumed")
+        return prior if prior is not None and int(prior["epoch"]) == epoch else None
+
+    def _order(self, sd: dict[str, Any], epoch: int) -> torch.Tensor:
+        """The samples the layout `sd` visits in `epoch` from where it started, in global order."""
+        prior = self._prior(sd, epoch)
+        if prior is not None:
+            return self._unseen(prior["from"], epoch, int(prior["at"]))
+        _, _, _, seed, shuffle = self._layout(sd)
+        # one replica, no padding: exactly the permutation every DistributedSampler of the epoch strides
+        whole = DistributedSampler(self.dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
+        whole.set_epoch(epoch)
+        return torch.as_tensor(list(whole), dtype=torch.long)
+
+    def _unseen(self, sd: dict[str, Any], epoch: int, done: int) -> torch.Tensor:
+        """What the layout `sd` had still to visit in `epoch` when each of its ranks had trained
+        `done` batches: every sample once, in global order."""
+        world, batch, drop_last, _, _ = self._layout(sd)
+        prior = self._prior(sd, epoch)
+        seq, per_rank = _spread(self._order(sd, epoch), world, batch, drop_last)
+        trained = min((done - (int(prior["offset"]) if prior is not None else 0)) * batch, per_rank) * world
+        return _first_unseen(seq[trained: per_rank * world], seq[:trained], self.n)
+
+    def _my_share(self, order: torch.Tensor) -> torch.Tensor:
+        seq, per_rank = _spread(order, self.dist.world_size, self.batch_size, self.drop_last)
+        return seq[self.dist.rank::self.dist.world_size][:per_rank]
+
+    def continue_epoch(self, epoch: int, batch_in_epoch: int) -> int:
+        """Right after a restore: the data position to continue `epoch` from at this layout.
+
+        At the checkpoint's layout (or at an epoch boundary, or with nothing restored) that is
+        `batch_in_epoch` itself and nothing changes. At another layout, the samples the saved world
+        had not yet trained on (every one once, in the epoch's global order) are spread over this
+        world as DistributedSampler would spread a dataset of just them: rank r takes every
+        world_size-th of them from the r-th, each rank the same number of batches. So without
+        drop_last the rest is padded with its own first samples up to a multiple of world_size (at
+        most world_size - 1 extra samples, each trained once more), and with drop_last up to
+        world_size * batch_size - 1 of the rest are dropped (drop_last's rule in any epoch; what the
+        saved world's drop_last dropped stays dropped). epoch(epoch, ...) then yields this
+        rank's share, and the position returned is len(self) minus its batches, so the epoch ends
+        when they are trained. Later epochs are normal."""
+        sd = self._restored
+        if sd is None or not self.train or batch_in_epoch == 0:
+            return batch_in_epoch
+        prior = self._prior(sd, epoch)
+        here = (self.dist.world_size, self.batch_size, self.drop_last, self.seed, self.shuffle)
+        if self._layout(sd) == here:
+            if prior is not None:  # a checkpoint of an epoch already continued at this layout: go on with it
+                self._plan, self._share = dict(prior), self._my_share(self._order(sd, epoch))
+            return batch_in_epoch
+        rest = self._unseen(sd, epoch, batch_in_epoch)
+        share = self._my_share(rest)
+        left = len(share) // self.batch_size if self.drop_last else math.ceil(len(share) / self.batch_size)
+        position = len(self) - left
+        # `from` keeps the saved layout's own plan only for this epoch: the chain never outgrows one epoch
+        base = {k: v for k, v in sd.items() if k != "resumed"}
+        self._plan = {"epoch": epoch, "at": batch_in_epoch, "offset": position,
+                      "from": {**base, "resumed": prior} if prior is not None else base}
+        self._share = share
+        old = self._layout(sd)
+        names = ("world size", "batch size", "drop_last", "seed", "shuffle")
+        change = ", ".join(f"{k} {a} -> {b}" for k, a, b in zip(names, old, here) if a != b)
+        extra = len(share) * self.dist.world_size - len(rest)  # every rank's share is as long
+        even = (f" ({extra} of them twice, to even out the ranks)" if extra > 0 else
+                f" ({-extra} dropped by drop_last)" if extra < 0 else "")
+        log.warning("%s at epoch %d batch %d: the rest of the epoch covers the %d samples not yet seen%s, "
+                    "%d batches per rank; data coverage is exact, the weights are not bitwise those of an "
+                    "uninterrupted run", change, epoch + 1, batch_in_epoch, len(rest), even, left)
+        return position
 
     # ---- which indices this rank sees -----------------------------------------------------------
     def indices(self, epoch: int) -> list[int]:
@@ -118,7 +237,16 @@ class Batches:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
         """This rank's batches of `epoch`, skipping the first `start` (already trained) batches."""
-        idx = self.indices(epoch)[start * self.batch_size:]
+        if self._plan is not None and int(self._plan["epoch"]) != epoch:
+            self._plan = self._share = None  # the continued epoch is over: back to the normal order
+        if self._plan is not None and self._share is not None:
+            skip = start - int(self._plan["offset"])
+            if skip < 0:
+                raise ValueError(f"epoch {epoch} was continued at batch {self._plan['offset']}; start={start} "
+                                 "is before it")
+            idx = self._share[skip * self.batch_size:].tolist()
+        else:
+            idx = self.indices(epoch)[start * self.batch_size:]
         if self.drop_last:
             idx = idx[: len(idx) - len(idx) % self.batch_size]
         if self.tensors is not None:

@@ -38,14 +38,26 @@ def setup_logging(run_dir: Optional[Path], rank: int) -> None:
     console.addFilter(lambda record: not getattr(record, "file_only", False))
     handlers: list[logging.Handler] = [console]
     if run_dir is not None:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(run_dir / "logs" / f"rank-{rank}.log")
-        fh.setFormatter(logging.Formatter("%(asctime)s rank " + str(rank) + " %(levelname)s %(message)s"))
-        handlers.append(fh)
+        try:
+            (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            fh = _LogFile(run_dir / "logs" / f"rank-{rank}.log")
+        except OSError:  # read-only, full, not permitted: the console only; the run's first write says why
+            fh = None
+        if fh is not None:
+            fh.setFormatter(logging.Formatter("%(asctime)s rank " + str(rank) + " %(levelname)s %(message)s"))
+            handlers.append(fh)
     for h in handlers:
         h._launcher = True  # type: ignore[attr-defined]
         root.addHandler(h)
     root.propagate = False
+
+
+class _LogFile(logging.FileHandler):
+    """A rank's log file that, once its disk is full, stops quietly: the run's error line says why
+    (logging's default prints a traceback to stderr for every record that could not be written)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
 
 
 class NullLogger:
@@ -55,7 +67,7 @@ class NullLogger:
 
     def log_epoch(self, history: list[dict[str, Any]]) -> None: ...
 
-    def finish(self, history: list[dict[str, Any]]) -> None: ...
+    def finish(self, history: list[dict[str, Any]], plots: bool = True, exit_code: int = 0) -> None: ...
 
 
 def write_csv(path: Path, history: list[dict[str, Any]]) -> None:
@@ -210,12 +222,13 @@ class RunLogger:
             row = history[-1]
             self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
 
-    def finish(self, history: list[dict[str, Any]]) -> None:
-        if self.plots and history:
+    def finish(self, history: list[dict[str, Any]], plots: bool = True, exit_code: int = 0) -> None:
+        """plots=False: nothing new to draw (a finished run asked again) or no time (interrupted)."""
+        if self.plots and plots and history:
             try:
                 plot(self.run_dir / "plots.png", history, self.name)
             except ImportError:
                 log.warning("matplotlib is not installed: no plots.png (pip install 'launcher[plots]')")
         if self.wandb_run is not None:
-            self.wandb_run.finish()
-            self.wandb_run = None
+            run, self.wandb_run = self.wandb_run, None
+            run.finish(exit_code=exit_code)

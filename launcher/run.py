@@ -13,13 +13,16 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
 from . import dist as D
+from . import drift
 from .checkpoint import format as F
 from .config import ConfigError, UserError
+from .faults import io_error
+from .lock import RunLock, held_by_parent
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -39,11 +42,13 @@ def read_id(run_dir: Path) -> str:
         return ""
 
 
-def prepare(run_dir: Path, run_id: str, config: dict[str, Any] | None) -> str:
+def prepare(run_dir: Path, run_id: str, config: dict[str, Any] | None, resume: str = "auto") -> str:
     """Create run_dir, keep (or mint) its run id, write run.json and the resolved config.
 
     Returns the run id. An explicit run_id that contradicts the directory's is an error: two runs
-    would share checkpoints and one W&B run.
+    would share checkpoints and one W&B run. A run continued from its own checkpoints may change
+    only what drift.check allows; config.yaml is rewritten only when it changes (so a finished run
+    on a read-only filesystem can still be asked to continue).
     """
     existing = read_id(run_dir)
     new = is_new(run_dir)
@@ -51,21 +56,45 @@ def prepare(run_dir: Path, run_id: str, config: dict[str, Any] | None) -> str:
         raise ConfigError("run.id", run_id, f"{run_dir} already belongs to run {existing!r}",
                           f"{existing!r}, or a new run.dir")
     run_id = existing or run_id or new_id()
+    old = read_config(run_dir)
     if config is not None:
         config = {**config, "run": {**config.get("run", {}), "id": run_id, "dir": str(run_dir)}}
+        if old is not None and (resume == "auto" or restarted()) and F.candidates(run_dir / "checkpoints"):
+            drift.check(str(run_dir), old, config)  # before anything is written
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not existing:
             _atomic_write(run_dir / RUN_FILE, json.dumps({"id": run_id, "created": time.time()}) + "\n")
-        if config is not None:
-            _atomic_write(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+        if config is not None and config != old:
+            # 0600: the config holds the launcher's setup lines and whatever the recipe passes
+            _atomic_write(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False), mode=0o600)
     except OSError as e:
         if new:
             with contextlib.suppress(OSError):
                 discard(run_dir)
-        raise ConfigError("run.dir", str(run_dir), f"cannot be written ({e.strerror or e})",
-                          "a directory this user can create and write") from None
+        raise io_error(e) or ConfigError("run.dir", str(run_dir), f"cannot be written ({e.strerror or e})",
+                                         "a directory this user can create and write") from None
     return run_id
+
+
+def read_config(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The run's config.yaml, or None when it has none (or one that is not a mapping)."""
+    try:
+        config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def unwritable(run_dir: Path) -> Optional[OSError]:
+    """Why nothing can be written in run_dir (read-only, full, not permitted), or None."""
+    probe = run_dir / f".probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        return e
+    return None
 
 
 def is_new(run_dir: Path) -> bool:
@@ -89,14 +118,18 @@ def discard(run_dir: Path) -> None:
         run_dir.rmdir()
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, mode)  # an earlier, more open file of that name keeps its mode otherwise
+        f.write(text)
     os.replace(tmp, path)
 
 
 def node_local_config(config: dict[str, Any]) -> Path:
-    """The resolved config in a node-local temp file (multi-node local runs: see __main__)."""
+    """The resolved config in a node-local temp file (multi-node local runs: see __main__), 0600;
+    the caller removes it when its ranks are done."""
     fd, path = tempfile.mkstemp(prefix="launcher-config-", suffix=".yaml")
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
@@ -108,49 +141,61 @@ def restarted() -> bool:
     return any(int(os.environ.get(k, "0") or 0) > 0 for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
 
 
-def resume_point(run_dir: Path, resume: str) -> Optional[Path]:
+def resume_point(run_dir: Path, resume: str, below: Optional[int] = None) -> Optional[Path]:
     """The checkpoint a run in `run_dir` continues from under `resume` (auto, never, a path), or None.
+    `below`: a step whose checkpoint could not be restored; the newest complete one older than it
+    (the run's own checkpoints only: an explicit resume=PATH has no fallback).
 
     A restart of this run always continues from the run's own newest checkpoint: re-applying
     resume=PATH or never there would throw away what the run trained since it started.
     """
-    own = F.latest(run_dir / "checkpoints")
-    if resume == "auto" or (restarted() and own is not None):
+    own = F.latest(run_dir / "checkpoints", below)
+    if resume == "auto" or (restarted() and (own is not None or below is not None)):
         return own
     if resume == "never":
         if own is not None:
             raise ConfigError("resume", "never", f"{run_dir} already holds checkpoints of another start",
                               "auto (continue it), or a new run.dir")
         return None
-    return F.resolve(resume)
+    return F.resolve(resume) if below is None else None
 
 
-def agree_on_run(d: D.Dist, run_dir: Path, run_id: str, config: dict[str, Any] | None) -> tuple[Path, str]:
-    """prepare() on rank 0, its result (or its error) on every rank (ranks may differ on clocks and
-    disks; an error raised on rank 0 alone would leave the others waiting in the broadcast)."""
-    error = ""
+def _on_rank_0(d: D.Dist, fn: Callable[[], Any]) -> Any:
+    """fn() on rank 0, its result (or its UserError) on every rank: ranks may differ on clocks and
+    disks, and an error raised on rank 0 alone would leave the others waiting in the broadcast."""
+    result, error = None, ""
     if d.is_main:
         try:
-            run_id = prepare(run_dir, run_id, config)
-        except ConfigError as e:
+            result = fn()
+        except ValueError as e:  # UserError, ConfigError, format's ValueError
             error = str(e)
-    run_dir, run_id, error = D.broadcast_object((run_dir, run_id, error))
+    result, error = D.broadcast_object((result, error))
     if error:
         raise UserError(error)
-    return run_dir, run_id
+    return result
 
 
-def agree_on_resume_point(d: D.Dist, run_dir: Path, resume: str) -> Optional[Path]:
-    """resume_point() decided by rank 0 and learnt by every rank; its error raised on every rank
-    (raised on rank 0 alone, the others would wait for it in the broadcast)."""
-    found: Optional[Path] = None
-    error = ""
-    if d.is_main:
+def agree_on_run(d: D.Dist, run_dir: Path, run_id: str, config: dict[str, Any] | None,
+                 resume: str) -> tuple[Path, str, Optional[RunLock], Optional[OSError]]:
+    """The run's directory, id, lock (rank 0, unless the process that started the ranks holds it)
+    and why it cannot be written (None: it can), the same on every rank."""
+    lock: list[RunLock] = []
+
+    def owned() -> tuple[str, Optional[OSError]]:
+        if not held_by_parent(run_dir):
+            lock.append(RunLock.acquire(run_dir))
         try:
-            found = resume_point(run_dir, resume)
-        except ValueError as e:  # ConfigError too
-            error = str(e)
-    found, error = D.broadcast_object((found, error))
-    if error:
-        raise UserError(error)
-    return found
+            return prepare(run_dir, run_id, config, resume), unwritable(run_dir)
+        except BaseException:
+            for held in lock:
+                held.release()
+            lock.clear()
+            raise
+
+    run_id, problem = _on_rank_0(d, owned)
+    return run_dir, run_id, (lock[0] if lock else None), problem
+
+
+def agree_on_resume_point(d: D.Dist, run_dir: Path, resume: str, below: Optional[int] = None) -> Optional[Path]:
+    """resume_point() decided by rank 0 and learnt by every rank (`below`: older than that step)."""
+    return _on_rank_0(d, lambda: resume_point(run_dir, resume, below))

@@ -134,8 +134,8 @@ class PerRank:
 
     def load_state_dict(self, ranks: list[dict[str, Any]]) -> None:
         if len(ranks) != self.d.world_size:
-            log.warning("checkpoint from world size %d resumed at %d: data order and RNG streams differ "
-                        "from an uninterrupted run", len(ranks), self.d.world_size)
+            log.warning("checkpoint from world size %d resumed at %d: the ranks' RNG streams are reseeded and "
+                        "the epoch's running train metrics start afresh", len(ranks), self.d.world_size)
             self.reseed()
             return
         mine = ranks[self.d.rank]
@@ -156,3 +156,47 @@ class Maybe:
     def load_state_dict(self, sd: Any) -> None:
         if self.part is not None and sd is not None:
             self.part.load_state_dict(sd)
+
+
+class Hyperparameters:
+    """The optimizer's constructor hyperparameters (lr, weight_decay, betas...) as this segment of
+    the run built it. Restoring the optimizer puts the saved segment's values back into its param
+    groups; this part, restored after the optimizer and the scheduler, re-applies those changed
+    since (optimizer.lr=... on resume), keeping the optimizer's state. A changed lr scales each
+    group's current lr (and a scheduler's base lrs) by new/old: a schedule goes on, at the new scale."""
+
+    absent_ok = True  # checkpoints from before it: nothing to compare with, nothing changes
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        self.opt, self.scheduler = optimizer, scheduler
+        self.built = {k: _tuple(v) for k, v in optimizer.defaults.items() if _plain(v)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.built)
+
+    def load_state_dict(self, sd: Optional[dict[str, Any]]) -> None:
+        for key, new in self.built.items():
+            old = _tuple((sd or {}).get(key, new))
+            if old == new:
+                continue
+            for group in self.opt.param_groups:
+                if key == "lr" and group["lr"] != old and old:  # a scheduled lr: same shape, new scale
+                    group["lr"] *= new / old
+                elif _tuple(group.get(key)) == old:  # groups given their own value keep it
+                    group[key] = new
+                if key == "lr" and "initial_lr" in group:
+                    group["initial_lr"] *= new / old if old else 1.0
+            if key == "lr" and old and hasattr(self.scheduler, "base_lrs"):
+                self.scheduler.base_lrs = [lr * new / old for lr in self.scheduler.base_lrs]
+            log.info("optimizer %s %r -> %r: applied, the optimizer's state kept", key, old, new)
+
+
+def _plain(v: Any) -> bool:
+    """A hyperparameter worth comparing: a number, a flag, or a tuple of numbers (betas)."""
+    if isinstance(v, (list, tuple)):
+        return all(isinstance(x, (int, float)) for x in v)
+    return isinstance(v, (int, float, bool))
+
+
+def _tuple(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v  # betas: a list from YAML, a tuple from torch

@@ -10,7 +10,6 @@ registered once in `self.states` and the checkpoint manager saves and restores e
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -23,27 +22,24 @@ from torch import nn
 
 from . import config as C
 from . import dist as D
-from . import options, parts
+from . import drift, faults, options, parts
 from . import run as R
 from . import strategy as S
-from .checkpoint import format as F
 from .checkpoint.manager import CheckpointManager
-from .data import Batches
-from .evaluation import evaluate, predict
-from .loggers import open_logger, setup_logging
-from .metrics import Accumulator
-from .hardware import resolve_precision
-from .precision import Precision
+from .evaluation import evaluate
+from .outputs import Outputs
+from .loggers import NullLogger, open_logger, setup_logging
 from .progress import Progress
 from .recipe import check_monitor
-from .state import EarlyStopping, History, Maybe, PerRank, TrainProgress, seed_everything
+from .resume import restore
+from .state import EarlyStopping, History, Hyperparameters, Maybe, PerRank, TrainProgress, seed_everything
 from .summary import print_summary
 from .xla import init as xla_init
 
 log = logging.getLogger("launcher")
 
 
-class Trainer:
+class Trainer(Outputs):
     summary = staticmethod(print_summary)  # Trainer.summary(model, example_input): the Keras-style table
     def __init__(self, config: Optional[C.Config] = None, *, dist: Optional[D.Dist] = None,
                  stop: Optional[Any] = None, **kwargs: Any) -> None:
@@ -69,19 +65,9 @@ class Trainer:
         self.progress = TrainProgress()
         self.ckpt: Optional[CheckpointManager] = None
         self.parts: Optional[parts.FitParts] = None  # built by fit(); evaluate() after it reuses them
-
-    # ---- what fit() leaves behind --------------------------------------------------------------------
-    @property
-    def history(self) -> "History":
-        return History(self.progress.history)
-
-    @property
-    def best_checkpoint(self) -> Optional[Path]:
-        return self.ckpt.best[1] if self.ckpt is not None and self.ckpt.best else None
-
-    @property
-    def best_score(self) -> Optional[float]:
-        return self.ckpt.best[0] if self.ckpt is not None and self.ckpt.best else None
+        self.lock: Optional[R.RunLock] = None  # this run dir's, while fit() runs (rank 0)
+        self.logger: Any = NullLogger()
+        self.bar: Optional[Progress] = None
 
     # ---- set-up ------------------------------------------------------------------------------------
     def _dist(self) -> D.Dist:
@@ -95,9 +81,11 @@ class Trainer:
 
     def _prepare_run(self, d: D.Dist) -> None:
         config = C.to_dict(self.cfg) if not self.run_id else None  # a CLI rank's parent wrote it already
-        self.run_dir, self.run_id = R.agree_on_run(d, self.run_dir, self.run_id, config)
+        self.run_dir, self.run_id, self.lock, self.unwritable = R.agree_on_run(d, self.run_dir, self.run_id, config,
+                                                                               self.cfg.resume)
         self.cfg.run.id, self.cfg.run.dir = self.run_id, str(self.run_dir)
-        setup_logging(self.run_dir, d.rank)
+        # a finished run on a read-only filesystem may still be asked whether it is finished
+        setup_logging(self.run_dir if self.unwritable is None else None, d.rank)
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
         log.info("run %s: rank %d of %d (local rank %d) on node %s, device %s, pid %d", self.run_id, d.rank,
                  d.world_size, d.local_rank, node, d.device, os.getpid(), extra={"file_only": True})
@@ -120,6 +108,7 @@ class Trainer:
             "model": S.ModelState(fp.model, fp.sharded),
             "optimizer": S.OptimizerState(fp.model, fp.optimizer, fp.sharded),
             "scheduler": Maybe(fp.scheduler),
+            "hyperparameters": Hyperparameters(fp.optimizer, fp.scheduler),  # after both: see its docstring
             "scaler": fp.prec,
             "loop": self.progress,
             "early_stopping": self.stopper,
@@ -131,10 +120,12 @@ class Trainer:
                                       states=self.states, sharded=fp.sharded, xla=fp.xla,
                                       info={"run_id": self.run_id, "config": C.to_dict(cfg)})
         self.logger = open_logger(d.is_main, self.run_dir, self.run_id, cfg.logger, cfg.run.name, C.to_dict(cfg))
-        self.ckpt.clean()  # before choosing: a same-step swap cut short is put back first
-        point = R.agree_on_resume_point(d, self.run_dir, self.cfg.resume)
+        point = restore(self.ckpt, d, self.run_dir, self.cfg.resume)
         if point is not None:
-            self.ckpt.restore(point)
+            # another world size: the rest of the epoch is the samples its ranks had not yet seen
+            p = self.progress
+            p.batch_in_epoch = fp.train.continue_epoch(p.epoch, p.batch_in_epoch)
+            drift.log_changes(self.ckpt.restored_config, C.to_dict(cfg))
             log.info("resumed from %s: step %d, epoch %d at batch %d", point, self.progress.step,
                      self.progress.epoch + 1, self.progress.batch_in_epoch)
         else:
@@ -142,6 +133,9 @@ class Trainer:
         # early stopping is judged by this run's patience, as if it had been set from the start: a
         # run stopped early continues when trainer.patience is raised (or set to 0)
         self.progress.stopped_early = self.stopper.should_stop()
+        if self.unwritable is not None and self.should_continue():  # training would write: say why it cannot
+            raise faults.io_error(self.unwritable, str(self.run_dir)) or self.unwritable
+        self.start_step = self.progress.step
         self.ckpt.retire_after(self.progress.step)
         self.bar = Progress(d.is_main and t.progress, t.progress_refresh_s, fp.speed)
         self._epoch: Optional[Iterator[Any]] = None  # the batches left in the epoch in progress
@@ -152,26 +146,47 @@ class Trainer:
             batch_size: Optional[int] = None) -> History:
         """Train; returns the history (also self.history). Resumes per `resume` (default: auto)."""
         fresh = R.is_new(self.run_dir)  # (a CLI rank's parent has made it: not new)
+        set_up = False
         try:
             self._setup(model, loss_fn, optimizer, train_data, val_data, dict(metrics or {}), scheduler, batch_size)
-        except C.UserError:
-            if fresh and self.dist is not None and self.dist.is_main:
-                R.discard(self.run_dir)  # nothing half-written: only the logs stay
+            set_up = True
+            if not self.should_continue():
+                log.info(self.progress.complete(self.cfg.trainer, self.stopper))
+            self.heartbeat = D.Heartbeat()
+            with self.heartbeat.naming_late_ranks(lambda: self.progress.step, self.cfg.trainer.dist_timeout_s):
+                while self.should_continue():
+                    if self._epoch is None:
+                        self._start_epoch()
+                    if not self._epoch_done():  # resumed at an epoch's end, or an empty epoch: no step
+                        self._train_step()
+                        self._after_step()
+                    if self._epoch_over():
+                        self._end_epoch()
+                self._teardown()
+        except BaseException as e:  # an error, or a signal (faults.Interrupted): close what is open
+            self._abandon()
+            user = faults.io_error(e)  # a full disk, a read-only run dir: the user's, one line
+            if isinstance(e, C.UserError) or user:
+                if fresh and not set_up and self.dist is not None and self.dist.is_main:
+                    R.discard(self.run_dir)  # failed before training began: only the logs stay
+                if user:
+                    raise user from e
             raise
-        if not self.should_continue():
-            log.info(self.progress.complete(self.cfg.trainer, self.stopper))
-        self.heartbeat = D.Heartbeat()
-        with self.heartbeat.naming_late_ranks(lambda: self.progress.step, self.cfg.trainer.dist_timeout_s):
-            while self.should_continue():
-                if self._epoch is None:
-                    self._start_epoch()
-                if not self._epoch_done():  # resumed at an epoch's end, or an empty epoch: no step
-                    self._train_step()
-                    self._after_step()
-                if self._epoch_over():
-                    self._end_epoch()
-            self._teardown()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
         return self.history
+
+    def _abandon(self) -> None:
+        """Best effort on the way out of a failed or interrupted fit (what failed is the error the user
+        must see, not a second one from here): the bar closed, the loggers finished (W&B's run closed)."""
+        try:
+            if self.bar is not None:
+                self.bar.close()
+            self.logger.finish(self.progress.history, plots=False, exit_code=1)
+        except Exception as e:  # noqa: BLE001 - e.g. the full disk that ended the run
+            log.warning("closing the loggers failed: %s", C.one_line(e))
 
     def should_continue(self) -> bool:
         return not self.preempted and not self._ends_at(self.progress.epoch)
@@ -191,9 +206,10 @@ class Trainer:
         n, k = len(self.parts.train), t.accumulate_grad_batches
         start = p.batch_in_epoch - p.batch_in_epoch % k
         end = min(start + k, n)
+        group = end - p.batch_in_epoch  # a world-size change may resume between group boundaries
         loss = None
         for i in range(p.batch_in_epoch, end):
-            loss = self.parts.stepper.micro(next(self._epoch), last=i + 1 == end, group=end - start)  # type: ignore[arg-type]
+            loss = self.parts.stepper.micro(next(self._epoch), last=i + 1 == end, group=group)  # type: ignore[arg-type]
             p.batch_in_epoch += 1
         stepped = self.parts.stepper.step(loss, p.step + 1)  # type: ignore[arg-type]
         p.step += 1
@@ -222,7 +238,8 @@ class Trainer:
     def _after_step(self) -> None:
         """Step-boundary work: per-step logging, step validation, step checkpoints, stop requests."""
         p, t = self.progress, self.cfg.trainer
-        mid_epoch = not self._epoch_done()
+        # the epoch's last step (or the run's) is validated and saved once, by _end_epoch
+        mid_epoch = not (self._epoch_done() or self._ends_at(p.epoch))
         if t.log_every_n_steps and p.step % t.log_every_n_steps == 0:
             self.logger.log_step(p.step, {"train_loss_step": self.parts.train_acc.running_loss(),
                                           "lr": self.parts.optimizer.param_groups[0]["lr"]})
@@ -307,53 +324,8 @@ class Trainer:
             if ckpt.cfg.enabled and ckpt.last_saved_step != p.step:
                 self._save(None)
             ckpt.wait()
+            trained = p.step != self.start_step  # a finished run asked again writes nothing
             weights = S.full_weights(self.model, self.parts.sharded, d.is_main)  # type: ignore
-            if weights is not None:
+            if weights is not None and (trained or not (self.run_dir / "model.pt").exists()):
                 torch.save(weights, self.run_dir / "model.pt")
-        self.logger.finish(p.history)
-
-    def evaluate(self, data: Any, model: Optional[nn.Module] = None, loss_fn: Optional[Callable] = None,
-                 metrics: Optional[dict[str, Any]] = None, batch_size: Optional[int] = None) -> dict[str, float]:
-        """val_loss and val_<metric> over every sample of `data` exactly once (all ranks call it)."""
-        d = self._dist()
-        if (model is None or loss_fn is None) and self.parts is None:
-            raise ValueError("evaluate() before fit() needs model= and loss_fn=")
-        model = (model or self.model).to(d.device)  # type: ignore[union-attr]
-        loss_fn = loss_fn or self.parts.loss_fn  # type: ignore[union-attr]
-        metrics = (self.parts.metrics if self.parts is not None else {}) if metrics is None else metrics
-        acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
-        return evaluate(model, loss_fn, self._batches(data, d, batch_size), acc, d.device, *self._eval_mode(d))
-
-    def predict(self, data: Any, model: Optional[nn.Module] = None,
-                batch_size: Optional[int] = None) -> Optional[torch.Tensor]:
-        """Model outputs for every sample, in dataset order, on rank 0 (None on other ranks)."""
-        d = self._dist()
-        if model is None and self.model is None:
-            raise ValueError("predict() before fit() needs model=")
-        model = (model or self.model).to(d.device)  # type: ignore[union-attr]
-        return predict(model, self._batches(data, d, batch_size), d, *self._eval_mode(d))
-
-    def _batches(self, data: Any, d: D.Dist, batch_size: Optional[int]) -> Batches:
-        t = self.cfg.trainer
-        return Batches(data, d, train=False, batch_size=batch_size or t.eval_batch_size or t.batch_size)
-
-    def _eval_mode(self, d: D.Dist) -> tuple[Precision, bool]:
-        """The fit's precision, and lockstep forwards when the model is FSDP-sharded."""
-        if self.parts is not None:
-            return self.parts.prec, self.parts.sharded
-        return Precision(resolve_precision(self.cfg.trainer.precision, d.device)[0], d.device), False
-
-    def load_best(self) -> nn.Module:
-        """Load the best checkpoint's weights into the model and return it."""
-        if self.best_checkpoint is None or self.model is None:
-            raise RuntimeError("no best checkpoint: fit with checkpointing and a validated monitor first")
-        if F.is_sharded(self.best_checkpoint):
-            raise RuntimeError(f"{self.best_checkpoint} is sharded (FSDP): load it with "
-                               "launcher.checkpoint.export_model(path, out) or resume=PATH")
-        self.model.load_state_dict(F.load(self.best_checkpoint)["model"])
-        return self.model
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The bare model's weights (no DDP 'module.' prefix)."""
-        assert self.model is not None, "fit() first"
-        return self.model.state_dict()
+        self.logger.finish(p.history, plots=p.step != self.start_step)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from . import config as C
-from . import dist, recipe
+from . import dist, faults, recipe
 from .preempt import StopRequest, requeue
 from .state import seed_everything
 from .trainer import Trainer
@@ -34,8 +34,14 @@ USER_ERROR_KEY = "launcher_user_error"  # in a rank's elastic error file: the fa
 def run(cfg: C.Config) -> None:
     stop = None
     if cfg.launcher.name == "slurm" and os.environ.get("SLURM_JOB_ID"):
-        # installed before anything slow, so an early signal is not lost (its default action kills)
+        # installed before anything slow, so an early signal is not lost (its default action kills);
+        # in launcher=slurm's own jobs launch/signal_first.py caught it earlier still: taken over here
         stop = StopRequest(cfg.launcher.signal, cfg.launcher.signal_check_every_n_steps)
+    else:
+        # SIGTERM (a kill, the elastic agent stopping its ranks) ends the run as Ctrl-C does: through
+        # every `finally` (loggers finished, lock released), exit 143. (A SLURM job keeps submitit's
+        # handling: it ignores the SIGTERM that SLURM sends ahead of SIGKILL.)
+        faults.raise_on_sigterm()
     if cfg.trainer.accelerator == "xla":
         d, _ = xla_init(cfg.trainer.dist_timeout_s)
     else:
@@ -88,8 +94,8 @@ def _main(argv: list[str]) -> None:
     cfg = C.load_resolved_config(argv[0])
     try:
         run(cfg)
-    except KeyboardInterrupt:
-        sys.exit(130)  # Ctrl-C reaches every rank: leave quietly, the parent reports it
+    except KeyboardInterrupt as e:
+        sys.exit(faults.exit_code(e))  # Ctrl-C or SIGTERM reaches every rank: leave quietly, the parent reports it
     except C.UserError as e:
         _report_user_error(e)
         sys.exit(EXIT_USER_ERROR)

@@ -181,7 +181,9 @@ def two_hosts():  # type: ignore[no-untyped-def]
 def test_two_hosts_in_network_namespaces_train_together_like_one_host(tmp_path: Path, two_hosts) -> None:  # type: ignore[no-untyped-def]
     a, b = two_hosts
     common = ["recipe=linreg", "trainer.gpus=0", "trainer.nproc=1", "trainer.max_epochs=3", *QUIET]
-    env = cli_env(OMP_NUM_THREADS="1")
+    node_tmp = tmp_path / "node-tmp"  # where each node's launcher keeps its copy of the config
+    node_tmp.mkdir()
+    env = cli_env(OMP_NUM_THREADS="1", TMPDIR=str(node_tmp))
     run_dir = tmp_path / "multi"
     procs = [subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "launcher", *common, "trainer.nodes=2",
                                "launcher.rdzv_endpoint=10.77.0.1:29400", f"launcher.local_addr={addr}",
@@ -190,6 +192,7 @@ def test_two_hosts_in_network_namespaces_train_together_like_one_host(tmp_path: 
              for ns, addr in ((a, "10.77.0.1"), (b, "10.77.0.2"))]
     for p in procs:
         assert p.wait(timeout=180) == 0, p.stderr.read()[-3000:]
+    assert not list(node_tmp.glob("launcher-config-*")), "temp configs are removed on exit"
     # each namespace's launcher started ONE rank: a world of 2 exists only if they joined over the veth
     for r in (0, 1):
         assert f"rank {r} of 2 (local rank 0)" in (run_dir / "logs" / f"rank-{r}.log").read_text()

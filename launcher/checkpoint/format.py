@@ -65,7 +65,7 @@ def begin(folder: Path) -> Path:
     """A fresh, empty staging folder for `folder` (whatever an earlier attempt left is removed)."""
     tmp = staging(folder)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir(parents=True, mode=0o700)  # a checkpoint holds the config (setup lines, recipe arguments)
     return tmp
 
 
@@ -77,10 +77,14 @@ def write(folder: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
 
 
 def write_state(tmp: Path, state: dict[str, Any]) -> None:
-    with open(tmp / STATE, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    path = tmp / STATE
+    try:
+        with open(path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # torch.save's own wording is "[enforce fail ...] unexpected pos": name the file
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def commit(tmp: Path, folder: Path, meta: dict[str, Any]) -> Path:
@@ -189,12 +193,31 @@ def load(folder: Path, map_location: Any = "cpu", verified: bool = False) -> dic
     try:
         return torch.load(folder / STATE, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means this file is unusable
-        raise ValueError(f"{folder / STATE}: cannot be loaded ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{folder / STATE}: cannot be loaded ({_load_problem(e)})") from None
 
 
-def latest(ckpt_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint, reporting (and passing over) every broken newer one."""
+def _load_problem(e: Exception) -> str:
+    """torch.load's refusal in one line, without its advice to load with weights_only=False (that
+    would run whatever code the file carries)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        # the paragraph with the advice and the link to the docs go; what it met stays
+        said = [ln for ln in lines[1:] if "weights_only" not in ln and not ln.startswith(("Check the doc", "Please file"))]
+        reason = (said[0].removeprefix("WeightsUnpickler error:").strip() if said else "an object it does not allow")
+        return f"refused: it holds what a weights-only load does not allow ({reason.rstrip('.')})"
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def step_of(folder: Path) -> int:
+    return int(folder.name.split("-")[1])
+
+
+def latest(ckpt_dir: Path, below: Optional[int] = None) -> Optional[Path]:
+    """The newest complete checkpoint (older than step `below` if given), reporting (and passing
+    over) every broken newer one."""
     for folder in candidates(ckpt_dir):
+        if below is not None and step_of(folder) >= below:
+            continue
         problem = verify(folder)
         if problem is None:
             return folder
@@ -251,7 +274,7 @@ def retire_after(ckpt_dir: Path, step: int) -> None:
     """Move the checkpoints newer than `step` (the point training continues from) into
     checkpoints/retired/: kept for the user, but out of `latest()` and out of pruning, which
     would otherwise rank that abandoned timeline above the checkpoints written from now on."""
-    stale = [p for p in candidates(ckpt_dir) if int(p.name.split("-")[1]) > step]
+    stale = [p for p in candidates(ckpt_dir) if step_of(p) > step]
     if not stale:
         return
     target = ckpt_dir / "retired" / time.strftime("%Y%m%d-%H%M%S")

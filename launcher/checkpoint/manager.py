@@ -107,6 +107,7 @@ class CheckpointManager:
         # XLA tensors are written through xm.save, a rendezvous of all ranks: no background thread
         self.async_save = cfg.async_save and xla is None
         self.last_saved_step = -1
+        self.restored_config: Any = None
         self._thread: Optional[threading.Thread] = None
         self._future: Any = None
         self._error: Optional[BaseException] = None
@@ -196,11 +197,16 @@ class CheckpointManager:
 
     def _finish(self, tmp: Path, folder: Path, state: dict[str, Any], meta: dict[str, Any],
                 score: Optional[float], started: float) -> None:
-        if self._future is not None:
-            self._future.result()  # rank 0's future ends after every rank's shard and the metadata
-            self._future = None
-        F.write_state(tmp, state)
-        self.retention.committed(F.commit(tmp, folder, meta), score)
+        try:
+            if self._future is not None:
+                self._future.result()  # rank 0's future ends after every rank's shard and the metadata
+                self._future = None
+            F.write_state(tmp, state)
+            done = F.commit(tmp, folder, meta)
+        except BaseException:
+            F.remove_tree(tmp)  # nothing half-written stays (a full disk gets its space back)
+            raise
+        self.retention.committed(done, score)
         log.info("checkpoint %s committed %.3f s after the save began", folder.name, time.perf_counter() - started,
                  extra={"file_only": True})
 
@@ -227,6 +233,7 @@ class CheckpointManager:
         """Put every registered part back from `folder` (every rank reads it; rank 0 chose and
         verified it). A sharded checkpoint loads at any world size, sharded run or not."""
         sd = F.load(folder, verified=True)
+        self.restored_config = sd.get("config")  # what that segment of the run ran with
         shards: dict[str, Any] = {}
         if F.is_sharded(folder):
             import torch.distributed.checkpoint as dcp  # sharded checkpoints only (see _write)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as C
+from .. import faults
 # imported by the launcher before it forks: CPU ranks then start with the worker (and torch) loaded
 from .. import worker
 from . import rank
@@ -67,9 +68,8 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
         print(f"launcher: rank {rank} failed (exit code {failure.exitcode}); its error:\n"
               f"{_traceback(failure)}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, SignalException) as e:
-        print(f"launcher: interrupted ({e}); all ranks stopped", file=sys.stderr)
-        return 130
+    except SignalException as e:  # elastic's own handler (it stopped the ranks): as on one rank
+        raise faults.Interrupted(int(e.sigval)) from None
     return 0
 
 

@@ -1,0 +1,76 @@
+"""Failures named by their cause: a run dir that cannot be written, and signals that end a run.
+
+A full disk, a read-only filesystem or a permission the user lacks is the user's to fix: one line
+naming the path and the errno, exit 2 (never torch's `[enforce fail at inline_container.cc]`).
+SIGTERM and SIGINT end a run the same way on one rank and on N: as an exception, so every
+`finally` runs (loggers finished, the run dir's lock released), then exit 128 + the signal number.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from typing import Iterator, Optional
+
+from .config import UserError
+
+# errno -> what the user can do about it
+_IO_ADVICE = {
+    errno.ENOSPC: "free some space (the previous checkpoint is intact) and run the same command to resume",
+    errno.EDQUOT: "free some of your quota (the previous checkpoint is intact) and run the same command to resume",
+    errno.EROFS: "a run.dir on a writable filesystem",
+    errno.EACCES: "a run.dir this user may write",
+    errno.EPERM: "a run.dir this user may write",
+}
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+        if isinstance(failures, dict):
+            yield from (f for f in failures.values() if isinstance(f, BaseException))
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+
+
+def io_error(e: BaseException, where: str = "") -> Optional[UserError]:
+    """The one-line UserError for an I/O failure the user can fix (disk full, read-only, not
+    permitted), wherever it sits in `e`'s chain; None for anything else."""
+    for cause in _chain(e):
+        if isinstance(cause, OSError) and cause.errno in _IO_ADVICE:
+            path = cause.filename or where or "the run dir"
+            name = errno.errorcode.get(cause.errno, str(cause.errno))
+            return UserError(f"{path}: {os.strerror(cause.errno)} ({name}); valid: {_IO_ADVICE[cause.errno]}")
+    return None
+
+
+class Interrupted(KeyboardInterrupt):
+    """A terminating signal, raised in the main thread so that cleanup runs; exit 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _raise(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def raise_on_sigterm() -> None:
+    """SIGTERM as Interrupted (SIGINT is Python's KeyboardInterrupt already). Main thread only."""
+    signal.signal(signal.SIGTERM, _raise)
+
+
+def exit_code(e: KeyboardInterrupt) -> int:
+    return e.exit_code if isinstance(e, Interrupted) else 128 + signal.SIGINT
+
+
+def signal_name(e: KeyboardInterrupt) -> str:
+    return signal.Signals(e.signum).name if isinstance(e, Interrupted) else "SIGINT"

@@ -1,0 +1,162 @@
+"""One owner per run directory: a lock held for the run's life, released on every exit path.
+
+The lock is `RUN_DIR/.lock`: an flock on it (the kernel drops it when its holder dies, however it
+dies) and, inside it, who holds it (host, pid, SLURM job, since when) for the message a second
+start gets. Who holds it: the launcher's parent process for a local run on one node (its ranks
+inherit LOCK_ENV and do not lock again), rank 0 everywhere else (a SLURM job, the Python API, an
+outside torchrun, a multi-node local run).
+
+A record left behind by a process that no longer holds the flock (killed) is taken over with a
+warning. flock does not reach across hosts on every shared filesystem, so a record naming another
+host is believed unless it names a SLURM job that squeue says has ended; a requeued job keeps its
+job id and is the same owner.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import ConfigError, UserError
+from .faults import io_error
+
+log = logging.getLogger("launcher")
+LOCK_FILE = ".lock"
+LOCK_ENV = "LAUNCHER_RUN_LOCK"  # set by the process holding the lock for the ranks it starts: run dir
+
+
+def job_id() -> str:
+    """This process's SLURM job ("123", or "123_4" for an array element); "" outside SLURM."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID", "")
+
+
+def _me() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "job": job_id(), "since": time.time()}
+
+
+def describe(owner: dict[str, Any]) -> str:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(owner.get("since", 0))))
+    job = f", SLURM job {owner['job']}" if owner.get("job") else ""
+    return f"pid {owner.get('pid')} on host {owner.get('host')}{job}, since {since}"
+
+
+def _job_alive(job: str) -> bool:
+    """squeue still lists the job as pending, running, requeued... Unknown (no squeue): alive."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    if out.returncode:  # an ended job leaves squeue after MinJobAge: "Invalid job id specified"
+        return "invalid job id" not in out.stderr.lower()
+    return any(state not in _ENDED for state in out.stdout.split())
+
+
+_ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
+          "OUT_OF_MEMORY"}
+
+
+def _elsewhere_alive(owner: dict[str, Any]) -> bool:
+    """Is a record this process could flock nonetheless still a live owner? (Its flock was dropped,
+    so on this host it is dead; another host's flock may not reach us.)"""
+    if not owner or owner.get("host") == socket.gethostname():
+        return False
+    if owner.get("job"):
+        return owner["job"] != job_id() and _job_alive(str(owner["job"]))
+    return True
+
+
+class RunLock:
+    """`RunLock.acquire(run_dir)` or a UserError naming the owner; `release()` (idempotent)."""
+
+    def __init__(self, path: Path, fd: Optional[int]) -> None:
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> "RunLock":
+        path = run_dir / LOCK_FILE
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise io_error(e, str(path)) or ConfigError("run.dir", str(run_dir), f"cannot be written "
+                                                            f"({e.strerror or e})", "a directory this user can "
+                                                            "create and write") from None
+            # nobody can write a read-only run dir, so there is nothing to own; a run that needs to
+            # write fails at its first write, naming the cause
+            return cls(path, None)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _read(fd)
+            os.close(fd)
+            raise _busy(run_dir, owner) from None
+        owner = _read(fd)
+        if _elsewhere_alive(owner):
+            os.close(fd)
+            raise _busy(run_dir, owner, hint=f" (if it is not running any more, remove {path})")
+        if owner and owner.get("job") and owner["job"] == job_id():
+            log.info("run dir %s: this is SLURM job %s again (requeued): still its owner", run_dir, owner["job"])
+        elif owner:
+            log.warning("run dir %s: its previous owner (%s) is gone; taking it over", run_dir, describe(owner))
+        try:
+            _write(fd, _me())
+        except OSError as e:  # a full disk: the run could not write its first checkpoint either
+            os.close(fd)
+            raise io_error(e, str(path)) or e from None
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Empty the record (an empty lock file is a free run dir) and drop the flock."""
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass  # the flock still goes with the descriptor; an old record is taken over next time
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read(fd: int) -> dict[str, Any]:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 1 << 16).decode(errors="replace")
+        return dict(json.loads(text)) if text.strip() else {}
+    except (OSError, ValueError, TypeError):
+        return {"host": "?", "pid": "?"}  # a record we cannot read is someone's: never assume it free
+
+
+def _write(fd: int, owner: dict[str, Any]) -> None:
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(owner) + "\n").encode())
+    os.fsync(fd)
+
+
+def _busy(run_dir: Path, owner: dict[str, Any], hint: str = "") -> UserError:
+    return UserError(f"run.dir={str(run_dir)!r}: in use by another run ({describe(owner)}){hint}; valid: a "
+                     "run.dir no other run is using (or wait for that run to end)")
+
+
+def held_by_parent(run_dir: Path) -> bool:
+    """The launcher process that started this rank holds the lock of `run_dir` already."""
+    return os.environ.get(LOCK_ENV) == str(run_dir)
