@@ -31,7 +31,10 @@ class StopRequest:
         self.every_n_steps = max(1, every_n_steps)
         self.signame = signame
         if signame:
-            signal.signal(getattr(signal, f"SIG{signame}"), self._on_signal)
+            earlier = signal.signal(getattr(signal, f"SIG{signame}"), self._on_signal)
+            # a SLURM task's first handler (launch/signal_first.py) kept a signal that came before
+            # this one existed: it counts (and `or`: one may have landed here meanwhile)
+            self.local = self.local or bool(getattr(earlier, "received", False))
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.local = True  # only a flag: the loop acts at the next agreed step boundary

@@ -7,6 +7,8 @@ import csv
 import json
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import time
@@ -47,6 +49,23 @@ def _sacct_states(job: str) -> list[str]:
     return out.stdout.split()
 
 
+def _assert_private(folder: Path, run_dir: Path) -> None:
+    """The submission folder (sbatch scripts with the setup lines, pickled configs) is the owner's
+    alone; what the job itself writes into the run dir keeps the user's umask."""
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700, oct(folder.stat().st_mode)
+    subdirs = [d for d in folder.rglob("*") if d.is_dir()]
+    scripts = list(folder.rglob("*_submission.sh"))
+    pickles = [f for f in folder.rglob("*_submitted.pkl") if not f.is_symlink()]
+    assert subdirs and scripts and pickles, sorted(folder.rglob("*"))
+    for d in subdirs:
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, (d, oct(d.stat().st_mode))
+    for f in scripts + pickles:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, (f, oct(f.stat().st_mode))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((run_dir / "metrics.csv").stat().st_mode) == 0o666 & ~umask
+
+
 def test_one_node_two_task_cpu_job(cluster, tmp_path: Path) -> None:
     run_dir = tmp_path / "one"
     p = run_cli(["recipe=linreg", *SLURM, "launcher.wait=true", "trainer.gpus=0", "trainer.nproc=2",
@@ -59,6 +78,7 @@ def test_one_node_two_task_cpu_job(cluster, tmp_path: Path) -> None:
         assert f"rank {rank} of 2" in (run_dir / "logs" / f"rank-{rank}.log").read_text()
     state = torch.load(run_dir / "checkpoints" / "last" / "state.pt", weights_only=True)
     assert len(state["ranks"]) == 2 and (run_dir / "model.pt").exists()
+    _assert_private(run_dir / "slurm", run_dir)
 
 
 def test_two_node_job_trains_over_gloo_across_nodes(cluster, tmp_path: Path) -> None:
@@ -137,6 +157,60 @@ def test_requeue_limit_stops_with_a_checkpoint_and_the_same_command_resumes(clus
     assert [int(r["step"]) for r in _rows(run_dir)] == [10, 20, 30]
 
 
+def test_requeue_signal_at_the_jobs_first_moment_is_requeued_not_fatal(cluster, tmp_path: Path) -> None:
+    """USR1 as soon as the tasks run (submitit's first log line), seconds before they have imported
+    torch or the launcher: remembered, and acted on at the first agreed step (checkpoint, requeue,
+    resume). Before that line the tasks may not exist yet, and SLURM drops a signal for no task."""
+    run_dir = tmp_path / "early"
+    p = run_cli(["recipe=linreg", *SLURM, "trainer.gpus=0", "trainer.nproc=2", "trainer.max_epochs=2",
+                 "launcher.signal_check_every_n_steps=1", "checkpoint.every_n_steps=0", *QUIET,
+                 f"run.dir={run_dir}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    job = _job_id(p.stderr)
+    first = run_dir / "slurm" / job / f"{job}_0_log.out"
+    deadline = time.monotonic() + 120
+    while "Starting with" not in (first.read_text() if first.exists() else ""):
+        assert time.monotonic() < deadline and "FAILED" not in _sacct_states(job), _sacct_states(job)
+        time.sleep(0.01)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    assert not (run_dir / "logs" / "rank-0.log").exists(), "signalled too late: the ranks were set up already"
+    while "COMPLETED" not in _sacct_states(job):
+        assert time.monotonic() < deadline + 60, f"job {job} did not finish: {_sacct_states(job)}"
+        assert "FAILED" not in _sacct_states(job), (run_dir / "slurm" / job / f"{job}_0_log.err").read_text()[-3000:]
+        time.sleep(1)
+    assert _sacct_states(job) == ["REQUEUED", "COMPLETED"]
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    assert "stopped at step 1 for a requeue (signal USR1)" in log, log
+    assert "requeued (1 of 3 requeues)" in log and "resumed from" in log
+    assert [int(r["step"]) for r in _rows(run_dir)] == [7, 14], "each epoch (and step) once in the history"
+
+
+def test_a_killed_rank_is_named_not_the_rank_that_lost_it(cluster, tmp_path: Path) -> None:
+    """kill -9 of rank 1 mid-run: the report names rank 1 and its signal (srun's task-end line), not
+    rank 0's lost-connection error that follows."""
+    run_dir = tmp_path / "kill"
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "recipe=linreg", *SLURM, "launcher.wait=true",
+                             "trainer.gpus=0", "trainer.nproc=2", "trainer.max_epochs=1000", *QUIET,
+                             f"run.dir={run_dir}"], cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.csv").exists() or len(_rows(run_dir)) < 2:  # training, past epoch 1
+            assert proc.poll() is None and time.monotonic() < deadline, "no epoch done"
+            time.sleep(0.05)
+        lines = [ln for ln in (run_dir / "logs" / "rank-1.log").read_text().splitlines() if ", pid " in ln]
+        os.kill(int(lines[-1].rsplit(", pid ", 1)[1]), signal.SIGKILL)  # fake nodes: processes of this host
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    job = _job_id(err)
+    report = err[err.index(f"launcher: job {job} failed"):]
+    assert report.startswith(f"launcher: job {job} failed: rank 1 was killed by signal 9 (SIGKILL) on node n1 "
+                             "(srun: task 1: Killed)"), report
+    assert "--- rank 0" not in report and "Connection" not in report and "Traceback" not in report, report
+
+
 def test_sweep_is_one_job_array(cluster, tmp_path: Path) -> None:
     p = run_cli(["-m", "recipe=linreg", "optimizer.lr=0.05,0.1", *SLURM, "launcher.wait=true", "trainer.gpus=0",
                  "trainer.max_epochs=2", *QUIET, f"run.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
@@ -148,6 +222,7 @@ def test_sweep_is_one_job_array(cluster, tmp_path: Path) -> None:
         d = tmp_path / "sweep" / str(i)
         assert [int(r["step"]) for r in _rows(d)] == [14, 28]
         assert f"lr: {lr}" in (d / "config.yaml").read_text()
+        _assert_private(tmp_path / "sweep" / "slurm", d)
 
 
 def test_sweep_over_resources_is_one_submission_per_resource_set(cluster, tmp_path: Path) -> None:

@@ -17,7 +17,9 @@ import importlib.util
 import logging
 import os
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +30,11 @@ from .. import config as C
 from .. import worker
 
 log = logging.getLogger("launcher")
+# every task's first code (see that file): the requeue signal is caught before seconds of imports
+SIGNAL_FIRST = Path(__file__).with_name("signal_first.py")
+# written by the batch script at the start of each attempt (a requeue appends to the same .err)
+ATTEMPT_LINE = 'echo "launcher: attempt $((${SLURM_RESTART_COUNT:-0} + 1)) starts on $(hostname)" >&2'
+_ATTEMPT = re.compile(r"(?m)^launcher: attempt \d+ starts on ")
 
 
 # ---- inside an allocation -------------------------------------------------------------------------
@@ -153,14 +160,22 @@ def describe(cfg: C.Config) -> str:
             f"at most {lc.max_requeues} requeue(s)")
 
 
-def executor(cfg: C.Config, folder: Path, job_name: str = "") -> Any:
+def executor(cfg: C.Config, folder: Path, job_name: str = "", umask: int = 0o022) -> Any:
+    """submitit's executor for cfg; `umask`: the one the job runs with (the submission's own is
+    stricter, see submit())."""
     import submitit  # the [slurm] extra: imported only when a job is submitted
 
     lc: C.SlurmLauncherConfig = cfg.launcher
-    ex = submitit.SlurmExecutor(folder=str(folder / "%j"), max_num_timeout=lc.max_requeues)
+    # the tasks start with the signal blocked (GNU env >= 8.31, where the node has it), so one that
+    # comes while the interpreter starts waits for signal_first.py's handler instead of killing it
+    env_block = f"env --block-signal={lc.signal}"
+    block = f'LAUNCHER_BLOCK=$({env_block} true 2>/dev/null && echo "{env_block}")'
+    python = f"$LAUNCHER_BLOCK {shlex.quote(sys.executable)} -u {shlex.quote(str(SIGNAL_FIRST))} {lc.signal}"
+    ex = submitit.SlurmExecutor(folder=str(folder / "%j"), max_num_timeout=lc.max_requeues, python=python)
     params: dict[str, Any] = dict(
         nodes=cfg.trainer.nodes, ntasks_per_node=C.ranks_per_node(cfg.trainer), time=lc.time_min,
-        job_name=lc.job_name or job_name or Path(cfg.run.dir).name, setup=list(lc.setup),
+        job_name=lc.job_name or job_name or Path(cfg.run.dir).name,
+        setup=[ATTEMPT_LINE, f"umask {umask:04o}", block, *lc.setup],
         array_parallelism=lc.array_parallelism, signal_delay_s=lc.signal_delay_s,
         # our signal and our requeue (see the module docstring); later keys override submitit's lines
         additional_parameters={"signal": f"{lc.signal}@{lc.signal_delay_s}", "requeue": True, **dict(lc.sbatch)},
@@ -180,15 +195,30 @@ def executor(cfg: C.Config, folder: Path, job_name: str = "") -> Any:
 
 def submit(cfgs: list[C.Config], folder: Path) -> list[Any]:
     """One job per config, as one job array per distinct set of SLURM resources (a sweep over
-    trainer.gpus or launcher.time_min needs several); the jobs, in the configs' order."""
+    trainer.gpus or launcher.time_min needs several); the jobs, in the configs' order.
+
+    The submission folder is the owner's alone (0700; the sbatch script and pickles in it 0600):
+    they hold the setup lines and the whole config, which may carry secrets or commands."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    # what submitit writes is private from its first byte; sbatch hands its umask to the job,
+    # so the job's setup puts the user's own back (checkpoints and metrics keep their usual modes)
+    umask = os.umask(0o077)
+    try:
+        return _submit(cfgs, folder, umask)
+    finally:
+        os.umask(umask)
+
+
+def _submit(cfgs: list[C.Config], folder: Path, umask: int) -> list[Any]:
     # a sweep's points are named after the sweep (their run dirs are sweep/0, sweep/1, ...)
     name = Path(cfgs[0].run.dir).parent.name if len(cfgs) > 1 else ""
     groups: dict[str, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        groups.setdefault(repr(sorted(executor(cfg, folder, name).parameters.items())), []).append(i)
+        groups.setdefault(repr(sorted(executor(cfg, folder, name, umask).parameters.items())), []).append(i)
     jobs: list[Any] = [None] * len(cfgs)
     for members in groups.values():
-        ex = executor(cfgs[members[0]], folder, name)
+        ex = executor(cfgs[members[0]], folder, name, umask)
         tasks = [SlurmRank(str(Path(cfgs[i].run.dir) / "config.yaml")) for i in members]
         if len(tasks) == 1:
             jobs[members[0]] = ex.submit(tasks[0])
@@ -206,6 +236,15 @@ def report(cfgs: list[C.Config], jobs: list[Any]) -> None:
               f"(training log: {cfg.run.dir}/logs/rank-<rank>.log)", file=sys.stderr)
 
 
+# srun's line for each task that ended badly, in the order srun learned of it, in the batch
+# script's stderr: "srun: error: n1: task 1: Killed", "srun: error: n2: tasks 0-3: Exited with exit code 1"
+_TASK_END = re.compile(r"(?m)^srun: error: (\S+): tasks? ([\d,-]+): (.+?)\s*$")
+# what a rank says when it only lost its peer: the consequence of another rank's end, not its cause
+_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crashing",
+              "remote process exited", "ncclRemoteError")
+_SIGNALS = {signal.strsignal(s): s for s in signal.Signals if signal.strsignal(s)}  # "Killed" -> SIGKILL
+
+
 def _rank_tracebacks(folder: Path, job_id: str) -> list[tuple[int, Path, str]]:
     """(rank, log file, its last traceback) for every rank whose stderr log holds one."""
     found = []
@@ -221,9 +260,70 @@ def _rank_tracebacks(folder: Path, job_id: str) -> list[tuple[int, Path, str]]:
     return found
 
 
+def _task_ends(folder: Path, job_id: str) -> list[tuple[list[int], str, str]]:
+    """(ranks, node, how) for each of srun's task-end lines of the job's last attempt, in order."""
+    path = folder / f"{job_id}_0_log.err"  # the batch script's stderr (rank 0's too): srun writes there
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    attempts = list(_ATTEMPT.finditer(text))
+    text = text[attempts[-1].end():] if attempts else text
+    ends = []
+    for m in _TASK_END.finditer(text):
+        ranks = [r for part in m.group(2).split(",") if part
+                 for r in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1)]
+        ends.append((ranks, m.group(1), m.group(3)))
+    return ends
+
+
+def _how(srun_says: str) -> str:
+    """srun's "Killed" / "Exited with exit code 3" as the local launcher says it."""
+    m = re.fullmatch(r"Exited with exit code (\d+)", srun_says)
+    if m:
+        return f"exited with code {m.group(1)}"
+    sig = _SIGNALS.get(srun_says.replace(" (core dumped)", ""))
+    return f"was killed by signal {int(sig)} ({sig.name})" if sig else f"ended: {srun_says}"
+
+
+def failure_report(folder: Path, job_id: str, fallback: str) -> str:
+    """The failed job's cause, first: the rank srun saw end first (killed by a signal, or exiting
+    nonzero), skipping ranks that only lost their connection to it; then the tracebacks that are
+    not such consequences."""
+    tracebacks = _rank_tracebacks(folder, job_id)
+    secondary = {r for r, _, tb in tracebacks if any(s in tb for s in _SECONDARY)}
+    ends = [(r, node, how) for ranks, node, how in _task_ends(folder, job_id) for r in ranks]
+    cause = next((e for e in ends if e[0] not in secondary), ends[0] if ends else None)
+    shown = [t for t in tracebacks if t[0] not in secondary] or (tracebacks if cause is None else [])
+    if cause is not None:
+        rank = cause[0]
+        shown.sort(key=lambda t: t[0] != rank)  # the cause's own traceback first
+        head = (f"launcher: job {job_id} failed: rank {rank} {_how(cause[2])} on node {cause[1]} "
+                f"(srun: task {rank}: {cause[2]})")
+    else:
+        head = f"launcher: job {job_id} failed"
+    lines = [head + ("; the ranks' errors:" if shown else "")]
+    lines += [f"--- rank {r} ({path}):\n{tb}" for r, path, tb in shown]
+    lost = sorted(secondary - {t[0] for t in shown})
+    if lost:
+        lines.append(f"(then rank{'s' * (len(lost) > 1)} {', '.join(map(str, lost))} failed on the lost "
+                     f"connection: a consequence, not shown; logs in {folder})")
+    elif cause is None and not shown:
+        lines.append(fallback)
+    return "\n".join(lines)
+
+
+def _until_ended(job_id: str, poll_s: float, limit_s: float = 60) -> None:
+    """submitit calls a job done once rank 0's result file exists; srun writes its task-end lines
+    after that, as the step ends: wait until SLURM has the job out of its queue (bounded)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+        if out.returncode or not out.stdout.strip():  # an unknown id: ended and purged
+            return
+        time.sleep(poll_s)
+
+
 def wait(jobs: list[Any], poll_s: float) -> int:
     """Block until the jobs end; 0 when all completed, 2 when a job failed on the user's error (one
-    line), else 1 with each failure's log tail."""
+    line), else 1 with each failure's cause and log tail."""
     from submitit.core.utils import FailedJobError, UncompletedJobError  # the [slurm] extra
 
     for job in jobs:
@@ -234,7 +334,8 @@ def wait(jobs: list[Any], poll_s: float) -> int:
         try:
             job.results()
         except (FailedJobError, UncompletedJobError) as e:
-            tracebacks = _rank_tracebacks(Path(job.paths.folder), str(job.job_id))
+            folder = Path(job.paths.folder)
+            tracebacks = _rank_tracebacks(folder, str(job.job_id))
             mine = [(path, m.group(1)) for _, path, tb in tracebacks
                     if (m := re.search(r"(?m)^launcher\.config\.(?:User|Config)Error: (.*)$", tb))]
             if mine:  # the user's (recipe, data, arguments): one line, once, as a local run gives it
@@ -242,8 +343,8 @@ def wait(jobs: list[Any], poll_s: float) -> int:
                 code = code or 2
                 continue
             code = 1
-            detail = "\n".join(f"--- rank {r} ({path}):\n{tb}" for r, path, tb in tracebacks) or str(e)
-            print(f"launcher: job {job.job_id} failed; the ranks' errors:\n{detail}", file=sys.stderr)
+            _until_ended(str(job.job_id), min(poll_s, 0.5))
+            print(failure_report(folder, str(job.job_id), str(e)), file=sys.stderr)
         else:
             print(f"launcher: job {job.job_id} completed", file=sys.stderr)
     return code
