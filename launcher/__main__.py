@@ -225,7 +225,13 @@ def _submit(cfgs: list[Any], folder: Path) -> None:
     jobs = S.submit(cfgs, folder)
     S.report(cfgs, jobs)
     if cfgs[0].launcher.wait:
-        code = S.wait(jobs, cfgs[0].launcher.poll_s)
+        try:
+            code = S.wait(jobs, cfgs[0].launcher.poll_s)
+        except KeyboardInterrupt as e:  # only the waiting stops: the jobs are SLURM's now
+            ids = " ".join(str(j.job_id) for j in jobs)
+            print(f"launcher: stopped waiting ({faults.signal_name(e)}); the job(s) go on: squeue -j {ids}, "
+                  f"scancel {ids} to stop them", file=sys.stderr)
+            code = faults.exit_code(e)
         if code:
             _failures.append(code)
 
