@@ -15,6 +15,7 @@ before any process starts or any file is written. A failed rank: its traceback a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -153,7 +154,7 @@ def _start(cfgs: list[Any]) -> None:
         for cfg in cfgs:
             # the job's rank 0 holds the lock while it runs; a run dir in use is refused here already
             with R.RunLock.acquire(Path(cfg.run.dir)):
-                cfg.run.id = R.prepare(Path(cfg.run.dir), cfg.run.id, C.to_dict(cfg), cfg.resume)
+                cfg.run.id = R.prepare(Path(cfg.run.dir), cfg.run.id, C.to_dict(cfg))
             print(f"launcher: asking SLURM for {S.describe(cfg)}", file=sys.stderr)
         folder = Path(cfgs[0].run.dir) / "slurm" if len(cfgs) == 1 else Path(cfgs[0].run.dir).parent / "slurm"
         _submit(cfgs, folder)
@@ -179,7 +180,8 @@ def _start_local(cfg: Any) -> None:
         # nothing half-written: a new run that failed before its first checkpoint keeps only the
         # logs its error line points to; a sweep goes on with its next point
         if lock is not None and new and not (run_dir / "checkpoints").is_dir():
-            R.discard(run_dir)
+            with contextlib.suppress(OSError):  # (a read-only mount: nothing was written either)
+                R.discard(run_dir)
         log = run_dir / "logs" / "rank-0.log"
         logged = lock is not None and log.is_file() and "run failed: " in log.read_text(errors="replace")
         where = f" (traceback: {log})" if "(traceback: " not in str(e) and logged else ""
@@ -207,7 +209,7 @@ def _launch_local(cfg: Any, run_dir: Path) -> None:
         finally:
             path.unlink(missing_ok=True)
     else:
-        cfg.run.id = R.prepare(run_dir, cfg.run.id, C.to_dict(cfg), cfg.resume)
+        cfg.run.id = R.prepare(run_dir, cfg.run.id, C.to_dict(cfg))
         if cfg.trainer.accelerator == "xla":
             xla_launch.launch(str(run_dir / R.CONFIG_FILE))  # one process per local XLA device (PJRT)
             return

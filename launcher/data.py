@@ -136,7 +136,7 @@ class Batches:
         if (sd.get("seed"), sd.get("shuffle")) != (self.seed, self.shuffle):
             log.warning("data order differs from the checkpoint's (seed %s -> %s, shuffle %s -> %s): epochs "
                         "started from here on follow the new order", sd.get("seed"), self.seed,
-                        sd.get("shuffle"), self.shuffle)
+                        sd.get("shuffle"), self.shuffle, extra={"file_only": not self.dist.is_main})
 
     def _layout(self, sd: dict[str, Any]) -> tuple[int, int, bool, int, bool]:
         """(world size, batch size, drop_last, seed, shuffle) of a saved state; checkpoints written
@@ -214,7 +214,8 @@ class Batches:
                 f" ({-extra} dropped by drop_last)" if extra < 0 else "")
         log.warning("%s at epoch %d batch %d: the rest of the epoch covers the %d samples not yet seen%s, "
                     "%d batches per rank; data coverage is exact, the weights are not bitwise those of an "
-                    "uninterrupted run", change, epoch + 1, batch_in_epoch, len(rest), even, left)
+                    "uninterrupted run", change, epoch + 1, batch_in_epoch, len(rest), even, left,
+                    extra={"file_only": not self.dist.is_main})  # once on the console, in every rank's log
         return position
 
     # ---- which indices this rank sees -----------------------------------------------------------

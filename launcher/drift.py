@@ -62,14 +62,23 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any
             if a.get(k, _UNSET) != b.get(k, _UNSET) and k not in ("run.id", "run.dir")}
 
 
-def free(key: str) -> bool:
-    """May `key` change between two segments of one run?"""
+def free(key: str, old: Any = None, new: Any = None) -> bool:
+    """May `key` change from `old` to `new` between two segments of one run?"""
     section, _, leaf = key.partition(".")
     if section in _FREE_SECTIONS or key == "resume":
         return True
     if section == "trainer":
         return leaf in _FREE_TRAINER
-    return section == "optimizer" and leaf not in _OPTIMIZER_FIXED and "." not in leaf
+    # numbers only: state.Hyperparameters applies those; a flag such as amsgrad changes what the
+    # optimizer's state holds, and the restored state would not fit it
+    return (section == "optimizer" and leaf not in _OPTIMIZER_FIXED and "." not in leaf
+            and _number(old) and _number(new))
+
+
+def _number(v: Any) -> bool:
+    if isinstance(v, (list, tuple)):
+        return bool(v) and all(_number(x) for x in v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def describe(changes: dict[str, tuple[Any, Any]]) -> str:
@@ -79,7 +88,7 @@ def describe(changes: dict[str, tuple[Any, Any]]) -> str:
 def check(run_dir: str, old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """The changes a continued run applies; ConfigError (one line, every refused key) for the rest."""
     changes = differences(old, new)
-    refused = {k: v for k, v in changes.items() if not free(k)}
+    refused = {k: v for k, v in changes.items() if not free(k, *v)}
     if refused:
         raise C.ConfigError("run.dir", run_dir, f"holds a run with other settings; cannot continue it with "
                             f"{describe(refused)}", "the run's own values for these keys, or a new run.dir "
@@ -91,6 +100,6 @@ def log_changes(saved: Any, current: dict[str, Any]) -> None:
     """Record in the run log what this segment runs with that the checkpoint's segment did not."""
     if not isinstance(saved, dict):
         return
-    changes = {k: v for k, v in differences(saved, current).items() if free(k) and k != "resume"}
+    changes = {k: v for k, v in differences(saved, current).items() if free(k, *v) and k != "resume"}
     if changes:
         log.info("continuing with changed settings: %s", describe(changes))

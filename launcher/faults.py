@@ -19,9 +19,9 @@ from .config import UserError
 _IO_ADVICE = {
     errno.ENOSPC: "free some space (the previous checkpoint is intact) and run the same command to resume",
     errno.EDQUOT: "free some of your quota (the previous checkpoint is intact) and run the same command to resume",
-    errno.EROFS: "a run.dir on a writable filesystem",
-    errno.EACCES: "a run.dir this user may write",
-    errno.EPERM: "a run.dir this user may write",
+    errno.EROFS: "a path on a writable filesystem (run.dir, or the recipe's own paths)",
+    errno.EACCES: "a path this user may write (run.dir, or the recipe's own paths)",
+    errno.EPERM: "a path this user may write (run.dir, or the recipe's own paths)",
 }
 
 
@@ -33,7 +33,8 @@ def _chain(e: BaseException) -> Iterator[BaseException]:
         failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
         if isinstance(failures, dict):
             yield from (f for f in failures.values() if isinstance(f, BaseException))
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+        # the explicit cause, else what it happened while handling (unless `raise ... from None` hid it)
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)  # type: ignore[assignment]
 
 
 def io_error(e: BaseException, where: str = "") -> Optional[UserError]:
@@ -66,6 +67,13 @@ def _raise(signum: int, frame: object) -> None:
 def raise_on_sigterm() -> None:
     """SIGTERM as Interrupted (SIGINT is Python's KeyboardInterrupt already). Main thread only."""
     signal.signal(signal.SIGTERM, _raise)
+
+
+def default_sigterm() -> None:
+    """Undo raise_on_sigterm (SLURM ranks: SLURM's SIGTERM comes ahead of SIGKILL, e.g. while a
+    requeued job waits to be ended; the job's report, not this process, says what happened)."""
+    if signal.getsignal(signal.SIGTERM) is _raise:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def exit_code(e: KeyboardInterrupt) -> int:

@@ -46,6 +46,8 @@ def _me() -> dict[str, Any]:
 
 
 def describe(owner: dict[str, Any]) -> str:
+    if not owner:
+        return "owner not recorded yet"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(owner.get("since", 0))))
     job = f", SLURM job {owner['job']}" if owner.get("job") else ""
     return f"pid {owner.get('pid')} on host {owner.get('host')}{job}, since {since}"
@@ -66,14 +68,16 @@ _ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED
           "OUT_OF_MEMORY"}
 
 
-def _elsewhere_alive(owner: dict[str, Any]) -> bool:
-    """Is a record this process could flock nonetheless still a live owner? (Its flock was dropped,
-    so on this host it is dead; another host's flock may not reach us.)"""
-    if not owner or owner.get("host") == socket.gethostname():
+def _still_owned(owner: dict[str, Any]) -> bool:
+    """Is a record this process could flock nonetheless a live owner? A SLURM job (other than this
+    one) while squeue lists it: a preempted job keeps its record while it waits to be requeued. Any
+    other record of this host is dead (its flock was dropped); another host's flock may not reach
+    this one, so its record is believed."""
+    if not owner:
         return False
     if owner.get("job"):
         return owner["job"] != job_id() and _job_alive(str(owner["job"]))
-    return True
+    return owner.get("host") != socket.gethostname()
 
 
 class RunLock:
@@ -99,11 +103,14 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = _read(fd)
+            owner = _read(fd, wait_s=1.0)  # a start that won by a hair may not have written it yet
             os.close(fd)
             raise _busy(run_dir, owner) from None
+        except OSError as e:  # no flock on this filesystem (Lustre without -o flock, NFS without lockd)
+            log.warning("run dir %s: its filesystem has no flock (%s): only the owner record guards it",
+                        run_dir, os.strerror(e.errno or 0))
         owner = _read(fd)
-        if _elsewhere_alive(owner):
+        if _still_owned(owner):
             os.close(fd)
             raise _busy(run_dir, owner, hint=f" (if it is not running any more, remove {path})")
         if owner and owner.get("job") and owner["job"] == job_id():
@@ -117,13 +124,15 @@ class RunLock:
             raise io_error(e, str(path)) or e from None
         return cls(path, fd)
 
-    def release(self) -> None:
-        """Empty the record (an empty lock file is a free run dir) and drop the flock."""
+    def release(self, keep_record: bool = False) -> None:
+        """Empty the record (an empty lock file is a free run dir) and drop the flock. keep_record: a
+        SLURM job that requeued itself still owns the run dir until its next attempt starts."""
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
         try:
-            os.ftruncate(fd, 0)
+            if not keep_record:
+                os.ftruncate(fd, 0)
         except OSError:
             pass  # the flock still goes with the descriptor; an old record is taken over next time
         finally:
@@ -136,13 +145,18 @@ class RunLock:
         self.release()
 
 
-def _read(fd: int) -> dict[str, Any]:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        text = os.read(fd, 1 << 16).decode(errors="replace")
-        return dict(json.loads(text)) if text.strip() else {}
-    except (OSError, ValueError, TypeError):
-        return {"host": "?", "pid": "?"}  # a record we cannot read is someone's: never assume it free
+def _read(fd: int, wait_s: float = 0.0) -> dict[str, Any]:
+    """The owner record ({} when empty); wait_s: how long an empty one may take to be written."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            text = os.read(fd, 1 << 16).decode(errors="replace")
+            if text.strip() or time.monotonic() >= deadline:
+                return dict(json.loads(text)) if text.strip() else {}
+        except (OSError, ValueError, TypeError):
+            return {"host": "?", "pid": "?"}  # a record we cannot read is someone's: never assume it free
+        time.sleep(0.05)
 
 
 def _write(fd: int, owner: dict[str, Any]) -> None:

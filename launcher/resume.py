@@ -29,7 +29,7 @@ def _load_error_types() -> tuple[type[BaseException], ...]:
     """What a checkpoint that does not fit raises: torch's load_state_dict (RuntimeError, KeyError,
     ValueError, TypeError, IndexError), unpickling, a missing shard file, and DCP's own exception
     (a BaseException: imported only when torch.distributed.checkpoint is already loaded)."""
-    kinds: list[type[BaseException]] = [ValueError, RuntimeError, KeyError, TypeError, IndexError,
+    kinds: list[type[BaseException]] = [ValueError, RuntimeError, KeyError, TypeError, IndexError, AttributeError,
                                         pickle.UnpicklingError, EOFError, OSError]
     dcp_api = sys.modules.get("torch.distributed.checkpoint.api")
     if dcp_api is not None:
@@ -79,6 +79,8 @@ def restore(ckpt: CheckpointManager, d: D.Dist, run_dir: Path, resume: str) -> O
         problem = _agreed(d, _try(ckpt, folder))
         if not problem:
             return folder
-        if resume == "auto" or R.restarted():
-            log.warning("cannot resume from %s: %s; trying the previous complete checkpoint", folder, problem)
-        failed, below = (folder, problem), int(F.read_manifest(folder).get("step", F.step_of(folder)))
+        if resume == "auto" or R.restarted():  # (said once: by rank 0 on the console, by all in their logs)
+            log.warning("cannot resume from %s: %s; trying the previous complete checkpoint", folder, problem,
+                        extra={"file_only": not d.is_main})
+        manifest = F.read_manifest(folder)  # (a resume=PATH folder may be a `best` link: no step in its name)
+        failed, below = (folder, problem), int(manifest["step"]) if "step" in manifest else F.step_of(folder)

@@ -42,16 +42,17 @@ def read_id(run_dir: Path) -> str:
         return ""
 
 
-def prepare(run_dir: Path, run_id: str, config: dict[str, Any] | None, resume: str = "auto") -> str:
-    """Create run_dir, keep (or mint) its run id, write run.json and the resolved config.
+def prepare(run_dir: Path, run_id: str, config: dict[str, Any] | None) -> str:
+    """Create run_dir, keep (or mint) its run id, write run.json and the resolved config. Called
+    by the run dir's owner (lock.py): the caller discards a new run dir that fails.
 
     Returns the run id. An explicit run_id that contradicts the directory's is an error: two runs
-    would share checkpoints and one W&B run. A run continued from its own checkpoints may change
-    only what drift.check allows; config.yaml is rewritten only when it changes (so a finished run
-    on a read-only filesystem can still be asked to continue).
+    would share checkpoints and one W&B run. A run dir holding checkpoints may change only what
+    drift.check allows, whatever `resume` says (resume=PATH into it too: its config.yaml must go on
+    describing the checkpoints on disk); config.yaml is rewritten only when it changes (so a
+    finished run on a read-only filesystem can still be asked to continue).
     """
     existing = read_id(run_dir)
-    new = is_new(run_dir)
     if existing and run_id and run_id != existing:
         raise ConfigError("run.id", run_id, f"{run_dir} already belongs to run {existing!r}",
                           f"{existing!r}, or a new run.dir")
@@ -59,7 +60,7 @@ def prepare(run_dir: Path, run_id: str, config: dict[str, Any] | None, resume: s
     old = read_config(run_dir)
     if config is not None:
         config = {**config, "run": {**config.get("run", {}), "id": run_id, "dir": str(run_dir)}}
-        if old is not None and (resume == "auto" or restarted()) and F.candidates(run_dir / "checkpoints"):
+        if old is not None and F.candidates(run_dir / "checkpoints"):
             drift.check(str(run_dir), old, config)  # before anything is written
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -69,11 +70,11 @@ def prepare(run_dir: Path, run_id: str, config: dict[str, Any] | None, resume: s
             # 0600: the config holds the launcher's setup lines and whatever the recipe passes
             _atomic_write(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False), mode=0o600)
     except OSError as e:
-        if new:
-            with contextlib.suppress(OSError):
-                discard(run_dir)
         raise io_error(e) or ConfigError("run.dir", str(run_dir), f"cannot be written ({e.strerror or e})",
                                          "a directory this user can create and write") from None
+    with contextlib.suppress(OSError):  # one an earlier launcher wrote 0644 (read-only fs: left as it is)
+        if (run_dir / CONFIG_FILE).stat().st_mode & 0o077:
+            os.chmod(run_dir / CONFIG_FILE, 0o600)
     return run_id
 
 
@@ -161,39 +162,57 @@ def resume_point(run_dir: Path, resume: str, below: Optional[int] = None) -> Opt
 
 
 def _on_rank_0(d: D.Dist, fn: Callable[[], Any]) -> Any:
-    """fn() on rank 0, its result (or its UserError) on every rank: ranks may differ on clocks and
-    disks, and an error raised on rank 0 alone would leave the others waiting in the broadcast."""
-    result, error = None, ""
+    """fn() on rank 0, its result (or its error) on every rank: ranks may differ on clocks and
+    disks, and an error raised on rank 0 alone would leave the others waiting in the broadcast.
+    A user's error is raised on every rank; a bug keeps its traceback on rank 0."""
+    result, error, bug = None, "", None
     if d.is_main:
         try:
             result = fn()
         except ValueError as e:  # UserError, ConfigError, format's ValueError
             error = str(e)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
+            bug, error = e, f"rank 0 failed: {type(e).__name__}: {e}"
     result, error = D.broadcast_object((result, error))
+    if bug is not None:
+        raise bug
     if error:
-        raise UserError(error)
+        raise UserError(error) if not error.startswith("rank 0 failed: ") else RuntimeError(error)
     return result
 
 
-def agree_on_run(d: D.Dist, run_dir: Path, run_id: str, config: dict[str, Any] | None,
-                 resume: str) -> tuple[Path, str, Optional[RunLock], Optional[OSError]]:
+def agree_on_run(d: D.Dist, run_dir: Path, run_id: str,
+                 config: dict[str, Any] | None) -> tuple[Path, str, Optional[RunLock], Optional[OSError]]:
     """The run's directory, id, lock (rank 0, unless the process that started the ranks holds it)
-    and why it cannot be written (None: it can), the same on every rank."""
+    and why it cannot be written (None: it can), the same on every rank. A new run dir that fails
+    here is removed again (by its owner only: a start refused by the lock touches nothing)."""
     lock: list[RunLock] = []
 
     def owned() -> tuple[str, Optional[OSError]]:
+        fresh = is_new(run_dir)
         if not held_by_parent(run_dir):
             lock.append(RunLock.acquire(run_dir))
         try:
-            return prepare(run_dir, run_id, config, resume), unwritable(run_dir)
+            return prepare(run_dir, run_id, config), unwritable(run_dir)
         except BaseException:
-            for held in lock:
-                held.release()
-            lock.clear()
+            if fresh and lock:
+                with contextlib.suppress(OSError):
+                    discard(run_dir)
+            _release(lock)
             raise
 
-    run_id, problem = _on_rank_0(d, owned)
+    try:
+        run_id, problem = _on_rank_0(d, owned)
+    except BaseException:
+        _release(lock)  # the broadcast itself failed: nothing to hold the run dir for
+        raise
     return run_dir, run_id, (lock[0] if lock else None), problem
+
+
+def _release(lock: list[RunLock]) -> None:
+    for held in lock:
+        held.release()
+    lock.clear()
 
 
 def agree_on_resume_point(d: D.Dist, run_dir: Path, resume: str, below: Optional[int] = None) -> Optional[Path]:

@@ -135,7 +135,8 @@ class PerRank:
     def load_state_dict(self, ranks: list[dict[str, Any]]) -> None:
         if len(ranks) != self.d.world_size:
             log.warning("checkpoint from world size %d resumed at %d: the ranks' RNG streams are reseeded and "
-                        "the epoch's running train metrics start afresh", len(ranks), self.d.world_size)
+                        "the epoch's running train metrics start afresh", len(ranks), self.d.world_size,
+                        extra={"file_only": not self.d.is_main})
             self.reseed()
             return
         mine = ranks[self.d.rank]

@@ -25,6 +25,7 @@ from . import dist as D
 from . import drift, faults, options, parts
 from . import run as R
 from . import strategy as S
+from .checkpoint import format as F
 from .checkpoint.manager import CheckpointManager
 from .evaluation import evaluate
 from .outputs import Outputs
@@ -81,8 +82,7 @@ class Trainer(Outputs):
 
     def _prepare_run(self, d: D.Dist) -> None:
         config = C.to_dict(self.cfg) if not self.run_id else None  # a CLI rank's parent wrote it already
-        self.run_dir, self.run_id, self.lock, self.unwritable = R.agree_on_run(d, self.run_dir, self.run_id, config,
-                                                                               self.cfg.resume)
+        self.run_dir, self.run_id, self.lock, self.unwritable = R.agree_on_run(d, self.run_dir, self.run_id, config)
         self.cfg.run.id, self.cfg.run.dir = self.run_id, str(self.run_dir)
         # a finished run on a read-only filesystem may still be asked whether it is finished
         setup_logging(self.run_dir if self.unwritable is None else None, d.rank)
@@ -119,7 +119,6 @@ class Trainer(Outputs):
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint, mode=t.mode, dist=d,
                                       states=self.states, sharded=fp.sharded, xla=fp.xla,
                                       info={"run_id": self.run_id, "config": C.to_dict(cfg)})
-        self.logger = open_logger(d.is_main, self.run_dir, self.run_id, cfg.logger, cfg.run.name, C.to_dict(cfg))
         point = restore(self.ckpt, d, self.run_dir, self.cfg.resume)
         if point is not None:
             # another world size: the rest of the epoch is the samples its ranks had not yet seen
@@ -135,6 +134,10 @@ class Trainer(Outputs):
         self.progress.stopped_early = self.stopper.should_stop()
         if self.unwritable is not None and self.should_continue():  # training would write: say why it cannot
             raise faults.io_error(self.unwritable, str(self.run_dir)) or self.unwritable
+        # opened once the run is known to go on (a refused resume opens no W&B run; a finished run on
+        # a read-only filesystem writes nothing)
+        self.logger = open_logger(d.is_main and self.unwritable is None, self.run_dir, self.run_id, cfg.logger,
+                                  cfg.run.name, C.to_dict(cfg))
         self.start_step = self.progress.step
         self.ckpt.retire_after(self.progress.step)
         self.bar = Progress(d.is_main and t.progress, t.progress_refresh_s, fp.speed)
@@ -167,14 +170,14 @@ class Trainer(Outputs):
             self._abandon()
             user = faults.io_error(e)  # a full disk, a read-only run dir: the user's, one line
             if isinstance(e, C.UserError) or user:
-                if fresh and not set_up and self.dist is not None and self.dist.is_main:
+                if fresh and not set_up and self.lock is not None:  # this run's own new dir, nobody else's
                     R.discard(self.run_dir)  # failed before training began: only the logs stay
                 if user:
                     raise user from e
             raise
         finally:
             if self.lock is not None:
-                self.lock.release()
+                self.lock.release(keep_record=self.preempted)  # requeued: the next attempt is this owner
                 self.lock = None
         return self.history
 
@@ -184,6 +187,11 @@ class Trainer(Outputs):
         try:
             if self.bar is not None:
                 self.bar.close()
+            if self.ckpt is not None and self.dist is not None and self.dist.is_main:
+                self.ckpt.wait()  # a background save in flight: done (or failed) before the lock goes
+        except Exception as e:  # noqa: BLE001 - the error in flight is the one to report
+            log.warning("the checkpoint in flight failed: %s", C.one_line(e))
+        try:
             self.logger.finish(self.progress.history, plots=False, exit_code=1)
         except Exception as e:  # noqa: BLE001 - e.g. the full disk that ended the run
             log.warning("closing the loggers failed: %s", C.one_line(e))
@@ -327,5 +335,5 @@ class Trainer(Outputs):
             trained = p.step != self.start_step  # a finished run asked again writes nothing
             weights = S.full_weights(self.model, self.parts.sharded, d.is_main)  # type: ignore
             if weights is not None and (trained or not (self.run_dir / "model.pt").exists()):
-                torch.save(weights, self.run_dir / "model.pt")
+                F.save_atomic(weights, self.run_dir / "model.pt")  # a kill mid-write must not leave half of it
         self.logger.finish(p.history, plots=p.step != self.start_step)

@@ -37,6 +37,7 @@ def run(cfg: C.Config) -> None:
         # installed before anything slow, so an early signal is not lost (its default action kills);
         # in launcher=slurm's own jobs launch/signal_first.py caught it earlier still: taken over here
         stop = StopRequest(cfg.launcher.signal, cfg.launcher.signal_check_every_n_steps)
+        faults.default_sigterm()  # a rank inside an srun step: the CLI's own handler does not apply
     else:
         # SIGTERM (a kill, the elastic agent stopping its ranks) ends the run as Ctrl-C does: through
         # every `finally` (loggers finished, lock released), exit 143. (A SLURM job keeps submitit's

@@ -72,6 +72,16 @@ def test_a_second_start_into_a_run_in_use_is_refused_naming_its_owner_and_touche
         changed = {k for k, v in _snapshot(run_dir).items() if before.get(k) != v}
         assert not changed & {"config.yaml", "run.json"} and not any(".tmp-" in k for k in changed)
         assert "seed: 7" not in (run_dir / "config.yaml").read_text()
+        # the Python API's rank 0 takes the lock itself: refused the same way, and deletes nothing
+        from launcher import Trainer
+        from launcher.config import UserError
+
+        net = torch.nn.Linear(2, 1)
+        data = torch.utils.data.TensorDataset(torch.randn(40, 2), torch.randn(40, 1))
+        with pytest.raises(UserError, match="in use by another run"):
+            Trainer(run_dir=str(run_dir), max_epochs=1, batch_size=20, monitor="train_loss", progress=False,
+                    logger="none").fit(net, torch.nn.MSELoss(), torch.optim.SGD(net.parameters(), lr=0.1), data)
+        assert (run_dir / "run.json").exists() and (run_dir / "checkpoints" / "last").exists()
     finally:
         out, err = first.communicate(timeout=240)
     assert first.returncode == 0, err[-3000:]
@@ -266,7 +276,7 @@ def test_a_read_only_run_dir_finished_says_so_and_unfinished_is_one_line(tmp_pat
     p = run_cli([*base, "trainer.max_epochs=2"], cwd=tmp_path)
     assert p.returncode == 2
     line = _one_line(p.stderr)
-    assert f"{run_dir}" in line and "Read-only file system (EROFS); valid: a run.dir on a writable filesystem" in line
+    assert f"{run_dir}" in line and "Read-only file system (EROFS); valid: a path on a writable filesystem" in line
 
 
 def test_a_run_dir_this_user_may_not_write_is_one_line(tmp_path: Path) -> None:
@@ -284,7 +294,7 @@ def test_a_run_dir_this_user_may_not_write_is_one_line(tmp_path: Path) -> None:
                            text=True, cwd="/", timeout=120)
         assert p.returncode == 2
         line = _one_line(p.stderr)
-        assert f"{parent}/r" in line and "Permission denied (EACCES); valid: a run.dir this user may write" in line
+        assert f"{parent}/r" in line and "Permission denied (EACCES); valid: a path this user may write" in line
         assert list(parent.iterdir()) == []
     finally:
         shutil.rmtree(parent)

@@ -77,14 +77,29 @@ def write(folder: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
 
 
 def write_state(tmp: Path, state: dict[str, Any]) -> None:
-    path = tmp / STATE
+    _save(state, tmp / STATE)
+
+
+def _save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file: a full disk is then an OSError naming the file (given a
+    path, torch's C++ writer says only "[enforce fail at inline_container.cc] unexpected pos")."""
     try:
         with open(path, "wb") as f:
-            torch.save(state, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-    except OSError as e:  # torch.save's own wording is "[enforce fail ...] unexpected pos": name the file
+    except OSError as e:
         raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """`obj` as the file `path`, whole or not at all (a kill mid-write leaves the previous file)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        _save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def commit(tmp: Path, folder: Path, meta: dict[str, Any]) -> Path:
@@ -170,7 +185,7 @@ def export_model(folder: Path, out: Path) -> Path:
     else:
         model = load(folder)["model"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model, out)
+    save_atomic(model, out)
     return out
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import struct
 import sys
@@ -49,6 +50,9 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
     # (and a user's error must stay one line)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     _pin_interface(cfg.launcher.local_addr)
+    # elastic installs handlers for these and never puts ours back: the next sweep point, or the
+    # in-process rank after it, would get elastic's SignalException instead of Ctrl-C / SIGTERM
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     try:
         if cfg.trainer.gpus:
             # GPU ranks: fresh interpreters (a fork after the parent touched CUDA is unsafe)
@@ -70,6 +74,9 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
         return 1
     except SignalException as e:  # elastic's own handler (it stopped the ranks): as on one rank
         raise faults.Interrupted(int(e.sigval)) from None
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     return 0
 
 
