@@ -35,8 +35,7 @@ LOGGERS = ("csv", "wandb", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 LAUNCHERS = ("local", "slurm")
 SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "URG")
-# `async` is a Python keyword, so no dataclass field can have that name: the user writes
-# checkpoint.async (CLI) or checkpoint_async (Trainer), the schema holds it as async_save.
+# `async` is a Python keyword (no field can have that name): checkpoint.async / checkpoint_async -> async_save
 FIELD_ALIASES = {("checkpoint", "async"): "async_save"}
 XLA_INSTALL = ("torch-xla is not installed: pip install 'launcher[xla]' (a torch_xla wheel matching your torch; "
                "see the torch-xla install guide for TPU VMs)")
@@ -95,6 +94,7 @@ class TrainerConfig:
     channels_last: Any = "auto"  # channels_last memory format for conv nets (model, 4-D inputs): auto, true, false
     peak_tflops: float = 0.0  # per-device peak TFLOP/s for MFU; 0 = look up the GPU, unknown on CPU
     summary: bool = True  # print the model summary (layers, output shapes, parameters) on rank 0 when fit starts
+    deterministic: bool = False  # deterministic kernels (torch, cuBLAS, cuDNN): GPU resume bitwise by contract; slower
 
 
 @dataclass
@@ -286,10 +286,11 @@ def check_logger(lg: LoggerConfig) -> None:
 
 
 def visible_gpus() -> int:
-    """CUDA devices this process can see, without initialising CUDA in the parent."""
+    """CUDA devices this process can see, counted through NVML: CUDA is not initialised in the
+    parent (cudaGetDeviceCount would, and every CPU rank it forks then dies on its first CUDA call)."""
     import torch  # here, not at the top: `--help` and config errors must not wait for torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.cuda.device_count()
 
 
 def resolve_gpus(t: TrainerConfig, local: bool) -> int:
@@ -306,7 +307,7 @@ def resolve_gpus(t: TrainerConfig, local: bool) -> int:
         if not visible:
             raise ConfigError("trainer.gpus", -1, "asks for all visible GPUs but CUDA sees none", "0 (CPU)")
         return visible
-    if local and visible is not None and t.gpus > visible:
+    if local and visible is not None and t.gpus > visible and not os.environ.get("LAUNCHER_TEST_SHARE_GPU"):
         raise ConfigError("trainer.gpus", t.gpus, f"this machine has {visible} visible GPU(s)",
                           f"0..{visible} or -1" if visible else "0 (CPU) or null")
     return t.gpus
@@ -341,8 +342,7 @@ def check_resume(resume: str) -> None:
     if resume in RESUME_MODES:
         return
     if not os.path.exists(os.path.expanduser(resume)):
-        raise ConfigError("resume", resume, "no such checkpoint path",
-                          "auto, never, or an existing step-NNNNNNN directory")
+        raise ConfigError("resume", resume, "no such checkpoint path", "auto, never, or an existing step-NNNNNNN directory")
 
 
 def check(cfg: Config, local: bool = True) -> None:

@@ -86,8 +86,15 @@ def env_rank() -> Optional[tuple[int, int, int, int]]:
     return rank, local, world, local_world
 
 
-def init(gpus: int = 0, timeout_s: float = 600.0) -> Dist:
-    """Join the process group the env describes (gloo on CPU, nccl on CUDA), or a world of one."""
+# tests only: ranks sharing one GPU (local rank r on cuda:r % visible) talk over gloo, which NCCL
+# refuses (one rank per device); the multi-rank GPU launch path then runs on a 1-GPU machine
+SHARE_GPU_ENV = "LAUNCHER_TEST_SHARE_GPU"
+
+
+def init(gpus: int = 0, timeout_s: float = 600.0, group_of_one: bool = False) -> Dist:
+    """Join the process group the env describes (gloo on CPU, nccl on CUDA), or a world of one.
+    group_of_one: a world of one gets a process group too (FSDP shards over one, and its DCP
+    checkpoints are collectives): in memory, no rendezvous, no port."""
     env = env_rank()
     rank, local, world, local_world = env or (0, 0, 1, 1)
     if gpus > 0:
@@ -95,12 +102,12 @@ def init(gpus: int = 0, timeout_s: float = 600.0) -> Dist:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1 and not td.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+    if (world > 1 or group_of_one) and not td.is_initialized():
+        backend = "nccl" if device.type == "cuda" and not os.environ.get(SHARE_GPU_ENV) else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
-        td.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout,
-                              store=_restart_store(world, timeout),
-                              device_id=device if device.type == "cuda" else None)
+        store = td.HashStore() if world == 1 else _restart_store(world, timeout)
+        td.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout, store=store,
+                              device_id=device if backend == "nccl" else None)
     return Dist(rank, local, world, local_world, device)
 
 

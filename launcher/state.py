@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -89,6 +90,19 @@ class EarlyStopping:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.best, self.wait = sd["best"], sd["wait"]
+
+
+def make_deterministic(on: bool) -> None:
+    """trainer.deterministic: deterministic kernels everywhere, before this process's first CUDA
+    work (cuBLAS reads its workspace setting when its first handle is made). What makes a GPU run
+    resume bitwise by contract: otherwise only by luck (atomics in some backward kernels, cuDNN's
+    algorithm search). An op with no deterministic kernel then raises, naming itself."""
+    if not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def seed_everything(seed: int) -> None:

@@ -33,7 +33,8 @@ from .loggers import NullLogger, open_logger, setup_logging
 from .progress import Progress
 from .recipe import check_monitor
 from .resume import restore
-from .state import EarlyStopping, History, Hyperparameters, Maybe, PerRank, TrainProgress, seed_everything
+from .state import (EarlyStopping, History, Hyperparameters, Maybe, PerRank, TrainProgress, make_deterministic,
+                    seed_everything)
 from .summary import print_summary
 from .xla import init as xla_init
 
@@ -77,7 +78,10 @@ class Trainer(Outputs):
         if self.dist is None:
             # the same device rules as the CLI (gpus unset: one GPU if CUDA is there), in or out of torchrun
             gpus = C.resolve_gpus(self.cfg.trainer, local=True)
-            self.dist = D.init(gpus, self.cfg.trainer.dist_timeout_s) if D.env_rank() or gpus else D.current()
+            fsdp = self.cfg.trainer.strategy == "fsdp"  # shards over a group, of one rank if need be
+            make_deterministic(self.cfg.trainer.deterministic)
+            self.dist = (D.init(gpus, self.cfg.trainer.dist_timeout_s, group_of_one=fsdp)
+                         if D.env_rank() or gpus or fsdp else D.current())
         return self.dist
 
     def _prepare_run(self, d: D.Dist) -> None:
@@ -287,33 +291,50 @@ class Trainer(Outputs):
         return value
 
     def _end_epoch(self) -> None:
-        """Sync the epoch's metrics, validate, log, step schedulers and early stopping, maybe save."""
+        """Sync the epoch's metrics, validate, log, step schedulers and early stopping, maybe save.
+
+        A run that ends inside an epoch (max_steps) reports it too (a row for the part trained), but
+        the epoch stays open: its position, running metrics and the loop's state are checkpointed
+        as they are, and a run continued with a larger limit finishes that very epoch, bitwise as
+        if never stopped (the partial row is then replaced by the whole epoch's)."""
         p, t = self.progress, self.cfg.trainer
+        partial = not self._epoch_done()
         speed = self.parts.speed.end_epoch(p.step)
         row: dict[str, Any] = {"epoch": p.epoch + 1, "step": p.step, "lr": self.parts.optimizer.param_groups[0]["lr"]}
         row.update(self.parts.train_acc.compute("train"))
         if self.parts.val is not None and ((p.epoch + 1) % t.val_every_n_epochs == 0 or self._ends_at(p.epoch + 1)):
             row.update(self._validate())
-        score = self._monitor(row) if t.monitor in row else None
-        if self.parts.scheduler is not None and t.scheduler_interval == "epoch":
+        # a partial epoch's validation reaches neither early stopping nor the scheduler (their state
+        # would differ from a run that never stopped there); it may still rank the checkpoint
+        score = (row.get(t.monitor) if partial else self._monitor(row)) if t.monitor in row else None
+        if self.parts.scheduler is not None and t.scheduler_interval == "epoch" and not partial:
             if isinstance(self.parts.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 if score is not None:
                     self.parts.scheduler.step(score)
             else:
                 self.parts.scheduler.step()
-        p.history.append(row)
+        if p.history and p.history[-1]["epoch"] == row["epoch"]:
+            p.history[-1] = row  # this epoch's partial row, from the run that stopped inside it
+        else:
+            p.history.append(row)
         self.logger.log_epoch(p.history)
         self.logger.log_step(p.step, speed)  # throughput: logs and W&B, not the (deterministic) history
         if self.dist.is_main:  # type: ignore[union-attr]
             text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in {**row, **speed}.items() if k != "epoch")
-            log.info("epoch %d: %s", row["epoch"], text, extra={"file_only": t.progress})
-        p.epoch += 1
-        p.batch_in_epoch = 0
+            log.info("epoch %d%s: %s", row["epoch"], " (so far)" if partial else "", text,
+                     extra={"file_only": t.progress})
         self._epoch = None
-        self.parts.train_acc.reset()
-        if self.ckpt.due_epoch(p.epoch) or self.ckpt.due_step(p.step):  # type: ignore[union-attr]
-            self._save(score if score is not None and not math.isnan(score) else None)
+        score = score if isinstance(score, float) and not math.isnan(score) else None
+        if partial:  # the run ends here: its checkpoint is this exact position
+            if self.ckpt.cfg.enabled:  # type: ignore[union-attr]
+                self._save(score)
+        else:
+            p.epoch += 1
+            p.batch_in_epoch = 0
+            self.parts.train_acc.reset()
+            if self.ckpt.due_epoch(p.epoch) or self.ckpt.due_step(p.step):  # type: ignore[union-attr]
+                self._save(score)
         self.bar.close({**row, **speed})
 
     def _teardown(self) -> None:

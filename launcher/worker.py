@@ -21,7 +21,7 @@ import torch
 from . import config as C
 from . import dist, faults, recipe
 from .preempt import StopRequest, requeue
-from .state import seed_everything
+from .state import make_deterministic, seed_everything
 from .trainer import Trainer
 from .loggers import setup_logging
 from .xla import init as xla_init
@@ -43,10 +43,15 @@ def run(cfg: C.Config) -> None:
         # every `finally` (loggers finished, lock released), exit 143. (A SLURM job keeps submitit's
         # handling: it ignores the SIGTERM that SLURM sends ahead of SIGKILL.)
         faults.raise_on_sigterm()
+    make_deterministic(cfg.trainer.deterministic)  # before any CUDA work in this process
     if cfg.trainer.accelerator == "xla":
         d, _ = xla_init(cfg.trainer.dist_timeout_s)
     else:
-        d = dist.init(int(cfg.trainer.gpus or 0), cfg.trainer.dist_timeout_s)
+        if not cfg.trainer.gpus:
+            # trainer.gpus=0: no rank touches a GPU (a library's own CUDA probe included, e.g. Adam's)
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        d = dist.init(int(cfg.trainer.gpus or 0), cfg.trainer.dist_timeout_s,
+                      group_of_one=cfg.trainer.strategy == "fsdp")
     if d.device.type == "cpu" and d.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
         # N ranks on one host share its cores; torch's default (all cores each) oversubscribes them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.local_world_size))

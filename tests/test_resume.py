@@ -4,7 +4,9 @@ uninterrupted run's (CPU, same world size). MNIST's CNN has Dropout2d, so the RN
 from __future__ import annotations
 
 import csv
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,3 +109,51 @@ def test_resume_path_past_the_limit_says_so(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr[-3000:]
     assert ("run complete at epoch 2, step 28 (trainer.max_epochs=1); raise trainer.max_epochs to continue it"
             in p.stderr), p.stderr[-2000:]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def test_extending_a_finished_run_by_max_steps_is_bitwise_one_straight_run(tmp_path: Path, mnist_root: Path) -> None:
+    """max_steps ends the run inside an epoch: raising it continues from that very batch (the epoch
+    is not closed there), so 12 + 18 steps end bitwise where 30 straight steps do, history included."""
+    def args(run_dir: Path, steps: int) -> list[str]:
+        return [*mnist_small(mnist_root, 2560, 512), "trainer.max_epochs=5", f"trainer.max_steps={steps}",
+                *QUIET, f"run.dir={run_dir}"]  # 20 steps per epoch: 12 and 30 both end inside one
+
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    assert run_cli(args(straight, 30), cwd=tmp_path).returncode == 0
+    p = run_cli(args(extended, 12), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(extended / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [12], "the part trained is reported"
+    p = run_cli(args(extended, 30), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "epoch 1 at batch 12" in (extended / "logs" / "rank-0.log").read_text()
+    a, b = _weights(straight / "model.pt"), _weights(extended / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ from one straight run"
+    assert (straight / "metrics.csv").read_text() == (extended / "metrics.csv").read_text()  # rows 20, 30
+
+    p = run_cli(args(extended, 30), cwd=tmp_path)  # complete: says so, trains nothing
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "run complete at epoch 1, step 30 (trainer.max_steps=30); raise trainer.max_steps to continue it" \
+        in p.stderr
+
+
+def test_fsdp_on_one_rank_checkpoints_and_resumes_at_2_ranks_and_back(tmp_path: Path) -> None:
+    """strategy=fsdp with one rank: a process group of one, sharded checkpoints, which load at 2
+    ranks and back at 1 (before: fully_shard called init_process_group with no RANK and crashed)."""
+    run_dir = tmp_path / "fsdp1"
+    base = ["recipe=linreg", "trainer.gpus=0", "trainer.strategy=fsdp", *QUIET, f"run.dir={run_dir}"]
+    for nproc, steps, resumed in ((1, 20, None), (2, 27, 20), (1, 40, 27)):  # linreg: 14 steps/epoch at 1 rank
+        p = run_cli([*base, f"trainer.nproc={nproc}", f"trainer.max_steps={steps}"], cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+        last = run_dir / "checkpoints" / "last"
+        assert (last / "sharded" / ".metadata").is_file()
+        assert json.loads((last / "manifest.json").read_text())["step"] == steps
+        log = (run_dir / "logs" / "rank-0.log").read_text()
+        assert re.findall(r"rank 0 of (\d+)", log)[-1] == str(nproc)  # this segment's world
+        if resumed is not None:
+            assert f"step-{resumed:07d}: step {resumed}," in log
+    assert (run_dir / "model.pt").is_file()

@@ -143,13 +143,13 @@ def test_resume_applies_safe_changes_and_lr_and_refuses_the_rest_before_writing(
     assert p.returncode == 0, p.stderr[-3000:]
     assert "continuing with changed settings: optimizer.lr 0.1 -> 0.01, trainer.max_epochs 50 -> 3, " \
            "trainer.max_steps 20 -> -1" in (run_dir / "logs" / "rank-0.log").read_text()
-    # (max_steps=20 closed epoch 2 at step 20: the run's end is an epoch's end)
-    assert [(int(r["step"]), float(r["lr"])) for r in _rows(run_dir)] == [(14, 0.1), (20, 0.1), (34, 0.01)]
+    # max_steps=20 left epoch 2 open at step 20: continued, it ends at 28 (its row replaced), then 42
+    assert [(int(r["step"]), float(r["lr"])) for r in _rows(run_dir)] == [(14, 0.1), (28, 0.01), (42, 0.01)]
     assert "lr: 0.01" in (run_dir / "config.yaml").read_text()
     state = torch.load(run_dir / "checkpoints" / "last" / "state.pt", weights_only=True)
     assert state["optimizer"]["param_groups"][0]["lr"] == 0.01
     # Adam's state was kept, not rebuilt: its step count goes on from 20
-    assert int(state["optimizer"]["state"][0]["step"]) == 34
+    assert int(state["optimizer"]["state"][0]["step"]) == 42
 
 
 # ---- checkpoints that do not load ----------------------------------------------------------------
