@@ -119,8 +119,9 @@ def test_extending_a_finished_run_by_max_steps_is_bitwise_one_straight_run(tmp_p
     """max_steps ends the run inside an epoch: raising it continues from that very batch (the epoch
     is not closed there), so 12 + 18 steps end bitwise where 30 straight steps do, history included."""
     def args(run_dir: Path, steps: int) -> list[str]:
+        # 20 steps per epoch: 12 and 30 both end inside one; deterministic: no CPU op of the CNN refuses it
         return [*mnist_small(mnist_root, 2560, 512), "trainer.max_epochs=5", f"trainer.max_steps={steps}",
-                *QUIET, f"run.dir={run_dir}"]  # 20 steps per epoch: 12 and 30 both end inside one
+                "trainer.deterministic=true", *QUIET, f"run.dir={run_dir}"]
 
     straight, extended = tmp_path / "straight", tmp_path / "extended"
     assert run_cli(args(straight, 30), cwd=tmp_path).returncode == 0
