@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,15 @@ def mnist_root() -> Path:
             pytest.fail(f"real MNIST not found at {MNIST}")
         pytest.skip(f"real MNIST not found at {MNIST}")
     return MNIST
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until `path` exists (e.g. a checkpoint to kill a run after); fails if `proc` ended first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path} appeared:\n{proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.005)
 
 
 def mnist_small(root: Path, train: int = 2560, val: int = 1000) -> list[str]:

@@ -25,13 +25,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import QUIET, cli_env, mnist_small, run_cli
+from conftest import QUIET, cli_env, mnist_small, run_cli, wait_for_file
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -258,14 +257,6 @@ def test_async_checkpoints_equal_sync(tmp_path: Path) -> None:
     assert not list((runs["true"] / "checkpoints").glob(".tmp-*")), "no save left in flight"
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"run ended before {path} appeared:\n{proc.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.005)
-
-
 def test_sigkill_mid_run_then_resume_is_bitwise(tmp_path: Path) -> None:
     """The whole launcher SIGKILLed inside epoch 2, the same command resumes, and the final weights are
     bitwise an uninterrupted run's. Full charlm (88 steps per epoch, 264 in all) so that the GPU is
@@ -281,7 +272,7 @@ def test_sigkill_mid_run_then_resume_is_bitwise(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "launcher", *args(cut)], cwd=tmp_path, env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _wait_for(cut / "checkpoints" / "step-0000090" / "manifest.json", proc)  # step 90: epoch 2, batch 2
+        wait_for_file(cut / "checkpoints" / "step-0000090" / "manifest.json", proc)  # step 90: epoch 2, batch 2
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:

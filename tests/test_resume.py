@@ -10,13 +10,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import QUIET, cli_env, mnist_small, run_cli
+from conftest import QUIET, cli_env, mnist_small, run_cli, wait_for_file
 
 # name -> (ranks, optimizer steps per epoch, overrides besides the run dir)
 CASES = {
@@ -36,14 +35,6 @@ def _args(root: Path, run_dir: Path, case: str) -> list[str]:
             *extra, *QUIET, f"run.dir={run_dir}"]
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"run ended before {path} appeared:\n{proc.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.005)
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_killed_mid_epoch_then_resumed_is_bitwise_equal(tmp_path: Path, mnist_root: Path, case: str) -> None:
     """Bitwise: on CPU at the same world size every case is deterministic, sharded (FSDP) included."""
@@ -56,7 +47,7 @@ def test_killed_mid_epoch_then_resumed_is_bitwise_equal(tmp_path: Path, mnist_ro
     proc = subprocess.Popen([sys.executable, "-m", "launcher", *_args(mnist_root, cut, case)], cwd=tmp_path,
                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    _wait_for(cut / "checkpoints" / f"step-{kill_after:07d}" / "manifest.json", proc)
+    wait_for_file(cut / "checkpoints" / f"step-{kill_after:07d}" / "manifest.json", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (cut / "model.pt").exists(), "the run must really have been cut short"
