@@ -13,9 +13,25 @@ device it trains on (never on the machine the code was written on).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .config import PrecisionName
+
+
+def cpu_threads(local_ranks: int) -> int:
+    """Threads for one CPU rank: the CPUs this process may run on (taskset, a cgroup cpuset, SLURM's
+    binding; os.cpu_count() counts the whole machine), shared by the ranks on this node that were
+    given the same set; SLURM's --cpus-per-task when it says how many are this task's own."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS)
+        usable = os.cpu_count() or 1
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit():
+        return max(1, min(usable, int(per_task)))
+    return max(1, usable // max(1, local_ranks))
 
 
 def cpu_features() -> dict[str, bool]:

@@ -21,6 +21,7 @@ import torch
 from . import config as C
 from . import dist, faults, recipe
 from .preempt import StopRequest, requeue
+from .hardware import cpu_threads
 from .state import make_deterministic, seed_everything
 from .trainer import Trainer
 from .loggers import setup_logging
@@ -52,11 +53,15 @@ def run(cfg: C.Config) -> None:
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         d = dist.init(int(cfg.trainer.gpus or 0), cfg.trainer.dist_timeout_s,
                       group_of_one=cfg.trainer.strategy == "fsdp")
-    if d.device.type == "cpu" and d.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # N ranks on one host share its cores; torch's default (all cores each) oversubscribes them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.local_world_size))
+    if d.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # N ranks on one host share its cores, and a process may be given fewer than the machine
+        # has: torch's default (every core of the machine, per rank) would oversubscribe them
+        threads = cpu_threads(d.local_world_size)
+        if d.local_world_size > 1 or threads < torch.get_num_threads():
+            torch.set_num_threads(threads)
     # before the recipe is built: what its code raises goes with its traceback into this rank's log
     setup_logging(Path(cfg.run.dir), d.rank)
+    log.info("rank %d: %d CPU thread(s)", d.rank, torch.get_num_threads(), extra={"file_only": True})
     try:
         seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
         objects = recipe.build(cfg)

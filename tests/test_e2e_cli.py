@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import QUIET, mnist_small, run_cli
+from conftest import QUIET, cli_env, mnist_small, run_cli
 
 TWO_RANKS = ["trainer.gpus=0", "trainer.nproc=2"]
 
@@ -117,3 +120,19 @@ def test_under_an_outside_torchrun_the_launcher_does_not_spawn_again(tmp_path: P
     assert [int(r["step"]) for r in rows] == [7, 14]  # 280 samples / (2 ranks x 20): 2 ranks, not 2 x 2
     state = torch.load(run_dir / "checkpoints" / "last" / "state.pt", weights_only=True)
     assert len(state["ranks"]) == nproc
+
+
+def test_cpu_ranks_use_the_cpus_they_may_run_on(tmp_path: Path) -> None:
+    """2 ranks pinned to 2 CPUs (taskset, a cpuset, SLURM's binding) run 1 thread each, not
+    os.cpu_count() / 2 (every core of the machine shared out, oversubscribing the 2 they have)."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 4:
+        pytest.skip(f"needs 4 or more usable CPUs to tell 2 pinned CPUs from the machine's ({len(usable)} here)")
+    run_dir = tmp_path / "pinned"
+    env = {k: v for k, v in cli_env().items() if k != "OMP_NUM_THREADS"}
+    p = subprocess.run([sys.executable, "-m", "launcher", "recipe=linreg", "trainer.max_epochs=1", "trainer.gpus=0",
+                        "trainer.nproc=2", *QUIET, f"run.dir={run_dir}"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120, preexec_fn=lambda: os.sched_setaffinity(0, usable[:2]))
+    assert p.returncode == 0, p.stderr[-2000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: 1 CPU thread(s)" in (run_dir / "logs" / f"rank-{rank}.log").read_text()
