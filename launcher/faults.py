@@ -13,7 +13,7 @@ import os
 import signal
 from typing import Iterator, Optional
 
-from .config import UserError
+from .config import ConfigError, UserError
 
 # errno -> what the user can do about it
 _IO_ADVICE = {
@@ -46,6 +46,22 @@ def io_error(e: BaseException, where: str = "") -> Optional[UserError]:
             name = errno.errorcode.get(cause.errno, str(cause.errno))
             return UserError(f"{path}: {os.strerror(cause.errno)} ({name}); valid: {_IO_ADVICE[cause.errno]}")
     return None
+
+
+def run_dir_error(e: OSError, run_dir: object, path: str = "") -> UserError:
+    """A run dir that cannot be created or written: by its cause where the user can fix that
+    (io_error), else as the run.dir it is."""
+    return io_error(e, path) or ConfigError("run.dir", str(run_dir), f"cannot be written ({e.strerror or e})",
+                                            "a directory this user can create and write")
+
+
+# what a rank says when it only lost its peer: the consequence of another rank's end, not its cause
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crashing",
+             "remote process exited", "ncclRemoteError")
+
+
+def lost_peer(traceback: str) -> bool:
+    return any(s in traceback for s in LOST_PEER)
 
 
 class Interrupted(KeyboardInterrupt):

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ConfigError, UserError
-from .faults import io_error
+from .config import UserError
+from .faults import io_error, run_dir_error
 
 log = logging.getLogger("launcher")
 LOCK_FILE = ".lock"
@@ -94,9 +94,7 @@ class RunLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
             if e.errno != errno.EROFS:
-                raise io_error(e, str(path)) or ConfigError("run.dir", str(run_dir), f"cannot be written "
-                                                            f"({e.strerror or e})", "a directory this user can "
-                                                            "create and write") from None
+                raise run_dir_error(e, run_dir, str(path)) from None
             # nobody can write a read-only run dir, so there is nothing to own; a run that needs to
             # write fails at its first write, naming the cause
             return cls(path, None)

@@ -21,7 +21,7 @@ from . import dist as D
 from . import drift
 from .checkpoint import format as F
 from .config import ConfigError, UserError
-from .faults import io_error
+from .faults import run_dir_error
 from .lock import RunLock, held_by_parent
 
 RUN_FILE = "run.json"
@@ -70,8 +70,7 @@ def prepare(run_dir: Path, run_id: str, config: dict[str, Any] | None) -> str:
             # 0600: the config holds the launcher's setup lines and whatever the recipe passes
             _atomic_write(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False), mode=0o600)
     except OSError as e:
-        raise io_error(e) or ConfigError("run.dir", str(run_dir), f"cannot be written ({e.strerror or e})",
-                                         "a directory this user can create and write") from None
+        raise run_dir_error(e, run_dir) from None
     with contextlib.suppress(OSError):  # one an earlier launcher wrote 0644 (read-only fs: left as it is)
         if (run_dir / CONFIG_FILE).stat().st_mode & 0o077:
             os.chmod(run_dir / CONFIG_FILE, 0o600)
@@ -173,11 +172,11 @@ def _on_rank_0(d: D.Dist, fn: Callable[[], Any]) -> Any:
             error = str(e)
         except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
             bug, error = e, f"rank 0 failed: {type(e).__name__}: {e}"
-    result, error = D.broadcast_object((result, error))
+    result, error, is_bug = D.broadcast_object((result, error, bug is not None))
     if bug is not None:
         raise bug
     if error:
-        raise UserError(error) if not error.startswith("rank 0 failed: ") else RuntimeError(error)
+        raise RuntimeError(error) if is_bug else UserError(error)
     return result
 
 

@@ -341,6 +341,7 @@ class Trainer(Outputs):
         """A requeue: checkpoint and leave together. The end: last checkpoint, model.pt, plots, W&B."""
         p, ckpt, d = self.progress, self.ckpt, self.dist
         assert ckpt is not None and d is not None
+        trained = p.step != self.start_step  # a finished run asked again writes nothing
         self.bar.close()
         if self.preempted:  # mid-epoch: no epoch row; the requeued job finishes this epoch
             if ckpt.last_saved_step != p.step:
@@ -353,8 +354,7 @@ class Trainer(Outputs):
             if ckpt.cfg.enabled and ckpt.last_saved_step != p.step:
                 self._save(None)
             ckpt.wait()
-            trained = p.step != self.start_step  # a finished run asked again writes nothing
             weights = S.full_weights(self.model, self.parts.sharded, d.is_main)  # type: ignore
             if weights is not None and (trained or not (self.run_dir / "model.pt").exists()):
                 F.save_atomic(weights, self.run_dir / "model.pt")  # a kill mid-write must not leave half of it
-        self.logger.finish(p.history, plots=p.step != self.start_step)
+        self.logger.finish(p.history, plots=trained)

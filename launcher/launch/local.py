@@ -128,16 +128,12 @@ def _rdzv_id(cfg: C.Config) -> str:
     return "launcher-" + hashlib.sha256(f"{cfg.run.dir}|{cfg.launcher.rdzv_endpoint}".encode()).hexdigest()[:12]
 
 
-# what a rank says when it only lost its peer: the consequence of a failure, not its cause
-_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
-
-
 def _root_cause(error: Any) -> tuple[int, Any]:
     """The failed rank to report: the earliest whose error is not just a lost peer. The agent may
     have recorded only the rank that lost its peer (it noticed that exit first): then the other
     ranks' error files of the same attempt are read too."""
     failures = sorted(error.failures.items(), key=lambda kv: kv[1].timestamp)
-    causes = [(r, f) for r, f in failures if not any(s in _traceback(f) for s in _SECONDARY)]
+    causes = [(r, f) for r, f in failures if not faults.lost_peer(_traceback(f))]
     if causes:
         return causes[0]
     rank, first = failures[0]
@@ -148,7 +144,7 @@ def _root_cause(error: Any) -> tuple[int, Any]:
         except (OSError, ValueError):
             continue
         other = _FileFailure(data, first.exitcode)
-        if not any(s in _traceback(other) for s in _SECONDARY):
+        if not faults.lost_peer(_traceback(other)):
             return int(path.parent.name), other  # the folder is the local rank
     return rank, first
 

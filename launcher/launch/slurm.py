@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as C
+from .. import faults
 from .. import worker
 
 log = logging.getLogger("launcher")
@@ -239,9 +240,6 @@ def report(cfgs: list[C.Config], jobs: list[Any]) -> None:
 # srun's line for each task that ended badly, in the order srun learned of it, in the batch
 # script's stderr: "srun: error: n1: task 1: Killed", "srun: error: n2: tasks 0-3: Exited with exit code 1"
 _TASK_END = re.compile(r"(?m)^srun: error: (\S+): tasks? ([\d,-]+): (.+?)\s*$")
-# what a rank says when it only lost its peer: the consequence of another rank's end, not its cause
-_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crashing",
-              "remote process exited", "ncclRemoteError")
 _SIGNALS = {signal.strsignal(s): s for s in signal.Signals if signal.strsignal(s)}  # "Killed" -> SIGKILL
 
 
@@ -288,7 +286,7 @@ def failure_report(folder: Path, job_id: str, fallback: str) -> str:
     nonzero), skipping ranks that only lost their connection to it; then the tracebacks that are
     not such consequences."""
     tracebacks = _rank_tracebacks(folder, job_id)
-    secondary = {r for r, _, tb in tracebacks if any(s in tb for s in _SECONDARY)}
+    secondary = {r for r, _, tb in tracebacks if faults.lost_peer(tb)}
     ends = [(r, node, how) for ranks, node, how in _task_ends(folder, job_id) for r in ranks]
     cause = next((e for e in ends if e[0] not in secondary), ends[0] if ends else None)
     shown = [t for t in tracebacks if t[0] not in secondary] or (tracebacks if cause is None else [])
