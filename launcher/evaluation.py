@@ -12,6 +12,7 @@ from .data import Batches, batch_size_of, to_device
 from .dist import Dist, all_gather_object
 from .metrics import Accumulator
 from .precision import Precision
+from .strategy import eager_if_odd
 from .summary import inference
 
 
@@ -29,15 +30,18 @@ def forward_all(model: nn.Module, batches: Batches, device: torch.device, prec: 
         for batch in batches.epoch(0):
             batch = to_device(batch, device)
             first = batch if first is None else first
-            yield batch, _forward(model, batch, prec), True
+            yield batch, _forward(model, batch, prec, batches.batch_size), True
         for _ in range(most - own):
             first = first if first is not None else to_device(batches.head(), device)
-            _forward(model, first, prec)
+            _forward(model, first, prec, batches.batch_size)
 
 
-def _forward(model: nn.Module, batch: Any, prec: Precision) -> Any:
+def _forward(model: nn.Module, batch: Any, prec: Precision, full: int) -> Any:
+    """A compiled model compiles once more for inference (grad mode is part of its guards) and runs
+    the last, shorter batch eagerly (strategy.eager_if_odd)."""
     x = batch[0] if isinstance(batch, (list, tuple)) else batch
-    with prec.autocast():
+    n = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else full
+    with prec.autocast(), eager_if_odd(model, n, full):
         return model(prec.prepare_input(x))
 
 

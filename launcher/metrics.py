@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -15,6 +15,8 @@ class Accumulator:
     def __init__(self, metrics: dict[str, Any], device: torch.device) -> None:
         self.metrics = {k: m.to(device) for k, m in metrics.items()}
         self.device = device
+        self._lagged: Optional[float] = None  # running_loss_lagged()'s last value and its copy in flight
+        self._copy: Optional[tuple[torch.Tensor, Any]] = None
         self.reset()
 
     def reset(self) -> None:
@@ -30,8 +32,25 @@ class Accumulator:
             m.update(outputs, targets)
 
     def running_loss(self) -> float:
-        """This rank's mean loss so far (one host sync; for the progress bar)."""
+        """This rank's mean loss so far (one host sync: for the per-step logs)."""
         return (self.loss_sum / max(self.count, 1)).item()
+
+    def running_loss_lagged(self) -> Optional[float]:
+        """This rank's mean loss without waiting for the device (the progress bar's): on a GPU, the
+        value copied back by the previous call once that copy is done (None before the first);
+        elsewhere the value itself. A copy still in flight is left to finish, never waited on."""
+        if self.device.type != "cuda":
+            return self.running_loss()
+        if self._copy is not None and self._copy[1].query():
+            self._lagged = float(self._copy[0])  # the pinned host tensor is complete: no sync
+            self._copy = None
+        if self._copy is None:
+            host = torch.empty((), dtype=torch.float64, pin_memory=True)
+            host.copy_(self.loss_sum / max(self.count, 1), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._copy = (host, done)
+        return self._lagged
 
     def compute(self, prefix: str) -> dict[str, float]:
         """Mean loss and metrics over every rank's samples (collective: all ranks must call)."""

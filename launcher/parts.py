@@ -6,6 +6,7 @@ the Stepper and the throughput meter. Built once per fit; the Trainer owns the r
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -62,6 +63,21 @@ def _called(key: str, make: Callable, arg: Any) -> Any:
         raise UserError(f"{key} ({name}): {one_line(e)}") from e
 
 
+def _fused(make: Any, params: list[nn.Parameter], device: torch.device) -> Optional[torch.optim.Optimizer]:
+    """The recipe's optimizer built with fused=True where its class has a fused kernel for this
+    device and the recipe chose no implementation (fused or foreach) itself: one kernel per step
+    instead of several, and it can skip a non-finite step on the device (launcher/guard.py)."""
+    func, keywords = getattr(make, "func", None), getattr(make, "keywords", None)
+    if not isinstance(func, type) or not issubclass(func, torch.optim.Optimizer) or keywords is None:
+        return None  # not a partial of an optimizer class: the user's own factory decides
+    if "fused" in keywords or "foreach" in keywords or device.type not in ("cuda", "cpu"):
+        return None
+    try:
+        return make(params, fused=True) if "fused" in inspect.signature(func).parameters else None
+    except Exception:  # noqa: BLE001 - e.g. a parameter dtype without a fused kernel: the plain one then
+        return None
+
+
 def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Callable, optimizer: Any, train_data: Any,
           val_data: Any, metrics: dict[str, Any], scheduler: Any, batch_size: Optional[int]) -> FitParts:
     if not isinstance(model, nn.Module):
@@ -93,7 +109,8 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Callable, optimi
     # the optimizer must see the parameters as they will be trained: after FSDP sharding
     net = S.wrap(model, strategy, d, t.fsdp_wrap, t.compile, channels_last)
     if not isinstance(optimizer, torch.optim.Optimizer):
-        optimizer = _called("optimizer", optimizer, model.parameters())  # a partial from the recipe
+        fused = _fused(optimizer, list(model.parameters()), d.device) if xla is None else None
+        optimizer = fused or _called("optimizer", optimizer, model.parameters())  # a partial from the recipe
     elif strategy == "fsdp":
         raise UserError("trainer.strategy=fsdp needs the optimizer as a callable taking the parameters "
                          "(e.g. functools.partial(torch.optim.AdamW, lr=1e-3)): FSDP replaces them")
@@ -105,8 +122,8 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Callable, optimi
     train_acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
     val_acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
     on_device = train.tensors is not None and all(x.device == d.device for x in train.tensors)
-    stepper = Stepper(t, net, [p for p in model.parameters() if p.requires_grad], loss_fn, optimizer, prec,
-                      strategy, d, train_acc, on_device, channels_last, xla)
+    stepper = Stepper(t, model, net, loss_fn, optimizer, prec, strategy, d, train_acc, on_device, channels_last,
+                      train.batch_size, xla)
     speed = Speed.of(model, samples_per_step=train.batch_size * t.accumulate_grad_batches * d.world_size,
                      world_size=d.world_size, device=d.device, peak_tflops=t.peak_tflops)
     log.info(chosen)  # printed once all is built: a user's error above stays the run's only line

@@ -1,7 +1,7 @@
 """Rank-0 progress bar and throughput (samples/s; tokens/s and MFU when the model says its size).
 
-The bar reads the loss (a device->host sync) only every `refresh_s` seconds, so steps stay free
-of syncs. A model may carry `tokens_per_sample` and `flops_per_sample` (training FLOPs, forward +
+The bar refreshes every `refresh_s` seconds and never waits for the device: it shows the loss as
+last copied back without blocking (a refresh or so old on a GPU) and the recent rate (Speed). A model may carry `tokens_per_sample` and `flops_per_sample` (training FLOPs, forward +
 backward) attributes; with a peak FLOP/s for the device (trainer.peak_tflops, or the GPU table
 below) the bar and the logs show MFU, the fraction of that peak the run achieves.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections import deque
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -22,11 +23,23 @@ GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "
 
 
 class Speed:
+    """Training throughput of one epoch, in training seconds (validation and checkpoints inside the
+    epoch are paused out). Two rates, both from host timestamps of the steps (no device sync: the
+    host runs at most a bounded queue ahead of the device, so over seconds the rates agree):
+
+    * recent(): the last ~WINDOW_S seconds: what the bar, the per-step logs and W&B show now;
+    * end_epoch(): the epoch's steady rate, after its first warm-up steps (compilation, cudnn
+      autotuning and the allocator's growth land there, and would drag an average since step 0).
+    """
+
+    WINDOW_S = 5.0  # the bar's and the logs' recent window
+    MARK_S = 0.25  # one mark per this many seconds keeps the window's bookkeeping O(1) per step
+
     def __init__(self, samples_per_step: int, tokens_per_sample: Optional[int], flops_per_sample: Optional[float],
                  peak_flops: float) -> None:
         self.samples_per_step, self.tokens_per_sample = samples_per_step, tokens_per_sample
         self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
-        self.t0, self.step0, self.excluded = time.perf_counter(), 0, 0.0
+        self.start_epoch(0, 0)
 
     @classmethod
     def of(cls, model: torch.nn.Module, samples_per_step: int, world_size: int, device: torch.device,
@@ -37,8 +50,28 @@ class Speed:
         return cls(samples_per_step, getattr(model, "tokens_per_sample", None),
                    getattr(model, "flops_per_sample", None), peak_tflops * 1e12 * world_size)
 
-    def start_epoch(self, step: int) -> None:
+    def start_epoch(self, step: int, steps: int) -> None:
+        """An epoch (or the rest of one) of `steps` optimizer steps begins after `step`."""
         self.t0, self.step0, self.excluded = time.perf_counter(), step, 0.0
+        self.warm_at = step + max(1, min(50, steps // 10))  # the warm-up: 10% of the epoch, 1 to 50 steps
+        self.warm: Optional[tuple[float, int]] = None
+        self.marks: deque[tuple[float, int]] = deque([(0.0, step)])
+        self.step = step
+
+    def clock(self) -> float:
+        """Training seconds since the epoch began."""
+        return time.perf_counter() - self.t0 - self.excluded
+
+    def tick(self, step: int) -> None:
+        """Optimizer step `step` is done (queued, on an asynchronous device)."""
+        self.step = step
+        c = self.clock()
+        if self.warm is None and step >= self.warm_at:
+            self.warm = (c, step)
+        if c - self.marks[-1][0] >= self.MARK_S:
+            self.marks.append((c, step))
+            while len(self.marks) > 2 and c - self.marks[1][0] >= self.WINDOW_S:
+                self.marks.popleft()
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -57,9 +90,18 @@ class Speed:
             out["mfu"] = out["samples_per_s"] * self.flops_per_sample / self.peak_flops
         return out
 
+    def _since(self, mark: tuple[float, int]) -> dict[str, float]:
+        seconds = self.clock() - mark[0]
+        return self.rates((self.step - mark[1]) / seconds) if self.step > mark[1] and seconds > 0 else {}
+
+    def recent(self) -> dict[str, float]:
+        """The rate over the last ~WINDOW_S seconds of training."""
+        return self._since(self.marks[0])
+
     def end_epoch(self, step: int) -> dict[str, float]:
-        seconds = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
-        return self.rates((step - self.step0) / seconds) if step > self.step0 else {}
+        """The epoch's steady rate: from the end of its warm-up (from its start when it was too short)."""
+        self.step = step
+        return self._since(self.warm if self.warm is not None and self.warm[1] < step else (0.0, self.step0))
 
     @staticmethod
     def describe(rates: dict[str, float]) -> str:
@@ -72,7 +114,7 @@ class Speed:
 
 
 class Progress:
-    """tqdm bar per epoch; the loss (a device->host sync) is read only every `refresh_s` seconds."""
+    """tqdm bar per epoch, refreshed every `refresh_s` seconds without a device->host sync."""
 
     def __init__(self, enabled: bool, refresh_s: float, speed: Optional[Speed] = None) -> None:
         self.enabled, self.refresh_s, self.speed = enabled, refresh_s, speed
@@ -83,21 +125,23 @@ class Progress:
             return
         self.bar = tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True,
                         mininterval=self.refresh_s, leave=True, unit="step")
-        self.t0, self.n0, self.pending = time.perf_counter(), 0, 0
-        self.next_refresh = self.t0 + self.refresh_s
+        self.pending = 0
+        self.next_refresh = time.perf_counter() + self.refresh_s
 
-    def update(self, loss: Callable[[], float]) -> None:
+    def update(self, loss: Callable[[], Optional[float]]) -> None:
+        """One step done; `loss` gives the running loss without waiting (None: not known yet)."""
         if self.bar is None:
             return
         self.pending += 1
         now = time.perf_counter()
         if now >= self.next_refresh:
             self.bar.update(self.pending)
-            self.n0 += self.pending
             self.pending = 0
-            text = f"loss={loss():.4g}"
-            if self.speed is not None:
-                text += ", " + Speed.describe(self.speed.rates(self.n0 / max(now - self.t0, 1e-9)))
+            value = loss()
+            text = f"loss={value:.4g}" if value is not None else ""
+            rates = self.speed.recent() if self.speed is not None else {}
+            if rates:
+                text += (", " if text else "") + Speed.describe(rates)
             self.bar.set_postfix_str(text, refresh=True)
             self.next_refresh = now + self.refresh_s
 

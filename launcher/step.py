@@ -1,16 +1,15 @@
 """One optimizer step: the micro-batches' forward and backward, then unscale, clip, guard, step.
 
 Gradients are all-reduced only on the last micro-batch of an accumulation group. The path holds
-no host sync except the non-finite guard's one flag (trainer.nonfinite=off removes it). The Stepper
+no host sync (the non-finite guard's with a fused optimizer included: launcher/guard.py). The Stepper
 holds the step's tools, not the loop's state: the Trainer tells it where it is.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -18,7 +17,8 @@ from torch import nn
 from . import strategy as S
 from .config import Strategy, TrainerConfig
 from .data import batch_size_of, to_device
-from .dist import Dist, all_gather_object
+from .dist import Dist
+from .guard import Guard
 from .metrics import Accumulator
 from .precision import Precision
 
@@ -26,16 +26,20 @@ log = logging.getLogger("launcher")
 
 
 class Stepper:
-    def __init__(self, t: TrainerConfig, net: nn.Module, params: list[nn.Parameter], loss_fn: Callable,
-                 optimizer: torch.optim.Optimizer, prec: Precision, strategy: Strategy, d: Dist,
-                 acc: Accumulator, data_on_device: bool, channels_last: bool, xla: Any = None) -> None:
-        self.t, self.net, self.params, self.loss_fn, self.opt = t, net, params, loss_fn, optimizer
+    def __init__(self, t: TrainerConfig, model: nn.Module, net: nn.Module, loss_fn: Callable,
+                 optimizer: torch.optim.Optimizer, prec: Precision, strategy: Strategy, d: Dist, acc: Accumulator,
+                 data_on_device: bool, channels_last: bool, full_batch: int, xla: Any = None) -> None:
+        self.t, self.model, self.net, self.loss_fn, self.opt = t, model, net, loss_fn, optimizer
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.full_batch = full_batch  # a compiled model runs other batch sizes eagerly (strategy.eager_if_odd)
         self.prec, self.strategy, self.d, self.acc, self.xla = prec, strategy, d, acc, xla
         # in-memory tensors already where the model is: no per-step device check (the fast path)
         self.data_on_device = data_on_device
         self.channels_last = channels_last
-        self.skipped_steps = 0
         self.first_step_logged = False
+        # its reads come every log_every_n_steps (at most 100), where the loss is read for the logs anyway
+        self.guard = Guard(t.nonfinite, optimizer, self.params, strategy, d.device,
+                           every=min(t.log_every_n_steps or 50, 100))
 
     def micro(self, batch: Any, last: bool, group: int) -> torch.Tensor:
         """Forward and backward of one micro-batch of a `group`; gradients sync on the `last`."""
@@ -43,7 +47,8 @@ class Stepper:
         x = self.prec.prepare_input(x)
         if self.channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with S.no_sync(self.net, self.strategy, skip=not last):
+        n = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else self.full_batch
+        with S.no_sync(self.net, self.strategy, skip=not last), S.eager_if_odd(self.model, n, self.full_batch):
             with self.prec.autocast():
                 out = self.net(x)
                 loss = self.loss_fn(out, y)
@@ -54,36 +59,33 @@ class Stepper:
         return loss
 
     def step(self, loss: torch.Tensor, step: int) -> bool:
-        """The optimizer step that makes `step`; False when the guard skipped it (nonfinite=skip)."""
+        """The optimizer step that makes `step`; False when the guard skipped it and knows so now
+        (a fused optimizer skips a bad step on the device: the host hears of it a few steps later)."""
         t = self.t
         if self.xla is not None:
             self.xla.reduce_gradients(self.opt)  # global gradients before clipping and the guard
         self.prec.unscale(self.opt)
         norm = S.grad_norm(self.params, t.gradient_clip_val) if t.gradient_clip_val > 0 else None
         # 16-mixed: the GradScaler skips inf/nan steps itself (and lowers its scale)
-        if t.nonfinite != "off" and self.prec.scaler is None:
-            finite = bool(torch.isfinite(norm)) if norm is not None else S.grads_finite(self.params, self.strategy)
-            if not finite:
-                self._nonfinite(loss, norm, step)  # raises unless trainer.nonfinite=skip
-                self.opt.zero_grad(set_to_none=True)
-                return False
+        if t.nonfinite != "off" and self.prec.scaler is None and not self.guard.before_step(loss, norm, step):
+            self.opt.zero_grad(set_to_none=True)
+            return False
         self.prec.step(self.opt)
         if self.xla is not None:
             self.xla.mark_step()  # cut and run the step's lazy graph
         self.opt.zero_grad(set_to_none=True)
+        if t.nonfinite != "off" and self.prec.scaler is None:
+            self.guard.after_step(step)
         if not self.first_step_logged:  # start-up latency: bench/startup.py reads this line
             self.first_step_logged = True
             log.info("first optimizer step done at unix time %.3f", time.time(), extra={"file_only": True})
         return True
 
-    def _nonfinite(self, loss: torch.Tensor, norm: Optional[torch.Tensor], step: int) -> None:
-        """Name the step and the rank(s) whose loss went bad (the norm is global: all ranks get here)."""
-        losses = all_gather_object(float(loss.detach().float()))
-        bad = [r for r, v in enumerate(losses) if not math.isfinite(v)]
-        where = f"rank(s) {bad} (loss {[losses[r] for r in bad]})" if bad else \
-            f"every rank's loss is finite, not every gradient{f' (norm {float(norm)})' if norm is not None else ''}"
-        msg = f"non-finite loss or gradient norm at step {step}: {where}"
-        if self.t.nonfinite == "error":
-            raise FloatingPointError(f"{msg}; the optimizer did not step (trainer.nonfinite=skip skips such steps)")
-        self.skipped_steps += 1
-        log.warning("%s; step skipped (%d so far)", msg, self.skipped_steps)
+    def check(self) -> None:
+        """Hear now of bad steps the device skipped (before a checkpoint, at an epoch's end, at the
+        end): raises for trainer.nonfinite=error. Every rank calls it at the same step."""
+        self.guard.read()
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.guard.skipped

@@ -141,19 +141,20 @@ def grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
 
-def grads_finite(params: list[nn.Parameter], strategy: Strategy) -> bool:
-    """Are all gradients finite, decided alike on every rank (one host sync).
+def eager_if_odd(model: nn.Module, batch: int, full: int) -> ContextManager:
+    """A model compiled in place (trainer.compile) runs a batch of another size than its full one
+    (the epoch's last, shorter batch) eagerly: compiling it would cost a recompile, and the graph
+    dynamo then makes for a dynamic batch size would serve every later full batch too, slower."""
+    compiled = getattr(model, "_compiled_call_impl", None)
+    if compiled is None or batch == full:
+        return contextlib.nullcontext()
+    return _without_compiled(model, compiled)
 
-    DDP/one rank: the gradients are the same on every rank after the all-reduce, so the fused
-    elementwise check GradScaler uses (one kernel; ~1 us for a small model against ~18 us for a
-    norm) decides alike everywhere. FSDP: each rank holds a different shard, so the global norm.
-    """
-    if strategy == "fsdp":
-        return bool(torch.isfinite(grad_norm(params, 0.0)))
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    found = torch.zeros(1, device=grads[0].device)
-    # multiplies by 1.0 in place (bitwise a no-op) while looking for inf/nan in every element
-    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=grads[0].device))
-    return not bool(found)
+
+@contextlib.contextmanager
+def _without_compiled(model: nn.Module, compiled: Any):
+    model._compiled_call_impl = None  # nn.Module.__call__ falls back to the eager forward
+    try:
+        yield
+    finally:
+        model._compiled_call_impl = compiled

@@ -17,7 +17,6 @@ import socket
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import torch
 from torch import nn
 
 from . import config as C
@@ -27,7 +26,7 @@ from . import run as R
 from . import strategy as S
 from .checkpoint import format as F
 from .checkpoint.manager import CheckpointManager
-from .evaluation import evaluate
+from .epochs import EpochEnd
 from .outputs import Outputs
 from .loggers import NullLogger, open_logger, setup_logging
 from .progress import Progress
@@ -41,7 +40,7 @@ from .xla import init as xla_init
 log = logging.getLogger("launcher")
 
 
-class Trainer(Outputs):
+class Trainer(EpochEnd, Outputs):
     summary = staticmethod(print_summary)  # Trainer.summary(model, example_input): the Keras-style table
     def __init__(self, config: Optional[C.Config] = None, *, dist: Optional[D.Dist] = None,
                  stop: Optional[Any] = None, **kwargs: Any) -> None:
@@ -227,7 +226,8 @@ class Trainer(Outputs):
         p.step += 1
         if stepped and self.parts.scheduler is not None and t.scheduler_interval == "step":
             self.parts.scheduler.step()
-        self.bar.update(self.parts.train_acc.running_loss)
+        self.parts.speed.tick(p.step)
+        self.bar.update(self.parts.train_acc.running_loss_lagged)
         self.heartbeat.beat(p.step)
 
     def _start_epoch(self) -> None:
@@ -236,7 +236,7 @@ class Trainer(Outputs):
         left = math.ceil(len(self.parts.train) / t.accumulate_grad_batches) - done
         total = done + (left if t.max_steps < 0 else min(left, t.max_steps - p.step))
         self.bar.start(f"epoch {p.epoch + 1}/{t.max_epochs}", total, done)
-        self.parts.speed.start_epoch(p.step)
+        self.parts.speed.start_epoch(p.step, total - done)
         batches: Any = self.parts.train.epoch(p.epoch, start=p.batch_in_epoch)
         if self.parts.xla is not None:
             batches = self.parts.xla.loader(batches, self.dist.device)  # type: ignore[union-attr]
@@ -254,7 +254,8 @@ class Trainer(Outputs):
         mid_epoch = not (self._epoch_done() or self._ends_at(p.epoch))
         if t.log_every_n_steps and p.step % t.log_every_n_steps == 0:
             self.logger.log_step(p.step, {"train_loss_step": self.parts.train_acc.running_loss(),
-                                          "lr": self.parts.optimizer.param_groups[0]["lr"]})
+                                          "lr": self.parts.optimizer.param_groups[0]["lr"],
+                                          **self.parts.speed.recent()})  # the rate now, not the average
         if t.val_every_n_steps and p.step % t.val_every_n_steps == 0 and mid_epoch and self.parts.val is not None:
             with self.parts.speed.paused():
                 values = self._validate()
@@ -270,78 +271,12 @@ class Trainer(Outputs):
         if self.stop is not None and self.stop.agreed(p.step) and not self._ends_at(p.epoch + (not mid_epoch)):
             self.preempted = True
 
-    def _save(self, score: Optional[float]) -> None:
-        self.ckpt.save(self.progress.step, self.progress.epoch, score)  # type: ignore[union-attr]
-
-    def _validate(self) -> dict[str, float]:
-        fp = self.parts
-        return evaluate(fp.model, fp.loss_fn, fp.val, fp.val_acc, self.dist.device, fp.prec,  # type: ignore
-                        lockstep=fp.sharded)
-
-    def _monitor(self, values: dict[str, float]) -> Optional[float]:
-        """Feed the monitored value (if present) to early stopping; returns it."""
-        t = self.cfg.trainer
-        value = values.get(t.monitor)
-        if value is None or not isinstance(value, float):
-            return None
-        if self.stopper.update(value):
-            log.info("early stopping: %s did not improve for %d validations (best %.6g)",
-                     t.monitor, self.stopper.wait, self.stopper.best)
-            self.progress.stopped_early = True
-        return value
-
-    def _end_epoch(self) -> None:
-        """Sync the epoch's metrics, validate, log, step schedulers and early stopping, maybe save.
-
-        A run that ends inside an epoch (max_steps) reports it too (a row for the part trained), but
-        the epoch stays open: its position, running metrics and the loop's state are checkpointed
-        as they are, and a run continued with a larger limit finishes that very epoch, bitwise as
-        if never stopped (the partial row is then replaced by the whole epoch's)."""
-        p, t = self.progress, self.cfg.trainer
-        partial = not self._epoch_done()
-        speed = self.parts.speed.end_epoch(p.step)
-        row: dict[str, Any] = {"epoch": p.epoch + 1, "step": p.step, "lr": self.parts.optimizer.param_groups[0]["lr"]}
-        row.update(self.parts.train_acc.compute("train"))
-        if self.parts.val is not None and ((p.epoch + 1) % t.val_every_n_epochs == 0 or self._ends_at(p.epoch + 1)):
-            row.update(self._validate())
-        # a partial epoch's validation reaches neither early stopping nor the scheduler (their state
-        # would differ from a run that never stopped there); it may still rank the checkpoint
-        score = (row.get(t.monitor) if partial else self._monitor(row)) if t.monitor in row else None
-        if self.parts.scheduler is not None and t.scheduler_interval == "epoch" and not partial:
-            if isinstance(self.parts.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                if score is not None:
-                    self.parts.scheduler.step(score)
-            else:
-                self.parts.scheduler.step()
-        if p.history and p.history[-1]["epoch"] == row["epoch"]:
-            p.history[-1] = row  # this epoch's partial row, from the run that stopped inside it
-        else:
-            p.history.append(row)
-        self.logger.log_epoch(p.history)
-        self.logger.log_step(p.step, speed)  # throughput: logs and W&B, not the (deterministic) history
-        if self.dist.is_main:  # type: ignore[union-attr]
-            text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in {**row, **speed}.items() if k != "epoch")
-            log.info("epoch %d%s: %s", row["epoch"], " (so far)" if partial else "", text,
-                     extra={"file_only": t.progress})
-        self._epoch = None
-        score = score if isinstance(score, float) and not math.isnan(score) else None
-        if partial:  # the run ends here: its checkpoint is this exact position
-            if self.ckpt.cfg.enabled:  # type: ignore[union-attr]
-                self._save(score)
-        else:
-            p.epoch += 1
-            p.batch_in_epoch = 0
-            self.parts.train_acc.reset()
-            if self.ckpt.due_epoch(p.epoch) or self.ckpt.due_step(p.step):  # type: ignore[union-attr]
-                self._save(score)
-        self.bar.close({**row, **speed})
-
     def _teardown(self) -> None:
         """A requeue: checkpoint and leave together. The end: last checkpoint, model.pt, plots, W&B."""
         p, ckpt, d = self.progress, self.ckpt, self.dist
         assert ckpt is not None and d is not None
         trained = p.step != self.start_step  # a finished run asked again writes nothing
+        self.parts.stepper.check()  # type: ignore[union-attr]  # no bad step unheard of in the last weights
         self.bar.close()
         if self.preempted:  # mid-epoch: no epoch row; the requeued job finishes this epoch
             if ckpt.last_saved_step != p.step:
@@ -354,7 +289,13 @@ class Trainer(Outputs):
             if ckpt.cfg.enabled and ckpt.last_saved_step != p.step:
                 self._save(None)
             ckpt.wait()
-            weights = S.full_weights(self.model, self.parts.sharded, d.is_main)  # type: ignore
-            if weights is not None and (trained or not (self.run_dir / "model.pt").exists()):
-                F.save_atomic(weights, self.run_dir / "model.pt")  # a kill mid-write must not leave half of it
+            dest = self.run_dir / "model.pt"
+            # the last checkpoint's model.pt holds these very weights: a hard link, no second
+            # serialisation (False where there is none: sharded, checkpoints off, another filesystem)
+            if not ((trained or not dest.exists()) and ckpt.publish_weights(dest)):
+                # every rank gets here alike under FSDP, where full_weights is a collective
+                weights = S.full_weights(self.model, self.parts.sharded, d.is_main)  # type: ignore
+                if weights is not None and (trained or not dest.exists()):
+                    F.save_atomic(weights, dest)  # a kill mid-write must not leave half of it
+        ckpt.close()  # the async saves' host buffers (pinned on a GPU) go back
         self.logger.finish(p.history, plots=trained)

@@ -20,7 +20,7 @@ from conftest import QUIET, cli_env, mnist_small, run_cli, wait_for_file
 # name -> (ranks, optimizer steps per epoch, overrides besides the run dir)
 CASES = {
     "1-rank": (1, 20, []),  # MNIST: 2560 samples, batch 128 per rank, Dropout2d
-    "2-ranks": (2, 10, []),
+    # 2 DDP ranks (no separate plain case: this one's every step is the plain one's plus no_sync)
     "2-ranks-accumulate-2": (2, 5, ["trainer.accumulate_grad_batches=2"]),
     # FSDP at the same world size: charlm, 40k characters -> 9 steps per epoch on 2 ranks
     "2-ranks-fsdp": (2, 9, ["recipe=charlm", "data.n_chars=40000", "trainer.max_steps=-1", "trainer.strategy=fsdp",
