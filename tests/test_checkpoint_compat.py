@@ -83,3 +83,22 @@ def test_a_format_1_checkpoint_from_before_the_grad_scaler_entry_loads(tmp_path:
     p = run_cli([*LINREG, f"resume={old}", f"run.dir={tmp_path / 'r'}"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stderr and [r["step"] for r in _rows(tmp_path / "r")] == ["14"]
+
+
+def test_export_model_reads_format_1_and_format_2(tmp_path: Path) -> None:
+    """Format 2 keeps the model's weights in their own model.pt; export (and load) read both."""
+    from launcher.checkpoint import format as F
+
+    sd = torch.load(V1 / "state.pt", weights_only=True)
+    exported = torch.load(F.export_model(V1, tmp_path / "v1.pt"), weights_only=True)
+    assert exported.keys() == sd["model"].keys() and all(torch.equal(exported[k], sd["model"][k]) for k in exported)
+    v2 = F.write(tmp_path / "v2" / "step-0000010", sd, {k: v for k, v in json.loads((V1 / "manifest.json").read_text())
+                                                        .items() if k not in ("files", "written_at", "format")})
+    manifest = json.loads((v2 / "manifest.json").read_text())
+    assert manifest["format"] == 2 and sorted(manifest["files"]) == ["model.pt", "state.pt"]
+    again = torch.load(F.export_model(v2, tmp_path / "v2.pt"), weights_only=True)
+    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in again)
+    loaded = F.load(v2)
+    assert loaded.keys() == sd.keys() and all(torch.equal(loaded["model"][k], sd["model"][k]) for k in sd["model"])
+    sharded = torch.load(F.export_model(V1_FSDP, tmp_path / "fsdp.pt"), weights_only=True)
+    assert sharded and not any(k.startswith("model.") for k in sharded)

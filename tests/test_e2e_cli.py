@@ -39,8 +39,9 @@ def _check_run_dir(run_dir: Path, epochs: int) -> list[dict[str, str]]:
     assert state["run_id"] == run_id and len(state["ranks"]) == 2
     final = torch.load(run_dir / "model.pt", weights_only=True)
     assert all(not k.startswith("module.") for k in final), "model.pt holds the bare model's weights"
-    for k, v in final.items():
-        assert torch.equal(v, state["model"][k])
+    weights = torch.load(last / "model.pt", weights_only=True)  # format 2: the weights in their own file
+    assert set(final) == set(weights) and all(torch.equal(v, weights[k]) for k, v in final.items())
+    assert (run_dir / "model.pt").stat().st_ino == (last / "model.pt").stat().st_ino, "a hard link, not a 2nd save"
     return rows
 
 

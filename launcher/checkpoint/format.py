@@ -6,9 +6,15 @@ folder named step-* with a manifest whose sizes and hashes match is complete; an
 crash mid-save, a truncated copy) is reported by name and passed over for the previous complete
 one. Loading uses torch.load(weights_only=True): a checkpoint cannot run code.
 
-Layout of format 1 (unchanged since the first release, so every checkpoint ever written loads):
-state.pt holds one entry per registered Stateful part plus run_id and config; under FSDP the
-model and optimizer entries are torch.distributed.checkpoint shards in sharded/ instead.
+Layout. Format 2 (written now): model.pt holds the "model" entry, the bare model's state_dict,
+the very object the run's final model.pt holds, so that file can be a hard link to the newest
+checkpoint's rather than a second serialisation of the same weights (manager.publish_weights);
+state.pt holds every other entry (one per registered Stateful part) plus run_id and config.
+Under FSDP the model and optimizer entries are torch.distributed.checkpoint shards in sharded/
+instead, and there is no model.pt; under XLA (xm.save writes one file) the model stays in
+state.pt. Format 1 (every release before): the same, but the model always inside state.pt.
+Both load (load() puts model.pt back as the "model" entry); every file, model.pt and the shards
+included, is listed with its size and sha256 in the manifest.
 This module knows files, not training: what the entries mean is the manager's callers' business.
 """
 
@@ -29,10 +35,12 @@ import torch
 
 log = logging.getLogger("launcher")
 STATE = "state.pt"
+WEIGHTS = "model.pt"  # format 2: the state's "model" entry, in a file of its own
+MODEL = "model"
 MANIFEST = "manifest.json"
 SHARDED = "sharded"
-FORMAT = 1  # written into every manifest; a reader refuses (one line) a format it does not know
-READS = (1,)
+FORMAT = 2  # written into every manifest; a reader refuses (one line) a format it does not know
+READS = (1, 2)
 _NAME = re.compile(r"^step-(\d{7,})$")
 
 
@@ -48,7 +56,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -77,7 +85,11 @@ def write(folder: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
 
 
 def write_state(tmp: Path, state: dict[str, Any]) -> None:
-    _save(state, tmp / STATE)
+    """state.pt, and the "model" entry (when there is one) as model.pt beside it."""
+    rest = dict(state)
+    if MODEL in rest:
+        _save(rest.pop(MODEL), tmp / WEIGHTS)
+    _save(rest, tmp / STATE)
 
 
 def _save(obj: Any, path: Path) -> None:
@@ -111,7 +123,7 @@ def commit(tmp: Path, folder: Path, meta: dict[str, Any]) -> Path:
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if folder.exists():  # re-saving the same step (e.g. a final save): swap, never a moment with none
         old = folder.with_name(f".old-{folder.name}-{os.getpid()}")
         os.rename(folder, old)
@@ -119,7 +131,7 @@ def commit(tmp: Path, folder: Path, meta: dict[str, Any]) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, folder)
-    _fsync_dir(folder.parent)
+    fsync_dir(folder.parent)
     return folder
 
 
@@ -183,7 +195,7 @@ def export_model(folder: Path, out: Path) -> Path:
             sd = torch.load(full, weights_only=True)
         model = {k[len("model."):]: v for k, v in _flatten(sd).items() if k.startswith("model.")}
     else:
-        model = load(folder)["model"]
+        model = load_weights(folder, verified=True)  # resolve() has just verified it
     out.parent.mkdir(parents=True, exist_ok=True)
     save_atomic(model, out)
     return out
@@ -205,10 +217,28 @@ def load(folder: Path, map_location: Any = "cpu", verified: bool = False) -> dic
     problem = None if verified else verify(folder)
     if problem:
         raise ValueError(problem)
+    state = _torch_load(folder / STATE, map_location)
+    if (folder / WEIGHTS).is_file():  # format 2: the model's entry has a file of its own
+        state[MODEL] = _torch_load(folder / WEIGHTS, map_location)
+    return state
+
+
+def load_weights(folder: Path, map_location: Any = "cpu", verified: bool = False) -> dict[str, Any]:
+    """The "model" entry of a complete unsharded checkpoint, either format (format 2 reads model.pt
+    alone, not the optimizer's state beside it)."""
+    if not (folder / WEIGHTS).is_file():
+        return load(folder, map_location, verified)[MODEL]
+    problem = None if verified else verify(folder)
+    if problem:
+        raise ValueError(problem)
+    return _torch_load(folder / WEIGHTS, map_location)
+
+
+def _torch_load(path: Path, map_location: Any) -> Any:
     try:
-        return torch.load(folder / STATE, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means this file is unusable
-        raise ValueError(f"{folder / STATE}: cannot be loaded ({_load_problem(e)})") from None
+        raise ValueError(f"{path}: cannot be loaded ({_load_problem(e)})") from None
 
 
 def _load_problem(e: Exception) -> str:

@@ -4,15 +4,18 @@ CheckpointManager saves and restores one dict of Stateful parts (name -> object 
 and load_state_dict()) that the trainer registers once; it knows nothing about the loop. A part
 that also has dcp_state_dict() / load_dcp_state_dict() (the model and the optimizer) is written
 as torch.distributed.checkpoint shards by every rank when the run is sharded (FSDP); everything
-else goes into rank 0's state.pt. Saves are sync or async (checkpoint.async: one in flight, its
-tensors staged first so training may change the live weights at once); either way the commit
-(manifest, rename, links, retention) runs when every byte is written, so a crash mid-save leaves
-the previous checkpoint as the latest complete one.
+else goes into rank 0's state.pt (and model.pt). Saves are sync or async (checkpoint.async: one
+in flight, its tensors staged first into host buffers reused from save to save, staging.py, so
+training may change the live weights at once); either way the commit (manifest, rename, links,
+retention) runs when every byte is written, so a crash mid-save leaves the previous checkpoint as
+the latest complete one. The newest checkpoint's model.pt is also the run's final weights file:
+publish_weights() hard-links it instead of serialising the weights a second time.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -23,6 +26,7 @@ import torch
 from .. import dist as D
 from ..config import CheckpointConfig
 from . import format as F
+from .staging import HostStage, dcp_stager
 
 log = logging.getLogger("launcher")
 
@@ -85,17 +89,6 @@ class Retention:
         self.top = [(float(s), str(n)) for s, n in sd.get("top", [])]
 
 
-def _cpu_copy(obj: Any) -> Any:
-    """A copy that training cannot change under the background writer's feet."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return obj
-
-
 class CheckpointManager:
     """One run's checkpoints: the interval rules, retention, and the save / restore of `states`."""
 
@@ -109,12 +102,17 @@ class CheckpointManager:
         self.last_saved_step = -1
         self.restored_config: Any = None
         self._thread: Optional[threading.Thread] = None
+        self._in_flight = -1  # the step of the async save being written (-1: none)
         self._future: Any = None
         self._error: Optional[BaseException] = None
+        self._host = HostStage()  # rank 0's async copies: allocated at the first save, then reused
+        self._stager: Any = None  # DCP's counterpart for the shards (made at the first sharded save)
+        self._weights: Optional[tuple[int, Path]] = None  # (step, model.pt) of the newest commit
         self._pg: Any = None
-        if sharded and self.async_save and dist.distributed:
-            # DCP's background finish runs collectives; a group of their own keeps them from
-            # interleaving with the training loop's all-reduces.
+        if sharded and self.async_save and torch.distributed.is_initialized():
+            # DCP's background finish runs collectives; a gloo group of their own keeps them from
+            # interleaving with the training loop's all-reduces, and async_save needs a CPU backend
+            # even in a world of one on a GPU (whose default group is nccl alone).
             self._pg = torch.distributed.new_group(backend="gloo")
 
     # ---- when ------------------------------------------------------------------------------------
@@ -142,7 +140,13 @@ class CheckpointManager:
     def save(self, step: int, epoch: int, score: Optional[float]) -> None:
         """A checkpoint of every registered part at `step` (a collective: every rank calls it)."""
         started = time.perf_counter()
-        self.wait()  # the previous save's commit updates the top-k list this one records
+        previous = self._in_flight if self._busy() else -1
+        self.wait()  # the previous save's commit updates the top-k list this one records (and frees the buffers)
+        if previous >= 0:
+            # a checkpoint interval shorter than a write: part of what this save blocks (rank log only,
+            # like the line below that says how long in all)
+            log.info("checkpoint at step %d waited %.3f s for the save of step %d still being written", step,
+                     time.perf_counter() - started, previous, extra={"file_only": True})
         folder = self.dir / F.step_name(step)
         writes = self.d.is_main or self.xla is not None  # xm.save is called by every rank (the master writes)
         state: dict[str, Any] = {}
@@ -163,6 +167,8 @@ class CheckpointManager:
                 "world_size": self.d.world_size, "sharded": self.sharded}
         self._write(folder, state, meta, score, shards, started)
         self.last_saved_step = step
+        if self.async_save:
+            self._in_flight = step
         log.info("checkpoint at step %d: training blocked %.3f s", step, time.perf_counter() - started,
                  extra={"file_only": True})
 
@@ -176,7 +182,7 @@ class CheckpointManager:
 
             D.barrier()  # the staging folder exists before any rank writes into it
             if self.async_save:
-                self._future = dcp.async_save(shards, checkpoint_id=str(tmp / F.SHARDED), process_group=self._pg)
+                self._future = self._dcp_async_save(dcp, shards, str(tmp / F.SHARDED))
             else:
                 dcp.save(shards, checkpoint_id=str(tmp / F.SHARDED))
         if self.xla is not None:
@@ -191,9 +197,18 @@ class CheckpointManager:
             self._finish(tmp, folder, state, meta, score, started)
             return
         self._thread = threading.Thread(target=self._finish_in_background,
-                                        args=(tmp, folder, _cpu_copy(state), meta, score, started),
+                                        args=(tmp, folder, self._host.stage(state), meta, score, started),
                                         name=f"checkpoint-{folder.name}", daemon=True)
         self._thread.start()
+
+    def _dcp_async_save(self, dcp: Any, shards: dict[str, Any], checkpoint_id: str) -> Any:
+        """dcp.async_save through one stager kept for the whole run (its host storages reused)
+        where this torch has one; its plain async_save (fresh host copies) otherwise."""
+        if self._stager is None:
+            self._stager = dcp_stager(on_gpu=self.d.device.type == "cuda") or False
+        extra = {"async_stager": self._stager} if self._stager else {}
+        saved = dcp.async_save(shards, checkpoint_id=checkpoint_id, process_group=self._pg, **extra)
+        return getattr(saved, "upload_completion", saved)  # an AsyncSaveResponse where staging is async
 
     def _finish(self, tmp: Path, folder: Path, state: dict[str, Any], meta: dict[str, Any],
                 score: Optional[float], started: float) -> None:
@@ -206,27 +221,62 @@ class CheckpointManager:
         except BaseException:
             F.remove_tree(tmp)  # nothing half-written stays (a full disk gets its space back)
             raise
+        self._weights = (int(meta["step"]), done / F.WEIGHTS)
         self.retention.committed(done, score)
         log.info("checkpoint %s committed %.3f s after the save began", folder.name, time.perf_counter() - started,
                  extra={"file_only": True})
 
     def _finish_in_background(self, *args: Any) -> None:
         try:
+            self._host.ready()  # the copies queued on the GPU have landed in the host buffers
             self._finish(*args)
         except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by wait()
             self._error = e
+
+    def _busy(self) -> bool:
+        return ((self._thread is not None and self._thread.is_alive())
+                or (self._future is not None and not self._future.done()))
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed; raise what it failed with."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._in_flight = -1
         if self._future is not None:  # ranks > 0 of a sharded async save
             self._future.result()
             self._future = None
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError(f"background checkpoint save failed: {error}") from error
+
+    def close(self) -> None:
+        """Give back the host buffers of async saves (pinned memory is scarce); call after wait()."""
+        self._host = HostStage()
+        if self._stager:
+            self._stager.close()
+        self._stager = None
+
+    def publish_weights(self, dest: Path) -> bool:
+        """Make `dest` (the run's model.pt) the newest save's weights file by a hard link: no second
+        serialisation, and pruning that checkpoint later leaves `dest` whole (the data stays while
+        a link does). Atomic: `dest` is the old file or the new one, never missing or partial.
+        False, with nothing changed, where there is no such file: this rank wrote no checkpoint, the
+        newest is sharded or from before format 2, or links do not work there (another filesystem);
+        the caller then saves the weights itself. Call after wait()."""
+        if self._weights is None or self._weights[0] != self.last_saved_step or not self._weights[1].is_file():
+            return False
+        tmp = dest.with_name(f".{dest.name}.link{os.getpid()}")
+        try:
+            tmp.unlink(missing_ok=True)
+            os.link(self._weights[1], tmp)
+            os.replace(tmp, dest)
+        except OSError as e:  # EXDEV, EPERM, ENOTSUP...: the caller's own save is the fallback
+            tmp.unlink(missing_ok=True)
+            log.info("model.pt: no hard link to %s (%s); saving it instead", self._weights[1], e)
+            return False
+        F.fsync_dir(dest.parent)
+        return True
 
     # ---- restore ---------------------------------------------------------------------------------
     def restore(self, folder: Path) -> None:
