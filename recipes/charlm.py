@@ -15,9 +15,18 @@ and the head sit on opposite ends of the blocks.
 Attributes the launcher reads from the model when present:
 
 * ``tokens_per_sample`` (int): tokens in one sample, = block_size (for tokens/s).
-* ``flops_per_sample`` (float): training FLOPs (forward + backward) per sample, the usual
-  PaLM-style estimate 6 * N * T + 12 * n_layer * n_embd * T**2, where N counts the parameters
-  that take part in matmuls (everything except the two embedding tables, which are lookups).
+* ``flops_per_sample`` (float): training FLOPs (forward + backward) per sample; MFU =
+  flops_per_sample * samples/s / peak FLOP/s (launcher/progress.py). The estimate of the PaLM paper,
+  appendix B (arXiv:2204.02311; nanoGPT's estimate_mfu too), per sample of T tokens:
+  6 * N * T + 12 * n_layer * n_embd * T**2. N counts the weights of matmuls: the LM head is in it,
+  the two embedding tables (lookups) are not. (nanoGPT drops only the position table: its head is
+  the tied token table, so its head matmul is counted there too.) Biases and LayerNorm weights,
+  0.14% of N at the GPT-2 small size, are counted as nanoGPT counts them.
+
+On a GPU: attention is F.scaled_dot_product_attention(is_causal=True) (flash, no mask tensor);
+nothing in the model, loss or TokenAccuracy reads a value back to the host during a step; and
+``datasets(device="auto")`` puts the windows on the rank's GPU, where the launcher slices batches
+without a copy per step. conf/recipe/charlm_gpt2.yaml is the GPT-2 small preset (bench/gpu.py).
 """
 
 from __future__ import annotations
@@ -63,15 +72,25 @@ _CONJUNCTIONS = ["and", "but", "because", "so"]
 # to the config without building the data. tests/test_charlm.py checks that a corpus uses exactly
 # this set, so a grammar edit that adds a character fails loudly instead of shifting the ids.
 VOCAB = "\n !+,-.0123456789=?ADEFMOSTabcdefghijklmnopqrstuvwxyz"
-_STOI = {c: i for i, c in enumerate(VOCAB)}
+# byte -> id, -1 for a byte no VOCAB character encodes: encode() maps a whole corpus in one lookup
+_LUT = torch.full((256,), -1, dtype=torch.int64)
+_LUT[torch.tensor(list(VOCAB.encode("ascii")))] = torch.arange(len(VOCAB))
 
 
 def encode(text: str) -> torch.Tensor:
     """Character ids (int64) of ``text``; a character outside VOCAB is an error naming it."""
+    # one table lookup over the bytes: a per-character loop took 1 s for the GPT-2 preset's 5.5M
     try:
-        return torch.tensor([_STOI[c] for c in text], dtype=torch.int64)
-    except KeyError as e:
-        raise ValueError(f"character {e.args[0]!r} is not in VOCAB {VOCAB!r}") from None
+        raw = bytearray(text.encode("ascii"))
+    except UnicodeEncodeError as e:
+        raise ValueError(f"character {text[e.start]!r} is not in VOCAB {VOCAB!r}") from None
+    if not raw:
+        return torch.zeros(0, dtype=torch.int64)
+    ids = _LUT[torch.frombuffer(raw, dtype=torch.uint8).long()]
+    bad = (ids < 0).nonzero()
+    if bad.numel():
+        raise ValueError(f"character {text[int(bad[0, 0])]!r} is not in VOCAB {VOCAB!r}")
+    return ids
 
 
 def decode(ids: torch.Tensor | list[int]) -> str:
@@ -174,18 +193,36 @@ def _windows(ids: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Te
     return x.clone(), y.clone()
 
 
+def _device(device: str) -> torch.device:
+    """datasets(device=...) with an index: the launcher's no-copy path compares the data's device
+    with the rank's, and torch.device("cuda") != torch.device("cuda:0")."""
+    if device == "auto":  # the rank's GPU (the launcher made it the current one), else the CPU
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device; valid: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here; valid: auto, cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
+
+
 def datasets(
-    block_size: int = 64, n_chars: int = 200_000, val_fraction: float = 0.1, seed: int = 0
+    block_size: int = 64, n_chars: int = 200_000, val_fraction: float = 0.1, seed: int = 0, device: str = "cpu"
 ) -> tuple[TensorDataset, TensorDataset]:
     """Return (train, val) of (x, y) int64 (N, block_size) windows with y = x shifted by one.
 
     The split is by position: val is the last round(n_chars * val_fraction) characters, train is
     everything before, and no window crosses the cut, so no validation text is ever trained on.
+    ``device`` is where the tensors live: "cpu", "cuda[:N]", or "auto" (the current GPU where CUDA
+    is available, else the CPU). On the GPU the launcher slices each batch there, with no
+    host-to-device copy per step; the price is the data in GPU memory (16 bytes per character).
     """
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    where = _device(device)
     ids = encode(corpus(n_chars, seed))
     cut = n_chars - round(n_chars * val_fraction)
     train, val = _windows(ids[:cut], block_size), _windows(ids[cut:], block_size)
@@ -194,7 +231,7 @@ def datasets(
             f"n_chars={n_chars!r} with val_fraction={val_fraction!r} leaves {cut} train and {n_chars - cut} val "
             f"characters; each split needs more than block_size={block_size!r}"
         )
-    return TensorDataset(*train), TensorDataset(*val)
+    return TensorDataset(*(t.to(where) for t in train)), TensorDataset(*(t.to(where) for t in val))
 
 
 # ---- model ---------------------------------------------------------------------------------------
@@ -216,11 +253,7 @@ class Block(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.attn_proj = nn.Linear(n_embd, n_embd)
         self.ln2 = nn.LayerNorm(n_embd)
-        self.mlp = nn.Sequential(
-            nn.Linear(n_embd, 4 * n_embd),
-            nn.GELU(),
-            nn.Linear(4 * n_embd, n_embd),
-        )
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
         self.resid_drop = nn.Dropout(dropout)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -245,15 +278,8 @@ class GPT(nn.Module):
     weights, zero biases. See the module docstring for tokens_per_sample / flops_per_sample.
     """
 
-    def __init__(
-        self,
-        vocab_size: int = len(VOCAB),
-        block_size: int = 64,
-        n_layer: int = 2,
-        n_head: int = 4,
-        n_embd: int = 64,
-        dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, vocab_size: int = len(VOCAB), block_size: int = 64, n_layer: int = 2, n_head: int = 4,
+                 n_embd: int = 64, dropout: float = 0.0) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("block_size", block_size), ("n_layer", n_layer),
                             ("n_head", n_head), ("n_embd", n_embd)):
@@ -312,6 +338,8 @@ class TokenAccuracy:
     """Next-character accuracy over all positions: MulticlassAccuracy(average="micro") on flattened
     (N, T, V) logits and (N, T) targets.
 
+    validate_args=False: torchmetrics' checks count the distinct target values (torch.unique, then
+    len()) on every update, a device-to-host sync per training step; the shapes here are ours.
     Built as a subclass at call time so importing the recipe does not import torchmetrics.
     """
 
@@ -322,4 +350,4 @@ class TokenAccuracy:
             def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
                 super().update(preds.reshape(-1, preds.shape[-1]), target.reshape(-1))
 
-        return _TokenAccuracy(num_classes=vocab_size, average="micro")
+        return _TokenAccuracy(num_classes=vocab_size, average="micro", validate_args=False)

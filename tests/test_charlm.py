@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import REPO
 from recipes import charlm
 from recipes.charlm import GPT, VOCAB, Block, SeqCrossEntropy, TokenAccuracy
 
@@ -64,8 +65,10 @@ def test_corpus_rejects_bad_length(bad):
 def test_encode_decode_roundtrip_and_unknown_character():
     text = charlm.corpus(1_000)
     assert charlm.decode(charlm.encode(text)) == text
-    with pytest.raises(ValueError, match="'#'"):
-        charlm.encode("ab#")
+    assert charlm.encode("").shape == (0,)
+    for bad in ("ab#", "caf\u00e9"):  # outside VOCAB: an ASCII byte, and a character that is no byte at all
+        with pytest.raises(ValueError, match=repr(bad[-1])):
+            charlm.encode(bad)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -188,6 +191,72 @@ def test_token_accuracy_counts_every_position():
 
 
 # --------------------------------------------------------------------------- learning
+
+
+def test_datasets_device():
+    train, val = charlm.datasets(block_size=16, n_chars=2_000, device="auto")
+    want = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    # with the index: the launcher's no-copy path compares it with the rank's device
+    assert all(t.device == want for t in train.tensors + val.tensors)
+    with pytest.raises(ValueError, match="device='gpu0'.*valid: auto, cpu"):
+        charlm.datasets(block_size=16, n_chars=2_000, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
+            charlm.datasets(block_size=16, n_chars=2_000, device="cuda")
+
+
+def test_token_accuracy_skips_torchmetrics_host_syncing_checks():
+    # validate_args=True runs torch.unique + len() on every update: a device->host sync per step
+    assert TokenAccuracy().validate_args is False
+
+
+def test_mfu_flops_count_the_untied_head_not_the_embeddings():
+    with torch.device("meta"):
+        model = GPT(block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    n = sum(p.numel() for p in model.parameters()) - model.tok_emb.weight.numel() - model.pos_emb.weight.numel()
+    assert model.n_params_non_embedding == n and model.head.weight.numel() == 768 * len(VOCAB)
+    assert model.flops_per_sample == 6 * n * 1024 + 12 * 12 * 768 * 1024**2  # PaLM appendix B, per sample
+
+
+# --------------------------------------------------------------------------- the GPT-2 small preset
+
+
+def _compose_preset(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from launcher import config as C
+
+    C.register()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=["recipe=charlm_gpt2", *overrides])
+
+
+def test_gpt2_preset_composes_as_gpt2_small():
+    cfg = _compose_preset()
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (12, 12, 768, 1024)
+    assert cfg.model.dropout == 0.0 and cfg.data.device == "auto"
+    t, opt = cfg.trainer, cfg.optimizer
+    assert (t.batch_size, t.precision, t.compile, t.gradient_clip_val) == (16, "bf16-mixed", True, 1.0)
+    assert (opt.lr, opt.weight_decay, list(opt.betas), opt.fused) == (6e-4, 0.1, [0.9, 0.95], True)  # nanoGPT's
+    assert cfg.trainer.fsdp_wrap == ["Block"] and cfg.metrics.acc._target_.endswith("TokenAccuracy")  # from charlm
+    # enough text that max_steps ends the run inside the first epoch, every step a full batch
+    d = cfg.data
+    windows = (d.n_chars - round(d.n_chars * d.val_fraction) - 1) // d.block_size
+    assert windows >= t.max_steps * t.batch_size
+
+
+def test_gpt2_preset_trains_a_step_on_cpu_at_reduced_size(tmp_path):
+    from omegaconf import OmegaConf
+
+    from launcher import Trainer, recipe
+
+    cfg = OmegaConf.to_object(_compose_preset(
+        "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "data.block_size=32", "data.n_chars=4000",
+        "trainer.batch_size=4", "trainer.max_steps=1", "trainer.compile=false", "trainer.precision=32",
+        "trainer.gpus=0", "trainer.progress=false", "trainer.summary=false", "logger=none", f"run.dir={tmp_path}"))
+    torch.manual_seed(0)
+    history = Trainer(cfg).fit(**recipe.build(cfg))
+    assert history[-1]["step"] == 1 and math.isfinite(history[-1]["val_loss"])
 
 
 def test_short_training_beats_uniform_by_far():
