@@ -268,7 +268,8 @@ class Batches:
                                     collate_fn=self.collate_fn)))
 
     def _sliced(self, idx: list[int]) -> Iterator[tuple[torch.Tensor, ...]]:
-        order = torch.as_tensor(idx, dtype=torch.long)
+        # the index lives with the tensors (index_select wants it there): data on a GPU stays on it
+        order = torch.as_tensor(idx, dtype=torch.long, device=self.tensors[0].device)  # type: ignore[index]
         contiguous = not self.shuffle and idx == list(range(idx[0], idx[0] + len(idx))) if idx else False
         for lo in range(0, len(idx), self.batch_size):
             if contiguous:  # a view, no copy (single-rank evaluation)

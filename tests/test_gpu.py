@@ -297,3 +297,17 @@ def test_extending_a_finished_run_by_max_steps_is_bitwise_one_straight_run(tmp_p
     assert "epoch 1 at batch 12" in (extended / "logs" / "rank-0.log").read_text()
     _assert_bitwise(straight, extended)
     assert (straight / "metrics.csv").read_text() == (extended / "metrics.csv").read_text()
+
+
+def test_data_on_the_gpu_and_the_guard_skip_on_the_device(tmp_path: Path) -> None:
+    """charlm's data.device=auto (a key charlm.yaml leaves out: hence +) puts its tensors on the GPU,
+    where batches are sliced (the index goes there too); the recipe's AdamW is built fused, so the
+    non-finite guard reads no flag per step."""
+    run_dir = tmp_path / "run"
+    p = run_cli([*CHARLM, *ONE_GPU, "+data.device=auto", "trainer.max_epochs=2", "trainer.log_every_n_steps=4",
+                 f"run.dir={run_dir}"], cwd=tmp_path)
+    _ok(p)
+    rows = _rows(run_dir)
+    assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"]) < 3.97
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    assert "no fused kernel" not in log, "the recipe's AdamW was built fused: the guard syncs no step"
