@@ -6,10 +6,10 @@ Overhead job (Linear(2, 1), 64k samples, batch 64, 3 epochs, Adam 1e-2, MSE, one
   launcher     launcher.Trainer(...).fit with its defaults (progress bar, loss tracking, checkpoints)
   lightning    lightning.Trainer with its defaults (progress bar, logger, checkpointing), self.log(loss)
   torchkeras   torchkeras.KerasModel(...).fit with its defaults
-MNIST one epoch (whole command; the CNN of recipes/mnist.py, Adam 1e-3, batch 128):
-  raw-mnist, lightning-mnist   (the launcher side is `python -m launcher recipe=mnist`)
-Start-up (command start -> first optimizer step, written as unix time):
-  lightning-startup DEVICES
+MNIST (the CNN of recipes/mnist.py, fp32, Adam 1e-3, batch 128, one epoch or MAX_STEPS; the
+launcher side is `python -m launcher recipe=mnist`; clocked from outside, see common.timed_command):
+  raw-mnist [MAX_STEPS VAL_LIMIT]                   under torchrun: DDP, gloo
+  lightning-mnist [DEVICES MAX_STEPS VAL_LIMIT]
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import sys
 import tempfile
 import time
 
-T_START = time.time()  # for start-up: as close to the interpreter's start as a script gets
-
-from common import MNIST, Timed, emit, linreg_data  # noqa: E402
+from common import MNIST, Timed, emit, linreg_data
 
 EPOCHS, BATCH = 3, 64
+MNIST_BATCH = 128
 
 
 def _model():  # type: ignore[no-untyped-def]
@@ -142,72 +141,79 @@ def torchkeras() -> None:
     emit(steps_per_s=model.steps_per_s(), steps=model.n)
 
 
-def _mnist_loaders():  # type: ignore[no-untyped-def]
+def _mnist(val_limit: str):  # type: ignore[no-untyped-def]
+    from recipes import mnist
+
+    return mnist.datasets(MNIST, download=False, val_limit=int(val_limit))
+
+
+def raw_mnist(max_steps: str = "-1", val_limit: str = "0") -> None:
+    """What one writes by hand: DataLoader batches, the step, then accuracy on the test set. Under
+    torchrun (WORLD_SIZE > 1): DDP over gloo with a DistributedSampler; rank 0 evaluates."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from recipes import mnist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    net = mnist.Net()
+    train, val = _mnist(val_limit)
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    sampler = DistributedSampler(train, seed=0) if world > 1 else None
+    loader = DataLoader(train, batch_size=MNIST_BATCH, shuffle=sampler is None, sampler=sampler)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.train()
+    for step, (x, y) in enumerate(loader, 1):
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step == int(max_steps):
+            break
+    if not world > 1 or dist.get_rank() == 0:
+        net.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in DataLoader(val, batch_size=MNIST_BATCH):
+                correct += (net(x).argmax(1) == y).sum().item()
+        emit(val_acc=correct / len(val), val_end_unix=time.time())
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def lightning_mnist(devices: str = "1", max_steps: str = "-1", val_limit: str = "0") -> None:
+    """Lightning's Trainer with its defaults (progress bar, logger, checkpoint, summary, sanity check),
+    fp32; with devices > 1 its own DDP on CPU (it starts the other ranks)."""
+    import lightning as L
+    import torch
     from torch.utils.data import DataLoader
 
     from recipes import mnist
 
-    train, val = mnist.datasets(MNIST, download=False)
-    return DataLoader(train, batch_size=128, shuffle=True), DataLoader(val, batch_size=128)
+    class ValEnd(L.Callback):
+        """When the last validation ended (what follows it: checkpoint, teardown, exit)."""
 
+        at = 0.0
 
-def raw_mnist() -> None:
-    import torch
-
-    from recipes import mnist
-
-    torch.manual_seed(0)
-    net = mnist.Net()
-    train, val = _mnist_loaders()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    net.train()
-    for x, y in train:
-        loss = loss_fn(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-    correct = 0
-    with torch.no_grad():
-        for x, y in val:
-            correct += (net(x).argmax(1) == y).sum().item()
-    emit(val_acc=correct / len(val.dataset))
-
-
-def lightning_mnist() -> None:
-    import lightning as L
-    import torch
-
-    from recipes import mnist
+        def on_validation_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            ValEnd.at = time.time()
 
     torch.manual_seed(0)
-    train, val = _mnist_loaders()
+    train, val = _mnist(val_limit)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, default_root_dir=tmp)
-        trainer.fit(_lit_module(mnist.Net(), 1e-3, torch.nn.CrossEntropyLoss()), train, val)
-        emit(val_acc=float(trainer.callback_metrics["val_acc"]))
-
-
-def lightning_startup(devices: str) -> None:
-    import lightning as L
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
-
-    class FirstStep(L.Callback):
-        def on_train_batch_end(self, trainer, *args):  # type: ignore[no-untyped-def]
-            if trainer.global_step == 1:  # every rank stops; rank 0 reports
-                if trainer.global_rank == 0:
-                    emit(first_step_unix=time.time(), start_unix=T_START)
-                trainer.should_stop = True
-
-    x, y = linreg_data(4096)
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        L.Trainer(max_epochs=1, accelerator="cpu", devices=int(devices), default_root_dir=tmp,
-                  callbacks=[FirstStep()]).fit(
-            _lit_module(torch.nn.Linear(2, 1), 1e-2, torch.nn.MSELoss()),
-            DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True))
+        trainer = L.Trainer(max_epochs=1, max_steps=int(max_steps), accelerator="cpu", devices=int(devices),
+                            default_root_dir=tmp, callbacks=[ValEnd()])
+        trainer.fit(_lit_module(mnist.Net(), 1e-3, torch.nn.CrossEntropyLoss()),
+                    DataLoader(train, batch_size=MNIST_BATCH, shuffle=True), DataLoader(val, batch_size=MNIST_BATCH))
+        if trainer.global_rank == 0 and "val_acc" in trainer.callback_metrics:
+            emit(val_acc=float(trainer.callback_metrics["val_acc"]), val_end_unix=ValEnd.at)
 
 
 if __name__ == "__main__":

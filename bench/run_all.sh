@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate every benchmark table (bench/RESULTS.md) side by side in one run, in under 10 minutes
+# Regenerate every benchmark table (bench/RESULTS.md) side by side in one run, in about 15 minutes
 # on a 2-core machine. Run it on an otherwise idle machine:   bash bench/run_all.sh
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,10 +16,10 @@ t0=$(date +%s)
   echo
   echo "## 1. Per-step overhead (Linear(2,1), 64k samples, batch 64, 3 epochs, 1 CPU rank)"; echo
   python overhead.py --repeat 3; echo
-  echo "## 2. MNIST CNN, 1 epoch, 1 CPU rank, whole command"; echo
-  python mnist_wall.py --repeat 2; echo
-  echo "## 3. Start-up: command start to first optimizer step"; echo
-  python startup.py --repeat 3; echo
+  echo "## 2. MNIST CNN, 1 epoch, 1 CPU rank, whole command (all fp32, NCHW, batch 128)"; echo
+  python mnist_wall.py --rounds 3; echo
+  echo "## 3. Start-up: command start to first optimizer step (MNIST CNN, fp32, batch 128 per rank)"; echo
+  python startup.py --rounds 3; echo
   echo "## 4. DDP: 2 CPU ranks vs 1 (MNIST CNN, 1 epoch)"; echo
   python ddp.py --target 0.93; echo
   echo "## 5. Checkpoints, sync vs async (1 CPU rank)"; echo

@@ -306,6 +306,18 @@ def _another_rank() -> bool:
 
 
 def main() -> None:
+    """The CLI; its process ends as soon as the run is done (launch/rank.py's exit_now)."""
+    from .launch.rank import exit_now
+
+    try:
+        _main()
+    except SystemExit as e:
+        exit_now(e.code)
+        raise
+    exit_now(0)
+
+
+def _main() -> None:
     # Hydra re-raises instead of printing its own report, so every error goes through _one_line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     faults.raise_on_sigterm()  # SIGTERM ends a run as Ctrl-C does, its cleanup done: exit 143
