@@ -307,14 +307,9 @@ def _another_rank() -> bool:
 
 def main() -> None:
     """The CLI; its process ends as soon as the run is done (launch/rank.py's exit_now)."""
-    from .launch.rank import exit_now
+    from .launch.rank import run_then_exit
 
-    try:
-        _main()
-    except SystemExit as e:
-        exit_now(e.code)
-        raise
-    exit_now(0)
+    run_then_exit(_main)
 
 
 def _main() -> None:

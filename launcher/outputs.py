@@ -83,7 +83,7 @@ class Outputs:
         if F.is_sharded(self.best_checkpoint):
             raise RuntimeError(f"{self.best_checkpoint} is sharded (FSDP): load it with "
                                "launcher.checkpoint.export_model(path, out) or resume=PATH")
-        self.model.load_state_dict(F.load(self.best_checkpoint)["model"])
+        self.model.load_state_dict(F.load_weights(self.best_checkpoint))  # model.pt alone, not the optimizer
         return self.model
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -67,14 +67,15 @@ class Stepper:
         self.prec.unscale(self.opt)
         norm = S.grad_norm(self.params, t.gradient_clip_val) if t.gradient_clip_val > 0 else None
         # 16-mixed: the GradScaler skips inf/nan steps itself (and lowers its scale)
-        if t.nonfinite != "off" and self.prec.scaler is None and not self.guard.before_step(loss, norm, step):
+        guarded = t.nonfinite != "off" and self.prec.scaler is None
+        if guarded and not self.guard.before_step(loss, norm, step):
             self.opt.zero_grad(set_to_none=True)
             return False
         self.prec.step(self.opt)
         if self.xla is not None:
             self.xla.mark_step()  # cut and run the step's lazy graph
         self.opt.zero_grad(set_to_none=True)
-        if t.nonfinite != "off" and self.prec.scaler is None:
+        if guarded:
             self.guard.after_step(step)
         if not self.first_step_logged:  # start-up latency: bench/startup.py reads this line
             self.first_step_logged = True
@@ -85,7 +86,3 @@ class Stepper:
         """Hear now of bad steps the device skipped (before a checkpoint, at an epoch's end, at the
         end): raises for trainer.nonfinite=error. Every rank calls it at the same step."""
         self.guard.read()
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.guard.skipped

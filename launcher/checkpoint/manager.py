@@ -102,7 +102,6 @@ class CheckpointManager:
         self.last_saved_step = -1
         self.restored_config: Any = None
         self._thread: Optional[threading.Thread] = None
-        self._in_flight = -1  # the step of the async save being written (-1: none)
         self._future: Any = None
         self._error: Optional[BaseException] = None
         self._host = HostStage()  # rank 0's async copies: allocated at the first save, then reused
@@ -140,7 +139,7 @@ class CheckpointManager:
     def save(self, step: int, epoch: int, score: Optional[float]) -> None:
         """A checkpoint of every registered part at `step` (a collective: every rank calls it)."""
         started = time.perf_counter()
-        previous = self._in_flight if self._busy() else -1
+        previous = self.last_saved_step if self._busy() else -1  # a save in flight is the last one made
         self.wait()  # the previous save's commit updates the top-k list this one records (and frees the buffers)
         if previous >= 0:
             # a checkpoint interval shorter than a write: part of what this save blocks (rank log only,
@@ -167,8 +166,6 @@ class CheckpointManager:
                 "world_size": self.d.world_size, "sharded": self.sharded}
         self._write(folder, state, meta, score, shards, started)
         self.last_saved_step = step
-        if self.async_save:
-            self._in_flight = step
         log.info("checkpoint at step %d: training blocked %.3f s", step, time.perf_counter() - started,
                  extra={"file_only": True})
 
@@ -242,7 +239,6 @@ class CheckpointManager:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._in_flight = -1
         if self._future is not None:  # ranks > 0 of a sharded async save
             self._future.result()
             self._future = None

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 
 def prepare() -> None:
@@ -60,13 +60,18 @@ def exit_now(code: Any) -> None:
     os._exit(code or 0)
 
 
-if __name__ == "__main__":
-    prepare()
-    from ..worker import main  # after prepare(), on purpose: this import takes seconds
-
+def run_then_exit(main: Callable[[], None]) -> None:
+    """Run an entry point, then end the process through exit_now with its exit code."""
     try:
-        main(sys.argv[1:])
+        main()
     except SystemExit as e:
         exit_now(e.code)
         raise
     exit_now(0)
+
+
+if __name__ == "__main__":
+    prepare()
+    from ..worker import main  # after prepare(), on purpose: this import takes seconds
+
+    run_then_exit(lambda: main(sys.argv[1:]))
