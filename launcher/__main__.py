@@ -15,7 +15,6 @@ before any process starts or any file is written. A failed rank: its traceback a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import os
@@ -71,7 +70,9 @@ def _run(dcfg: Any) -> None:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         _pending.append(cfg)  # a sweep starts only once every point has passed its checks
         return
-    _start([cfg])
+    from .launch.start import start
+
+    _failures.extend(start([cfg]))
 
 
 def _checked(dcfg: Any) -> Any:
@@ -136,113 +137,23 @@ def _checked(dcfg: Any) -> Any:
 def _refuse_unknown_keys(dcfg: Any) -> None:
     """Keys added with Hydra's `+` pass composition, and to_object() would drop them silently."""
     fields = [f.name for f in dataclasses.fields(C.Config)]
-    schemas = {**C.SECTIONS, "launcher": C.LAUNCHER_SCHEMAS.get(dcfg.launcher.name, C.LocalLauncherConfig)}
+    schemas = C.section_schemas(dcfg.launcher.name)
     unknown = [str(k) for k in dcfg if k not in fields]
-    unknown += [f"{s}.{k}" for s, cls in schemas.items() for k in dcfg[s] if k not in cls.__dataclass_fields__]
+    unknown += [f"{s}.{k}" for s, cls in schemas.items() for k in (OmegaConf.select(dcfg, s) or {})
+                if k not in cls.__dataclass_fields__]
     if unknown:
         guess, valid = _unknown(unknown[0])
         raise C.ConfigError(unknown[0], OmegaConf.select(dcfg, unknown[0]), f"unknown key{guess}", valid)
 
 
-def _start(cfgs: list[Any]) -> None:
-    """Create the run directories and start: SLURM gets them all at once (job arrays), the local
-    launcher runs them one after another."""
-    from . import run as R
-    from .launch import slurm as S
-
-    if cfgs[0].launcher.name == "slurm":
-        for cfg in cfgs:
-            # the job's rank 0 holds the lock while it runs; a run dir in use is refused here already
-            with R.RunLock.acquire(Path(cfg.run.dir)):
-                cfg.run.id = R.prepare(Path(cfg.run.dir), cfg.run.id, C.to_dict(cfg))
-            print(f"launcher: asking SLURM for {S.describe(cfg)}", file=sys.stderr)
-        folder = Path(cfgs[0].run.dir) / "slurm" if len(cfgs) == 1 else Path(cfgs[0].run.dir).parent / "slurm"
-        _submit(cfgs, folder)
-        return
-    for cfg in cfgs:
-        _start_local(cfg)
-
-
-def _start_local(cfg: Any) -> None:
-    from . import run as R
-    from .lock import LOCK_ENV
-
-    run_dir = Path(cfg.run.dir)
-    one_node = cfg.trainer.nodes == 1  # several nodes share the dir: rank 0 locks it, and none deletes
-    new = R.is_new(run_dir) and one_node
-    lock = None
-    try:
-        if one_node:  # held here, for the ranks this process starts (they inherit LOCK_ENV)
-            lock = R.RunLock.acquire(run_dir)  # in use: one line, and nothing touched
-            os.environ[LOCK_ENV] = str(run_dir)
-        _launch_local(cfg, run_dir)
-    except C.UserError as e:
-        # nothing half-written: a new run that failed before its first checkpoint keeps only the
-        # logs its error line points to; a sweep goes on with its next point
-        if lock is not None and new and not (run_dir / "checkpoints").is_dir():
-            with contextlib.suppress(OSError):  # (a read-only mount: nothing was written either)
-                R.discard(run_dir)
-        log = run_dir / "logs" / "rank-0.log"
-        logged = lock is not None and log.is_file() and "run failed: " in log.read_text(errors="replace")
-        where = f" (traceback: {log})" if "(traceback: " not in str(e) and logged else ""
-        print(f"launcher: error: {e}{where}", file=sys.stderr)
-        _failures.append(EXIT_CONFIG)
-    finally:
-        os.environ.pop(LOCK_ENV, None)
-        if lock is not None:
-            lock.release()
-
-
-def _launch_local(cfg: Any, run_dir: Path) -> None:
-    from . import run as R
-    from . import worker
-    from .launch import local as local_launch
-    from .launch import xla as xla_launch
-
-    nproc = C.ranks_per_node(cfg.trainer)
-    if cfg.trainer.nodes > 1:
-        # Every node runs this same command: none may mint the run id (rank 0 does, and tells the
-        # others), and each hands its ranks the config from a node-local file.
-        path = R.node_local_config(C.to_dict(cfg))
-        try:
-            code = local_launch.launch(cfg, path, nproc)
-        finally:
-            path.unlink(missing_ok=True)
-    else:
-        cfg.run.id = R.prepare(run_dir, cfg.run.id, C.to_dict(cfg))
-        if cfg.trainer.accelerator == "xla":
-            xla_launch.launch(str(run_dir / R.CONFIG_FILE))  # one process per local XLA device (PJRT)
-            return
-        if nproc == 1 and cfg.launcher.max_restarts == 0:
-            worker.run(cfg)  # one rank: no spawn, no process group, fastest start
-            return
-        code = local_launch.launch(cfg, run_dir / R.CONFIG_FILE, nproc)
-    if code:
-        _failures.append(code)
-
-
-def _submit(cfgs: list[Any], folder: Path) -> None:
-    from .launch import slurm as S
-
-    jobs = S.submit(cfgs, folder)
-    S.report(cfgs, jobs)
-    if cfgs[0].launcher.wait:
-        try:
-            code = S.wait(jobs, cfgs[0].launcher.poll_s)
-        except KeyboardInterrupt as e:  # only the waiting stops: the jobs are SLURM's now
-            ids = " ".join(str(j.job_id) for j in jobs)
-            print(f"launcher: stopped waiting ({faults.signal_name(e)}); the job(s) go on: squeue -j {ids}, "
-                  f"scancel {ids} to stop them", file=sys.stderr)
-            code = faults.exit_code(e)
-        if code:
-            _failures.append(code)
-
-
 def _one_line(e: BaseException) -> str:
     """Hydra's and OmegaConf's multi-line errors as the one line our users get."""
-    if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options:
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file:
         group, _, option = e.missing_cfg_file.rpartition("/")
-        return f"{group}={option!r}: unknown option; valid: {', '.join(sorted(e.options))}"
+        # an item of a list (logger=[csv,nope]) comes without Hydra's options: the group's files
+        options = e.options or [p.stem for p in Path(_conf_dir(), group).glob("*.yaml")]
+        if options:
+            return f"{group}={option!r}: unknown option; valid: {', '.join(sorted(options))}"
     cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         key = cause.full_key
@@ -272,7 +183,7 @@ def _unknown(full_key: str) -> tuple[str, str]:
     if not section:  # Hydra names only the missing top-level node: take the leaf from the override
         given = [a.lstrip("+~").split("=", 1)[0] for a in sys.argv[1:] if a.lstrip("+~").startswith(f"{full_key}.")]
         leaf = given[0].rpartition(".")[2] if given else ""
-    schemas = {**C.SECTIONS, **{"launcher": C.LAUNCHER_SCHEMAS.get(_launcher_choice(), C.LocalLauncherConfig)}}
+    schemas = C.section_schemas(_launcher_choice())
     own = list(schemas[section].__dataclass_fields__) if section in schemas else []
     guess = [f"{s}.{leaf}" for s, cls in schemas.items() if s != section and leaf in cls.__dataclass_fields__]
     guess = guess or [f"{section}.{m}" for m in difflib.get_close_matches(leaf, own, n=1, cutoff=0.75)]
@@ -324,7 +235,9 @@ def _main() -> None:
         if _errors:
             raise _errors[0]
         if _pending:  # a -m sweep, every point checked: start them (SLURM: job arrays)
-            _start(_pending)
+            from .launch.start import start
+
+            _failures.extend(start(_pending))
         if _failures:
             sys.exit(_failures[0])
     except C.UserError as e:

@@ -165,10 +165,11 @@ def wandb_mode(requested: str) -> str:
 
 def open_logger(is_main: bool, run_dir: Path, run_id: str, cfg: Any, run_name: str, config: dict) -> Any:
     """Rank 0's RunLogger for logger config `cfg` (csv, wandb, none); a NullLogger elsewhere."""
-    if not is_main or cfg.name == "none":
+    if not is_main or not cfg.selected():
         return NullLogger()
     return RunLogger(run_dir, name=run_name or run_dir.name, run_id=run_id, config=config,
-                     wandb=vars(cfg) if cfg.name == "wandb" else None, plots=cfg.plots)
+                     wandb=vars(cfg.wandb) if cfg.wandb else None, csv_and_plots=cfg.csv is not None,
+                     plots=cfg.csv is not None and cfg.csv.plots)
 
 
 class RunLogger:

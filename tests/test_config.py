@@ -26,7 +26,7 @@ def test_defaults_compose_mnist(compose_cfg) -> None:
     cfg = compose_cfg()
     assert cfg.model._target_ == "recipes.mnist.Net"
     assert cfg.trainer.batch_size == 128 and cfg.optimizer.lr == 0.001
-    assert cfg.launcher.name == "local" and cfg.logger.name == "csv" and cfg.resume == "auto"
+    assert cfg.launcher.name == "local" and cfg.logger.csv is not None and cfg.logger.wandb is None and cfg.resume == "auto"
 
 
 @pytest.mark.parametrize("recipe,target,monitor", [("circles", "recipes.circles.Net", "val_acc"),
@@ -40,9 +40,10 @@ def test_recipe_group(compose_cfg, recipe: str, target: str, monitor: str) -> No
 def test_to_object_gives_typed_config_that_passes_checks(compose_cfg) -> None:
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_object(compose_cfg("recipe=linreg", "logger=wandb"))
+    cfg = OmegaConf.to_object(compose_cfg("recipe=linreg", "logger=[csv,wandb,tensorboard,mlflow]"))
     assert isinstance(cfg, C.Config) and isinstance(cfg.trainer, C.TrainerConfig)
-    assert cfg.logger.name == "wandb"
+    assert cfg.logger.selected() == ["csv", "wandb", "tensorboard", "mlflow"]
+    assert isinstance(cfg.logger.mlflow, C.LOGGER_SCHEMAS["mlflow"])
     C.check(cfg)
     recipe.check(cfg)
     round_trip = C.from_dict(C.to_dict(cfg))
@@ -54,7 +55,11 @@ RECIPES = ", ".join(sorted(p.stem for p in (REPO / "conf" / "recipe").glob("*.ya
 # (overrides, text the one line must contain)
 BAD = [
     (["recipe=nope"], f"recipe='nope': unknown option; valid: {RECIPES}"),
-    (["logger=nope"], "logger='nope': unknown option; valid: csv, none, wandb"),
+    (["logger=nope"], "logger='nope': unknown option; valid: csv, mlflow, none, tensorboard, wandb"),
+    (["logger=[csv,nope]"], "logger='nope': unknown option; valid: csv, mlflow, none, tensorboard, wandb"),
+    (["logger=wandb", "logger.wandb.modee=x"], "logger.wandb.modee: unknown key (did you mean logger.wandb.mode?)"),
+    (["logger=mlflow", "logger.mlflow.tracking_uri=ftp://x"], "logger.mlflow.tracking_uri='ftp://x': not a tracking URI"),
+    (["logger=tensorboard", "logger.tensorboard.flush_s=0"], "logger.tensorboard.flush_s=0.0: must be > 0 seconds"),
     (["launcher=nope"], "launcher='nope': unknown option; valid: local, slurm"),
     (["trainer.nope=1"], "trainer.nope: unknown key; valid: trainer.max_epochs"),
     (["nope=1"], "nope: unknown key"),
@@ -70,7 +75,8 @@ BAD = [
     (["trainer.gpus=-1"], "trainer.gpus=-1: asks for all visible GPUs but CUDA sees none"),
     (["trainer.mode=up"], "trainer.mode='up': unknown choice; valid: min, max"),
     (["trainer.scheduler_interval=batch"], "trainer.scheduler_interval='batch': unknown choice; valid: epoch, step"),
-    (["logger.mode=loud"], "logger.mode='loud': unknown choice; valid: auto, online, offline, disabled"),
+    (["logger=wandb", "logger.wandb.mode=loud"], "logger.wandb.mode='loud': unknown choice; valid: auto, online, "
+                                                 "offline, disabled"),
     (["resume=/does/not/exist"], "resume='/does/not/exist': no such checkpoint path"),
     (["trainer.monitor=val_f1"], "trainer.monitor='val_f1': not a metric this run produces; valid: train_loss, "
                                  "train_acc, val_loss, val_acc"),

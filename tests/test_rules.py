@@ -216,13 +216,17 @@ def test_ranks_per_node() -> None:
 
 def test_trainer_keywords_map_to_config_fields() -> None:
     cfg = from_kwargs({"max_epochs": 3, "checkpoint_async": True, "checkpoint_every_n_steps": 5,
-                       "checkpoint_async_save": True, "logger": "none", "logger_project": "p", "run_dir": "r",
+                       "checkpoint_async_save": True, "logger": ["csv", "wandb"], "logger_wandb_project": "p",
+                       "logger_csv_plots": False, "run_dir": "r",
                        "run_id": "abc", "resume": "never"})
     assert cfg.trainer.max_epochs == 3 and cfg.checkpoint.async_save is True
-    assert cfg.checkpoint.every_n_steps == 5 and cfg.logger.name == "none" and cfg.logger.project == "p"
+    assert cfg.checkpoint.every_n_steps == 5 and cfg.logger.selected() == ["csv", "wandb"]
+    assert cfg.logger.wandb.project == "p" and cfg.logger.csv.plots is False
+    assert from_kwargs({}).logger.selected() == ["csv"] and from_kwargs({"logger": "none"}).logger.selected() == []
     assert (cfg.run.dir, cfg.run.id, cfg.resume) == ("r", "abc", "never")
     names = kwarg_names()
-    every_field = {(s, f) for s, cls in C.SECTIONS.items() for f in cls.__dataclass_fields__}
+    every_field = {(s, f) for s, cls in C.section_schemas("local").items() for f in cls.__dataclass_fields__
+                   if s not in ("logger", "launcher")}
     assert every_field <= set(names.values()), "every config field has a keyword"
 
 

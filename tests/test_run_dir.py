@@ -246,7 +246,7 @@ def _fill(mnt: Path) -> Path:
 
 def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_resumes(tmp_path: Path, small_fs: Path) -> None:
     run_dir = small_fs / "r"
-    base = [*LINREG, f"run.dir={run_dir}", "logger.plots=false"]
+    base = [*LINREG, f"run.dir={run_dir}", "logger.csv.plots=false"]
     assert run_cli([*base, "trainer.max_epochs=2"], cwd=tmp_path).returncode == 0
     filler = _fill(small_fs)
     # 3 blocks left: the lock's record, the log and metrics.csv fit; a 19 KB state.pt does not
@@ -267,7 +267,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_resum
 
 def test_a_read_only_run_dir_finished_says_so_and_unfinished_is_one_line(tmp_path: Path, small_fs: Path) -> None:
     run_dir = small_fs / "r"
-    base = [*LINREG, f"run.dir={run_dir}", "logger.plots=false", "trainer.max_epochs=1"]
+    base = [*LINREG, f"run.dir={run_dir}", "logger.csv.plots=false", "trainer.max_epochs=1"]
     assert run_cli(base, cwd=tmp_path).returncode == 0
     assert subprocess.run(["mount", "-o", "remount,ro", str(small_fs)]).returncode == 0
     p = run_cli(base, cwd=tmp_path)  # finished: nothing to write, nothing written
@@ -308,7 +308,7 @@ def test_sigterm_ends_one_rank_and_n_ranks_alike(tmp_path: Path, ranks: int) -> 
     from wandb_offline import iter_records
 
     run_dir = tmp_path / "r"
-    first = _start([*LINREG, "logger=wandb", "trainer.max_epochs=100000", "trainer.gpus=0",
+    first = _start([*LINREG, "logger=[csv,wandb]", "trainer.max_epochs=100000", "trainer.gpus=0",
                     f"trainer.nproc={ranks}", f"run.dir={run_dir}"], tmp_path)
     _wait_for(lambda: (run_dir / "checkpoints" / "last").exists(), timeout=120)
     first.send_signal(signal.SIGTERM)

@@ -103,7 +103,7 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(cluster, tmp_path: 
     assert p.returncode == 0, p.stderr[-3000:]
 
     # the interrupted run also logs to W&B (offline): the requeued job must continue the same W&B run
-    p = run_cli([*_preempt_args(mnist_root, cut), "logger=wandb", "logger.mode=offline"], cwd=tmp_path)
+    p = run_cli([*_preempt_args(mnist_root, cut), "logger=[csv,wandb]", "logger.wandb.mode=offline"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     job = _job_id(p.stderr)
     deadline = time.monotonic() + 120

@@ -21,7 +21,7 @@ def _offline_runs(run_dir: Path) -> list[Path]:
 
 def test_wandb_offline_run_files_hold_config_and_metrics_and_resume_continues_the_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "w"
-    args = ["recipe=circles", "logger=wandb", "logger.project=ci", "trainer.gpus=0", "trainer.nproc=2",
+    args = ["recipe=circles", "logger=[csv,wandb]", "logger.wandb.project=ci", "trainer.gpus=0", "trainer.nproc=2",
             "trainer.log_every_n_steps=10", *QUIET, f"run.dir={run_dir}"]
     p = run_cli([*args, "trainer.max_epochs=2"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -62,7 +62,7 @@ def test_wandb_online_start_that_fails_falls_back_to_offline_in_one_line(tmp_pat
     run_dir = tmp_path / "w"
     started = time.monotonic()
     # the server is a closed port on loopback: nothing leaves this machine
-    p = run_cli(["recipe=linreg", "logger=wandb", "logger.mode=online", "trainer.max_epochs=1", *QUIET,
+    p = run_cli(["recipe=linreg", "logger=[csv,wandb]", "logger.wandb.mode=online", "trainer.max_epochs=1", *QUIET,
                  f"run.dir={run_dir}"], cwd=tmp_path, WANDB_API_KEY=key, WANDB_BASE_URL="http://127.0.0.1:9")
     took = time.monotonic() - started
     assert p.returncode == 0, p.stderr[-3000:]

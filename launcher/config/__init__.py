@@ -16,6 +16,12 @@ from typing import Any, Literal, Optional, get_args
 
 import yaml
 
+# the schema modules of this package (the package imports nothing else from launcher: a leaf)
+from .errors import ConfigError, UserError, choice, non_negative, one_line, positive
+from .launchers import LAUNCHER_SCHEMAS, LAUNCHERS, SIGNALS, LocalLauncherConfig, SlurmLauncherConfig, check_launcher
+from .loggers import LOGGER_SCHEMAS, LOGGERS, WANDB_MODES, LoggerConfig, check_logger, logger_from_dict
+from .loggers import select as select_loggers
+
 # The closed choices, as types for the code that consumes them and as tuples for the checks. Schema
 # fields stay `str` (OmegaConf rejects Literal annotations): check_trainer checks them once.
 Accelerator = Literal["auto", "cpu", "cuda", "xla"]
@@ -31,34 +37,10 @@ NONFINITE: tuple[str, ...] = get_args(NonFinite)
 MODES: tuple[str, ...] = get_args(Mode)
 INTERVALS: tuple[str, ...] = get_args(Interval)
 RESUME_MODES = ("auto", "never")
-LOGGERS = ("csv", "wandb", "none")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
-LAUNCHERS = ("local", "slurm")
-SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "URG")
 # `async` is a Python keyword (no field can have that name): checkpoint.async / checkpoint_async -> async_save
 FIELD_ALIASES = {("checkpoint", "async"): "async_save"}
 XLA_INSTALL = ("torch-xla is not installed: pip install 'launcher[xla]' (a torch_xla wheel matching your torch; "
                "see the torch-xla install guide for TPU VMs)")
-
-
-class UserError(ValueError):
-    """A failure the user caused (config, recipe code, data, run dir, tracker), at config or run
-    time: str() is the one line the CLI prints, exit 2. Anything else is a bug: it keeps its traceback."""
-
-
-def one_line(e: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
-class ConfigError(UserError):
-    """A bad config value; str() is the one line the CLI prints."""
-
-    def __init__(self, key: str, value: Any, problem: str, valid: str = "") -> None:
-        self.key, self.value = key, value
-        text = f"{key}={value!r}: {problem}"
-        super().__init__(f"{text}; valid: {valid}" if valid else text)
 
 
 @dataclass
@@ -108,48 +90,6 @@ class CheckpointConfig:
 
 
 @dataclass
-class LoggerConfig:
-    name: str = "csv"  # "csv" (metrics.csv + plots), "wandb" (csv plus Weights & Biases), "none"
-    project: str = "launcher"  # W&B project
-    entity: Optional[str] = None  # W&B entity (team or user); unset = the API key's default
-    mode: str = "auto"  # W&B mode: auto (online if an API key is found, else offline), online, offline, disabled
-    tags: list[str] = field(default_factory=list)  # W&B tags
-    group: Optional[str] = None  # W&B group (e.g. a sweep name)
-    plots: bool = True  # write plots.png (loss and each metric, train vs val) at the end of fit
-
-
-@dataclass
-class LocalLauncherConfig:
-    name: str = "local"  # ranks on this host through torch.distributed.elastic
-    rdzv_endpoint: str = ""  # host:port of the c10d rendezvous; "" = this host, a free port (1-node runs)
-    local_addr: str = ""  # this node's address the other nodes reach it by; "" = its hostname
-    max_restarts: int = 0  # elastic restarts of the whole worker group after a rank fails
-    monitor_interval_s: float = 0.1  # how often the elastic agent checks its ranks (failure detection latency)
-
-
-@dataclass
-class SlurmLauncherConfig:
-    name: str = "slurm"  # submit through submitit (sbatch); one SLURM task per rank
-    partition: Optional[str] = None  # --partition; unset = the cluster's default partition
-    time_min: int = 60  # --time in minutes; the job is signalled signal_delay_s before it
-    account: Optional[str] = None  # --account to charge
-    qos: Optional[str] = None  # --qos
-    constraint: Optional[str] = None  # --constraint (node features, e.g. a100)
-    cpus_per_task: Optional[int] = None  # --cpus-per-task per rank; unset = SLURM's default (1)
-    mem_gb: Optional[float] = None  # --mem per node in GB; unset = SLURM's default
-    job_name: str = ""  # --job-name; "" = the run directory's name
-    signal: str = "USR1"  # requeue signal sent to every rank before the time limit (NCCL leaves USR1 alone)
-    signal_delay_s: int = 120  # seconds before the time limit that the signal arrives
-    signal_check_every_n_steps: int = 10  # ranks agree on a pending signal every N steps (one tiny all-reduce)
-    max_requeues: int = 3  # requeues (preemption or time limit) before the run gives up
-    setup: list[str] = field(default_factory=list)  # shell lines before srun (module load, conda activate)
-    sbatch: dict[str, Any] = field(default_factory=dict)  # extra #SBATCH parameters passed through by name
-    wait: bool = False  # wait for the job to finish (and report its result) instead of returning at once
-    array_parallelism: int = 64  # -m sweeps: at most this many array tasks run at once
-    poll_s: float = 5.0  # with wait=true: seconds between job-state polls
-
-
-@dataclass
 class RunConfig:
     dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"  # run directory: config, checkpoints, metrics, logs, wandb/
     id: str = ""  # run id (also the W&B run id); "" = read from run.dir, or mint a new one
@@ -174,7 +114,12 @@ class Config:
 
 
 SECTIONS = {"trainer": TrainerConfig, "checkpoint": CheckpointConfig, "logger": LoggerConfig, "run": RunConfig}
-LAUNCHER_SCHEMAS = {"local": LocalLauncherConfig, "slurm": SlurmLauncherConfig}
+def section_schemas(launcher: str) -> dict[str, type]:
+    """Every section's schema by its dotted key (`logger.wandb` too), for naming unknown keys."""
+    return {**SECTIONS, **{f"logger.{n}": cls for n, cls in LOGGER_SCHEMAS.items()},
+            "launcher": LAUNCHER_SCHEMAS.get(launcher, LocalLauncherConfig)}
+
+
 RECIPE_KEYS = ("model", "data", "loss", "metrics", "optimizer", "scheduler")
 
 
@@ -193,7 +138,8 @@ def register() -> None:
 
 def from_dict(d: dict) -> Config:
     """The typed Config from a resolved plain dict (the run directory's config.yaml)."""
-    kw: dict[str, Any] = {k: cls(**(d.get(k) or {})) for k, cls in SECTIONS.items()}
+    kw: dict[str, Any] = {k: cls(**(d.get(k) or {})) for k, cls in SECTIONS.items() if k != "logger"}
+    kw["logger"] = logger_from_dict(d.get("logger"))
     launcher = d.get("launcher") or {}
     kw["launcher"] = LAUNCHER_SCHEMAS[launcher.get("name", "local")](**launcher)
     rest = {f.name: d.get(f.name, f.default) for f in dataclasses.fields(Config) if f.name not in kw}
@@ -218,44 +164,29 @@ def ranks_per_node(t: TrainerConfig) -> int:
 # ---- checks -------------------------------------------------------------------------------------
 
 
-def _positive(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(key, value, "must be a positive integer")
-
-
-def _non_negative(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(key, value, "must be an integer >= 0")
-
-
-def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(key, value, "unknown choice", ", ".join(choices))
-
-
 def check_trainer(t: TrainerConfig) -> None:
-    _positive("trainer.max_epochs", t.max_epochs)
+    positive("trainer.max_epochs", t.max_epochs)
     if t.max_steps != -1:
-        _positive("trainer.max_steps", t.max_steps)
-    _positive("trainer.batch_size", t.batch_size)
-    _non_negative("trainer.eval_batch_size", t.eval_batch_size)
-    _positive("trainer.nproc", t.nproc)
-    _positive("trainer.nodes", t.nodes)
+        positive("trainer.max_steps", t.max_steps)
+    positive("trainer.batch_size", t.batch_size)
+    non_negative("trainer.eval_batch_size", t.eval_batch_size)
+    positive("trainer.nproc", t.nproc)
+    positive("trainer.nodes", t.nodes)
     if t.gpus is not None and (isinstance(t.gpus, bool) or not isinstance(t.gpus, int) or t.gpus < -1):
         raise ConfigError("trainer.gpus", t.gpus, "GPUs per node", "null (auto), -1 (all visible), 0 (CPU), N >= 1")
-    _positive("trainer.val_every_n_epochs", t.val_every_n_epochs)
-    _non_negative("trainer.val_every_n_steps", t.val_every_n_steps)
-    _non_negative("trainer.patience", t.patience)
-    _non_negative("trainer.log_every_n_steps", t.log_every_n_steps)
-    _non_negative("trainer.num_workers", t.num_workers)
-    _choice("trainer.mode", t.mode, MODES)
-    _choice("trainer.scheduler_interval", t.scheduler_interval, INTERVALS)
-    _choice("trainer.accelerator", t.accelerator, ACCELERATORS)
-    _choice("trainer.strategy", t.strategy, STRATEGIES)
+    positive("trainer.val_every_n_epochs", t.val_every_n_epochs)
+    non_negative("trainer.val_every_n_steps", t.val_every_n_steps)
+    non_negative("trainer.patience", t.patience)
+    non_negative("trainer.log_every_n_steps", t.log_every_n_steps)
+    non_negative("trainer.num_workers", t.num_workers)
+    choice("trainer.mode", t.mode, MODES)
+    choice("trainer.scheduler_interval", t.scheduler_interval, INTERVALS)
+    choice("trainer.accelerator", t.accelerator, ACCELERATORS)
+    choice("trainer.strategy", t.strategy, STRATEGIES)
     t.precision = str(t.precision)  # `trainer.precision=32` arrives as an int; from here on one of PRECISIONS
-    _choice("trainer.precision", t.precision, PRECISIONS)
-    _choice("trainer.nonfinite", t.nonfinite, NONFINITE)
-    _positive("trainer.accumulate_grad_batches", t.accumulate_grad_batches)
+    choice("trainer.precision", t.precision, PRECISIONS)
+    choice("trainer.nonfinite", t.nonfinite, NONFINITE)
+    positive("trainer.accumulate_grad_batches", t.accumulate_grad_batches)
     if t.channels_last not in ("auto", True, False):
         raise ConfigError("trainer.channels_last", t.channels_last, "unknown choice", "auto, true, false")
     if t.gradient_clip_val < 0:
@@ -274,15 +205,10 @@ def check_trainer(t: TrainerConfig) -> None:
 
 
 def check_checkpoint(c: CheckpointConfig) -> None:
-    _non_negative("checkpoint.every_n_epochs", c.every_n_epochs)
-    _non_negative("checkpoint.every_n_steps", c.every_n_steps)
-    _non_negative("checkpoint.save_top_k", c.save_top_k)
-    _positive("checkpoint.keep_last", c.keep_last)
-
-
-def check_logger(lg: LoggerConfig) -> None:
-    _choice("logger.name", lg.name, LOGGERS)
-    _choice("logger.mode", lg.mode, WANDB_MODES)
+    non_negative("checkpoint.every_n_epochs", c.every_n_epochs)
+    non_negative("checkpoint.every_n_steps", c.every_n_steps)
+    non_negative("checkpoint.save_top_k", c.save_top_k)
+    positive("checkpoint.keep_last", c.keep_last)
 
 
 def visible_gpus() -> int:
@@ -313,31 +239,6 @@ def resolve_gpus(t: TrainerConfig, local: bool) -> int:
     return t.gpus
 
 
-def check_launch(cfg: Config) -> None:
-    lc = cfg.launcher
-    _choice("launcher.name", lc.name, LAUNCHERS)
-    if isinstance(lc, LocalLauncherConfig):
-        _non_negative("launcher.max_restarts", lc.max_restarts)
-        if cfg.trainer.nodes > 1 and not lc.rdzv_endpoint:
-            raise ConfigError("launcher.rdzv_endpoint", "", f"trainer.nodes={cfg.trainer.nodes} on the local "
-                              "launcher needs the rendezvous host:port every node can reach",
-                              "host:port, or launcher=slurm")
-    else:
-        _positive("launcher.time_min", lc.time_min)
-        _choice("launcher.signal", lc.signal, SIGNALS)
-        _non_negative("launcher.signal_delay_s", lc.signal_delay_s)
-        if lc.signal_delay_s >= lc.time_min * 60:
-            raise ConfigError("launcher.signal_delay_s", lc.signal_delay_s,
-                              f"must be shorter than launcher.time_min={lc.time_min} minutes")
-        _non_negative("launcher.max_requeues", lc.max_requeues)
-        _positive("launcher.signal_check_every_n_steps", lc.signal_check_every_n_steps)
-        _positive("launcher.array_parallelism", lc.array_parallelism)
-        if lc.cpus_per_task is not None:
-            _positive("launcher.cpus_per_task", lc.cpus_per_task)
-        if lc.mem_gb is not None and lc.mem_gb <= 0:
-            raise ConfigError("launcher.mem_gb", lc.mem_gb, "must be > 0 GB")
-
-
 def check_resume(resume: str) -> None:
     if resume in RESUME_MODES:
         return
@@ -352,7 +253,8 @@ def check(cfg: Config, local: bool = True) -> None:
     check_trainer(cfg.trainer)
     check_checkpoint(cfg.checkpoint)
     check_logger(cfg.logger)
-    check_launch(cfg)
+    choice("launcher.name", cfg.launcher.name, LAUNCHERS)
+    check_launcher(cfg.launcher, cfg.trainer.nodes)
     check_resume(cfg.resume)
     ranks = ranks_per_node(dataclasses.replace(cfg.trainer, gpus=resolve_gpus(cfg.trainer, local))) * cfg.trainer.nodes
     if cfg.trainer.strategy == "none" and ranks > 1 and cfg.trainer.accelerator != "xla":
