@@ -84,7 +84,8 @@ class EpochEnd:
         else:
             p.history.append(row)
         self.logger.log_epoch(p.history)
-        self.logger.log_step(p.step, speed)  # throughput: logs and W&B, not the (deterministic) history
+        # the epoch's steady rate, beside (not instead of) the recent rate the step rows carry
+        self.logger.log_step(p.step, {f"epoch_{k}": v for k, v in speed.items()})  # not in the (deterministic) history
         if self.dist.is_main:  # type: ignore[union-attr]
             text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in {**row, **speed}.items() if k != "epoch")

@@ -139,8 +139,9 @@ class Trainer(EpochEnd, Outputs):
             raise faults.io_error(self.unwritable, str(self.run_dir)) or self.unwritable
         # opened once the run is known to go on (a refused resume opens no W&B run; a finished run on
         # a read-only filesystem writes nothing)
-        self.logger = open_logger(d.is_main and self.unwritable is None, self.run_dir, self.run_id, cfg.logger,
-                                  cfg.run.name, C.to_dict(cfg))
+        self.logger = open_logger(d.is_main and self.unwritable is None, self.run_dir, cfg.logger,
+                                  run_id=self.run_id, run_name=cfg.run.name, config=C.to_dict(cfg),
+                                  resumed_at=self.progress.step, monitor=t.monitor)
         self.start_step = self.progress.step
         self.ckpt.retire_after(self.progress.step)
         self.bar = Progress(d.is_main and t.progress, t.progress_refresh_s, fp.speed)
@@ -195,7 +196,7 @@ class Trainer(EpochEnd, Outputs):
         except Exception as e:  # noqa: BLE001 - the error in flight is the one to report
             log.warning("the checkpoint in flight failed: %s", C.one_line(e))
         try:
-            self.logger.finish(self.progress.history, plots=False, exit_code=1)
+            self.logger.finish(self.progress.history, trained=False, exit_code=1)
         except Exception as e:  # noqa: BLE001 - e.g. the full disk that ended the run
             log.warning("closing the loggers failed: %s", C.one_line(e))
 
@@ -298,4 +299,4 @@ class Trainer(EpochEnd, Outputs):
                 if weights is not None and (trained or not dest.exists()):
                     F.save_atomic(weights, dest)  # a kill mid-write must not leave half of it
         ckpt.close()  # the async saves' host buffers (pinned on a GPU) go back
-        self.logger.finish(p.history, plots=trained)
+        self.logger.finish(p.history, trained=trained, requeued=self.preempted)

@@ -357,7 +357,7 @@ def test_summary_of_a_one_layer_model() -> None:
 
 
 def test_plots_are_readable_after_one_epoch() -> None:
-    from launcher.loggers import figure
+    from launcher.trackers.csv_files import figure
 
     fig = figure([{"epoch": 1, "step": 7, "train_loss": 0.64, "val_loss": 0.57, "train_acc": 0.6, "val_acc": 0.76}],
                  "run-a (abc)")
