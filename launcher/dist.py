@@ -175,16 +175,23 @@ def barrier() -> None:
         td.barrier()
 
 
-class Heartbeat:
-    """Each rank's last step boundary, in the process group's store, so a rank that times out in a
-    collective can name the ranks that did not arrive (gloo's and NCCL's errors do not say).
+class RollCall:
+    """When a collective times out, the ranks that did not arrive, named.
 
-    beat() writes at most once per `every_s` seconds (a time check per step, one store write per
-    second): cheap, and enough to tell a hung rank (no news for many seconds) from a slow one.
+    Neither gloo's nor NCCL's timeout says which rank is missing. Every rank that times out adds
+    itself to one list in the process group's store; the ranks absent from it after a short grace
+    are the ones that never reached the collective (hung in their own code, or stuck in another
+    collective that has not timed out yet). A per-second heartbeat could not tell them apart: the
+    ranks waiting in the collective stop beating as surely as the hung one. Costs nothing until a
+    timeout, then O(1) store calls per rank (one append, a few counter reads), at any world size.
     """
 
-    def __init__(self, every_s: float = 1.0) -> None:
-        self.every_s, self.next = every_s, 0.0
+    KEY, COUNT = "launcher/timed-out", "launcher/timed-out-count"
+
+    def __init__(self, grace_s: float = 10.0, settle_s: float = 2.0) -> None:
+        # grace_s: the longest wait for the others to time out too (they entered the collective up
+        # to a step later); settle_s: the list is complete once it has not grown for this long
+        self.grace_s, self.settle_s = grace_s, settle_s
         self.store = None
         if td.is_initialized() and td.get_world_size() > 1:
             try:
@@ -192,27 +199,27 @@ class Heartbeat:
             except (AttributeError, RuntimeError):  # a private API: without it, no diagnosis
                 self.store = None
 
-    def beat(self, step: int) -> None:
-        if self.store is None:
-            return
-        now = time.time()
-        if now >= self.next:
-            self.next = now + self.every_s
-            self.store.set(f"launcher/heartbeat/{td.get_rank()}", f"{step} {now}")
-
-    def missing(self, step: int) -> str:
-        """Which ranks are behind `step` (or silent), as one line; "" when nothing can be said."""
+    def absent(self, step: int) -> str:
+        """"rank 3 did not arrive (the other 7 waited there)"; "" when nothing can be said."""
         if self.store is None:
             return ""
-        now, late = time.time(), []
-        for r in range(td.get_world_size()):
-            key = f"launcher/heartbeat/{r}"
-            if r == td.get_rank() or not self.store.check([key]):
-                continue
-            their_step, when = self.store.get(key).decode().split()
-            if int(their_step) < step or now - float(when) > 2 * self.every_s + 1:
-                late.append(f"rank {r} (last at step {their_step}, {now - float(when):.0f} s ago)")
-        return "; ".join(late)
+        world = td.get_world_size()
+        try:
+            self.store.append(self.KEY, f"{td.get_rank()} ")
+            count, changed, deadline = self.store.add(self.COUNT, 1), time.monotonic(), time.monotonic() + self.grace_s
+            while count < world - 1 and time.monotonic() < min(deadline, changed + self.settle_s):
+                time.sleep(0.1)
+                now_count = self.store.add(self.COUNT, 0)
+                if now_count != count:
+                    count, changed = now_count, time.monotonic()
+            present = {int(r) for r in self.store.get(self.KEY).decode().split()}
+        except (RuntimeError, ValueError):  # the store is gone too (its host lost): the timeout says enough
+            return ""
+        missing = [r for r in range(world) if r not in present]
+        if not missing:
+            return ""
+        names = ", ".join(str(r) for r in missing[:10]) + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+        return f"rank{'s' if len(missing) > 1 else ''} {names} did not arrive (the other {len(present)} waited there)"
 
     @contextlib.contextmanager
     def naming_late_ranks(self, step: Callable[[], int], timeout_s: float) -> Iterator[None]:
@@ -222,10 +229,10 @@ class Heartbeat:
         except RuntimeError as e:
             if not is_timeout(e):
                 raise
-            late = self.missing(step())
+            late = self.absent(step())
             rank = td.get_rank() if td.is_initialized() else 0
             raise RuntimeError(f"a collective timed out after trainer.dist_timeout_s={timeout_s:g} s at step {step()} "
-                               f"on rank {rank}: {late + ' did not arrive' if late else 'the other ranks did not arrive'}"
+                               f"on rank {rank}: {late or 'the other ranks did not arrive'}"
                                ) from e
 
 

@@ -159,8 +159,7 @@ class Trainer(EpochEnd, Outputs):
             set_up = True
             if not self.should_continue():
                 log.info(self.progress.complete(self.cfg.trainer, self.stopper))
-            self.heartbeat = D.Heartbeat()
-            with self.heartbeat.naming_late_ranks(lambda: self.progress.step, self.cfg.trainer.dist_timeout_s):
+            with D.RollCall().naming_late_ranks(lambda: self.progress.step, self.cfg.trainer.dist_timeout_s):
                 while self.should_continue():
                     if self._epoch is None:
                         self._start_epoch()
@@ -229,7 +228,6 @@ class Trainer(EpochEnd, Outputs):
             self.parts.scheduler.step()
         self.parts.speed.tick(p.step)
         self.bar.update(self.parts.train_acc.running_loss_lagged)
-        self.heartbeat.beat(p.step)
 
     def _start_epoch(self) -> None:
         p, t = self.progress, self.cfg.trainer
