@@ -3,7 +3,8 @@
     python -m launcher recipe=mnist                                   # 1 rank on the best local device
     python -m launcher recipe=mnist trainer.gpus=0 trainer.nproc=2 trainer.max_epochs=3   # 2 CPU ranks (gloo)
     python -m launcher recipe=mnist trainer.gpus=8                    # 8 GPU ranks (nccl) on this box
-    python -m launcher recipe=circles logger=wandb                    # W&B, offline when there is no API key
+    python -m launcher recipe=mnist launcher=ray launcher.address=auto trainer.gpus=8 trainer.nodes=4   # Ray actors
+    python -m launcher recipe=circles 'logger=[csv,wandb,tensorboard]' # + W&B (offline without a key), TensorBoard
     python -m launcher recipe=mnist run.dir=runs/exp1                 # killed? the same command resumes
     python -m launcher -m recipe=linreg optimizer.lr=1e-2,3e-2        # a sweep, one run directory each
     python -m launcher --help  |  python -m launcher recipe=mnist --cfg job
@@ -93,12 +94,16 @@ def _checked(dcfg: Any) -> Any:
         shared = template if re.fullmatch(r"[^$]*(\$\{now:[^}]*\}[^$]*)+", template) else None
         cfg.run.dir = str(Path(_sweep_parents.setdefault(shared, cfg.run.dir) if shared else cfg.run.dir)
                           / str(hc.job.num))
-    local = cfg.launcher.name == "local"
+    local, slurm = cfg.launcher.name == "local", cfg.launcher.name == "slurm"
     # srun python -m launcher launcher=slurm ...: this process is one rank of the allocation. With the
     # local launcher inside an srun (an interactive srun --pty bash), launch locally as anywhere.
-    inside = S.in_srun_step() and not local
-    if not local:
+    inside = S.in_srun_step() and slurm
+    if slurm:
         S.check_installed()
+    elif cfg.launcher.name == "ray":
+        from .launch import ray_cluster
+
+        ray_cluster.check_installed()  # (without importing ray: launch/ray.py does, when it starts the ranks)
     C.check(cfg, local=local and not inside)
     recipe.check(cfg)
     run_dir = Path(cfg.run.dir).expanduser().absolute()
@@ -129,7 +134,7 @@ def _checked(dcfg: Any) -> Any:
     if dist.env_rank() is not None:  # started by torchrun / srun: this process is one rank
         worker.run(cfg)
         return None
-    if not local:
+    if slurm:
         S.check(cfg)
     return cfg
 

@@ -60,7 +60,7 @@ BAD = [
     (["logger=wandb", "logger.wandb.modee=x"], "logger.wandb.modee: unknown key (did you mean logger.wandb.mode?)"),
     (["logger=mlflow", "logger.mlflow.tracking_uri=ftp://x"], "logger.mlflow.tracking_uri='ftp://x': not a tracking URI"),
     (["logger=tensorboard", "logger.tensorboard.flush_s=0"], "logger.tensorboard.flush_s=0.0: must be > 0 seconds"),
-    (["launcher=nope"], "launcher='nope': unknown option; valid: local, slurm"),
+    (["launcher=nope"], "launcher='nope': unknown option; valid: local, ray, slurm"),
     (["trainer.nope=1"], "trainer.nope: unknown key; valid: trainer.max_epochs"),
     (["nope=1"], "nope: unknown key"),
     (["trainer.max_epochs=abc"], "trainer.max_epochs='abc'"),

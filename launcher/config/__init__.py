@@ -101,7 +101,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    launcher: Any = field(default_factory=LocalLauncherConfig)  # local or slurm (its group option brings its schema)
+    launcher: Any = field(default_factory=LocalLauncherConfig)  # local, slurm or ray (its group option brings its schema)
     run: RunConfig = field(default_factory=RunConfig)
     resume: str = "auto"  # "auto" (latest complete checkpoint in run.dir, else fresh), "never", or a checkpoint path
     # The recipe: _target_ nodes that the worker instantiates (see conf/recipe/*.yaml).

@@ -1,4 +1,4 @@
-"""Starting checked runs: create the run directory and hand it to a backend (local, SLURM).
+"""Starting checked runs: create the run directory and hand it to a backend (local, SLURM, Ray).
 
 The CLI calls start() once its configs passed every check; a user's error at run time (recipe,
 data, run dir, tracker) is one line here and no half-written run directory.
@@ -10,18 +10,21 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from .. import config as C
 from .. import faults
 from . import slurm as S
+
+if TYPE_CHECKING:  # launch/ray.py is imported only under launcher=ray
+    from .ray import Session
 
 EXIT_CONFIG = 2  # the CLI's exit code for a user's error
 
 
 def start(cfgs: list[Any]) -> list[int]:
     """Create the run directories and start: SLURM gets them all at once (job arrays), the local
-    launcher runs them one after another. Returns the exit codes of the runs that failed."""
+    and Ray launchers run them one after another. Returns the exit codes of the runs that failed."""
     failures: list[int] = []
     from .. import run as R
     if cfgs[0].launcher.name == "slurm":
@@ -33,24 +36,54 @@ def start(cfgs: list[Any]) -> list[int]:
         folder = Path(cfgs[0].run.dir) / "slurm" if len(cfgs) == 1 else Path(cfgs[0].run.dir).parent / "slurm"
         _submit(cfgs, folder, failures)
         return failures
+    if cfgs[0].launcher.name == "ray":
+        return _start_ray(cfgs)
     for cfg in cfgs:
         _start_local(cfg, failures)
     return failures
 
 
-def _start_local(cfg: Any, failures: list[int]) -> None:
+def _start_ray(cfgs: list[Any]) -> list[int]:
+    """One Ray cluster (joined, or started for this command) for every run of the command."""
+    from . import ray as ray_launch  # here only: ray loads under launcher=ray alone
+
+    try:
+        session = ray_launch.Session(cfgs[0].launcher)
+    except C.UserError as e:
+        print(f"launcher: error: {e}", file=sys.stderr)
+        return [EXIT_CONFIG]
+    failures: list[int] = []
+    try:
+        for cfg in cfgs:
+            _start_local(cfg, failures, session)
+    finally:
+        session.close()
+    return failures
+
+
+def _start_local(cfg: Any, failures: list[int], ray_session: Optional["Session"] = None) -> None:
+    """A run whose ranks this process starts: on this node (elastic), or every node's (a Ray session)."""
     from .. import run as R
     from ..lock import LOCK_ENV
 
     run_dir = Path(cfg.run.dir)
-    one_node = cfg.trainer.nodes == 1  # several nodes share the dir: rank 0 locks it, and none deletes
+    # several nodes each running this command share the dir: rank 0 locks it, and none deletes
+    one_node = cfg.trainer.nodes == 1 or ray_session is not None
     new = R.is_new(run_dir) and one_node
     lock = None
     try:
+        if ray_session is not None:
+            ray_session.check(cfg)  # the cluster can hold the ranks: before the run dir is touched
         if one_node:  # held here, for the ranks this process starts (they inherit LOCK_ENV)
             lock = R.RunLock.acquire(run_dir)  # in use: one line, and nothing touched
             os.environ[LOCK_ENV] = str(run_dir)
-        _launch_local(cfg, run_dir, failures)
+        if ray_session is None:
+            _launch_local(cfg, run_dir, failures)
+        else:
+            cfg.run.id = R.prepare(run_dir, cfg.run.id, C.to_dict(cfg))
+            code = ray_session.launch(cfg)
+            if code:
+                failures.append(code)
     except C.UserError as e:
         # nothing half-written: a new run that failed before its first checkpoint keeps only the
         # logs its error line points to; a sweep goes on with its next point
