@@ -79,11 +79,6 @@ def _run(dcfg: Any) -> None:
 def _checked(dcfg: Any) -> Any:
     """The typed, checked Config, with nothing written yet; ConfigError on bad input. Under an
     outside torchrun / srun this process is a rank: it runs the worker and returns None."""
-    from . import dist, recipe, worker
-    from . import run as R
-    from .checkpoint import format as F
-    from .launch import slurm as S
-
     _refuse_unknown_keys(dcfg)
     cfg: C.Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     hc = HydraConfig.get()
@@ -95,6 +90,12 @@ def _checked(dcfg: Any) -> Any:
         cfg.run.dir = str(Path(_sweep_parents.setdefault(shared, cfg.run.dir) if shared else cfg.run.dir)
                           / str(hc.job.num))
     local, slurm = cfg.launcher.name == "local", cfg.launcher.name == "slurm"
+    C.check_fields(cfg)  # before torch is imported (by what follows): a bad value costs no import
+    from . import dist, recipe, worker
+    from . import run as R
+    from .checkpoint import format as F
+    from .launch import slurm as S
+
     # srun python -m launcher launcher=slurm ...: this process is one rank of the allocation. With the
     # local launcher inside an srun (an interactive srun --pty bash), launch locally as anywhere.
     inside = S.in_srun_step() and slurm
@@ -215,6 +216,8 @@ def _field_alias(arg: str) -> str:
 
 def _another_rank() -> bool:
     """This process is a rank other than 0 of a valid torchrun / srun world."""
+    if "RANK" not in os.environ:  # the usual CLI (dist.env_rank needs RANK): no torch import to say so
+        return False
     from . import dist
 
     rank = dist.env_rank() if dist.env_problem() is None else None

@@ -59,7 +59,7 @@ def test_sigkill_of_one_rank_restarts_from_the_checkpoint_bitwise(tmp_path: Path
     ref = tmp_path / "ref"
     p = run_cli(_elastic_args(mnist_root, ref), cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    for trial in range(3):
+    for trial in range(2):  # (random steps and victims: other runs cover other choices; the seed replays one)
         kill_step, victim = RNG.choice([6, 9, 12, 15, 18, 21, 24]), RNG.choice([0, 1])
         run_dir = tmp_path / f"trial{trial}"
         proc = subprocess.Popen([sys.executable, "-m", "launcher", *_elastic_args(mnist_root, run_dir)],

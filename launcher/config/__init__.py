@@ -246,8 +246,9 @@ def check_resume(resume: str) -> None:
         raise ConfigError("resume", resume, "no such checkpoint path", "auto, never, or an existing step-NNNNNNN directory")
 
 
-def check(cfg: Config, local: bool = True) -> None:
-    """The parent's checks of every section but the recipe (recipe.check: it imports the targets)."""
+def check_fields(cfg: Config) -> None:
+    """The checks that need neither torch nor the machine: the CLI runs them before it imports
+    torch, so a bad value is one line in well under a second."""
     if not str(cfg.run.dir).strip():
         raise ConfigError("run.dir", cfg.run.dir, "empty", "a directory for this run")
     check_trainer(cfg.trainer)
@@ -256,6 +257,11 @@ def check(cfg: Config, local: bool = True) -> None:
     choice("launcher.name", cfg.launcher.name, LAUNCHERS)
     check_launcher(cfg.launcher, cfg.trainer.nodes)
     check_resume(cfg.resume)
+
+
+def check(cfg: Config, local: bool = True) -> None:
+    """The parent's checks of every section but the recipe (recipe.check: it imports the targets)."""
+    check_fields(cfg)
     ranks = ranks_per_node(dataclasses.replace(cfg.trainer, gpus=resolve_gpus(cfg.trainer, local))) * cfg.trainer.nodes
     if cfg.trainer.strategy == "none" and ranks > 1 and cfg.trainer.accelerator != "xla":
         raise ConfigError("trainer.strategy", "none", f"{ranks} ranks would train unsynchronised copies",
