@@ -54,3 +54,30 @@ def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120) -> N
 
 def mnist_small(root: Path, train: int = 2560, val: int = 1000) -> list[str]:
     return ["recipe=mnist", f"data.root={root}", f"data.train_limit={train}", f"data.val_limit={val}"]
+
+
+def rows(run_dir: Path) -> list[dict[str, str]]:
+    """metrics.csv as rows of strings (exact: two runs' histories compare equal only if bitwise)."""
+    import csv
+
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def same_weights(a: Path, b: Path) -> None:
+    """Two model.pt files hold bitwise the same tensors under the same names."""
+    import torch
+
+    wa, wb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs"
+
+
+def wait_until(predicate, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
+    """Poll `predicate` while `proc` runs; fail naming `what` if it ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.stderr.read()[-3000:] if proc.stderr else ''}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)

@@ -4,7 +4,6 @@ damaged newest checkpoint, a rank that hangs, and two hosts as network namespace
 
 from __future__ import annotations
 
-import csv
 import os
 import random
 import shutil
@@ -18,34 +17,17 @@ import pytest
 import torch
 
 from conftest import QUIET, cli_env, mnist_small, run_cli
+from conftest import rows as _rows
+from conftest import same_weights as _same_weights
+from conftest import wait_until as _wait
 
 RNG = random.Random(int(os.environ.get("FAULT_SEED", "20261122")))
-
-
-def _rows(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def _same_weights(a: Path, b: Path) -> None:
-    wa, wb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), f"{k} differs"
 
 
 def _rank_pid(run_dir: Path, rank: int) -> int:
     """The pid of a rank, from the first line each rank writes to its log (the newest attempt's)."""
     lines = [ln for ln in (run_dir / "logs" / f"rank-{rank}.log").read_text().splitlines() if ", pid " in ln]
     return int(lines[-1].rsplit(", pid ", 1)[1])
-
-
-def _wait(predicate, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"the run ended before {what}: {proc.stderr.read()[-3000:] if proc.stderr else ''}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
 
 
 # ---- 7. SIGKILL of one rank, elastic restarts ---------------------------------------------------------

@@ -335,7 +335,7 @@ def wait(jobs: list[Any], poll_s: float) -> int:
             folder = Path(job.paths.folder)
             tracebacks = _rank_tracebacks(folder, str(job.job_id))
             mine = [(path, m.group(1)) for _, path, tb in tracebacks
-                    if (m := re.search(r"(?m)^launcher\.config\.(?:User|Config)Error: (.*)$", tb))]
+                    if (m := re.search(r"(?m)^launcher\.config(?:\.errors)?\.(?:User|Config)Error: (.*)$", tb))]
             if mine:  # the user's (recipe, data, arguments): one line, once, as a local run gives it
                 print(f"launcher: error: job {job.job_id}: {mine[0][1]} (traceback: {mine[0][0]})", file=sys.stderr)
                 code = code or 2
