@@ -16,34 +16,28 @@ before any process starts or any file is written. A failed rank: its traceback a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
-
-import hydra
-import yaml
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, MissingConfigException
-from hydra.types import RunMode
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from typing import Any, Iterator, Optional
 
 from . import config as C
-from . import faults
+from . import faults, overlap
 
-# Everything that imports torch (checkpoint, dist, run, worker, launch/*) is imported inside the
-# functions that need it, once Hydra has composed the config: `--help`, `--cfg` and Hydra's own
-# errors must not wait ~2 s for torch.
+# Two phases (overlap.py runs the first in a forked child while this process imports torch):
+# Hydra composes and the fields are checked, without torch; then the checks that need torch
+# (recipe targets, GPUs, resume) and the start. Hydra is imported by the first phase only, torch
+# (checkpoint, dist, run, worker, launch/*) by the second: `--help`, `--cfg` and a bad value never
+# wait ~2 s for torch.
 EXIT_CONFIG = 2
 
 
-_failures: list[int] = []  # exit codes of failed runs; a sweep goes on and exits with the first
-_errors: list[BaseException] = []  # raised in the task: reported by main(), not by Hydra's job runner
-_pending: list[Any] = []  # -m: the checked configs of every sweep point, started once all have passed
+_errors: list[BaseException] = []  # raised in the task: reported by _compose(), not by Hydra's job runner
+_composed: list[Any] = []  # the field-checked config of the run (-m: of every sweep point)
 _sweep_parents: dict[str, str] = {}  # -m: run.dir as written -> as resolved at the sweep's first point
 
 
@@ -56,29 +50,20 @@ def _conf_dir() -> str:
 
 
 def _task(dcfg: Any) -> None:
-    """Hydra's task function: runs in the parent, once per run (once per sweep point with -m)."""
+    """Hydra's task function, once per run (once per sweep point with -m): the torch-free checks."""
     # Hydra's job runner prints its own "Error executing job" line for anything raised from here.
     try:
-        _run(dcfg)
-    except Exception as e:  # noqa: BLE001 - handed to main() unchanged
+        _composed.append(_fields_checked(dcfg))
+    except Exception as e:  # noqa: BLE001 - handed to _compose() unchanged
         _errors.append(e)
 
 
-def _run(dcfg: Any) -> None:
-    cfg = _checked(dcfg)
-    if cfg is None:  # this process was one rank of an outside torchrun / srun, and has run
-        return
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
-        _pending.append(cfg)  # a sweep starts only once every point has passed its checks
-        return
-    from .launch.start import start
+def _fields_checked(dcfg: Any) -> Any:
+    """The typed Config with every field checked: what needs neither torch nor any file."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
 
-    _failures.extend(start([cfg]))
-
-
-def _checked(dcfg: Any) -> Any:
-    """The typed, checked Config, with nothing written yet; ConfigError on bad input. Under an
-    outside torchrun / srun this process is a rank: it runs the worker and returns None."""
     _refuse_unknown_keys(dcfg)
     cfg: C.Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     hc = HydraConfig.get()
@@ -89,8 +74,15 @@ def _checked(dcfg: Any) -> Any:
         shared = template if re.fullmatch(r"[^$]*(\$\{now:[^}]*\}[^$]*)+", template) else None
         cfg.run.dir = str(Path(_sweep_parents.setdefault(shared, cfg.run.dir) if shared else cfg.run.dir)
                           / str(hc.job.num))
+    C.check_fields(cfg)
+    return cfg
+
+
+def _checked(cfg: Any) -> Any:
+    """The Config checked against this machine (recipe targets, GPUs, resume), with nothing written
+    yet; ConfigError on bad input. Under an outside torchrun / srun this process is a rank: it runs
+    the worker and returns None."""
     local, slurm = cfg.launcher.name == "local", cfg.launcher.name == "slurm"
-    C.check_fields(cfg)  # before torch is imported (by what follows): a bad value costs no import
     from . import dist, recipe, worker
     from . import run as R
     from .checkpoint import format as F
@@ -142,6 +134,8 @@ def _checked(dcfg: Any) -> Any:
 
 def _refuse_unknown_keys(dcfg: Any) -> None:
     """Keys added with Hydra's `+` pass composition, and to_object() would drop them silently."""
+    from omegaconf import OmegaConf
+
     fields = [f.name for f in dataclasses.fields(C.Config)]
     schemas = C.section_schemas(dcfg.launcher.name)
     unknown = [str(k) for k in dcfg if k not in fields]
@@ -154,6 +148,9 @@ def _refuse_unknown_keys(dcfg: Any) -> None:
 
 def _one_line(e: BaseException) -> str:
     """Hydra's and OmegaConf's multi-line errors as the one line our users get."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
     if isinstance(e, MissingConfigException) and e.missing_cfg_file:
         group, _, option = e.missing_cfg_file.rpartition("/")
         # an item of a list (logger=[csv,nope]) comes without Hydra's options: the group's files
@@ -235,36 +232,80 @@ def _main() -> None:
     # Hydra re-raises instead of printing its own report, so every error goes through _one_line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     faults.raise_on_sigterm()  # SIGTERM ends a run as Ctrl-C does, its cleanup done: exit 143
+    composed = overlap.compose_beside(_compose, _torch_imports)
+    if not composed:  # --help, --cfg, --info: Hydra has printed what was asked
+        return
+    from .launch.start import start
+
+    with _reported():
+        checked = [cfg for cfg in (_checked(c) for c in composed) if cfg is not None]
+        # a sweep starts only once every point has passed its checks (SLURM: one job array)
+        failures = start(checked) if checked else []
+        if failures:
+            sys.exit(failures[0])  # a sweep goes on after a failed point and exits with the first
+
+
+def _compose() -> Optional[list[Any]]:
+    """Hydra's composition of the command line and the field checks: the configs to run, or None
+    when Hydra only had something to show (--help, --cfg). Errors: one line, exit 2."""
+    import hydra
+
     C.register()
     sys.argv[1:] = [_field_alias(a) for a in sys.argv[1:]]
     entry = hydra.main(config_path=_conf_dir(), config_name="config", version_base="1.3")(_task)
-    try:
+    with _reported(composing=True):
         entry()
         if _errors:
             raise _errors[0]
-        if _pending:  # a -m sweep, every point checked: start them (SLURM: job arrays)
-            from .launch.start import start
+    return list(_composed) or None
 
-            _failures.extend(start(_pending))
-        if _failures:
-            sys.exit(_failures[0])
+
+def _torch_imports() -> None:
+    """What every run imports once its config is composed (overlap.py: while Hydra composes)."""
+    import torch  # noqa: F401
+
+    from . import dist, recipe, run, worker  # noqa: F401
+    from .checkpoint import format  # noqa: F401
+    from .launch import slurm, start  # noqa: F401
+
+
+@contextlib.contextmanager
+def _reported(composing: bool = False) -> Iterator[None]:
+    """A user's error as one line on stderr and exit 2; Ctrl-C / SIGTERM as one line, 128 + N.
+    While composing, Hydra's, OmegaConf's and YAML's errors are the user's too (the command line, a
+    config file); anything else is a bug and keeps its traceback."""
+    try:
+        yield
     except C.UserError as e:
         if not _another_rank():  # under torchrun / srun every rank gets here: rank 0 says it
             print(f"launcher: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    except (HydraException, OmegaConfBaseException) as e:
-        print(f"launcher: error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    except yaml.YAMLError as e:  # a config file that is not YAML
-        mark = getattr(e, "problem_mark", None)
-        where = f"{mark.name} line {mark.line + 1}" if mark else "a config file"
-        print(f"launcher: error: {where}: not valid YAML ({getattr(e, 'problem', None) or e})", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the same on one rank and on N
         if not _another_rank():
             print(f"launcher: interrupted by {faults.signal_name(e)}; the run stopped (run the same command "
                   "to continue it from its last checkpoint)", file=sys.stderr)
         sys.exit(faults.exit_code(e))
+    except Exception as e:
+        line = _config_error(e) if composing else None
+        if line is None:  # a bug: its traceback
+            raise
+        print(f"launcher: error: {line}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+
+
+def _config_error(e: Exception) -> Optional[str]:
+    """The one line for Hydra's, OmegaConf's and YAML's errors (a bad command line or config file)."""
+    import yaml
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(e, (HydraException, OmegaConfBaseException)):
+        return _one_line(e)
+    if isinstance(e, yaml.YAMLError):  # a config file that is not YAML
+        mark = getattr(e, "problem_mark", None)
+        where = f"{mark.name} line {mark.line + 1}" if mark else "a config file"
+        return f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})"
+    return None
 
 
 if __name__ == "__main__":

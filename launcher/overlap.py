@@ -1,0 +1,94 @@
+"""The CLI's two start-up costs side by side: Hydra composes in a forked child while this process
+imports torch.
+
+A command spends ~0.4 s in Hydra (import, composition, the field checks) and ~1.3 s importing
+torch (2-core EPYC), one after the other on one core: Python's imports and Hydra are both
+GIL-bound, so a thread gains nothing (measured: slower). A child process does: it is forked before
+either starts, runs the composition and its checks, and sends back what they produced (pickled);
+meanwhile this process imports what every run needs. The child reports its own outcome (a config
+error's one line, --help, --cfg, Ctrl-C) and its exit code becomes this process's, without a word
+more from here. On one usable CPU there is nothing to overlap and the composition runs in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def worth_it() -> bool:
+    """A second CPU to run on, fork available, and torch not yet imported (the API, tests)."""
+    if not hasattr(os, "fork") or "torch" in sys.modules or os.environ.get("LAUNCHER_OVERLAP") == "0":
+        return False
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return len(cpus) >= 2
+
+
+def compose_beside(compose: Callable[[], T], imports: Callable[[], None]) -> T:
+    """compose()'s result, computed in a forked child while `imports` runs here in a thread. Where
+    the child ends otherwise (an error it reported, --help), this process exits with its code."""
+    if not worth_it():
+        return compose()
+    for stream in (sys.stdout, sys.stderr):  # nothing buffered twice by the fork
+        stream.flush()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        _child(compose, write)
+    os.close(write)
+    # Ctrl-C reaches both processes (one terminal process group): the child reports it; a SIGTERM
+    # sent to this process alone is passed on, so the child reports that too
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda sig, frame: os.kill(pid, sig))
+    warm = threading.Thread(target=_quietly, args=(imports,), name="launcher-imports", daemon=True)
+    warm.start()
+    try:
+        with os.fdopen(read, "rb") as pipe:
+            data = pipe.read()
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code != 0 or not data:
+        os._exit(128 - code if code < 0 else code)  # a signal's death as a shell shows it: 128 + N
+    warm.join()  # torch is imported once: here, by the thread (a failed import fails again where used)
+    return pickle.loads(data)
+
+
+def _child(compose: Callable[[], T], write: int) -> None:
+    """Run compose() and send its result; never returns (the parent's stack must not run twice).
+    Its signal handlers are the parent's from before the fork (a SIGINT ignored stays ignored)."""
+    code = 0
+    try:
+        data = pickle.dumps(compose())
+        with os.fdopen(write, "wb") as pipe:
+            pipe.write(data)
+    except SystemExit as e:  # the reported outcomes: a config error (2), --help (0), Ctrl-C (130)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - a bug: its traceback, as an in-process one would show
+        traceback.print_exc()
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def _quietly(imports: Callable[[], None]) -> None:
+    try:
+        imports()
+    except BaseException:  # noqa: BLE001 - imported again where used, and reported there
+        pass
