@@ -58,8 +58,12 @@ def compose_beside(compose: Callable[[], T], imports: Callable[[], None]) -> T:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if code != 0 or not data:
-        os._exit(128 - code if code < 0 else code)  # a signal's death as a shell shows it: 128 + N
+    if code < 0:  # killed before it could say anything (the OOM killer, SIGKILL): say it here
+        print(f"launcher: error: the config's composition (pid {pid}) was killed by {signal.Signals(-code).name}",
+              file=sys.stderr, flush=True)
+        os._exit(128 - code)  # as a shell shows a signal's death: 128 + N
+    if code != 0 or not data:  # the child has said why (an error), or what was asked (--help: exit 0)
+        os._exit(code)
     warm.join()  # torch is imported once: here, by the thread (a failed import fails again where used)
     return pickle.loads(data)
 

@@ -138,3 +138,12 @@ def test_the_cli_composes_beside_torch_and_in_process_on_one_cpu(tmp_path: Path)
         assert p.returncode == 0, p.stderr[-3000:]
         assert p.stdout.strip().endswith(f"hydra here: {expect}")
         assert len(rows(tmp_path / expect)) == 1
+
+
+def test_a_composition_killed_outright_is_named(tmp_path: Path) -> None:
+    _two_cpus()
+    p = _start(_overlap_script(tmp_path, "    os.kill(os.getpid(), 9)"))
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 137
+    assert err.strip() == f"launcher: error: the config's composition (pid {err.split('pid ')[1].split(')')[0]}) " \
+                          "was killed by SIGKILL"
