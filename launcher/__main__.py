@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import importlib
 import os
 import re
 import sys
@@ -262,11 +263,8 @@ def _compose() -> Optional[list[Any]]:
 
 def _torch_imports() -> None:
     """What every run imports once its config is composed (overlap.py: while Hydra composes)."""
-    import torch  # noqa: F401
-
-    from . import dist, recipe, run, worker  # noqa: F401
-    from .checkpoint import format  # noqa: F401
-    from .launch import slurm, start  # noqa: F401
+    for name in ("torch", "dist", "recipe", "run", "worker", "checkpoint.format", "launch.slurm", "launch.start"):
+        importlib.import_module(name if name == "torch" else f"{__package__}.{name}")
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ step 2 of max_steps=4, as DCP shards.
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from conftest import QUIET, SUPPORT, run_cli
+from conftest import rows as _rows
 
 V1 = SUPPORT / "checkpoint-v1" / "step-0000010"
 V1_FSDP = SUPPORT / "checkpoint-v1-fsdp" / "step-0000002"
@@ -32,11 +32,6 @@ def _close(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5), k
-
-
-def _rows(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def test_a_format_1_checkpoint_resumes_mid_epoch(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -14,13 +13,9 @@ import torch
 import yaml
 
 from conftest import QUIET, cli_env, mnist_small, run_cli
+from conftest import rows as _rows
 
 TWO_RANKS = ["trainer.gpus=0", "trainer.nproc=2"]
-
-
-def _rows(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def _check_run_dir(run_dir: Path, epochs: int) -> list[dict[str, str]]:

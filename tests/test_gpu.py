@@ -18,7 +18,6 @@ flash / memory-efficient backward, 1-D cross-entropy, embeddings).
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -31,6 +30,7 @@ import pytest
 import torch
 
 from conftest import QUIET, cli_env, mnist_small, run_cli, wait_for_file
+from conftest import rows as _rows
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -66,11 +66,6 @@ def _assert_bitwise(a_dir: Path, b_dir: Path) -> None:
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"final weights differ in {differ}"
-
-
-def _rows(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def _ranks(run_dir: Path) -> dict[int, tuple[int, str]]:

@@ -12,7 +12,6 @@ fewer. Without FAULT_STEP set low the fault never fires.
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 import torch
 
 from conftest import QUIET, cli_env, wait_for_file
+from conftest import rows as _rows
 
 pytest.importorskip("ray", reason="ray is not installed: pip install 'launcher[ray]' (or '.[dev]')")
 
@@ -50,11 +50,6 @@ def _cli(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.Complet
 def _popen(args: list[str], cwd: Path, fault_step: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=cwd, env=_env(fault_step),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def _rows(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def _same_run(ref: Path, run_dir: Path) -> None:

@@ -4,7 +4,6 @@ load fall back, a full / read-only / forbidden run dir is one line, SIGTERM ends
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -20,13 +19,9 @@ import pytest
 import torch
 
 from conftest import QUIET, cli_env, run_cli
+from conftest import rows as _rows
 
 LINREG = ["recipe=linreg", *QUIET]  # 280 training samples, batch 20: 14 steps per epoch
-
-
-def _rows(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:

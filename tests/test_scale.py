@@ -3,7 +3,6 @@ async saves, accumulation, clipping under FSDP, mixed precision, the non-finite 
 
 from __future__ import annotations
 
-import csv
 import functools
 import subprocess
 import sys
@@ -13,15 +12,11 @@ import pytest
 import torch
 
 from conftest import QUIET, cli_env, run_cli
+from conftest import rows as _rows
 
 TWO = ["trainer.gpus=0", "trainer.nproc=2"]
 # charlm small enough for CI: 40k characters -> 9 optimizer steps per epoch on 2 ranks
 CHARLM = ["recipe=charlm", "data.n_chars=40000", "trainer.max_steps=-1", "trainer.log_every_n_steps=0", *QUIET]
-
-
-def _rows(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
