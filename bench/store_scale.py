@@ -33,7 +33,7 @@ import resource
 import socket
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 PHASES = ("connect", "join", "mesh", "barrier", "rollcall")
 
@@ -84,22 +84,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def one(n: int) -> dict[str, float]:
-    """Seconds per phase for N ranks: from the last rank entering it to the last rank leaving it."""
+def forked_clients(target: Any, n: int, args: tuple, prepare: Optional[Callable[[Any], None]] = None
+                   ) -> tuple[Any, list[Any], Any]:
+    """N processes running target(ports, rank, *args, out), forked BEFORE the store's server starts
+    (a child forked after it would inherit the server's threads half-copied and its listening
+    socket); then the server, prepare(server), and its port handed to each: (server, processes, out)."""
     from torch.distributed import TCPStore
 
-    # torch is imported once, here; each rank is a forked copy, forked BEFORE the server starts (a
-    # child forked after it would inherit the server's threads half-copied and its listening socket)
     ctx = mp.get_context("fork")
     ports, out = ctx.Queue(), ctx.Queue()
-    ps = [ctx.Process(target=_rank, args=(ports, r, n, out)) for r in range(n)]
+    ps = [ctx.Process(target=target, args=(ports, r, *args, out)) for r in range(n)]
     for p in ps:
         p.start()
     port = _free_port()
     server = TCPStore("127.0.0.1", port, n, is_master=True, wait_for_workers=False,
                       timeout=datetime.timedelta(seconds=600))
+    if prepare is not None:
+        prepare(server)
     for _ in ps:
         ports.put(port)
+    return server, ps, out
+
+
+def one(n: int) -> dict[str, float]:
+    """Seconds per phase for N ranks: from the last rank entering it to the last rank leaving it."""
+    # torch is imported once, here; each rank is a forked copy
+    server, ps, out = forked_clients(_rank, n, (n,))
     marks = dict(out.get() for _ in ps)
     for p in ps:
         p.join()
