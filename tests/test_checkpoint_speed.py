@@ -273,3 +273,38 @@ def test_load_and_export_read_the_weights_file(tmp_path: Path) -> None:
     (folder / F.WEIGHTS).write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="model.pt: sha256 differs"):
         F.load(folder)
+
+
+def test_many_files_are_hashed_at_once_and_the_corrupt_one_is_named(tmp_path: Path) -> None:
+    # FSDP: one shard file per rank, every one hashed by rank 0 at commit and at resume; in threads
+    import hashlib
+    import threading
+
+    shards = {f"sharded/__{r}_0.distcp": os.urandom(200_000 + r) for r in range(12)}
+    tmp = F.begin(tmp_path / F.step_name(7))
+    for name, data in shards.items():
+        (tmp / name).parent.mkdir(exist_ok=True)
+        (tmp / name).write_bytes(data)
+    seen: set[str] = set()
+    real = F._sha256
+
+    def spy(path: Path) -> str:
+        seen.add(threading.current_thread().name)
+        return real(path)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(F, "_sha256", spy)
+            folder = F.commit(tmp, tmp_path / F.step_name(7), {"step": 7})
+    finally:
+        torch.set_num_threads(threads)
+    files = F.read_manifest(folder)["files"]
+    assert {n: files[n]["sha256"] for n in shards} == {n: hashlib.sha256(d).hexdigest() for n, d in shards.items()}
+    assert len({t for t in seen if t.startswith("launcher-sha256")}) > 1, seen
+    assert F.verify(folder) is None
+    raw = bytearray((folder / "sharded/__9_0.distcp").read_bytes())
+    raw[100] ^= 0x01  # same size: only the hash can tell
+    (folder / "sharded/__9_0.distcp").write_bytes(bytes(raw))
+    assert F.verify(folder) == f"{folder / 'sharded/__9_0.distcp'}: sha256 differs from the manifest (corrupt)"
