@@ -21,6 +21,7 @@ from .dist import Dist
 from .guard import Guard
 from .metrics import Accumulator
 from .precision import Precision
+from .state import rng_state, set_rng_state
 
 log = logging.getLogger("launcher")
 
@@ -43,6 +44,12 @@ class Stepper:
 
     def micro(self, batch: Any, last: bool, group: int) -> torch.Tensor:
         """Forward and backward of one micro-batch of a `group`; gradients sync on the `last`."""
+        loss, out, y = self._forward_backward(batch, last, group)
+        self.acc.update(loss.float(), y.shape[0] if isinstance(y, torch.Tensor) else batch_size_of(y),
+                        out.detach(), y)
+        return loss
+
+    def _forward_backward(self, batch: Any, last: bool, group: int) -> tuple[torch.Tensor, Any, Any]:
         x, y = batch if self.data_on_device else to_device(batch, self.d.device)
         x = self.prec.prepare_input(x)
         if self.channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
@@ -54,9 +61,38 @@ class Stepper:
                 loss = self.loss_fn(out, y)
             # mean over the group's samples, as one batch of the whole group would give
             self.prec.backward(loss / group if group > 1 else loss)
-        self.acc.update(loss.float(), y.shape[0] if isinstance(y, torch.Tensor) else batch_size_of(y),
-                        out.detach(), y)
-        return loss
+        return loss, out, y
+
+    def settle_buckets(self, batches: Any) -> None:
+        """A process resumed after step 0: one throwaway synced forward and backward under DDP, so
+        that every step it trains uses the gradient buckets the uninterrupted run used at that step.
+
+        Why: DDP all-reduces its first iteration's gradients in one bucket in parameter order and
+        then rebuilds the buckets in the order the gradients became ready, once per process. gloo's
+        ring all-reduce (NCCL's rings too) sums each element over the ranks starting at a rank that
+        depends on the element's position in its bucket, so at 3 ranks or more the two layouts give
+        sums that differ in the last bits (at 2, a + b == b + a). An uninterrupted run trains step 1 in
+        the first layout and every later step in the rebuilt one; without this, a process resumed
+        at step k would train step k + 1 in the first layout (16 ranks on SLURM: weights off in the
+        last bits from there on). The batch (the dataset's first samples) and the gradients are
+        dropped; the RNG streams and the module buffers (BatchNorm statistics) are put back, so
+        nothing but DDP's layout changes (a model that counts its own forwards sees one more). The
+        ready order is rank 0's (DDP broadcasts it) and is the model's backward order, the same for
+        this batch as for any other."""
+        if not isinstance(self.net, nn.parallel.DistributedDataParallel) or not batches.n:
+            return  # FSDP, XLA and one rank reduce in a layout that never changes
+        if self.d.world_size < 3:
+            return  # each element's sum is one addition, the same bits in any layout: no forward to spend
+        rng, buffers = rng_state(), [b.detach().clone() for b in self.model.buffers()]
+        try:
+            self._forward_backward(batches.head(), last=True, group=1)
+        finally:
+            for p in self.model.parameters():
+                p.grad = None
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), buffers):
+                    b.copy_(saved)
+            set_rng_state(rng)
 
     def step(self, loss: torch.Tensor, step: int) -> bool:
         """The optimizer step that makes `step`; False when the guard skipped it and knows so now

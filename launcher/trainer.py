@@ -137,6 +137,8 @@ class Trainer(EpochEnd, Outputs):
         self.progress.stopped_early = self.stopper.should_stop()
         if self.unwritable is not None and self.should_continue():  # training would write: say why it cannot
             raise faults.io_error(self.unwritable, str(self.run_dir)) or self.unwritable
+        if point is not None and self.progress.step > 0 and self.should_continue():
+            fp.stepper.settle_buckets(fp.train)  # DDP's buckets as the uninterrupted run has them by now
         # opened once the run is known to go on (a refused resume opens no W&B run; a finished run on
         # a read-only filesystem writes nothing)
         self.logger = open_logger(d.is_main and self.unwritable is None, self.run_dir, cfg.logger,

@@ -133,6 +133,29 @@ def test_extending_a_finished_run_by_max_steps_is_bitwise_one_straight_run(tmp_p
         in p.stderr
 
 
+def test_3_ddp_ranks_continued_is_bitwise_one_straight_run(tmp_path: Path, mnist_root: Path) -> None:
+    """From 3 ranks on, the gradient all-reduce sums each element in an order that depends on its
+    place in DDP's bucket, and DDP rebuilds its buckets after a process's first iteration: a
+    continued process must train its first step in the rebuilt layout too (Stepper.settle_buckets),
+    or its weights are off in the last bits (16 SLURM ranks were). At 2 ranks a + b == b + a, so the
+    2-rank cases cannot see it. 3 + 3 steps end bitwise where 6 straight steps do."""
+    def args(run_dir: Path, steps: int) -> list[str]:
+        # 1536 samples, 3 ranks x 128 per batch: 4 steps per epoch; step 3 is inside epoch 1
+        return [*mnist_small(mnist_root, 1536, 256), "trainer.nproc=3", "trainer.gpus=0", "trainer.max_epochs=2",
+                f"trainer.max_steps={steps}", "trainer.summary=false", *QUIET, f"run.dir={run_dir}"]
+
+    straight, continued = tmp_path / "straight", tmp_path / "continued"
+    p = run_cli(args(straight, 6), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for steps in (3, 6):
+        p = run_cli(args(continued, steps), cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in (continued / "logs" / "rank-0.log").read_text()
+    a, b = _weights(straight / "model.pt"), _weights(continued / "model.pt")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == [], "weights differ from one straight run"
+    assert (straight / "metrics.csv").read_text() == (continued / "metrics.csv").read_text()
+
+
 def test_fsdp_on_one_rank_checkpoints_and_resumes_at_2_ranks_and_back(tmp_path: Path) -> None:
     """strategy=fsdp with one rank: a process group of one, sharded checkpoints, which load at 2
     ranks and back at 1 (before: fully_shard called init_process_group with no RANK and crashed)."""
