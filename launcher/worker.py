@@ -75,6 +75,11 @@ def run(cfg: C.Config) -> None:
     except C.UserError as e:
         log.error("run failed: %s", e, exc_info=True, extra={"file_only": True})  # the one line is the CLI's
         raise
+    except Exception as e:  # a bug, a lost peer, a timeout: reported by the launcher (or the job's .err);
+        # the rank log says it too, so RUN_DIR/logs/ tells why an attempt ended (a requeued SLURM job's
+        # reason lived only in slurm/<job>/*.err)
+        log.error("run failed: %s: %s", type(e).__name__, e, exc_info=True, extra={"file_only": True})
+        raise
     finally:
         dist.cleanup()
 

@@ -38,6 +38,10 @@ def test_a_rank_raising_ends_the_run_within_seconds(tmp_path: Path) -> None:
     assert "faulty.py" in p.stderr, "the failing rank's traceback is shown"
     assert elapsed < 30, f"took {elapsed:.1f}s: the other rank must not hang in a collective"
     assert not (tmp_path / "r" / "model.pt").exists()
+    # the run dir says why the attempt ended: the failed rank's log, with its traceback (its peer may
+    # be stopped by the agent before it notices, so its log is not asked)
+    failed = (tmp_path / "r" / "logs" / "rank-1.log").read_text()
+    assert "run failed: RuntimeError: injected failure on rank 1 at step 30" in failed and "faulty.py" in failed
 
 
 def test_a_single_rank_raising_exits_1_with_traceback(tmp_path: Path) -> None:
