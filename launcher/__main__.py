@@ -38,7 +38,7 @@ EXIT_CONFIG = 2
 
 
 _errors: list[BaseException] = []  # raised in the task: reported by _compose(), not by Hydra's job runner
-_composed: list[Any] = []  # the field-checked config of the run (-m: of every sweep point)
+_composed: list[Any] = []  # (field-checked config, hydra.job.env_set) of the run (-m: of every sweep point)
 _sweep_parents: dict[str, str] = {}  # -m: run.dir as written -> as resolved at the sweep's first point
 
 
@@ -53,8 +53,11 @@ def _conf_dir() -> str:
 def _task(dcfg: Any) -> None:
     """Hydra's task function, once per run (once per sweep point with -m): the torch-free checks."""
     # Hydra's job runner prints its own "Error executing job" line for anything raised from here.
+    from hydra.core.hydra_config import HydraConfig
+
     try:
-        _composed.append(_fields_checked(dcfg))
+        env = {str(k): str(v) for k, v in (HydraConfig.get().job.env_set or {}).items()}
+        _composed.append((_fields_checked(dcfg), env))
     except Exception as e:  # noqa: BLE001 - handed to _compose() unchanged
         _errors.append(e)
 
@@ -238,8 +241,10 @@ def _main() -> None:
         return
     from .launch.start import start
 
+    for _, env in composed:  # hydra.job.env_set: Hydra sets it around its task, which only composes
+        os.environ.update(env)
     with _reported():
-        checked = [cfg for cfg in (_checked(c) for c in composed) if cfg is not None]
+        checked = [cfg for cfg in (_checked(c) for c, _ in composed) if cfg is not None]
         # a sweep starts only once every point has passed its checks (SLURM: one job array)
         failures = start(checked) if checked else []
         if failures:
@@ -247,7 +252,7 @@ def _main() -> None:
 
 
 def _compose() -> Optional[list[Any]]:
-    """Hydra's composition of the command line and the field checks: the configs to run, or None
+    """Hydra's composition of the command line and the field checks: (config, env_set) to run, or None
     when Hydra only had something to show (--help, --cfg). Errors: one line, exit 2."""
     import hydra
 

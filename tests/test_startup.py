@@ -147,3 +147,16 @@ def test_a_composition_killed_outright_is_named(tmp_path: Path) -> None:
     assert p.returncode == 137
     assert err.strip() == f"launcher: error: the config's composition (pid {err.split('pid ')[1].split(')')[0]}) " \
                           "was killed by SIGKILL"
+
+
+def test_hydra_job_env_set_reaches_the_ranks(tmp_path: Path, mnist_root: Path) -> None:
+    # Hydra sets hydra.job.env_set only around its task function, which composes (in a child, on 2
+    # CPUs); the run starts after it: the variables must still be there when the ranks read them
+    # (data.root is expanded by the recipe at run time, not by Hydra)
+    args = ["recipe=mnist", "data.root=$LAUNCHER_TEST_MNIST", "data.train_limit=256", "data.val_limit=128",
+            "trainer.gpus=0", "trainer.nproc=2", "trainer.max_steps=2", "trainer.summary=false", *QUIET,
+            f"+hydra.job.env_set.LAUNCHER_TEST_MNIST={mnist_root}", f"run.dir={tmp_path / 'run'}"]
+    p = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=tmp_path, env=cli_env(), capture_output=True,
+                       text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert rows(tmp_path / "run")[-1]["step"] == "2"
