@@ -41,7 +41,6 @@ import os
 import pickle
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import time
@@ -50,15 +49,10 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+from store_scale import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 GPT = {"n_layer": 8, "n_embd": 704, "n_head": 8, "block_size": 64}  # bench/checkpoint_bench.py's GPT
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _instrument(timings: dict[str, Any]) -> None:
@@ -149,7 +143,7 @@ def _rank(rank: int, n: int, port: int, out_dir: str, rounds: int, queue: Any) -
 def measure(n: int, out_dir: str, rounds: int) -> list[dict[str, Any]]:
     ctx = mp.get_context("fork")  # torch is imported once, here (as the launcher forks its CPU ranks)
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, n, port, out_dir, rounds, queue)) for r in range(n)]
     for p in procs:
         p.start()

@@ -78,7 +78,7 @@ def _rank(ports: Any, rank: int, n: int, out: Any) -> None:
     out.put((rank, t))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -96,7 +96,7 @@ def forked_clients(target: Any, n: int, args: tuple, prepare: Optional[Callable[
     ps = [ctx.Process(target=target, args=(ports, r, *args, out)) for r in range(n)]
     for p in ps:
         p.start()
-    port = _free_port()
+    port = free_port()
     server = TCPStore("127.0.0.1", port, n, is_master=True, wait_for_workers=False,
                       timeout=datetime.timedelta(seconds=600))
     if prepare is not None:

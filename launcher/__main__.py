@@ -56,21 +56,21 @@ def _task(dcfg: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     try:
-        env = {str(k): str(v) for k, v in (HydraConfig.get().job.env_set or {}).items()}
-        _composed.append((_fields_checked(dcfg), env))
+        hc = HydraConfig.get()
+        env = {str(k): str(v) for k, v in (hc.job.env_set or {}).items()}
+        _composed.append((_fields_checked(dcfg, hc), env))
     except Exception as e:  # noqa: BLE001 - handed to _compose() unchanged
         _errors.append(e)
 
 
-def _fields_checked(dcfg: Any) -> Any:
-    """The typed Config with every field checked: what needs neither torch nor any file."""
-    from hydra.core.hydra_config import HydraConfig
+def _fields_checked(dcfg: Any, hc: Any) -> Any:
+    """The typed Config with every field checked: what needs neither torch nor any file. `hc`:
+    Hydra's own config of this job (mode, job number)."""
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     _refuse_unknown_keys(dcfg)
     cfg: C.Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
-    hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:  # each sweep point its own run directory, all under one parent:
         # a run.dir that is the same template for every point (the default `runs/${now:...}`) is
         # resolved once, at the first point, not again (a second later) at each

@@ -33,9 +33,6 @@ _FLAG = "_MATPLOTLIB_AVAILABLE"
 class _LazyModule(types.ModuleType):
     """Stands for a module and imports it on the first attribute asked of it."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-
     def __getattr__(self, attr: str) -> Any:
         return getattr(importlib.import_module(self.__name__), attr)
 
