@@ -59,7 +59,7 @@ def staging_alone(repeats: int = 3) -> list[list[str]]:
         from launcher.checkpoint.staging import HostStage
     except ImportError:  # a copy of the launcher from before it (a before/after pair)
         return []
-    from recipes.charlm import GPT as Net
+    from launcher.recipes.charlm import GPT as Net
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = Net(block_size=64, **GPT).to(device)

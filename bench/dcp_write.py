@@ -6,9 +6,9 @@ of docs/SCALE.md section 3.1.
     python bench/dcp_write.py                               # N = 2 4 8 16, 3 rounds, dir runs/bench-dcp
     python bench/dcp_write.py --nproc 2 --rounds 5 --dir /dev/shm/dcp   # on tmpfs instead of the disk
 
-The state is the 48M-parameter GPT of bench/checkpoint_bench.py (recipes.charlm.GPT, 8 blocks of
+The state is the 48M-parameter GPT of bench/checkpoint_bench.py (launcher.recipes.charlm.GPT, 8 blocks of
 704, 8 heads: `recipe=charlm model.n_layer=8 model.n_embd=704 model.n_head=8`), sharded as
-launcher/strategy.py `wrap` does (fully_shard on each Block, then the root), with AdamW's two
+launcher/device/strategy.py `wrap` does (fully_shard on each Block, then the root), with AdamW's two
 moments made by one optimizer step on zero gradients, and saved as the launcher's sync FSDP save
 does (launcher/checkpoint/manager.py `_write`): dcp.save({"model": get_model_state_dict(model),
 "optimizer": get_optimizer_state_dict(model, opt)}) with the default FileSystemWriter (one file
@@ -99,7 +99,7 @@ def _rank(rank: int, n: int, port: int, out_dir: str, rounds: int, queue: Any) -
 
     sys.path.insert(0, str(REPO))
     from launcher.checkpoint import format as F
-    from recipes.charlm import GPT as Model, Block
+    from launcher.recipes.charlm import GPT as Model, Block
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n,
                             timeout=datetime.timedelta(seconds=1800))

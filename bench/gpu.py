@@ -10,7 +10,7 @@ Workloads: the MNIST CNN (recipe=mnist, 2 epochs, batch 128, channels_last) and 
 (recipe=charlm_gpt2: 12 x 768, T=1024, batch 16, 300 steps), eager and compiled. Per contender:
 steady steps/s (bench/gpu_clock.py: steps after the 60 warm-up ones, device-synchronized at both
 ends), samples/s, MFU = model.flops_per_sample * samples/s / peak (the peak table of
-launcher/progress.py), the first optimizer step after the command started, the last step to the
+launcher/observe/progress.py), the first optimizer step after the command started, the last step to the
 process's exit, and for the launcher the time a checkpoint blocked training (its log's "training
 blocked" lines), with its defaults (one sync save at the end) and with checkpoint.async=true.
 Compiled contenders share one inductor cache, filled by an untimed run first, so "first step"
@@ -106,12 +106,12 @@ def compose(w: Workload, device: str, precision: str) -> None:
 
 
 def launcher_slices_on(device: str) -> str:
-    """'' when launcher/data.py can batch a TensorDataset held on `device`, else why not."""
+    """'' when launcher/fit/data.py can batch a TensorDataset held on `device`, else why not."""
     import torch
     from torch.utils.data import TensorDataset
 
-    from launcher.data import Batches
-    from launcher.dist import Dist
+    from launcher.fit.data import Batches
+    from launcher.device.dist import Dist
 
     dev = torch.device(device, 0) if device == "cuda" else torch.device(device)
     try:
@@ -177,7 +177,7 @@ def bench(w: Workload, tmp: Path, args: argparse.Namespace, gpu: bool, launcher_
         run("compile-warm-up", [sys.executable, PEERS, "limit", json.dumps(warm)], w, tmp, args, clock=False)
     extra = [] if launcher_data == "" or "device" not in w.spec["data"] else ["data.device=cpu"]
     if extra:
-        notes.append(f"the launcher's data stayed on the host (data.device=cpu): launcher/data.py cannot yet "
+        notes.append(f"the launcher's data stayed on the host (data.device=cpu): launcher/fit/data.py cannot yet "
                      f"batch tensors held on the GPU ({launcher_data})")
     contenders: dict[str, list[str]] = {
         "limit": [sys.executable, PEERS, "limit", spec], "raw": [sys.executable, PEERS, "raw", spec]}
@@ -269,7 +269,7 @@ def main() -> int:
     args.deadline = t0 + args.budget if args.budget > 0 else math.inf
     device = "cuda" if gpu else "cpu"
     if gpu:
-        from launcher.progress import GPU_PEAK_TFLOPS
+        from launcher.observe.progress import GPU_PEAK_TFLOPS
 
         name = torch.cuda.get_device_name(0)
         peak = args.peak_tflops or next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)

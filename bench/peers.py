@@ -6,7 +6,7 @@ Overhead job (Linear(2, 1), 64k samples, batch 64, 3 epochs, Adam 1e-2, MSE, one
   launcher     launcher.Trainer(...).fit with its defaults (progress bar, loss tracking, checkpoints)
   lightning    lightning.Trainer with its defaults (progress bar, logger, checkpointing), self.log(loss)
   torchkeras   torchkeras.KerasModel(...).fit with its defaults
-MNIST (the CNN of recipes/mnist.py, fp32, Adam 1e-3, batch 128, one epoch or MAX_STEPS; the
+MNIST (the CNN of launcher/recipes/mnist.py, fp32, Adam 1e-3, batch 128, one epoch or MAX_STEPS; the
 launcher side is `python -m launcher recipe=mnist`; clocked from outside, see common.timed_command):
   raw-mnist [MAX_STEPS VAL_LIMIT]                   under torchrun: DDP, gloo
   lightning-mnist [DEVICES MAX_STEPS VAL_LIMIT]
@@ -142,7 +142,7 @@ def torchkeras() -> None:
 
 
 def _mnist(val_limit: str):  # type: ignore[no-untyped-def]
-    from recipes import mnist
+    from launcher.recipes import mnist
 
     return mnist.datasets(MNIST, download=False, val_limit=int(val_limit))
 
@@ -156,7 +156,7 @@ def raw_mnist(max_steps: str = "-1", val_limit: str = "0") -> None:
     import torch.distributed as dist
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from recipes import mnist
+    from launcher.recipes import mnist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -195,7 +195,7 @@ def lightning_mnist(devices: str = "1", max_steps: str = "-1", val_limit: str = 
     import torch
     from torch.utils.data import DataLoader
 
-    from recipes import mnist
+    from launcher.recipes import mnist
 
     class ValEnd(L.Callback):
         """When the last validation ended (what follows it: checkpoint, teardown, exit)."""

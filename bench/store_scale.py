@@ -13,7 +13,7 @@ Per rank, in this order (the launcher's start-up, torch 2.x):
   barrier  a second store barrier (the launcher's first collective under gloo is a real
            all-reduce, not the store; this is the store-only equivalent, for scale)
   rollcall the launcher's only own store traffic, and only at a collective timeout: one append
-           to one key and one counter add per rank, then one get (launcher/dist.py RollCall)
+           to one key and one counter add per rank, then one get (launcher/device/dist.py RollCall)
 
 Each rank is a process with one client (forked from this one, torch already imported), all on
 THIS machine, so they compete with the store's server for its cores: the times are an upper bound for a cluster where the ranks run

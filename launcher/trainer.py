@@ -4,12 +4,14 @@
         net, loss_fn, optimizer, train_data, val_data, metrics={"acc": torchmetrics.Accuracy(...)})
 
 fit() is set-up, then one loop (`while self.should_continue(): one optimizer step, then what
-follows it`), then teardown. The Trainer owns the loop's state; what must survive a restart is
-registered once in `self.states` and the checkpoint manager saves and restores exactly that.
+follows it`), then teardown. The Trainer owns the loop's state; the run directory is a RunDir
+(rundir/), the save decision the checkpoint manager's (maybe_save after each step and at each
+epoch end); what must survive a restart is registered once (checkpoint/adapters.run_states).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -17,35 +19,42 @@ import socket
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import torch
 from torch import nn
 
 from . import config as C
-from . import dist as D
-from . import drift, faults, options, parts
-from . import run as R
-from . import strategy as S
 from .checkpoint import format as F
+from .checkpoint.adapters import run_states
 from .checkpoint.manager import CheckpointManager
-from .epochs import EpochEnd
-from .outputs import Outputs
-from .loggers import NullLogger, open_logger, setup_logging
-from .progress import Progress
-from .recipe import check_monitor
-from .resume import restore
-from .state import (EarlyStopping, History, Hyperparameters, Maybe, PerRank, TrainProgress, make_deterministic,
-                    seed_everything)
-from .summary import print_summary
-from .xla import init as xla_init
+from .checkpoint.restore import restore
+from .config import faults
+from .config import keywords
+from .device import dist as D
+from .device.world import world_for
+from .fit import parts
+from .fit.evaluation import evaluate, outside_fit, predict
+from .fit.metrics import Accumulator
+from .fit.seeding import seed_everything
+from .fit.state import History, TrainProgress
+from .fit.validation import Validation
+from .launch.recipe import check_monitor
+from .observe.loggers import NullLogger, open_logger, setup_logging
+from .observe.progress import Progress
+from .observe.summary import print_summary
+from .rundir import drift
+from .rundir.files import restarted
+from .rundir.run_dir import RunDir
 
 log = logging.getLogger("launcher")
 
 
-class Trainer(EpochEnd, Outputs):
+class Trainer:
     summary = staticmethod(print_summary)  # Trainer.summary(model, example_input): the Keras-style table
+
     def __init__(self, config: Optional[C.Config] = None, *, dist: Optional[D.Dist] = None,
                  stop: Optional[Any] = None, **kwargs: Any) -> None:
-        self.cfg = config if config is not None else options.from_kwargs(kwargs)
-        options.check(self.cfg)  # the Python API has no parent process that checked it
+        self.cfg = config if config is not None else keywords.from_kwargs(kwargs)
+        keywords.check(self.cfg)  # the Python API has no parent process that checked it
         self._init(dist, stop)
 
     @classmethod
@@ -58,40 +67,25 @@ class Trainer(EpochEnd, Outputs):
 
     def _init(self, dist: Optional[D.Dist], stop: Optional[Any]) -> None:
         self.dist = dist
-        self.stop = stop  # a preempt.StopRequest: stop at an agreed step and checkpoint (SLURM requeue)
+        self.stop = stop  # a launch.preempt.StopRequest: stop at an agreed step and checkpoint (SLURM requeue)
         self.preempted = False  # fit() returned early because of a stop request
         self.model: Optional[nn.Module] = None  # the bare module (never the DDP wrapper)
-        self.run_dir = Path(self.cfg.run.dir).expanduser().absolute()
-        self.run_id = self.cfg.run.id
+        self.run: Optional[RunDir] = None  # claimed (or joined) by each fit(); its lock held while fit() runs
         self.progress = TrainProgress()
         self.ckpt: Optional[CheckpointManager] = None
         self.parts: Optional[parts.FitParts] = None  # built by fit(); evaluate() after it reuses them
-        self.lock: Optional[R.RunLock] = None  # this run dir's, while fit() runs (rank 0)
         self.logger: Any = NullLogger()
         self.bar: Optional[Progress] = None
 
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path if self.run is not None else Path(self.cfg.run.dir).expanduser().absolute()
+
     # ---- set-up ------------------------------------------------------------------------------------
     def _dist(self) -> D.Dist:
-        if self.dist is None and self.cfg.trainer.accelerator == "xla":
-            self.dist, _ = xla_init(self.cfg.trainer.dist_timeout_s)
         if self.dist is None:
-            # the same device rules as the CLI (gpus unset: one GPU if CUDA is there), in or out of torchrun
-            gpus = C.resolve_gpus(self.cfg.trainer, local=True)
-            fsdp = self.cfg.trainer.strategy == "fsdp"  # shards over a group, of one rank if need be
-            make_deterministic(self.cfg.trainer.deterministic)
-            self.dist = (D.init(gpus, self.cfg.trainer.dist_timeout_s, group_of_one=fsdp)
-                         if D.env_rank() or gpus or fsdp else D.current())
+            self.dist = world_for(self.cfg.trainer)
         return self.dist
-
-    def _prepare_run(self, d: D.Dist) -> None:
-        config = C.to_dict(self.cfg) if not self.run_id else None  # a CLI rank's parent wrote it already
-        self.run_dir, self.run_id, self.lock, self.unwritable = R.agree_on_run(d, self.run_dir, self.run_id, config)
-        self.cfg.run.id, self.cfg.run.dir = self.run_id, str(self.run_dir)
-        # a finished run on a read-only filesystem may still be asked whether it is finished
-        setup_logging(self.run_dir if self.unwritable is None else None, d.rank)
-        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-        log.info("run %s: rank %d of %d (local rank %d) on node %s, device %s, pid %d", self.run_id, d.rank,
-                 d.world_size, d.local_rank, node, d.device, os.getpid(), extra={"file_only": True})
 
     def _setup(self, model: nn.Module, loss_fn: Callable, optimizer: Any, train_data: Any, val_data: Any,
                metrics: dict[str, Any], scheduler: Any, batch_size: Optional[int]) -> None:
@@ -99,51 +93,43 @@ class Trainer(EpochEnd, Outputs):
         d = self._dist()
         self.progress, self.preempted = TrainProgress(), False  # a second fit() starts over (or resumes)
         check_monitor(t.monitor, list(metrics), has_val=val_data is not None)  # only fit() knows the data
-        self._prepare_run(d)
+        run = self.run = RunDir.join(d, self.run_dir, self.cfg.run.id, C.to_dict(self.cfg))
+        # a finished run on a read-only filesystem may still be asked whether it is finished
+        setup_logging(run.path if run.unwritable is None else None, d.rank)
+        log.info("run %s: rank %d of %d (local rank %d) on node %s, device %s, pid %d", run.id, d.rank, d.world_size,
+                 d.local_rank, os.environ.get("SLURMD_NODENAME") or socket.gethostname(), d.device, os.getpid(),
+                 extra={"file_only": True})
         self.parts = fp = parts.build(t, d, model, loss_fn, optimizer, train_data, val_data, metrics, scheduler,
                                       batch_size)
         self.model = fp.model
-        self.stopper = EarlyStopping(t.mode, t.patience, t.min_delta)
-        # Everything that must survive a restart, registered once; the manager adds its own retention.
-        # Order matters on load: the model before its optimizer, the progress before the per-rank
-        # part (which reseeds from the step at another world size).
-        self.states: dict[str, Any] = {
-            "model": S.ModelState(fp.model, fp.sharded),
-            "optimizer": S.OptimizerState(fp.model, fp.optimizer, fp.sharded),
-            "scheduler": Maybe(fp.scheduler),
-            "hyperparameters": Hyperparameters(fp.optimizer, fp.scheduler),  # after both: see its docstring
-            "scaler": fp.prec,
-            "loop": self.progress,
-            "early_stopping": self.stopper,
-            "ranks": PerRank({"train": fp.train_acc}, d,
-                             reseed=lambda: seed_everything(t.seed + d.rank + self.progress.step)),
-            "data": fp.train,
-        }
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint, mode=t.mode, dist=d,
-                                      states=self.states, sharded=fp.sharded, xla=fp.xla,
-                                      info={"run_id": self.run_id, "config": C.to_dict(cfg)})
-        point = restore(self.ckpt, d, self.run_dir, self.cfg.resume)
+        self.validation = Validation(t, fp, d.device)
+        self.stopper = self.validation.stopper
+        states = run_states(fp, self.progress, self.stopper, d,
+                            reseed=lambda: seed_everything(t.seed + d.rank + self.progress.step))
+        self.ckpt = CheckpointManager(run.path / "checkpoints", cfg.checkpoint, mode=t.mode, dist=d, states=states,
+                                      sharded=fp.sharded, xla=fp.xla, info={"run_id": run.id, "config": run.config},
+                                      before_save=fp.stepper.check)
+        point = restore(self.ckpt, d, lambda below: run.resume_point(d, cfg.resume, below), cfg.resume, restarted())
         if point is not None:
             # another world size: the rest of the epoch is the samples its ranks had not yet seen
             p = self.progress
             p.batch_in_epoch = fp.train.continue_epoch(p.epoch, p.batch_in_epoch)
-            drift.log_changes(self.ckpt.restored_config, C.to_dict(cfg))
-            log.info("resumed from %s: step %d, epoch %d at batch %d", point, self.progress.step,
-                     self.progress.epoch + 1, self.progress.batch_in_epoch)
+            drift.log_changes(self.ckpt.restored_config, run.config)
+            log.info("resumed from %s: step %d, epoch %d at batch %d", point, p.step, p.epoch + 1, p.batch_in_epoch)
         else:
             seed_everything(t.seed + d.rank)  # per-rank streams (dropout differs per rank, like torchrun)
         # early stopping is judged by this run's patience, as if it had been set from the start: a
         # run stopped early continues when trainer.patience is raised (or set to 0)
         self.progress.stopped_early = self.stopper.should_stop()
-        if self.unwritable is not None and self.should_continue():  # training would write: say why it cannot
-            raise faults.io_error(self.unwritable, str(self.run_dir)) or self.unwritable
+        if run.unwritable is not None and self.should_continue():  # training would write: say why it cannot
+            raise faults.io_error(run.unwritable, str(run.path)) or run.unwritable
         if point is not None and self.progress.step > 0 and self.should_continue():
             fp.stepper.settle_buckets(fp.train)  # DDP's buckets as the uninterrupted run has them by now
         # opened once the run is known to go on (a refused resume opens no W&B run; a finished run on
         # a read-only filesystem writes nothing)
-        self.logger = open_logger(d.is_main and self.unwritable is None, self.run_dir, cfg.logger,
-                                  run_id=self.run_id, run_name=cfg.run.name, config=C.to_dict(cfg),
-                                  resumed_at=self.progress.step, monitor=t.monitor)
+        self.logger = open_logger(d.is_main and run.unwritable is None, run.path, cfg.logger, run_id=run.id,
+                                  run_name=cfg.run.name, config=run.config or {}, resumed_at=self.progress.step,
+                                  monitor=t.monitor)
         self.start_step = self.progress.step
         self.ckpt.retire_after(self.progress.step)
         self.bar = Progress(d.is_main and t.progress, t.progress_refresh_s, fp.speed)
@@ -154,41 +140,43 @@ class Trainer(EpochEnd, Outputs):
             metrics: Optional[dict[str, Any]] = None, scheduler: Any = None,
             batch_size: Optional[int] = None) -> History:
         """Train; returns the history (also self.history). Resumes per `resume` (default: auto)."""
-        fresh = R.is_new(self.run_dir)  # (a CLI rank's parent has made it: not new)
-        set_up = False
+        self.run = None
         try:
             self._setup(model, loss_fn, optimizer, train_data, val_data, dict(metrics or {}), scheduler, batch_size)
-            set_up = True
             if not self.should_continue():
                 log.info(self.progress.complete(self.cfg.trainer, self.stopper))
             with D.RollCall().naming_late_ranks(lambda: self.progress.step, self.cfg.trainer.dist_timeout_s):
                 while self.should_continue():
                     if self._epoch is None:
                         self._start_epoch()
-                    if not self._epoch_done():  # resumed at an epoch's end, or an empty epoch: no step
+                    trained = not self._epoch_done()  # resumed at an epoch's end, or an empty epoch: no step
+                    if trained:
                         self._train_step()
-                        self._after_step()
-                    if self._epoch_over():
-                        self._end_epoch()
+                    # the end rule, once per step: are the epoch's batches done, does the run end here?
+                    epoch_done = self._epoch_done()
+                    run_ends = self.progress.ends(self.cfg.trainer, self.progress.epoch + epoch_done)
+                    if trained:
+                        self._after_step(mid_epoch=not (epoch_done or run_ends), run_ends=run_ends)
+                    # (a requeue stop inside an epoch: the requeued job finishes the epoch)
+                    if not self.preempted and (epoch_done or run_ends):
+                        self._end_epoch(partial=not epoch_done, last=run_ends)
                 self._teardown()
         except BaseException as e:  # an error, or a signal (faults.Interrupted): close what is open
             self._abandon()
             user = faults.io_error(e)  # a full disk, a read-only run dir: the user's, one line
-            if isinstance(e, C.UserError) or user:
-                if fresh and not set_up and self.lock is not None:  # this run's own new dir, nobody else's
-                    R.discard(self.run_dir)  # failed before training began: only the logs stay
-                if user:
-                    raise user from e
+            if (isinstance(e, C.UserError) or user) and self.run is not None:
+                self.run.abandon()  # this fit's own new run dir, nothing committed: only the logs stay
+            if user:
+                raise user from e
             raise
         finally:
-            if self.lock is not None:
-                self.lock.release(keep_record=self.preempted)  # requeued: the next attempt is this owner
-                self.lock = None
+            if self.run is not None:
+                self.run.release(keep_record=self.preempted)  # requeued: the next attempt is this owner
         return self.history
 
     def _abandon(self) -> None:
-        """Best effort on the way out of a failed or interrupted fit (what failed is the error the user
-        must see, not a second one from here): the bar closed, the loggers finished (W&B's run closed)."""
+        """Best effort on the way out of a failed or interrupted fit (the error in flight is the one
+        to report): the bar closed, a save in flight finished, the loggers finished."""
         try:
             if self.bar is not None:
                 self.bar.close()
@@ -202,101 +190,179 @@ class Trainer(EpochEnd, Outputs):
             log.warning("closing the loggers failed: %s", C.one_line(e))
 
     def should_continue(self) -> bool:
-        return not self.preempted and not self._ends_at(self.progress.epoch)
-
-    def _ends_at(self, epochs_done: int) -> bool:
-        """The one end rule, asked at every point that must know it: early stopping, max_steps, or
-        max_epochs with `epochs_done` complete."""
-        p, t = self.progress, self.cfg.trainer
-        return p.stopped_early or epochs_done >= t.max_epochs or 0 < t.max_steps <= p.step
+        return not self.preempted and not self.progress.ends(self.cfg.trainer, self.progress.epoch)
 
     def _epoch_done(self) -> bool:
         return self.progress.batch_in_epoch >= len(self.parts.train)  # type: ignore[union-attr]
 
+    def _start_epoch(self) -> None:
+        p, t, fp = self.progress, self.cfg.trainer, self.parts
+        done = p.batch_in_epoch // t.accumulate_grad_batches
+        left = math.ceil(len(fp.train) / t.accumulate_grad_batches) - done  # type: ignore[union-attr]
+        total = done + (left if t.max_steps < 0 else min(left, t.max_steps - p.step))
+        self.bar.start(f"epoch {p.epoch + 1}/{t.max_epochs}", total, done)  # type: ignore[union-attr]
+        fp.speed.start_epoch(p.step, total - done)  # type: ignore[union-attr]
+        batches: Any = fp.train.epoch(p.epoch, start=p.batch_in_epoch)  # type: ignore[union-attr]
+        if fp.xla is not None:  # type: ignore[union-attr]
+            batches = fp.xla.loader(batches, self.dist.device)  # type: ignore[union-attr]
+        self._epoch = iter(batches)
+
     def _train_step(self) -> None:
         """One optimizer step: the micro-batches of one accumulation group (shorter at the epoch's end)."""
-        p, t = self.progress, self.cfg.trainer
-        n, k = len(self.parts.train), t.accumulate_grad_batches
+        p, t, fp = self.progress, self.cfg.trainer, self.parts
+        n, k = len(fp.train), t.accumulate_grad_batches  # type: ignore[union-attr]
         start = p.batch_in_epoch - p.batch_in_epoch % k
         end = min(start + k, n)
         group = end - p.batch_in_epoch  # a world-size change may resume between group boundaries
         loss = None
         for i in range(p.batch_in_epoch, end):
-            loss = self.parts.stepper.micro(next(self._epoch), last=i + 1 == end, group=group)  # type: ignore[arg-type]
+            loss = fp.stepper.micro(next(self._epoch), last=i + 1 == end, group=group)  # type: ignore
             p.batch_in_epoch += 1
-        stepped = self.parts.stepper.step(loss, p.step + 1)  # type: ignore[arg-type]
+        stepped = fp.stepper.step(loss, p.step + 1)  # type: ignore
         p.step += 1
-        if stepped and self.parts.scheduler is not None and t.scheduler_interval == "step":
-            self.parts.scheduler.step()
-        self.parts.speed.tick(p.step)
-        self.bar.update(self.parts.train_acc.running_loss_lagged)
+        if stepped and fp.scheduler is not None and t.scheduler_interval == "step":  # type: ignore[union-attr]
+            fp.scheduler.step()  # type: ignore[union-attr]
+        fp.speed.tick(p.step)  # type: ignore[union-attr]
+        self.bar.update(fp.train_acc.running_loss_lagged)  # type: ignore
 
-    def _start_epoch(self) -> None:
-        p, t = self.progress, self.cfg.trainer
-        done = p.batch_in_epoch // t.accumulate_grad_batches
-        left = math.ceil(len(self.parts.train) / t.accumulate_grad_batches) - done
-        total = done + (left if t.max_steps < 0 else min(left, t.max_steps - p.step))
-        self.bar.start(f"epoch {p.epoch + 1}/{t.max_epochs}", total, done)
-        self.parts.speed.start_epoch(p.step, total - done)
-        batches: Any = self.parts.train.epoch(p.epoch, start=p.batch_in_epoch)
-        if self.parts.xla is not None:
-            batches = self.parts.xla.loader(batches, self.dist.device)  # type: ignore[union-attr]
-        self._epoch = iter(batches)
-
-    def _epoch_over(self) -> bool:
-        """The epoch ends with its batches, or early where the run ends (not for a requeue: the
-        requeued job finishes the epoch)."""
-        return not self.preempted and (self._epoch_done() or self._ends_at(self.progress.epoch))
-
-    def _after_step(self) -> None:
-        """Step-boundary work: per-step logging, step validation, step checkpoints, stop requests."""
-        p, t = self.progress, self.cfg.trainer
-        # the epoch's last step (or the run's) is validated and saved once, by _end_epoch
-        mid_epoch = not (self._epoch_done() or self._ends_at(p.epoch))
+    def _after_step(self, mid_epoch: bool, run_ends: bool) -> None:
+        """Step-boundary work: per-step logging, step validation, step checkpoints, stop requests. The
+        epoch's last step (or the run's) is validated and saved once, by _end_epoch."""
+        p, t, fp = self.progress, self.cfg.trainer, self.parts
+        assert fp is not None and self.ckpt is not None
         if t.log_every_n_steps and p.step % t.log_every_n_steps == 0:
-            self.logger.log_step(p.step, {"train_loss_step": self.parts.train_acc.running_loss(),
-                                          "lr": self.parts.optimizer.param_groups[0]["lr"],
-                                          **self.parts.speed.recent()})  # the rate now, not the average
-        if t.val_every_n_steps and p.step % t.val_every_n_steps == 0 and mid_epoch and self.parts.val is not None:
-            with self.parts.speed.paused():
-                values = self._validate()
+            self.logger.log_step(p.step, {"train_loss_step": fp.train_acc.running_loss(),
+                                          "lr": fp.optimizer.param_groups[0]["lr"],
+                                          **fp.speed.recent()})  # the rate now, not the average
+        if t.val_every_n_steps and p.step % t.val_every_n_steps == 0 and mid_epoch and fp.val is not None:
+            with fp.speed.paused():
+                values = self.validation.run()
             self.logger.log_step(p.step, values)
             log.info("validation at step %d: %s", p.step, "  ".join(f"{k}={v:.4g}" for k, v in values.items()
                                                                     if isinstance(v, float)), extra={"file_only": True})
             self._monitor(values)
-        if self.ckpt.due_step(p.step) and mid_epoch:  # type: ignore[union-attr]
-            with self.parts.speed.paused():
-                self._save(None)
+        if mid_epoch:
+            fp.speed.exclude(self.ckpt.maybe_save(p.step, p.epoch, "step"))
         # agreed() is a collective on every rank every step; a stop request at the run's last step
         # is no reason to requeue (every rank agrees: the terms are the same on all of them)
-        if self.stop is not None and self.stop.agreed(p.step) and not self._ends_at(p.epoch + (not mid_epoch)):
+        if self.stop is not None and self.stop.agreed(p.step) and not run_ends:
             self.preempted = True
+
+    def _monitor(self, values: dict[str, float]) -> Optional[float]:
+        """The monitored value in `values` (None if absent), fed to early stopping."""
+        value, stop = self.validation.judge(values)
+        self.progress.stopped_early = self.progress.stopped_early or stop
+        return value
+
+    def _end_epoch(self, partial: bool, last: bool) -> None:
+        """Sync the epoch's metrics, validate, log, step schedulers and early stopping, maybe save.
+
+        A run that ends inside an epoch (`partial`: max_steps, or early stopping at a step validation)
+        reports it too (a row for the part trained), but the epoch stays open: its position, running
+        metrics and the loop's state are checkpointed as they are, and a run continued with a larger
+        limit finishes that very epoch, bitwise as if never stopped (the partial row is then replaced
+        by the whole epoch's). `last`: the run ends here (validated whatever val_every_n_epochs says)."""
+        p, t, fp = self.progress, self.cfg.trainer, self.parts
+        assert fp is not None and self.ckpt is not None
+        fp.stepper.check()  # every rank at the same step: the guard's collective is safe here
+        speed = fp.speed.end_epoch(p.step)
+        row: dict[str, Any] = {"epoch": p.epoch + 1, "step": p.step, "lr": fp.optimizer.param_groups[0]["lr"]}
+        row.update(fp.train_acc.compute("train"))
+        if fp.val is not None and ((p.epoch + 1) % t.val_every_n_epochs == 0 or last):
+            row.update(self.validation.run())
+        # a partial epoch's validation reaches neither early stopping nor the scheduler (their state
+        # would differ from a run that never stopped there); it may still rank the checkpoint
+        score = (row.get(t.monitor) if partial else self._monitor(row)) if t.monitor in row else None
+        if t.scheduler_interval == "epoch" and not partial:
+            fp.epoch_scheduler_step(score)
+        if p.history and p.history[-1]["epoch"] == row["epoch"]:
+            p.history[-1] = row  # this epoch's partial row, from the run that stopped inside it
+        else:
+            p.history.append(row)
+        self.logger.log_epoch(p.history)
+        # the epoch's steady rate, beside (not instead of) the recent rate the step rows carry
+        self.logger.log_step(p.step, {f"epoch_{k}": v for k, v in speed.items()})  # not in the (deterministic) history
+        if self.dist.is_main:  # type: ignore[union-attr]
+            text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in {**row, **speed}.items() if k != "epoch")
+            log.info("epoch %d%s: %s", row["epoch"], " (so far)" if partial else "", text,
+                     extra={"file_only": t.progress})
+        self._epoch = None
+        score = score if isinstance(score, float) and not math.isnan(score) else None
+        if partial:  # the run ends here: its checkpoint is this exact position
+            self.ckpt.maybe_save(p.step, p.epoch, "partial_epoch", score)
+        else:
+            p.epoch += 1
+            p.batch_in_epoch = 0
+            fp.train_acc.reset()
+            self.ckpt.maybe_save(p.step, p.epoch, "epoch", score)
+        self.bar.close({**row, **speed})  # type: ignore[union-attr]
 
     def _teardown(self) -> None:
         """A requeue: checkpoint and leave together. The end: last checkpoint, model.pt, plots, W&B."""
-        p, ckpt, d = self.progress, self.ckpt, self.dist
-        assert ckpt is not None and d is not None
+        p, ckpt, d, fp = self.progress, self.ckpt, self.dist, self.parts
+        assert ckpt is not None and d is not None and fp is not None and self.run is not None
         trained = p.step != self.start_step  # a finished run asked again writes nothing
-        self.parts.stepper.check()  # type: ignore[union-attr]  # no bad step unheard of in the last weights
-        self.bar.close()
+        fp.stepper.check()  # no bad step unheard of in the last weights
+        self.bar.close()  # type: ignore[union-attr]
+        ckpt.maybe_save(p.step, p.epoch, "requeue" if self.preempted else "end")
+        ckpt.wait()
         if self.preempted:  # mid-epoch: no epoch row; the requeued job finishes this epoch
-            if ckpt.last_saved_step != p.step:
-                self._save(None)
-            ckpt.wait()
             D.barrier()  # every rank leaves only once rank 0's checkpoint is on disk
             log.info("stopped at step %d for a requeue (signal %s); checkpoint written", p.step,
                      self.stop.signame if self.stop else "?")
         else:
-            if ckpt.cfg.enabled and ckpt.last_saved_step != p.step:
-                self._save(None)
-            ckpt.wait()
-            dest = self.run_dir / "model.pt"
-            # the last checkpoint's model.pt holds these very weights: a hard link, no second
-            # serialisation (False where there is none: sharded, checkpoints off, another filesystem)
-            if not ((trained or not dest.exists()) and ckpt.publish_weights(dest)):
-                # every rank gets here alike under FSDP, where full_weights is a collective
-                weights = S.full_weights(self.model, self.parts.sharded, d.is_main)  # type: ignore
-                if weights is not None and (trained or not dest.exists()):
-                    F.save_atomic(weights, dest)  # a kill mid-write must not leave half of it
+            ckpt.final_weights(self.run.path / "model.pt", self.model, trained)
         ckpt.close()  # the async saves' host buffers (pinned on a GPU) go back
         self.logger.finish(p.history, trained=trained, requeued=self.preempted)
+
+    # ---- what fit() leaves behind, and evaluation / predictions with or without it -------------------
+    @property
+    def history(self) -> History:
+        return History(self.progress.history)
+
+    @property
+    def best_checkpoint(self) -> Optional[Path]:
+        return self.ckpt.best[1] if self.ckpt is not None and self.ckpt.best else None
+
+    @property
+    def best_score(self) -> Optional[float]:
+        return self.ckpt.best[0] if self.ckpt is not None and self.ckpt.best else None
+
+    def evaluate(self, data: Any, model: Optional[nn.Module] = None, loss_fn: Optional[Callable] = None,
+                 metrics: Optional[dict[str, Any]] = None, batch_size: Optional[int] = None) -> dict[str, float]:
+        """val_loss and val_<metric> over every sample of `data` exactly once (all ranks call it)."""
+        d = self._dist()
+        if (model is None or loss_fn is None) and self.parts is None:
+            raise ValueError("evaluate() before fit() needs model= and loss_fn=")
+        model = (model or self.model).to(d.device)  # type: ignore[union-attr]
+        loss_fn = loss_fn or self.parts.loss_fn  # type: ignore[union-attr]
+        metrics = (self.parts.metrics if self.parts is not None else {}) if metrics is None else metrics
+        acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
+        batches, prec, lockstep = outside_fit(self.cfg.trainer, d, self.parts, data, batch_size)
+        return evaluate(model, loss_fn, batches, acc, d.device, prec, lockstep)
+
+    def predict(self, data: Any, model: Optional[nn.Module] = None,
+                batch_size: Optional[int] = None) -> Optional[torch.Tensor]:
+        """Model outputs for every sample, in dataset order, on rank 0 (None on other ranks)."""
+        d = self._dist()
+        if model is None and self.model is None:
+            raise ValueError("predict() before fit() needs model=")
+        model = (model or self.model).to(d.device)  # type: ignore[union-attr]
+        batches, prec, lockstep = outside_fit(self.cfg.trainer, d, self.parts, data, batch_size)
+        return predict(model, batches, d, prec, lockstep)
+
+    def load_best(self) -> nn.Module:
+        """Load the best checkpoint's weights into the model and return it."""
+        if self.best_checkpoint is None or self.model is None:
+            raise RuntimeError("no best checkpoint: fit with checkpointing and a validated monitor first")
+        if F.is_sharded(self.best_checkpoint):
+            raise RuntimeError(f"{self.best_checkpoint} is sharded (FSDP): load it with "
+                               "launcher.checkpoint.export_model(path, out) or resume=PATH")
+        self.model.load_state_dict(F.load_weights(self.best_checkpoint))  # model.pt alone, not the optimizer
+        return self.model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The bare model's weights (no DDP 'module.' prefix)."""
+        assert self.model is not None, "fit() first"
+        return self.model.state_dict()

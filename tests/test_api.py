@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from launcher import Trainer
-from recipes import circles
+from launcher.recipes import circles
 
 
 def _acc():

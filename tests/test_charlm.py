@@ -1,4 +1,4 @@
-"""Tests for the character language-model recipe (recipes/charlm.py): corpus, windows, the GPT, the
+"""Tests for the character language-model recipe (launcher/recipes/charlm.py): corpus, windows, the GPT, the
 loss and metric, and a short plain-PyTorch training run that must learn the grammar's structure.
 
 Everything is in-process and CPU-only; the whole file takes a few seconds.
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO
-from recipes import charlm
-from recipes.charlm import GPT, VOCAB, Block, SeqCrossEntropy, TokenAccuracy
+from launcher.recipes import charlm
+from launcher.recipes.charlm import GPT, VOCAB, Block, SeqCrossEntropy, TokenAccuracy
 
 LN_V = math.log(len(VOCAB))  # the loss of uniform guessing
 
@@ -248,7 +248,8 @@ def test_gpt2_preset_composes_as_gpt2_small():
 def test_gpt2_preset_trains_a_step_on_cpu_at_reduced_size(tmp_path):
     from omegaconf import OmegaConf
 
-    from launcher import Trainer, recipe
+    from launcher import Trainer
+    from launcher.launch import recipe
 
     cfg = OmegaConf.to_object(_compose_preset(
         "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "data.block_size=32", "data.n_chars=4000",

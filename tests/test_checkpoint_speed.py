@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from conftest import QUIET, run_cli
-from launcher import dist as D
+from launcher.device import dist as D
 from launcher.checkpoint import format as F
 from launcher.checkpoint.manager import CheckpointManager
 from launcher.checkpoint.staging import HostStage, dcp_stager
 from launcher.config import CheckpointConfig
-from launcher.strategy import ModelState
+from launcher.checkpoint.adapters import ModelState
 
 
 class _Optimizer:

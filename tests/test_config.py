@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import REPO, run_cli
 from launcher import config as C
-from launcher import recipe
+from launcher.launch import recipe
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +24,13 @@ def compose_cfg():
 
 def test_defaults_compose_mnist(compose_cfg) -> None:
     cfg = compose_cfg()
-    assert cfg.model._target_ == "recipes.mnist.Net"
+    assert cfg.model._target_ == "launcher.recipes.mnist.Net"
     assert cfg.trainer.batch_size == 128 and cfg.optimizer.lr == 0.001
     assert cfg.launcher.name == "local" and cfg.logger.csv is not None and cfg.logger.wandb is None and cfg.resume == "auto"
 
 
-@pytest.mark.parametrize("recipe,target,monitor", [("circles", "recipes.circles.Net", "val_acc"),
-                                                    ("linreg", "recipes.linreg.Net", "val_mae")])
+@pytest.mark.parametrize("recipe,target,monitor", [("circles", "launcher.recipes.circles.Net", "val_acc"),
+                                                    ("linreg", "launcher.recipes.linreg.Net", "val_mae")])
 def test_recipe_group(compose_cfg, recipe: str, target: str, monitor: str) -> None:
     cfg = compose_cfg(f"recipe={recipe}", "trainer.max_epochs=3", "optimizer.lr=0.5")
     assert cfg.model._target_ == target and cfg.trainer.monitor == monitor
@@ -80,7 +80,7 @@ BAD = [
     (["resume=/does/not/exist"], "resume='/does/not/exist': no such checkpoint path"),
     (["trainer.monitor=val_f1"], "trainer.monitor='val_f1': not a metric this run produces; valid: train_loss, "
                                  "train_acc, val_loss, val_acc"),
-    (["model._target_=recipes.mnist.Nope"], "model._target_='recipes.mnist.Nope': cannot be imported"),
+    (["model._target_=launcher.recipes.mnist.Nope"], "model._target_='launcher.recipes.mnist.Nope': cannot be imported"),
     (["trainer.nodes=2"], "launcher.rdzv_endpoint='': trainer.nodes=2 on the local launcher"),
     (["checkpoint.every_n_steps=-1"], "checkpoint.every_n_steps=-1: must be an integer >= 0"),
     (["trainer.max_epochs="], "trainer.max_epochs"),
@@ -112,7 +112,7 @@ def test_help_and_cfg_are_hydras(tmp_path: Path) -> None:
     groups = h.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     assert sorted(ln.split(":")[0] for ln in groups.splitlines() if ": " in ln) == ["launcher", "logger", "recipe"]
     c = run_cli(["recipe=circles", "--cfg", "job"], cwd=tmp_path, timeout=60)
-    assert c.returncode == 0 and "_target_: recipes.circles.Net" in c.stdout
+    assert c.returncode == 0 and "_target_: launcher.recipes.circles.Net" in c.stdout
     assert list(tmp_path.iterdir()) == []
 
 

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 # GPUs this machine shows (0 where the file skips); counted once, like the launcher does per run
 VISIBLE = torch.cuda.device_count() if torch.cuda.is_available() else 0
-SHARE_GPU_ENV = "LAUNCHER_TEST_SHARE_GPU"  # the launcher's test-only override (launcher/dist.py)
+SHARE_GPU_ENV = "LAUNCHER_TEST_SHARE_GPU"  # the launcher's test-only override (launcher/device/dist.py)
 ONE_GPU = ["trainer.gpus=1"]
 DET = ["trainer.deterministic=true"]
 # charlm small enough for a few seconds a run: 40k characters -> 562 training windows, 18 steps per

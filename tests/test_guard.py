@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from launcher import Trainer
-from launcher import guard as G
-from launcher import progress as P
+from launcher.fit import guard as G
+from launcher.observe import progress as P
 
 
 class NanAt(nn.Module):

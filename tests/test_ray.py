@@ -235,7 +235,7 @@ def test_an_address_where_no_cluster_answers_is_one_line_at_once() -> None:
 def test_the_other_launchers_never_import_ray() -> None:
     # launch/ray.py itself too: only starting the ranks imports ray (without it: one line from the CLI's checks)
     code = ("import sys, launcher.__main__, launcher.launch.start, launcher.launch.local, launcher.launch.slurm, "
-            "launcher.worker, launcher.launch.ray_cluster, launcher.launch.ray; from launcher import config; "
+            "launcher.launch.worker, launcher.launch.ray_cluster, launcher.launch.ray; from launcher import config; "
             "config.check_launcher(config.LAUNCHER_SCHEMAS['ray'](), 1); assert 'ray' not in sys.modules, 'ray imported'")
     p = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr[-2000:]

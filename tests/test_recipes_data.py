@@ -1,4 +1,4 @@
-"""Tests for the recipe datasets and models (recipes/mnist.py, circles.py, linreg.py).
+"""Tests for the recipe datasets and models (launcher/recipes/mnist.py, circles.py, linreg.py).
 
 MNIST tests use the real files in <repo>/../shared/data/mnist and are skipped
 when that directory is absent. Download tests never touch the internet: they
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipes import circles, linreg, mnist
+from launcher.recipes import circles, linreg, mnist
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 

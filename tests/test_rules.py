@@ -10,13 +10,14 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from launcher import config as C
-from launcher.__main__ import _field_alias
+from launcher.cli.compose import field_alias as _field_alias
 from launcher.checkpoint import format as F
 from launcher.checkpoint.manager import Retention
-from launcher.data import Batches
-from launcher.dist import Dist
-from launcher.options import from_kwargs, kwarg_names
-from launcher.state import EarlyStopping, Maybe, PerRank, TrainProgress
+from launcher.fit.data import Batches
+from launcher.device.dist import Dist
+from launcher.config.keywords import from_kwargs, kwarg_names
+from launcher.fit.state import EarlyStopping, TrainProgress
+from launcher.checkpoint.adapters import Maybe, PerRank
 
 # ---- early stopping ---------------------------------------------------------------------------------
 
@@ -288,7 +289,7 @@ CPU = torch.device("cpu")
     ({"avx2": True, "avx512": True, "amx": True}, "bf16-mixed", True),  # e.g. a Sapphire Rapids Xeon
 ])
 def test_auto_precision_and_channels_last_follow_the_cpu(monkeypatch, features, precision, channels_last) -> None:
-    from launcher import hardware
+    from launcher.device import hardware
 
     full = {"avx2": False, "avx512": False, "avx512_bf16": False, "amx": False, **features}
     monkeypatch.setattr(hardware, "cpu_features", lambda: full)
@@ -300,7 +301,7 @@ def test_auto_precision_and_channels_last_follow_the_cpu(monkeypatch, features, 
 
 
 def test_the_cpu_is_read_from_torch_not_guessed() -> None:
-    from launcher import hardware
+    from launcher.device import hardware
 
     f = hardware.cpu_features()
     assert f["amx"] == torch.cpu._is_amx_tile_supported() and f["avx512"] == torch.cpu._is_avx512_supported()
@@ -330,7 +331,7 @@ def test_the_python_api_refuses_more_ranks_than_its_process(monkeypatch) -> None
 
 def test_summary_lists_layers_shapes_and_parameters(capsys) -> None:
     from launcher import Trainer
-    from recipes import mnist
+    from launcher.recipes import mnist
 
     torch.manual_seed(0)
     net = mnist.Net()
@@ -350,14 +351,14 @@ def test_summary_lists_layers_shapes_and_parameters(capsys) -> None:
 
 
 def test_summary_of_a_one_layer_model() -> None:
-    from launcher.summary import summarize
+    from launcher.observe.summary import summarize
 
     text = summarize(torch.nn.Linear(2, 1), torch.zeros(3, 2))
     assert "(model)  Linear  [3, 1]" in text and "total 3 parameters" in text
 
 
 def test_plots_are_readable_after_one_epoch() -> None:
-    from launcher.trackers.csv_files import figure
+    from launcher.observe.trackers.csv_files import figure
 
     fig = figure([{"epoch": 1, "step": 7, "train_loss": 0.64, "val_loss": 0.57, "train_acc": 0.6, "val_acc": 0.76}],
                  "run-a (abc)")

@@ -125,7 +125,7 @@ def test_resume_applies_safe_changes_and_lr_and_refuses_the_rest_before_writing(
     config = (run_dir / "config.yaml").read_bytes()
     before = _snapshot(run_dir)
 
-    for change, keys in [(["recipe=circles"], "model._target_ 'recipes.linreg.Net' -> 'recipes.circles.Net'"),
+    for change, keys in [(["recipe=circles"], "model._target_ 'launcher.recipes.linreg.Net' -> 'launcher.recipes.circles.Net'"),
                          (["data.n=500", "trainer.batch_size=10"], "data.n 400 -> 500, trainer.batch_size 20 -> 10")]:
         p = run_cli([*base, *change, "trainer.max_steps=40"], cwd=tmp_path)
         assert p.returncode == 2

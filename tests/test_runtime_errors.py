@@ -35,15 +35,15 @@ def _mnist_copy(damage: str) -> Callable[[Path, Path], list[str]]:
 # (what, overrides or a maker of them, ranks, text the one line must contain, traceback expected)
 CASES: list[tuple[str, object, int, str, bool]] = [
     ("data: no files and download=false", ["recipe=mnist", "data.root={tmp}/none", "data.download=false"], 1,
-     "data (recipes.mnist.datasets): FileNotFoundError: MNIST not found under data.root=", True),
+     "data (launcher.recipes.mnist.datasets): FileNotFoundError: MNIST not found under data.root=", True),
     ("data: no files, 2 ranks (printed once)", ["recipe=mnist", "data.root={tmp}/none", "data.download=false"], 2,
-     "data (recipes.mnist.datasets): FileNotFoundError: MNIST not found under data.root=", True),
+     "data (launcher.recipes.mnist.datasets): FileNotFoundError: MNIST not found under data.root=", True),
     ("data: a truncated gz file", _mnist_copy("truncated"), 1,
      "t10k-images-idx3-ubyte.gz: corrupt or truncated gzip data", True),
     ("data: a short IDX payload", _mnist_copy("short"), 1, "t10k-images-idx3-ubyte.gz", True),
     ("model: its constructor raises", ["recipe=linreg", "model._target_=faulty.RaisingNet"], 1,
      "model (faulty.RaisingNet): ValueError: hidden=-1: must be >= 1", True),
-    ("model: the target builds no nn.Module", ["recipe=linreg", "model._target_=recipes.linreg.datasets"], 1,
+    ("model: the target builds no nn.Module", ["recipe=linreg", "model._target_=launcher.recipes.linreg.datasets"], 1,
      "model: tuple is not a torch.nn.Module", True),
     ("optimizer: negative lr", ["recipe=linreg", "optimizer.lr=-1"], 1,
      "optimizer (Adam): ValueError: Invalid learning rate: -1", True),

@@ -133,7 +133,7 @@ class RecordingAdamW(torch.optim.AdamW):
 
 def _clip_worker(run_dir: str, clip: float) -> list[float]:
     from launcher import Trainer
-    from recipes import charlm
+    from launcher.recipes import charlm
 
     train, val = charlm.datasets(n_chars=20000)
     torch.manual_seed(0)

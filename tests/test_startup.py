@@ -129,7 +129,7 @@ def test_the_cli_composes_beside_torch_and_in_process_on_one_cpu(tmp_path: Path)
     # the parent never imports Hydra when a second CPU lets the child compose; on one CPU it does it itself
     _two_cpus()
     run = ["recipe=linreg", "trainer.gpus=0", "trainer.max_epochs=1", "trainer.summary=false", *QUIET]
-    code = ("import os, sys; {pin}sys.argv = ['launcher', *{args!r}]; from launcher.__main__ import _main; _main(); "
+    code = ("import os, sys; {pin}sys.argv = ['launcher', *{args!r}]; from launcher.__main__ import recipe_run; recipe_run(); "
             "print('hydra here:', 'hydra' in sys.modules)")
     for pin, expect in (("", "False"), ("os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); ", "True")):
         args = [*run, f"run.dir={tmp_path / expect}"]

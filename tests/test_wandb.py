@@ -30,7 +30,7 @@ def test_wandb_offline_run_files_hold_config_and_metrics_and_resume_continues_th
     assert len(runs) == 1 and runs[0].name.endswith(f"-{run_id}"), "one W&B run, from rank 0 only, id = run id"
     first = read_offline_run(runs[0])
     assert first["run_id"] == run_id
-    assert first["config"]["trainer"]["nproc"] == 2 and first["config"]["model"]["_target_"] == "recipes.circles.Net"
+    assert first["config"]["trainer"]["nproc"] == 2 and first["config"]["model"]["_target_"] == "launcher.recipes.circles.Net"
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     epochs = [h for h in first["history"] if "val_acc" in h]

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import QUIET, SUPPORT, run_cli
-from launcher.data import Batches
-from launcher.dist import Dist
+from launcher.fit.data import Batches
+from launcher.device.dist import Dist
 
 N, BATCH = 64, 4  # the recipe's 64 samples in batches of 4
 

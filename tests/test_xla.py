@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import QUIET, SUPPORT, run_cli
-from launcher import xla
+from launcher.device import xla
 
 pytestmark = pytest.mark.skipif(xla.available(), reason="the real torch_xla is installed: no stand-in")
 

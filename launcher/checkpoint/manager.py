@@ -19,16 +19,18 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Literal, Optional, Protocol
 
 import torch
 
-from .. import dist as D
+from ..device import dist as D
 from ..config import CheckpointConfig
+from ..device.strategy import full_weights
 from . import format as F
 from .staging import HostStage, dcp_stager
 
 log = logging.getLogger("launcher")
+Boundary = Literal["step", "epoch", "partial_epoch", "requeue", "end"]  # where the loop asks maybe_save
 
 
 class Stateful(Protocol):
@@ -93,8 +95,10 @@ class CheckpointManager:
     """One run's checkpoints: the interval rules, retention, and the save / restore of `states`."""
 
     def __init__(self, ckpt_dir: Path, cfg: CheckpointConfig, *, mode: str, dist: D.Dist,
-                 states: dict[str, Stateful], sharded: bool, info: dict[str, Any], xla: Any = None) -> None:
+                 states: dict[str, Stateful], sharded: bool, info: dict[str, Any], xla: Any = None,
+                 before_save: Callable[[], None] = lambda: None) -> None:
         self.dir, self.cfg, self.d, self.sharded, self.info, self.xla = ckpt_dir, cfg, dist, sharded, info, xla
+        self.before_save = before_save  # e.g. the guard's read: a skipped step is heard of before its checkpoint
         self.retention = Retention(ckpt_dir, save_top_k=cfg.save_top_k, mode=mode, keep_last=cfg.keep_last)
         self.states: dict[str, Stateful] = {**states, "checkpointer": self.retention}
         # XLA tensors are written through xm.save, a rendezvous of all ranks: no background thread
@@ -114,12 +118,37 @@ class CheckpointManager:
             # even in a world of one on a GPU (whose default group is nccl alone).
             self._pg = torch.distributed.new_group(backend="gloo")
 
-    # ---- when ------------------------------------------------------------------------------------
-    def due_step(self, step: int) -> bool:
-        return self.cfg.enabled and self.cfg.every_n_steps > 0 and step % self.cfg.every_n_steps == 0
+    # ---- when: the whole save decision ------------------------------------------------------------
+    def maybe_save(self, step: int, epoch: int, at: Boundary, score: Optional[float] = None) -> float:
+        """Save here if the rules say so; the loop asks after every step and at every epoch end.
+        `epoch`: epochs completed. Returns the seconds training was blocked (0.0: no save).
 
-    def due_epoch(self, epoch: int) -> bool:
-        return self.cfg.enabled and self.cfg.every_n_epochs > 0 and epoch % self.cfg.every_n_epochs == 0
+        - "step", a step inside an epoch: every_n_steps (an epoch's last step is decided at "epoch");
+        - "epoch", an epoch just completed: every_n_epochs, or every_n_steps if this step is one;
+        - "partial_epoch", the run ends inside an epoch (max_steps): always, at that exact position,
+          so a run continued with a larger limit finishes the very epoch bitwise;
+        - "requeue", a stop for a requeue: always, even with checkpoints off (the next attempt
+          needs it), unless this step is saved already;
+        - "end", the run's end: a last checkpoint unless this step is saved already.
+        """
+        c = self.cfg
+        on_step = c.every_n_steps > 0 and step % c.every_n_steps == 0
+        if at == "step":
+            due = c.enabled and on_step
+        elif at == "epoch":
+            due = c.enabled and ((c.every_n_epochs > 0 and epoch % c.every_n_epochs == 0) or on_step)
+        elif at == "partial_epoch":
+            due = c.enabled
+        elif at == "requeue":
+            due = self.last_saved_step != step
+        else:
+            due = c.enabled and self.last_saved_step != step
+        if not due:
+            return 0.0
+        started = time.perf_counter()
+        self.before_save()
+        self.save(step, epoch, score)
+        return time.perf_counter() - started
 
     @property
     def best(self) -> Optional[tuple[float, Path]]:
@@ -273,6 +302,17 @@ class CheckpointManager:
             return False
         F.fsync_dir(dest.parent)
         return True
+
+    def final_weights(self, dest: Path, model: Any, trained: bool) -> None:
+        """The run's model.pt, at its end (every rank calls it: under FSDP gathering is a collective).
+        The last checkpoint's model.pt holds these very weights: a hard link, no second serialisation;
+        else (sharded, checkpoints off, another filesystem) the bare model's full weights, written
+        atomically. A finished run asked again (nothing trained) keeps the model.pt it has."""
+        if (trained or not dest.exists()) and self.publish_weights(dest):
+            return
+        weights = full_weights(model, self.sharded, self.d.is_main)
+        if weights is not None and (trained or not dest.exists()):
+            F.save_atomic(weights, dest)  # a kill mid-write must not leave half of it
 
     # ---- restore ---------------------------------------------------------------------------------
     def restore(self, folder: Path) -> None:

@@ -2,7 +2,7 @@
 
 Every field carries a comment; every check raises ConfigError naming the field, the bad value and
 what would be valid, so the CLI can print one line and exit 2 before any process or file exists.
-This module imports nothing else from the package (DESIGN.md: config.py and dist.py are leaves).
+The package imports nothing else from launcher (a leaf: tests/test_layout.py).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ NONFINITE: tuple[str, ...] = get_args(NonFinite)
 MODES: tuple[str, ...] = get_args(Mode)
 INTERVALS: tuple[str, ...] = get_args(Interval)
 RESUME_MODES = ("auto", "never")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # Hydra's YAML, shipped inside the package
 # `async` is a Python keyword (no field can have that name): checkpoint.async / checkpoint_async -> async_save
 FIELD_ALIASES = {("checkpoint", "async"): "async_save"}
 XLA_INSTALL = ("torch-xla is not installed: pip install 'launcher[xla]' (a torch_xla wheel matching your torch; "
@@ -68,7 +69,7 @@ class TrainerConfig:
     accelerator: str = "auto"  # auto (CUDA if gpus > 0, else CPU), cpu, cuda, xla (torch-xla: TPUs)
     strategy: str = "auto"  # auto (ddp when > 1 rank), ddp, fsdp (FSDP2 fully_shard), none
     fsdp_wrap: list[str] = field(default_factory=list)  # module class names sharded as FSDP units (e.g. [Block])
-    precision: str = "auto"  # auto (bf16-mixed where bf16 is native, else 32: launcher/hardware.py), 32, bf16-mixed, 16-mixed, bf16-true
+    precision: str = "auto"  # auto (bf16-mixed where bf16 is native, else 32: launcher/device/hardware.py), 32, bf16-mixed, 16-mixed, bf16-true
     accumulate_grad_batches: int = 1  # micro-batches per optimizer step (no gradient all-reduce until the last)
     gradient_clip_val: float = 0.0  # clip the total gradient norm to this (over all ranks' shards); 0 = off
     nonfinite: str = "error"  # non-finite loss or gradient norm: error (stop, naming step and rank), skip the step, off

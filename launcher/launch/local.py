@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as C
-from .. import faults
+from ..config import faults
 # imported by the launcher before it forks: CPU ranks then start with the worker (and torch) loaded
-from .. import worker
+from . import worker
 from . import rank
 
 log = logging.getLogger("launcher")

@@ -72,6 +72,6 @@ def run_then_exit(main: Callable[[], None]) -> None:
 
 if __name__ == "__main__":
     prepare()
-    from ..worker import main  # after prepare(), on purpose: this import takes seconds
+    from .worker import main  # after prepare(), on purpose: this import takes seconds
 
     run_then_exit(lambda: main(sys.argv[1:]))

@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from .. import config as C
-from .. import faults
+from ..config import faults
 from ..config.launchers import RAY_ADDRESSES, RayLauncherConfig
-from ..lock import LOCK_ENV
+from ..rundir.lock import LOCK_ENV
 from .ray_cluster import Topology, misfit, probe
 
 # after a rank's error that only says it lost a peer: how long the others get to report the cause
@@ -305,7 +305,7 @@ class _Rank:
         self.rank = rank
         if os.path.isdir(cwd):  # as a local rank: the recipe's relative paths mean the command's directory
             os.chdir(cwd)
-        from .. import worker  # noqa: F401 - torch and the worker load now, while the other ranks start
+        from . import worker  # noqa: F401 - torch and the worker load now, while the other ranks start
 
     def __repr__(self) -> str:  # Ray prefixes the lines a rank prints with this: "(rank 0 pid=..., ip=...)"
         return f"rank {self.rank}"
@@ -324,7 +324,7 @@ class _Rank:
         """worker.run on the parent's resolved config: "" when done, a user's error as its one line."""
         import ray
 
-        from .. import worker
+        from . import worker
         from .local import _interface_of
 
         os.environ.update(torch_env)

@@ -8,7 +8,7 @@ export_env() turns SLURM_PROCID / SLURM_LOCALID / SLURM_STEP_NUM_TASKS and the n
 torch env and this process is one rank.
 
 Requeue is ours, not submitit's: submitit's handler checkpoints inside the signal handler on rank 0
-only, at any point of a step; launcher/preempt.py instead agrees on a step across ranks first.
+only, at any point of a step; launcher/launch/preempt.py instead agrees on a step across ranks first.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as C
-from .. import faults
-from .. import worker
+from ..config import faults
+from . import worker
 
 log = logging.getLogger("launcher")
 # every task's first code (see that file): the requeue signal is caught before seconds of imports

@@ -6,14 +6,13 @@ data, run dir, tracker) is one line here and no half-written run directory.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from .. import config as C
-from .. import faults
+from ..config import faults
 from . import slurm as S
 
 if TYPE_CHECKING:  # launch/ray.py is imported only under launcher=ray
@@ -26,12 +25,12 @@ def start(cfgs: list[Any]) -> list[int]:
     """Create the run directories and start: SLURM gets them all at once (job arrays), the local
     and Ray launchers run them one after another. Returns the exit codes of the runs that failed."""
     failures: list[int] = []
-    from .. import run as R
+    from ..rundir.run_dir import RunDir
     if cfgs[0].launcher.name == "slurm":
         for cfg in cfgs:
-            # the job's rank 0 holds the lock while it runs; a run dir in use is refused here already
-            with R.RunLock.acquire(Path(cfg.run.dir)):
-                cfg.run.id = R.prepare(Path(cfg.run.dir), cfg.run.id, C.to_dict(cfg))
+            # the job's rank 0 holds the lock while it runs (its ranks read config.yaml, id included);
+            # a run dir in use is refused here already
+            RunDir.claim(Path(cfg.run.dir), cfg.run.id, C.to_dict(cfg)).release()
             print(f"launcher: asking SLURM for {S.describe(cfg)}", file=sys.stderr)
         folder = Path(cfgs[0].run.dir) / "slurm" if len(cfgs) == 1 else Path(cfgs[0].run.dir).parent / "slurm"
         _submit(cfgs, folder, failures)
@@ -63,68 +62,64 @@ def _start_ray(cfgs: list[Any]) -> list[int]:
 
 def _start_local(cfg: Any, failures: list[int], ray_session: Optional["Session"] = None) -> None:
     """A run whose ranks this process starts: on this node (elastic), or every node's (a Ray session)."""
-    from .. import run as R
-    from ..lock import LOCK_ENV
+    from ..rundir.lock import LOCK_ENV
+    from ..rundir.run_dir import RunDir
 
-    run_dir = Path(cfg.run.dir)
-    # several nodes each running this command share the dir: rank 0 locks it, and none deletes
+    path = Path(cfg.run.dir)
+    # several nodes each running this command share the dir: their rank 0 claims it, and none deletes
     one_node = cfg.trainer.nodes == 1 or ray_session is not None
-    new = R.is_new(run_dir) and one_node
-    lock = None
+    run: Optional[RunDir] = None
     try:
         if ray_session is not None:
             ray_session.check(cfg)  # the cluster can hold the ranks: before the run dir is touched
-        if one_node:  # held here, for the ranks this process starts (they inherit LOCK_ENV)
-            lock = R.RunLock.acquire(run_dir)  # in use: one line, and nothing touched
-            os.environ[LOCK_ENV] = str(run_dir)
+        if one_node:  # claimed here, for the ranks this process starts (they inherit LOCK_ENV)
+            run = RunDir.claim(path, cfg.run.id, C.to_dict(cfg))  # in use: one line, and nothing touched
+            os.environ[LOCK_ENV] = str(path)
         if ray_session is None:
-            _launch_local(cfg, run_dir, failures)
-        else:
-            cfg.run.id = R.prepare(run_dir, cfg.run.id, C.to_dict(cfg))
-            code = ray_session.launch(cfg)
+            _launch_local(cfg, path, failures)
+        else:  # the actors get the config as written, its run id included
+            code = ray_session.launch(C.from_dict(run.config))  # type: ignore[union-attr,arg-type]
             if code:
                 failures.append(code)
     except C.UserError as e:
         # nothing half-written: a new run that failed before its first checkpoint keeps only the
         # logs its error line points to; a sweep goes on with its next point
-        if lock is not None and new and not (run_dir / "checkpoints").is_dir():
-            with contextlib.suppress(OSError):  # (a read-only mount: nothing was written either)
-                R.discard(run_dir)
-        log = run_dir / "logs" / "rank-0.log"
-        logged = lock is not None and log.is_file() and "run failed: " in log.read_text(errors="replace")
+        if run is not None:
+            run.abandon()
+        log = path / "logs" / "rank-0.log"
+        logged = run is not None and log.is_file() and "run failed: " in log.read_text(errors="replace")
         where = f" (traceback: {log})" if "(traceback: " not in str(e) and logged else ""
         print(f"launcher: error: {e}{where}", file=sys.stderr)
         failures.append(EXIT_CONFIG)
     finally:
         os.environ.pop(LOCK_ENV, None)
-        if lock is not None:
-            lock.release()
+        if run is not None:
+            run.release()
 
 
 def _launch_local(cfg: Any, run_dir: Path, failures: list[int]) -> None:
-    from .. import run as R
-    from .. import worker
+    from ..rundir.files import CONFIG_FILE, node_local_config
     from . import local as local_launch
-    from . import xla as xla_launch
+    from . import pjrt
+    from . import worker
 
     nproc = C.ranks_per_node(cfg.trainer)
     if cfg.trainer.nodes > 1:
         # Every node runs this same command: none may mint the run id (rank 0 does, and tells the
         # others), and each hands its ranks the config from a node-local file.
-        path = R.node_local_config(C.to_dict(cfg))
+        path = node_local_config(C.to_dict(cfg))
         try:
             code = local_launch.launch(cfg, path, nproc)
         finally:
             path.unlink(missing_ok=True)
     else:
-        cfg.run.id = R.prepare(run_dir, cfg.run.id, C.to_dict(cfg))
         if cfg.trainer.accelerator == "xla":
-            xla_launch.launch(str(run_dir / R.CONFIG_FILE))  # one process per local XLA device (PJRT)
+            pjrt.launch(str(run_dir / CONFIG_FILE))  # one process per local XLA device (PJRT)
             return
         if nproc == 1 and cfg.launcher.max_restarts == 0:
             worker.run(cfg)  # one rank: no spawn, no process group, fastest start
             return
-        code = local_launch.launch(cfg, run_dir / R.CONFIG_FILE, nproc)
+        code = local_launch.launch(cfg, run_dir / CONFIG_FILE, nproc)
     if code:
         failures.append(code)
 

@@ -1,7 +1,7 @@
 """A CPU stand-in for torch_xla, for tests on machines without it (never shipped, never imported
 when the real torch_xla is installed: tests put it on PYTHONPATH only then).
 
-It implements the calls launcher/xla.py makes with their documented meaning, on CPU with gloo:
+It implements the calls launcher/device/xla.py makes with their documented meaning, on CPU with gloo:
 launch (one process per "device"), runtime ordinals, the xla process-group backend and xla://
 rendezvous, xla_device, reduce_gradients / optimizer_step (gradient all-reduce), mark_step, MpDeviceLoader,
 and save (master writes). Each call is appended to $FAKE_XLA_LOG so tests can count them.

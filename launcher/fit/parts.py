@@ -1,0 +1,162 @@
+"""What one fit() trains with on this rank, built from the user's model, data and optimizer:
+batch sources, precision, the model on its device and wrapped by the strategy (DDP, FSDP,
+compile), the optimizer over the parameters as they will be trained, metric accumulators,
+the Stepper and the throughput meter. Built once per fit; the Trainer owns the result."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..device import strategy as S
+from ..config import Strategy, TrainerConfig, UserError, one_line
+from .batch import inputs_and_targets
+from .data import Batches
+from .data import to_device
+from ..device.dist import Dist, broadcast_object
+from ..device.hardware import resolve_channels_last, resolve_precision
+from .metrics import Accumulator
+from ..device.precision import Precision
+from ..observe.progress import Speed
+from .step import Stepper
+from ..observe.summary import runs_channels_last, summarize
+from ..device.xla import XLA
+
+log = logging.getLogger("launcher")
+
+
+@dataclass
+class FitParts:
+    model: nn.Module  # the bare module (never the DDP wrapper): checkpoints, evaluation, model.pt
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: Callable
+    metrics: dict[str, Any]  # the user's metric objects; each accumulator holds its own copies
+    train: Batches
+    val: Optional[Batches]
+    prec: Precision
+    strategy: Strategy
+    xla: Optional[XLA]
+    train_acc: Accumulator
+    val_acc: Accumulator
+    stepper: Stepper
+    speed: Speed
+    chosen: str  # what precision=auto / channels_last=auto became on this device, and why (for the log)
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp"
+
+    def epoch_scheduler_step(self, score: Optional[float]) -> None:
+        """An epoch-interval scheduler's step at a whole epoch's end (ReduceLROnPlateau: on the score)."""
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if score is not None:
+                self.scheduler.step(score)
+        elif self.scheduler is not None:
+            self.scheduler.step()
+
+
+def _called(key: str, make: Callable, arg: Any) -> Any:
+    """The recipe's optimizer / scheduler from its partial: what its arguments make it raise (a
+    negative or non-numeric lr...) is the user's, named by the recipe key and the class."""
+    try:
+        return make(arg)
+    except Exception as e:  # noqa: BLE001 - raised by the user's arguments to their class
+        name = getattr(getattr(make, "func", make), "__qualname__", type(make).__name__)
+        raise UserError(f"{key} ({name}): {one_line(e)}") from e
+
+
+def _fused(make: Any, params: list[nn.Parameter], device: torch.device) -> Optional[torch.optim.Optimizer]:
+    """The recipe's optimizer built with fused=True where its class has a fused kernel for this
+    device and the recipe chose no implementation (fused or foreach) itself: one kernel per step
+    instead of several, and it can skip a non-finite step on the device (launcher/fit/guard.py)."""
+    func, keywords = getattr(make, "func", None), getattr(make, "keywords", None)
+    if not isinstance(func, type) or not issubclass(func, torch.optim.Optimizer) or keywords is None:
+        return None  # not a partial of an optimizer class: the user's own factory decides
+    if "fused" in keywords or "foreach" in keywords or device.type not in ("cuda", "cpu"):
+        return None
+    try:
+        return make(params, fused=True) if "fused" in inspect.signature(func).parameters else None
+    except Exception:  # noqa: BLE001 - e.g. a parameter dtype without a fused kernel: the plain one then
+        return None
+
+
+def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Callable, optimizer: Any, train_data: Any,
+          val_data: Any, metrics: dict[str, Any], scheduler: Any, batch_size: Optional[int]) -> FitParts:
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model: {type(model).__name__} is not a torch.nn.Module; valid: a _target_ that builds one")
+    bs = batch_size or t.batch_size
+    train = Batches(train_data, d, train=True, batch_size=bs, seed=t.seed, num_workers=t.num_workers,
+                    pin_memory=d.device.type == "cuda")
+    val = Batches(val_data, d, train=False, batch_size=t.eval_batch_size or bs,
+                  num_workers=t.num_workers) if val_data is not None else None
+    xla = XLA() if t.accelerator == "xla" else None
+    precision, why_precision = resolve_precision(t.precision, d.device)
+    channels_last, why_cl = resolve_channels_last(t.channels_last, d.device, precision)
+    prec = Precision(precision, d.device)
+    # XLA: gradients are all-reduced by xm.reduce_gradients, not by DDP
+    strategy: Strategy = "none" if xla is not None else S.resolve(t.strategy, d)  # type: ignore[arg-type]
+    if strategy == "none" and d.distributed and xla is None:  # a torchrun world no parent has seen
+        raise UserError(f"trainer.strategy=none with {d.world_size} ranks would train unsynchronised copies; "
+                         "valid: auto, ddp, fsdp")
+    model = prec.prepare_model(model.to(d.device))
+    x = _example(train, d, prec) if d.is_main and xla is None else None  # rank 0 looks, every rank learns
+    if t.channels_last == "auto" and channels_last:
+        # rank 0 tries a channels_last input (a `.view()` of a conv output fails on one); all ranks follow
+        ok, why = broadcast_object(runs_channels_last(model, x) if isinstance(x, torch.Tensor) and x.dim() == 4
+                                   else (True, ""))
+        if not ok:
+            channels_last, why_cl = False, why
+    chosen = f"precision {precision} ({why_precision}), channels_last {'on' if channels_last else 'off'} ({why_cl})"
+    summary = _summary(model, x) if t.summary and x is not None else ""
+    # the optimizer must see the parameters as they will be trained: after FSDP sharding
+    net = S.wrap(model, strategy, d, t.fsdp_wrap, t.compile, channels_last)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        fused = _fused(optimizer, list(model.parameters()), d.device) if xla is None else None
+        optimizer = fused or _called("optimizer", optimizer, model.parameters())  # a partial from the recipe
+    elif strategy == "fsdp":
+        raise UserError("trainer.strategy=fsdp needs the optimizer as a callable taking the parameters "
+                         "(e.g. functools.partial(torch.optim.AdamW, lr=1e-3)): FSDP replaces them")
+    if scheduler is not None and not hasattr(scheduler, "step"):
+        scheduler = _called("scheduler", scheduler, optimizer)
+    if t.scheduler_interval == "step" and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise UserError("trainer.scheduler_interval=step with ReduceLROnPlateau: it needs the monitored "
+                         "metric, which exists per epoch; valid: epoch")
+    train_acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
+    val_acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
+    on_device = train.tensors is not None and all(x.device == d.device for x in train.tensors)
+    stepper = Stepper(t, model, net, loss_fn, optimizer, prec, strategy, d, train_acc, on_device, channels_last,
+                      train.batch_size, xla)
+    speed = Speed.of(model, samples_per_step=train.batch_size * t.accumulate_grad_batches * d.world_size,
+                     world_size=d.world_size, device=d.device, peak_tflops=t.peak_tflops)
+    log.info(chosen)  # printed once all is built: a user's error above stays the run's only line
+    if summary:
+        log.info(summary)
+    return FitParts(model, optimizer, scheduler, loss_fn, metrics, train, val, prec, strategy, xla, train_acc,
+                    val_acc, stepper, speed, chosen)
+
+
+def _example(train: Batches, d: Dist, prec: Precision) -> Any:
+    """The inputs of the first training batch, on the device; None when there is none to read (the
+    data's own error then surfaces where every rank meets it: in training)."""
+    if not train.n:
+        return None
+    try:
+        inputs = inputs_and_targets(to_device(train.head(), d.device))[0]
+    except Exception:  # noqa: BLE001 - see above (a batch of the wrong shape too: every rank meets it in training)
+        return None
+    return prec.prepare_input(inputs)
+
+
+def _summary(model: nn.Module, x: Any) -> str:
+    """The model summary of the bare model (before any wrapping: its forward has no collective)."""
+    try:
+        return summarize(model, x)
+    except Exception as e:  # noqa: BLE001 - a summary is never a reason not to train
+        return f"no model summary: a forward of the first batch raised {one_line(e)}"

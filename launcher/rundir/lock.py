@@ -1,0 +1,174 @@
+"""One owner per run directory: a lock held for the run's life, released on every exit path.
+
+The lock is `RUN_DIR/.lock`: an flock on it (the kernel drops it when its holder dies, however it
+dies) and, inside it, who holds it (host, pid, SLURM job, since when) for the message a second
+start gets. Who holds it: the launcher's parent process for a local run on one node (its ranks
+inherit LOCK_ENV and do not lock again), rank 0 everywhere else (a SLURM job, the Python API, an
+outside torchrun, a multi-node local run).
+
+A record left behind by a process that no longer holds the flock (killed) is taken over with a
+warning. flock does not reach across hosts on every shared filesystem, so a record naming another
+host is believed unless it names a SLURM job that squeue says has ended; a requeued job keeps its
+job id and is the same owner.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from ..config import UserError
+from ..config.faults import io_error, run_dir_error
+
+log = logging.getLogger("launcher")
+LOCK_FILE = ".lock"
+LOCK_ENV = "LAUNCHER_RUN_LOCK"  # set by the process holding the lock for the ranks it starts: run dir
+
+
+def job_id() -> str:
+    """This process's SLURM job ("123", or "123_4" for an array element); "" outside SLURM."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID", "")
+
+
+def _me() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "job": job_id(), "since": time.time()}
+
+
+def describe(owner: dict[str, Any]) -> str:
+    if not owner:
+        return "owner not recorded yet"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(owner.get("since", 0))))
+    job = f", SLURM job {owner['job']}" if owner.get("job") else ""
+    return f"pid {owner.get('pid')} on host {owner.get('host')}{job}, since {since}"
+
+
+def _job_alive(job: str) -> bool:
+    """squeue still lists the job as pending, running, requeued... Unknown (no squeue): alive."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    if out.returncode:  # an ended job leaves squeue after MinJobAge: "Invalid job id specified"
+        return "invalid job id" not in out.stderr.lower()
+    return any(state not in _ENDED for state in out.stdout.split())
+
+
+_ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
+          "OUT_OF_MEMORY"}
+
+
+def _still_owned(owner: dict[str, Any]) -> bool:
+    """Is a record this process could flock nonetheless a live owner? A SLURM job (other than this
+    one) while squeue lists it: a preempted job keeps its record while it waits to be requeued. Any
+    other record of this host is dead (its flock was dropped); another host's flock may not reach
+    this one, so its record is believed."""
+    if not owner:
+        return False
+    if owner.get("job"):
+        return owner["job"] != job_id() and _job_alive(str(owner["job"]))
+    return owner.get("host") != socket.gethostname()
+
+
+class RunLock:
+    """`RunLock.acquire(run_dir)` or a UserError naming the owner; `release()` (idempotent)."""
+
+    def __init__(self, path: Path, fd: Optional[int]) -> None:
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> "RunLock":
+        path = run_dir / LOCK_FILE
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise run_dir_error(e, run_dir, str(path)) from None
+            # nobody can write a read-only run dir, so there is nothing to own; a run that needs to
+            # write fails at its first write, naming the cause
+            return cls(path, None)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _read(fd, wait_s=1.0)  # a start that won by a hair may not have written it yet
+            os.close(fd)
+            raise _busy(run_dir, owner) from None
+        except OSError as e:  # no flock on this filesystem (Lustre without -o flock, NFS without lockd)
+            log.warning("run dir %s: its filesystem has no flock (%s): only the owner record guards it",
+                        run_dir, os.strerror(e.errno or 0))
+        owner = _read(fd)
+        if _still_owned(owner):
+            os.close(fd)
+            raise _busy(run_dir, owner, hint=f" (if it is not running any more, remove {path})")
+        if owner and owner.get("job") and owner["job"] == job_id():
+            log.info("run dir %s: this is SLURM job %s again (requeued): still its owner", run_dir, owner["job"])
+        elif owner:
+            log.warning("run dir %s: its previous owner (%s) is gone; taking it over", run_dir, describe(owner))
+        try:
+            _write(fd, _me())
+        except OSError as e:  # a full disk: the run could not write its first checkpoint either
+            os.close(fd)
+            raise io_error(e, str(path)) or e from None
+        return cls(path, fd)
+
+    def release(self, keep_record: bool = False) -> None:
+        """Empty the record (an empty lock file is a free run dir) and drop the flock. keep_record: a
+        SLURM job that requeued itself still owns the run dir until its next attempt starts."""
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            if not keep_record:
+                os.ftruncate(fd, 0)
+        except OSError:
+            pass  # the flock still goes with the descriptor; an old record is taken over next time
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read(fd: int, wait_s: float = 0.0) -> dict[str, Any]:
+    """The owner record ({} when empty); wait_s: how long an empty one may take to be written."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            text = os.read(fd, 1 << 16).decode(errors="replace")
+            if text.strip() or time.monotonic() >= deadline:
+                return dict(json.loads(text)) if text.strip() else {}
+        except (OSError, ValueError, TypeError):
+            return {"host": "?", "pid": "?"}  # a record we cannot read is someone's: never assume it free
+        time.sleep(0.05)
+
+
+def _write(fd: int, owner: dict[str, Any]) -> None:
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(owner) + "\n").encode())
+    os.fsync(fd)
+
+
+def _busy(run_dir: Path, owner: dict[str, Any], hint: str = "") -> UserError:
+    return UserError(f"run.dir={str(run_dir)!r}: in use by another run ({describe(owner)}){hint}; valid: a "
+                     "run.dir no other run is using (or wait for that run to end)")
+
+
+def held_by_parent(run_dir: Path) -> bool:
+    """The launcher process that started this rank holds the lock of `run_dir` already."""
+    return os.environ.get(LOCK_ENV) == str(run_dir)
