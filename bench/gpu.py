@@ -89,7 +89,7 @@ def compose(w: Workload, device: str, precision: str) -> None:
     from launcher import config as C
 
     C.register()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "launcher" / "conf"), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=[f"recipe={w.recipe}", *w.overrides])
     c = OmegaConf.to_container(cfg, resolve=True)
     t = c["trainer"]

@@ -110,23 +110,20 @@ class Trainer:
                                       sharded=fp.sharded, xla=fp.xla, info={"run_id": run.id, "config": run.config},
                                       before_save=fp.stepper.check)
         point = restore(self.ckpt, d, lambda below: run.resume_point(d, cfg.resume, below), cfg.resume, restarted())
-        if point is not None:
-            # another world size: the rest of the epoch is the samples its ranks had not yet seen
+        if point is not None:  # (at another world size: the rest of the epoch is the samples not yet seen)
             p = self.progress
             p.batch_in_epoch = fp.train.continue_epoch(p.epoch, p.batch_in_epoch)
             drift.log_changes(self.ckpt.restored_config, run.config)
             log.info("resumed from %s: step %d, epoch %d at batch %d", point, p.step, p.epoch + 1, p.batch_in_epoch)
         else:
             seed_everything(t.seed + d.rank)  # per-rank streams (dropout differs per rank, like torchrun)
-        # early stopping is judged by this run's patience, as if it had been set from the start: a
-        # run stopped early continues when trainer.patience is raised (or set to 0)
+        # judged by this run's patience as if set from the start: raising it continues a run stopped early
         self.progress.stopped_early = self.stopper.should_stop()
         if run.unwritable is not None and self.should_continue():  # training would write: say why it cannot
             raise faults.io_error(run.unwritable, str(run.path)) or run.unwritable
         if point is not None and self.progress.step > 0 and self.should_continue():
             fp.stepper.settle_buckets(fp.train)  # DDP's buckets as the uninterrupted run has them by now
-        # opened once the run is known to go on (a refused resume opens no W&B run; a finished run on
-        # a read-only filesystem writes nothing)
+        # opened once the run goes on (a refused resume opens no W&B run; a finished read-only run writes nothing)
         self.logger = open_logger(d.is_main and run.unwritable is None, run.path, cfg.logger, run_id=run.id,
                                   run_name=cfg.run.name, config=run.config or {}, resumed_at=self.progress.step,
                                   monitor=t.monitor)
@@ -175,8 +172,7 @@ class Trainer:
         return self.history
 
     def _abandon(self) -> None:
-        """Best effort on the way out of a failed or interrupted fit (the error in flight is the one
-        to report): the bar closed, a save in flight finished, the loggers finished."""
+        """Best effort on the way out of a failed fit (the error in flight is the one to report)."""
         try:
             if self.bar is not None:
                 self.bar.close()
@@ -289,13 +285,10 @@ class Trainer:
                      extra={"file_only": t.progress})
         self._epoch = None
         score = score if isinstance(score, float) and not math.isnan(score) else None
-        if partial:  # the run ends here: its checkpoint is this exact position
-            self.ckpt.maybe_save(p.step, p.epoch, "partial_epoch", score)
-        else:
-            p.epoch += 1
-            p.batch_in_epoch = 0
+        if not partial:  # (partial: the run ends here, and its checkpoint is this exact position)
+            p.epoch, p.batch_in_epoch = p.epoch + 1, 0
             fp.train_acc.reset()
-            self.ckpt.maybe_save(p.step, p.epoch, "epoch", score)
+        self.ckpt.maybe_save(p.step, p.epoch, "partial_epoch" if partial else "epoch", score)
         self.bar.close({**row, **speed})  # type: ignore[union-attr]
 
     def _teardown(self) -> None:
@@ -317,9 +310,7 @@ class Trainer:
         self.logger.finish(p.history, trained=trained, requeued=self.preempted)
 
     # ---- what fit() leaves behind, and evaluation / predictions with or without it -------------------
-    @property
-    def history(self) -> History:
-        return History(self.progress.history)
+    history = property(lambda self: History(self.progress.history))
 
     @property
     def best_checkpoint(self) -> Optional[Path]:

@@ -68,10 +68,6 @@ CATALOGUE: list[tuple[str, list[str], dict[str, str], str]] = [
 ]
 
 
-def test_the_catalogue_has_at_least_30_cases() -> None:
-    assert len(CATALOGUE) >= 30, len(CATALOGUE)
-
-
 @pytest.mark.parametrize("what,overrides,env,expected", CATALOGUE, ids=[c[0] for c in CATALOGUE])
 def test_bad_input(tmp_path: Path, what: str, overrides: list[str], env: dict[str, str], expected: str) -> None:
     work = tmp_path / "work"

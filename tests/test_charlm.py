@@ -227,7 +227,7 @@ def _compose_preset(*overrides: str):
     from launcher import config as C
 
     C.register()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "launcher" / "conf"), version_base="1.3"):
         return compose(config_name="config", overrides=["recipe=charlm_gpt2", *overrides])
 
 

@@ -17,7 +17,7 @@ def compose_cfg():
     C.register()
 
     def _compose(*overrides: str):
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(REPO / "launcher" / "conf"), version_base="1.3"):
             return compose(config_name="config", overrides=list(overrides))
     return _compose
 
@@ -50,7 +50,7 @@ def test_to_object_gives_typed_config_that_passes_checks(compose_cfg) -> None:
     assert round_trip == cfg
 
 
-RECIPES = ", ".join(sorted(p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml")))
+RECIPES = ", ".join(sorted(p.stem for p in (REPO / "launcher" / "conf" / "recipe").glob("*.yaml")))
 
 # (overrides, text the one line must contain)
 BAD = [

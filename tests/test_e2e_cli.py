@@ -72,11 +72,18 @@ def test_linreg_two_ranks_reaches_the_noise_floor(tmp_path: Path) -> None:
 
 
 def test_one_rank_runs_in_process_and_writes_the_same_layout(tmp_path: Path) -> None:
+    """One rank trains in the CLI's own process (no spawn: the rank log's pid is the command's) and
+    leaves the run dir a multi-rank run leaves, less the other ranks' logs."""
     run_dir = tmp_path / "one"
-    p = run_cli(["recipe=linreg", *QUIET, "trainer.max_epochs=2", f"run.dir={run_dir}"], cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    cmd = [sys.executable, "-m", "launcher", "recipe=linreg", *QUIET, "trainer.max_epochs=2", f"run.dir={run_dir}"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err[-3000:]
+    assert f"pid {p.pid}\n" in (run_dir / "logs" / "rank-0.log").read_text(), "rank 0 ran in another process"
     assert [int(r["step"]) for r in _rows(run_dir)] == [14, 28]
-    assert not (run_dir / "logs" / "rank-1.log").exists()
+    assert sorted(x.name for x in run_dir.iterdir()) == ["checkpoints", "config.yaml", "logs", "metrics.csv",
+                                                         "model.pt", "plots.png", "run.json"]
+    assert sorted(x.name for x in (run_dir / "logs").iterdir()) == ["rank-0.log"]  # no elastic, no rank 1
 
 
 def test_sweep_runs_each_point_in_its_own_run_dir(tmp_path: Path) -> None:
@@ -119,16 +126,23 @@ def test_under_an_outside_torchrun_the_launcher_does_not_spawn_again(tmp_path: P
 
 
 def test_cpu_ranks_use_the_cpus_they_may_run_on(tmp_path: Path) -> None:
-    """2 ranks pinned to 2 CPUs (taskset, a cpuset, SLURM's binding) run 1 thread each, not
-    os.cpu_count() / 2 (every core of the machine shared out, oversubscribing the 2 they have)."""
+    """A command pinned to fewer CPUs than the machine has (taskset, a cpuset, SLURM's binding) gives
+    its ranks threads from the CPUs it may run on, shared out, never os.cpu_count() / ranks (which
+    would oversubscribe them). Pinned to one CPU here: the machines this runs on have 2 or more."""
     usable = sorted(os.sched_getaffinity(0))
-    if len(usable) < 4:
-        pytest.skip(f"needs 4 or more usable CPUs to tell 2 pinned CPUs from the machine's ({len(usable)} here)")
+    pin = (lambda: os.sched_setaffinity(0, usable[:1]))
+    check = ("from launcher.device.hardware import cpu_threads; import os; "
+             "print(cpu_threads(1), cpu_threads(2), len(os.sched_getaffinity(0)), os.cpu_count())")
+    pinned = subprocess.run([sys.executable, "-c", check], env=cli_env(), capture_output=True, text=True,
+                            timeout=60, preexec_fn=pin)
+    assert pinned.stdout.split()[:3] == ["1", "1", "1"], pinned.stdout + pinned.stderr
+    free = subprocess.run([sys.executable, "-c", check], env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert free.stdout.split()[0] == str(len(usable)), free.stdout + free.stderr
     run_dir = tmp_path / "pinned"
     env = {k: v for k, v in cli_env().items() if k != "OMP_NUM_THREADS"}
     p = subprocess.run([sys.executable, "-m", "launcher", "recipe=linreg", "trainer.max_epochs=1", "trainer.gpus=0",
                         "trainer.nproc=2", *QUIET, f"run.dir={run_dir}"], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=120, preexec_fn=lambda: os.sched_setaffinity(0, usable[:2]))
+                       text=True, timeout=180, preexec_fn=pin)
     assert p.returncode == 0, p.stderr[-2000:]
     for rank in (0, 1):
         assert f"rank {rank}: 1 CPU thread(s)" in (run_dir / "logs" / f"rank-{rank}.log").read_text()
