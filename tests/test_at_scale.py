@@ -24,7 +24,7 @@ from conftest import rows as _rows
 from conftest import same_weights as _same_weights
 from conftest import wait_until as _wait
 
-pytestmark = pytest.mark.scale
+pytestmark = [pytest.mark.scale, pytest.mark.slow]  # (slow too: `-m "not slow"` replaces addopts' -m)
 
 # linreg: 320 training samples; 16 ranks x 4 per batch = 5 steps an epoch
 SMALL = ["recipe=linreg", "trainer.gpus=0", "trainer.batch_size=4", "trainer.max_epochs=4", "trainer.summary=false",

@@ -84,6 +84,7 @@ def test_the_graph_is_read_from_the_code() -> None:
     assert "launcher.config" in graph["launcher.checkpoint.manager"]
     assert "launcher.launch.worker" in graph["launcher.launch.local"]
     assert "launcher.trainer" in graph["launcher"]  # the lazy __getattr__ import
+    assert "launcher.rundir.files" in graph["launcher.cli.checks"]  # a function-level import
 
 
 def test_a_circle_is_found_when_there_is_one() -> None:
@@ -107,3 +108,13 @@ def test_leaves_import_nothing_from_the_package(leaf: str) -> None:
 def test_no_module_is_too_long() -> None:
     long = {name: n for name, p in _modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_the_top_level_holds_the_entries_and_folders_only() -> None:
+    """Everything but the public API (Trainer), the commands (__main__, export) lives in a folder of
+    its concern (docs/ARCHITECTURE.md): a module dropped at the top fails here."""
+    top = sorted(p.name for p in PKG.glob("*.py"))
+    assert top == ["__init__.py", "__main__.py", "export.py", "trainer.py"], top
+    folders = sorted(p.name for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert folders == ["checkpoint", "cli", "conf", "config", "device", "fit", "launch", "observe", "recipes",
+                       "rundir"], folders
