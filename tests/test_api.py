@@ -3,6 +3,7 @@ Datasets, early stopping, best checkpoint, history as dicts and DataFrame, the b
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,20 @@ def test_channels_last_auto_leaves_a_model_that_cannot_take_it_alone(tmp_path: P
     assert "channels_last off (auto: the model fails on a channels_last input" in err, err
     assert "model summary: _ViewNet" in err
     assert not net.bn.training and net.training, "the summary and the check leave each module's mode as it was"
+
+
+def test_the_preflight_names_a_shape_mistake_in_one_line_and_leaves_only_logs(tmp_path: Path) -> None:
+    """The Python API gets the CLI's preflight: colour images into the MNIST CNN are a UserError naming
+    the forward and the shapes before any step, and the new run dir keeps nothing but logs/."""
+    from wrong_shapes import color_images
+
+    from launcher.config import UserError
+    from launcher.recipes.mnist import Net
+
+    train, val = color_images()
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=r"preflight: the forward of model \(launcher.recipes.mnist.Net\) failed on "
+                                        r"the first training batch \(inputs \[16, 3, 32, 32\] float32"):
+        Trainer(max_epochs=1, batch_size=16, run_dir=str(run), progress=False).fit(
+            Net(), torch.nn.CrossEntropyLoss(), functools.partial(torch.optim.SGD, lr=0.1), train, val)
+    assert sorted(x.name for x in run.iterdir()) == ["logs"]

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import pytest
 
-from conftest import QUIET, run_cli
+from conftest import QUIET, mnist_small, run_cli
 
 TWO = ["trainer.gpus=0", "trainer.nproc=2"]
 
@@ -53,6 +53,23 @@ CASES: list[tuple[str, object, int, str, bool]] = [
                                                          "+scheduler._target_=torch.optim.lr_scheduler.StepLR",
                                                          "+scheduler.step_size=1", "+scheduler.gama=0.5"], 1,
      "scheduler (StepLR): TypeError: StepLR.__init__() got an unexpected keyword argument 'gama'", True),
+    # the preflight: the first batches through the model, the loss and each metric before any step
+    ("preflight: 3x32x32 images into the MNIST CNN, 2 ranks",
+     lambda tmp, mnist: ["recipe=mnist", "data._target_=wrong_shapes.color_images", *TWO], 2,
+     "preflight: the forward of model (launcher.recipes.mnist.Net) failed on the first training batch (inputs "
+     "[128, 3, 32, 32] float32", True),
+    ("preflight: MSELoss on class targets",
+     lambda tmp, mnist: [*mnist_small(mnist), "loss._target_=torch.nn.MSELoss"], 1,
+     "preflight: loss (torch.nn.modules.loss.MSELoss) failed on the first training batch (inputs [128, 1, 28, 28] "
+     "float32, outputs [128, 10] float32, targets [128] int64)", True),
+    ("preflight: MeanSquaredError on logits",
+     lambda tmp, mnist: [*mnist_small(mnist), "~metrics.acc", "+metrics.mse._target_=torchmetrics.MeanSquaredError",
+                         "trainer.monitor=val_loss", "trainer.mode=min"], 1,
+     "preflight: metrics.mse (torchmetrics.regression.mse.MeanSquaredError) failed on the first training batch", True),
+    ("preflight: a class count the model's output does not have, validate_args off",
+     lambda tmp, mnist: [*mnist_small(mnist), "metrics.acc.num_classes=3"], 1,
+     "preflight: metrics.acc (torchmetrics.classification.accuracy.MulticlassAccuracy): num_classes=3, but the "
+     "model's output has 10 classes (its last dimension, output [128, 10] float32); valid: num_classes=10", True),
     ("run dir: cannot be created", ["recipe=linreg", "run.dir=/proc/launcher-test/run"], 1,
      "run.dir='/proc/launcher-test/run': cannot be written", False),
 ]

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..device import strategy as S
 from ..config import Strategy, TrainerConfig, UserError, one_line
+from . import preflight
 from .batch import inputs_and_targets
 from .data import Batches
 from .data import to_device
@@ -106,7 +107,12 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Callable, optimi
         raise UserError(f"trainer.strategy=none with {d.world_size} ranks would train unsynchronised copies; "
                          "valid: auto, ddp, fsdp")
     model = prec.prepare_model(model.to(d.device))
-    x = _example(train, d, prec) if d.is_main and xla is None else None  # rank 0 looks, every rank learns
+    firsts = _first_batches(train, val, d) if d.is_main and xla is None else []  # rank 0 looks, every rank learns
+    if xla is None:  # (every rank knows whether it runs on XLA: all of them meet the broadcast or none)
+        problem = broadcast_object(preflight.check(model, loss_fn, metrics, firsts, prec, d.device) if firsts else "")
+        if problem:
+            raise UserError(problem)
+    x = prec.prepare_input(inputs_and_targets(firsts[0][1])[0]) if firsts else None
     if t.channels_last == "auto" and channels_last:
         # rank 0 tries a channels_last input (a `.view()` of a conv output fails on one); all ranks follow
         ok, why = broadcast_object(runs_channels_last(model, x) if isinstance(x, torch.Tensor) and x.dim() == 4
@@ -142,16 +148,21 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Callable, optimi
                     val_acc, stepper, speed, chosen)
 
 
-def _example(train: Batches, d: Dist, prec: Precision) -> Any:
-    """The inputs of the first training batch, on the device; None when there is none to read (the
-    data's own error then surfaces where every rank meets it: in training)."""
-    if not train.n:
-        return None
-    try:
-        inputs = inputs_and_targets(to_device(train.head(), d.device))[0]
-    except Exception:  # noqa: BLE001 - see above (a batch of the wrong shape too: every rank meets it in training)
-        return None
-    return prec.prepare_input(inputs)
+def _first_batches(train: Batches, val: Optional[Batches], d: Dist) -> list[tuple[str, Any]]:
+    """("training" / "validation", the split's first batch on the device) for the preflight; a split
+    whose batch cannot be read is left out (the data's own error then surfaces where every rank
+    meets it: in training), and so is one of the wrong shape (the step names it, on every rank)."""
+    firsts = []
+    for split, batches in (("training", train), ("validation", val)):
+        if batches is None or not batches.n:
+            continue
+        try:
+            batch = to_device(batches.head(), d.device)
+            inputs_and_targets(batch)
+        except Exception:  # noqa: BLE001 - see above
+            continue
+        firsts.append((split, batch))
+    return firsts
 
 
 def _summary(model: nn.Module, x: Any) -> str:

@@ -49,6 +49,7 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
     # elastic logs each failed rank at ERROR; the report below says the same, once and readably
     # (and a user's error must stay one line)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    logging.getLogger("torch.multiprocessing").setLevel(logging.CRITICAL)  # "Terminating process ... via SIGTERM"
     _pin_interface(cfg.launcher.local_addr)
     # elastic installs handlers for these and never puts ours back: the next sweep point, or the
     # in-process rank after it, would get elastic's SignalException instead of Ctrl-C / SIGTERM

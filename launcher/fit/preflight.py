@@ -1,0 +1,102 @@
+"""The first batches through the model, the loss and each metric, on rank 0, before any step.
+
+The commonest hurried mistake (3x32x32 images into a 28x28 CNN, MSELoss on class targets, a
+metric whose class count is not the model's) would otherwise surface as a traceback from inside
+the first DDP step, on every rank, after the run dir was written. Here it is one line naming the
+stage (the forward of the model, the loss, metrics.<name>), the shapes involved and the exception;
+its traceback goes to the rank log. The model runs in eval mode without gradients (no dropout mask
+drawn, no running statistic moved), so a run that passes trains bitwise as without the check.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..config import one_line
+from ..device.modes import inference
+from ..device.precision import Precision
+from .batch import inputs_and_targets
+
+log = logging.getLogger("launcher")
+
+
+def _name(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    if cls.__name__ in ("function", "partial", "method"):
+        return getattr(obj, "__qualname__", None) or getattr(getattr(obj, "func", None), "__qualname__", "?")
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def shapes(x: Any) -> str:
+    """A batch part as the user thinks of it: [64, 3, 32, 32] float32, or a tuple/dict of those."""
+    if isinstance(x, torch.Tensor):
+        return f"{list(x.shape)} {str(x.dtype).replace('torch.', '')}"
+    if isinstance(x, (list, tuple)):
+        return "(" + ", ".join(shapes(v) for v in x) + ")"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k}: {shapes(v)}" for k, v in x.items()) + "}"
+    return type(x).__name__
+
+
+def _class_count(metric: Any, out: Any) -> Optional[str]:
+    """A multiclass torchmetrics metric whose num_classes is not the width of the model's logits:
+    found once here even with validate_args=False (which would otherwise train and report a wrong
+    value without a word)."""
+    n = getattr(metric, "num_classes", None)
+    if not type(metric).__name__.startswith("Multiclass") or not isinstance(n, int):
+        return None
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.dim() < 2 or out.shape[-1] == n:
+        return None
+    return (f"num_classes={n}, but the model's output has {out.shape[-1]} classes (its last dimension, output "
+            f"{shapes(out)}); valid: num_classes={out.shape[-1]}")
+
+
+def check(model: nn.Module, loss_fn: Callable, metrics: dict[str, Any], batches: list[tuple[str, Any]],
+          prec: Precision, device: torch.device) -> str:
+    """"" when every (split, batch) goes through the model, the loss and each metric; else the one
+    line saying which stage failed on which batch, with the shapes."""
+    # what the user's code warns about here it warns again at the first step, where it belongs: kept
+    # out of stderr, where a failure must be one line (into the rank log instead)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        problem = _check(model, loss_fn, metrics, batches, prec, device)
+    for w in said:
+        log.info("preflight: warning: %s", w.message, extra={"file_only": True})
+    return problem
+
+
+def _check(model: nn.Module, loss_fn: Callable, metrics: dict[str, Any], batches: list[tuple[str, Any]],
+           prec: Precision, device: torch.device) -> str:
+    for split, batch in batches:
+        x, y = inputs_and_targets(batch)
+        stage, out = f"the forward of model ({_name(model)})", None
+        try:
+            with inference(model), prec.autocast():
+                out = model(prec.prepare_input(x))
+                stage = f"loss ({_name(loss_fn)})"
+                loss = loss_fn(out, y)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                what = shapes(loss) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                return (f"preflight: loss ({_name(loss_fn)}) returned {what} on the first {split} batch; valid: "
+                        "one number per batch (a reduction of 'mean' or 'sum')")
+            for name, metric in metrics.items():
+                stage = f"metrics.{name} ({_name(metric)})"
+                wrong = _class_count(metric, out)
+                if wrong:
+                    return f"preflight: {stage}: {wrong}"
+                with torch.no_grad():
+                    copy.deepcopy(metric).to(device).update(out, y)  # a copy: the run's own stays untouched
+        except Exception as e:  # noqa: BLE001 - the user's code on the user's data: named, traceback logged
+            log.error("preflight: %s failed on the first %s batch", stage, split, exc_info=True,
+                      extra={"file_only": True})
+            got = f"inputs {shapes(x)}" + (f", outputs {shapes(out)}" if out is not None else "") + \
+                  (f", targets {shapes(y)}" if y is not None else "")
+            return (f"preflight: {stage} failed on the first {split} batch ({got}): {one_line(e)}; valid: a model, "
+                    "loss and metrics that fit the data")
+    return ""
