@@ -13,9 +13,12 @@ fewer. Without FAULT_STEP set low the fault never fires.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -239,3 +242,60 @@ def test_the_other_launchers_never_import_ray() -> None:
             "config.check_launcher(config.LAUNCHER_SCHEMAS['ray'](), 1); assert 'ray' not in sys.modules, 'ray imported'")
     p = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def test_readme_cluster_commands_work_with_token_authentication(tmp_path: Path) -> None:
+    """README's Ray commands as a user types them, on a machine where a run's own Ray instance left
+    ~/.ray/auth_token (so `ray start --head` turns token authentication on): without RAY_AUTH_MODE=token
+    a join by address is one line naming it, exit 2, nothing written; with it the run trains."""
+    import ray
+
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    home = tmp_path / "home"
+    home.mkdir()
+    short = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # Ray's socket paths must fit in 107 bytes
+    env = {**_env(), "HOME": str(home), "RAY_TMPDIR": str(short)}  # this test's own ~/.ray and /tmp/ray
+    token = {**env, "RAY_AUTH_MODE": "token"}
+    subprocess.run([ray_cli, "get-auth-token", "--generate"], env=token, capture_output=True, check=True, timeout=60)
+    port = _free_port()
+    with open(tmp_path / "head.log", "w") as log:  # `ray start --block`: ends (with its processes) on SIGTERM
+        head = subprocess.Popen([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                                 f"--ray-client-server-port={_free_port()}", "--disable-usage-stats", "--block"],
+                                env=token, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in (tmp_path / "head.log").read_text():
+            assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(0.2)
+        address = f"{ray.util.get_node_ip_address()}:{port}"
+        args = [sys.executable, "-m", "launcher", *COMMON, *RAY, f"launcher.address={address}", "trainer.nproc=2"]
+
+        p = subprocess.run([*args, f"run.dir={tmp_path / 'refused'}"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=120)
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
+        assert lines[0] == (f"launcher: error: launcher.address='{address}': the Ray cluster there uses token "
+                            "authentication and refused this process (RAY_AUTH_MODE is unset); valid: RAY_AUTH_MODE=token "
+                            "with the cluster's token in ~/.ray/auth_token (or RAY_AUTH_TOKEN) where this runs; or a "
+                            "cluster started with RAY_AUTH_MODE=disabled (README: Ray)"), lines[0]
+        assert not (tmp_path / "refused").exists()
+
+        p = subprocess.run([*args, f"run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=token, capture_output=True,
+                           text=True, timeout=180)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "Traceback" not in p.stderr, p.stderr[-3000:]
+        assert [int(r["step"]) for r in _rows(tmp_path / "run")][-1] == 10
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)  # its session: the Ray processes this test started
+            head.wait()
+        shutil.rmtree(short, ignore_errors=True)

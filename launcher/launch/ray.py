@@ -1,6 +1,7 @@
 """Ranks as Ray actors: one actor per rank, placed by a placement group, each running the worker.
 
     python -m launcher recipe=mnist launcher=ray trainer.gpus=0 trainer.nproc=2     # a Ray instance for this run
+    export RAY_AUTH_MODE=token; ray get-auth-token --generate   # on every machine, the head's token (README: Ray)
     ray start --head    # then, on every other node: ray start --address=HEAD:6379
     python -m launcher recipe=mnist launcher=ray launcher.address=auto trainer.gpus=8 trainer.nodes=4
     ray job submit --address http://HEAD:8265 -- python -m launcher recipe=mnist launcher=ray trainer.nodes=4
@@ -41,9 +42,9 @@ from typing import Any, Iterator, Optional
 
 from .. import config as C
 from ..config import faults
-from ..config.launchers import RAY_ADDRESSES, RayLauncherConfig
+from ..config.launchers import RayLauncherConfig
 from ..rundir.lock import LOCK_ENV
-from .ray_cluster import Topology, misfit, probe
+from .ray_cluster import Topology, join_error, misfit, native_stderr_held, probe
 
 # after a rank's error that only says it lost a peer: how long the others get to report the cause
 LOST_PEER_GRACE_S = 3.0
@@ -70,12 +71,12 @@ class Session:
         try:
             # Ray's own notices (token auth, temp dirs...) at ERROR only: a user's error stays one line; the
             # session's logs (/tmp/ray/session_latest/logs) keep everything. The ranks' lines still come through.
-            ray.init(address=self.address, logging_level=logging.ERROR, log_to_driver=True, **extra)
+            with contextlib.nullcontext() if self.started else native_stderr_held():
+                ray.init(address=self.address, logging_level=logging.ERROR, log_to_driver=True, **extra)
         except Exception as e:  # noqa: BLE001 - joining: whatever refuses us (nobody there, a token, versions)
             if self.started:  # starting our own: not the user's doing, keep the traceback
                 raise
-            raise C.ConfigError(self.field, self.address, f"cannot join a Ray cluster there ({C.one_line(e)})",
-                                RAY_ADDRESSES) from None
+            raise join_error(self.field, self.address, e) from None
         finally:
             for s, handler in handlers.items():
                 signal.signal(s, handler)
@@ -334,8 +335,11 @@ class _Rank:
         for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
             if iface:
                 os.environ.setdefault(var, iface)
+        ray_sigterm = signal.getsignal(signal.SIGTERM)
         try:
             worker.run(C.from_dict(config))
         except C.UserError as e:
             return str(e) or type(e).__name__
+        finally:  # the rank's handler (SIGTERM as an exception) would print a traceback when Ray ends the
+            signal.signal(signal.SIGTERM, ray_sigterm)  # finished actor's process with SIGTERM
         return ""

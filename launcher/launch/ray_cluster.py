@@ -1,5 +1,5 @@
 """What launcher=ray asks of a Ray cluster, checked before anything starts: ray installed, an
-address that answers, nodes that can hold the placement group.
+address that answers (and, joining, why it refused), nodes that can hold the placement group.
 
 The placement group has one bundle per node (trainer.nodes of them) holding that node's ranks:
 their CPUs (launcher.cpus_per_rank each) and one GPU per rank on GPU nodes. It is checked against
@@ -11,13 +11,18 @@ ray.nodes() reported.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import re
 import socket
+import sys
+import tempfile
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 from .. import config as C
+from ..config.launchers import RAY_ADDRESSES
 
 INSTALL = "pip install 'launcher[ray]'"
 PROBE_TIMEOUT_S = 5.0  # a GCS address that does not answer: Ray itself would retry for minutes
@@ -39,6 +44,52 @@ def probe(field: str, address: str) -> None:
     except OSError as e:
         raise C.ConfigError(field, address, f"nothing answers there ({e.strerror or e})",
                             "the address of a running Ray cluster (`ray status` on its head), auto, or unset") from None
+
+
+# Ray's token authentication: any `ray.init()` that starts a local instance (this launcher's own,
+# without launcher.address) writes ~/.ray/auth_token, and a later `ray start --head` on that machine
+# turns token authentication on. Joining it by an explicit address (HOST:PORT, ray://) sends the token
+# only with RAY_AUTH_MODE=token (Ray never sends it unasked); `auto` on the head sends it by itself.
+TOKEN = "RAY_AUTH_MODE=token with the cluster's token in ~/.ray/auth_token (or RAY_AUTH_TOKEN) where this runs"
+
+
+def join_error(field: str, address: str, e: BaseException) -> C.ConfigError:
+    """Why joining failed as one line; a refused token named as such. A GCS address refused says so in
+    the error's cause (AuthenticationError: InvalidAuthToken); Ray Client only times out."""
+    chain: list[str] = []
+    cause: Optional[BaseException] = e
+    while cause is not None and len(chain) < 10:
+        chain.append(f"{type(cause).__name__}: {cause}")
+        cause = cause.__cause__ or cause.__context__
+    mode = os.environ.get("RAY_AUTH_MODE") or "unset"
+    if any("InvalidAuthToken" in text or "AuthenticationError" in text for text in chain):
+        return C.ConfigError(field, address, f"the Ray cluster there uses token authentication and refused this "
+                             f"process (RAY_AUTH_MODE is {mode})", f"{TOKEN}; or a cluster started with "
+                             "RAY_AUTH_MODE=disabled (README: Ray)")
+    hint = "" if mode == "token" else f"; a cluster with token authentication also needs {TOKEN}"
+    return C.ConfigError(field, address, f"cannot join a Ray cluster there ({C.one_line(e)})", RAY_ADDRESSES + hint)
+
+
+@contextlib.contextmanager
+def native_stderr_held() -> Iterator[None]:
+    """Joining: what is written to fd 2 meanwhile, shown only if it succeeds. Ray's C++ GCS client
+    writes a warning per connection retry straight to fd 2 (20 lines in 20 s for a refused token)
+    before ray.init raises; join_error's one line says the same."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        joined = False
+        try:
+            yield
+            joined = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if joined:
+                held.seek(0)
+                os.write(2, held.read())
 
 
 @dataclass(frozen=True)

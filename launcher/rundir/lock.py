@@ -7,9 +7,13 @@ inherit LOCK_ENV and do not lock again), rank 0 everywhere else (a SLURM job, th
 outside torchrun, a multi-node local run).
 
 A record left behind by a process that no longer holds the flock (killed) is taken over with a
-warning. flock does not reach across hosts on every shared filesystem, so a record naming another
-host is believed unless it names a SLURM job that squeue says has ended; a requeued job keeps its
-job id and is the same owner.
+warning. The flock belongs to an open file, not to a process: CPU ranks forked by the launcher share
+its descriptor, so a launcher killed while its ranks live on (stopped, or stuck in a collective)
+leaves the lock with them, as it should (they may still write). A start refused then names the
+processes that hold it (from /proc), running or stopped, and how to end them, not the dead pid of
+the record. flock does not reach across hosts on every shared filesystem, so a record naming
+another host is believed unless it names a SLURM job that squeue says has ended; a requeued job
+keeps its job id and is the same owner.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ class RunLock:
         except BlockingIOError:
             owner = _read(fd, wait_s=1.0)  # a start that won by a hair may not have written it yet
             os.close(fd)
-            raise _busy(run_dir, owner) from None
+            raise _busy(run_dir, owner, held_by=holders(path)) from None
         except OSError as e:  # no flock on this filesystem (Lustre without -o flock, NFS without lockd)
             log.warning("run dir %s: its filesystem has no flock (%s): only the owner record guards it",
                         run_dir, os.strerror(e.errno or 0))
@@ -164,9 +168,69 @@ def _write(fd: int, owner: dict[str, Any]) -> None:
     os.fsync(fd)
 
 
-def _busy(run_dir: Path, owner: dict[str, Any], hint: str = "") -> UserError:
-    return UserError(f"run.dir={str(run_dir)!r}: in use by another run ({describe(owner)}){hint}; valid: a "
-                     "run.dir no other run is using (or wait for that run to end)")
+def _busy(run_dir: Path, owner: dict[str, Any], hint: str = "",
+          held_by: Optional[list[tuple[int, str]]] = None) -> UserError:
+    """The refusal. held_by: the processes of this host holding the flock, with their state. When the
+    record's process is not among them (it died, its ranks did not) or some are stopped, the line names
+    them and how to end them: a stopped process never ends by itself, and a running one left by a
+    dead launcher may wait in a collective for trainer.dist_timeout_s first."""
+    alive = bool(held_by) and owner.get("host") == socket.gethostname() and \
+        any(pid == owner.get("pid") for pid, _ in held_by)
+    if not held_by or (alive and all(state == "running" for _, state in held_by)):
+        return UserError(f"run.dir={str(run_dir)!r}: in use by another run ({describe(owner)}){hint}; valid: a "
+                         "run.dir no other run is using (or wait for that run to end)")
+    pids = " ".join(str(pid) for pid, _ in held_by)
+    named = ", ".join(f"pid {pid} ({state})" for pid, state in held_by)
+    stopped = [str(pid) for pid, state in held_by if state == "stopped"]
+    if alive:  # its launcher is stopped (Ctrl-Z), or some of its ranks are: it may be continued
+        return UserError(f"run.dir={str(run_dir)!r}: in use by another run ({describe(owner)}); its lock is held "
+                         f"by {named}; valid: a run.dir no other run is using, or this one once that run has ended "
+                         f"(kill -CONT {' '.join(stopped)} continues it; kill -KILL {pids} ends it)")
+    gone = f" (its launcher, {describe(owner)}, is gone)" if owner.get("host") == socket.gethostname() else ""
+    how = "they are stopped and never end by themselves: end them" if len(stopped) == len(held_by) else \
+        "wait for them to end, or end them"
+    return UserError(f"run.dir={str(run_dir)!r}: in use by the processes of another run{gone}: its lock is held "
+                     f"by {named}; valid: a run.dir no other run is using, or this one once they have ended ({how} "
+                     f"with kill -KILL {pids}; the same command then resumes from the last checkpoint)")
+
+
+def holders(path: Path) -> list[tuple[int, str]]:
+    """The processes of this host that hold the flock on `path`, lowest pid first, each "running" or
+    "stopped"; [] where /proc cannot tell (not Linux, another user's processes, another host's).
+
+    /proc/locks names the process that took the lock, which may be dead while the processes that
+    share its open file (forked children) keep the lock; a process holds it while one of its
+    descriptors is that open file, and then its /proc/PID/fdinfo/FD lists the lock."""
+    try:
+        want = os.stat(path)
+        pids = sorted(int(e.name) for e in os.scandir("/proc") if e.name.isdigit())
+    except OSError:
+        return []
+    found = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # gone, or not ours to look at
+            continue
+        for fd in fds:
+            link = f"/proc/{pid}/fd/{fd}"
+            try:
+                # the name first: a stat of every descriptor could hang on a dead network mount
+                if not os.readlink(link).endswith(f"/{LOCK_FILE}"):
+                    continue
+                st = os.stat(link)
+                if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    if not any(ln.startswith("lock:") and " FLOCK " in ln for ln in f):
+                        continue  # the same file, another open file (a start that is refused, like this one)
+                with open(f"/proc/{pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            found.append((pid, "stopped" if state in ("T", "t") else "running"))
+            break
+    return found
 
 
 def held_by_parent(run_dir: Path) -> bool:

@@ -45,13 +45,15 @@ class MlflowRun:
         self.pending: list[Any] = []  # the background batches not yet known to be stored
         self.floor: dict[str, int] = {}  # per metric: the last step the store already holds
         try:
-            with _bounded(opts.timeout_s):  # a server that does not answer: one line in seconds, not minutes
+            with _bounded(self.uri, opts.timeout_s):  # a store that does not answer: one line in seconds, not minutes
                 self.client = MlflowClient(tracking_uri=self.uri)
                 self.id = self._continue(name, run_id, config, opts.experiment)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - MLflow's, requests' and SQLAlchemy's kinds alike
-            raise UserError(f"{where}={self.uri!r}: MLflow did not start: {one_line(e)}") from e
+            valid = "; valid: a sqlite:/// path in a directory this user can write, or a tracking server" \
+                if self.uri.startswith("sqlite:") else ""
+            raise UserError(f"{where}={self.uri!r}: MLflow did not start: {one_line(e)}{valid}") from e
         log.info("MLflow run %s in %s", self.id, self.uri)
 
     def _continue(self, name: str, run_id: str, config: dict, experiment: str) -> str:
@@ -132,18 +134,55 @@ def _write_state(path: Path, state: dict) -> None:
 
 
 @contextmanager
-def _bounded(timeout_s: float) -> Iterator[None]:
-    """MLflow's HTTP client retries 7 times with exponential back-off and waits 120 s per request
-    by default: minutes before a start against a server that is down would fail. At start, one
-    try with a short timeout; the user's own settings (if any) apply again once it has started."""
+def _bounded(uri: str, timeout_s: float) -> Iterator[None]:
+    """MLflow's start, bounded by timeout_s; the user's own settings (if any) apply again once it has
+    started. A server (http, databricks): MLflow's HTTP client retries 7 times with exponential
+    back-off and waits 120 s per request by default, minutes before a start against a server that is
+    down would fail: at start, one try with timeout_s as the request timeout. A database: see
+    _engine_attempts."""
     bounded = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(math.ceil(timeout_s))}
     saved = {k: os.environ.get(k) for k in bounded}
     os.environ.update(bounded)
     try:
-        yield
+        if uri.startswith(("http://", "https://", "databricks")):
+            yield
+        else:
+            with _engine_attempts(uri, timeout_s):
+                yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextmanager
+def _engine_attempts(uri: str, timeout_s: float) -> Iterator[None]:
+    """SqlAlchemyStore builds its engine with mlflow.store.db.utils.create_sqlalchemy_engine_with_retry:
+    MAX_RETRY_COUNT (10) attempts, 0.1 * (2**n - 1) s after the n-th failure (101 s in all, no
+    setting for it), a 4-line warning before each retry: an unwritable SQLite file took 107 s and 51
+    lines to fail. A SQLite file that does not open now does not open a second later (a locked one
+    SQLite waits for itself, its busy timeout): one attempt. A database server may be coming back:
+    the attempts whose back-off fits in timeout_s. Their warnings say what the error line says, so
+    they are kept off stderr while MLflow starts."""
+    import mlflow.store.db.utils as db  # SQLAlchemy's import: only for a store that uses it
+
+    db_log = logging.getLogger(db.__name__)
+    attempts, level = db.MAX_RETRY_COUNT, db_log.level
+    db.MAX_RETRY_COUNT = 1 if uri.startswith("sqlite:") else min(attempts, _attempts_within(timeout_s))
+    db_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        db.MAX_RETRY_COUNT = attempts
+        db_log.setLevel(level)
+
+
+def _attempts_within(timeout_s: float) -> int:
+    """How many engine attempts MLflow's back-off (0.1 * (2**n - 1) s after the n-th) fits in timeout_s."""
+    n, slept = 1, 0.1
+    while slept <= timeout_s:
+        n += 1
+        slept += 0.1 * (2 ** n - 1)
+    return n
