@@ -81,7 +81,7 @@ def test_one_rank_runs_in_process_and_writes_the_same_layout(tmp_path: Path) -> 
     assert p.returncode == 0, err[-3000:]
     assert f"pid {p.pid}\n" in (run_dir / "logs" / "rank-0.log").read_text(), "rank 0 ran in another process"
     assert [int(r["step"]) for r in _rows(run_dir)] == [14, 28]
-    assert sorted(x.name for x in run_dir.iterdir()) == ["checkpoints", "config.yaml", "logs", "metrics.csv",
+    assert sorted(x.name for x in run_dir.iterdir()) == [".lock", "checkpoints", "config.yaml", "logs", "metrics.csv",
                                                          "model.pt", "plots.png", "run.json"]
     assert sorted(x.name for x in (run_dir / "logs").iterdir()) == ["rank-0.log"]  # no elastic, no rank 1
 

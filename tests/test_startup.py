@@ -18,7 +18,7 @@ def test_torchmetrics_imports_without_pyplot_and_a_metric_still_plots() -> None:
     pytest.importorskip("matplotlib")
     code = """
 import sys
-from launcher import recipe
+from launcher.launch import recipe
 Accuracy = recipe.locate("torchmetrics.classification.MulticlassAccuracy")
 assert "matplotlib.pyplot" not in sys.modules, "torchmetrics' import loaded pyplot"
 assert not any(type(f).__name__ == "_Finder" for f in sys.meta_path), "the finder outlived the import"
@@ -57,7 +57,8 @@ def _overlap_script(tmp_path: Path, compose_body: str) -> Path:
     script.write_text(f"""
 import os, sys, time
 from pathlib import Path
-from launcher import faults, overlap
+from launcher.cli import overlap
+from launcher.config import faults
 faults.raise_on_sigterm()  # as the CLI does before composing
 def compose():
     Path({str(tmp_path / 'composing')!r}).touch()

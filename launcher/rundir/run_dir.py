@@ -53,22 +53,25 @@ class RunDir:
 
     @classmethod
     def join(cls, d: D.Dist, path: Path, requested_id: str, config: dict[str, Any]) -> "RunDir":
-        """Every rank's view of one claim made by rank 0: the same id and writability everywhere."""
+        """Every rank's view of one claim made by rank 0: the same path, id and writability everywhere
+        (the path too: a default run.dir is a timestamp each process of an outside torchrun takes on
+        its own clock)."""
         claimed: list[RunDir] = []
 
-        def on_rank_0() -> tuple[str, Optional[OSError]]:
+        def on_rank_0() -> tuple[str, str, Optional[OSError]]:
             claimed.append(cls.claim(path, requested_id, config))
-            return claimed[0].id, claimed[0].unwritable
+            return str(path), claimed[0].id, claimed[0].unwritable
 
         try:
-            run_id, problem = _on_rank_0(d, on_rank_0)
+            where, run_id, problem = _on_rank_0(d, on_rank_0)
         except BaseException:
             for run in claimed:  # the broadcast itself failed: nothing to hold the run dir for
                 run.release()
             raise
         if claimed:
             return claimed[0]
-        written = {**config, "run": {**config.get("run", {}), "id": run_id, "dir": str(path)}}
+        path = Path(where)
+        written = {**config, "run": {**config.get("run", {}), "id": run_id, "dir": where}}
         return cls(path, run_id, written, None, False, problem)
 
     def release(self, keep_record: bool = False) -> None:
