@@ -91,8 +91,9 @@ def _check_targets(key: str, node: Any) -> None:
         if isinstance(target, str):
             try:
                 locate(target)
-            except (ImportError, AttributeError, ValueError) as e:
-                raise ConfigError(f"{key}._target_", target, f"cannot be imported ({e})",
+            except Exception as e:  # noqa: BLE001 - importing runs the user's module: a broken build of a
+                # library it imports raises anything (RuntimeError, OSError...), and it is still their one line
+                raise ConfigError(f"{key}._target_", target, f"cannot be imported ({one_line(e)})",
                                   "a dotted path to a class or function") from None
         for k, v in node.items():
             if k != "_target_":
