@@ -42,7 +42,7 @@ from .observe.loggers import NullLogger, open_logger, setup_logging
 from .observe.progress import Progress
 from .observe.summary import print_summary
 from .rundir import drift
-from .rundir.files import restarted
+from .rundir.files import restarted, results
 from .rundir.run_dir import RunDir
 
 log = logging.getLogger("launcher")
@@ -50,6 +50,7 @@ log = logging.getLogger("launcher")
 
 class Trainer:
     summary = staticmethod(print_summary)  # Trainer.summary(model, example_input): the Keras-style table
+    api = True  # the Python API's; a CLI rank's is not (its parent prints `launcher: done: RUN_DIR (...)`)
 
     def __init__(self, config: Optional[C.Config] = None, *, dist: Optional[D.Dist] = None,
                  stop: Optional[Any] = None, **kwargs: Any) -> None:
@@ -61,7 +62,7 @@ class Trainer:
     def for_rank(cls, cfg: C.Config, dist: D.Dist, stop: Optional[Any]) -> "Trainer":
         """A CLI rank's Trainer: its config was resolved and checked once, in the parent."""
         self = cls.__new__(cls)
-        self.cfg = cfg
+        self.cfg, self.api = cfg, False
         self._init(dist, stop)
         return self
 
@@ -140,8 +141,6 @@ class Trainer:
         self.run = None
         try:
             self._setup(model, loss_fn, optimizer, train_data, val_data, dict(metrics or {}), scheduler, batch_size)
-            if not self.should_continue():
-                log.info(self.progress.complete(self.cfg.trainer, self.stopper))
             with D.RollCall().naming_late_ranks(lambda: self.progress.step, self.cfg.trainer.dist_timeout_s):
                 while self.should_continue():
                     if self._epoch is None:
@@ -308,6 +307,8 @@ class Trainer:
             ckpt.final_weights(self.run.path / "model.pt", self.model, trained)
         ckpt.close()  # the async saves' host buffers (pinned on a GPU) go back
         self.logger.finish(p.history, trained=trained, requeued=self.preempted)
+        if not self.preempted:  # what ended the run; the Python API also says where its results are
+            log.info(p.complete(self.cfg.trainer, self.stopper, trained, results(self.run.path) if self.api else ""))
 
     # ---- what fit() leaves behind, and evaluation / predictions with or without it -------------------
     history = property(lambda self: History(self.progress.history))

@@ -103,7 +103,8 @@ def test_an_early_stopped_run_says_so_and_continues_when_patience_is_raised(tmp_
     assert [r["epoch"] for r in fit(tmp_path / "a", 2)] == [1, 2, 3]
     said = [ln for ln in capsys.readouterr().err.splitlines() if "run complete" in ln]
     assert said == ["[launcher] run complete at epoch 3, step 15 (early stopping: no better val_loss in 2 "
-                    "validations); raise trainer.patience to continue it, or start over in a new run.dir"], said
+                    "validations); raise trainer.patience to continue it, or start over in a new run.dir; "
+                    f"results: {tmp_path / 'a'} (model.pt)"], said
     continued = fit(tmp_path / "a", 4)
     straight = fit(tmp_path / "b", 4)  # patience 4 from the start
     assert [r["epoch"] for r in continued] == [1, 2, 3, 4, 5] and continued == straight
@@ -172,3 +173,21 @@ def test_channels_last_auto_leaves_a_model_that_cannot_take_it_alone(tmp_path: P
     assert "channels_last off (auto: the model fails on a channels_last input" in err, err
     assert "model summary: _ViewNet" in err
     assert not net.bn.training and net.training, "the summary and the check leave each module's mode as it was"
+
+
+# ---- the first hour (issue 23): what a new user of the Python API meets -------------------------------
+
+
+def test_a_run_says_what_ended_it_and_where_its_results_are(tmp_path: Path, capsys) -> None:
+    """The bar of a run max_steps ends stops at 'epoch 3/10': the last line says why."""
+    train, val = circles.datasets(n_per_class=200)  # 280 samples, batch 100: 3 steps per epoch
+    run = tmp_path / "steps"
+    Trainer(max_epochs=10, max_steps=7, batch_size=100, run_dir=run, progress=False, logger="csv").fit(
+        circles.Net(), nn.BCEWithLogitsLoss(), lambda p: torch.optim.SGD(p, lr=0.1), train, val)
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == (f"[launcher] run complete at step 7, in epoch 3 of 10 (trainer.max_steps=7); results: {run} "
+                    "(model.pt, metrics.csv, plots.png)"), last
+    Trainer(max_epochs=2, batch_size=100, run_dir=tmp_path / "epochs", progress=False, logger="none").fit(
+        circles.Net(), nn.BCEWithLogitsLoss(), lambda p: torch.optim.SGD(p, lr=0.1), train, val)
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("[launcher] run complete at epoch 2, step 6 (trainer.max_epochs=2); results: "), last
