@@ -93,7 +93,7 @@ class Trainer:
         t, cfg = self.cfg.trainer, self.cfg
         d = self._dist()
         self.progress, self.preempted = TrainProgress(), False  # a second fit() starts over (or resumes)
-        check_monitor(t.monitor, list(metrics), has_val=val_data is not None)  # only fit() knows the data
+        t.monitor = check_monitor(t.monitor, list(metrics), has_val=val_data is not None)  # only fit() knows the data
         run = self.run = RunDir.join(d, self.run_dir, self.cfg.run.id, C.to_dict(self.cfg))
         # a finished run on a read-only filesystem may still be asked whether it is finished
         setup_logging(run.path if run.unwritable is None else None, d.rank)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from launcher import Trainer
+from launcher import config as C
 from launcher.recipes import circles
 
 
@@ -176,6 +177,21 @@ def test_channels_last_auto_leaves_a_model_that_cannot_take_it_alone(tmp_path: P
 
 
 # ---- the first hour (issue 23): what a new user of the Python API meets -------------------------------
+
+
+def test_fit_without_validation_data_monitors_the_training_loss_and_says_so(tmp_path: Path, capsys) -> None:
+    """The default monitor follows the data: no validation data, so train_loss (was: val_loss, refused)."""
+    train, _ = circles.datasets(n_per_class=100)
+    net = circles.Net()
+    tr = Trainer(max_epochs=2, batch_size=50, run_dir=tmp_path / "r", progress=False, logger="none")
+    h = tr.fit(net, nn.BCEWithLogitsLoss(), torch.optim.Adam(net.parameters(), lr=0.01), train)
+    assert [r["epoch"] for r in h] == [1, 2] and not any(k.startswith("val_") for k in h[-1])
+    assert tr.cfg.trainer.monitor == "train_loss"
+    assert tr.best_score == min(r["train_loss"] for r in h), "the best checkpoint is ranked by train_loss"
+    assert "no validation data: trainer.monitor=train_loss" in capsys.readouterr().err
+    with pytest.raises(C.ConfigError, match="trainer.monitor='val_loss': not a metric this run produces"):
+        Trainer(monitor="val_loss", run_dir=tmp_path / "s", progress=False, logger="none").fit(
+            circles.Net(), nn.BCEWithLogitsLoss(), lambda p: torch.optim.Adam(p), train)  # asked for: still refused
 
 
 class _Conv(nn.Module):
