@@ -322,8 +322,9 @@ class Trainer:
         return self.ckpt.best[0] if self.ckpt is not None and self.ckpt.best else None
 
     def evaluate(self, data: Any, model: Optional[nn.Module] = None, loss_fn: Optional[Callable] = None,
-                 metrics: Optional[dict[str, Any]] = None, batch_size: Optional[int] = None) -> dict[str, float]:
-        """val_loss and val_<metric> over every sample of `data` exactly once (all ranks call it)."""
+                 metrics: Optional[dict[str, Any]] = None, batch_size: Optional[int] = None,
+                 prefix: str = "test") -> dict[str, float]:
+        """<prefix>_loss, <prefix>_<metric> (test_* unless named; fit's are val_*): each sample once, all ranks."""
         d = self._dist()
         if (model is None or loss_fn is None) and self.parts is None:
             raise ValueError("evaluate() before fit() needs model= and loss_fn=")
@@ -332,7 +333,7 @@ class Trainer:
         metrics = (self.parts.metrics if self.parts is not None else {}) if metrics is None else metrics
         acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
         batches, prec, lockstep = outside_fit(self.cfg.trainer, d, self.parts, data, batch_size)
-        return evaluate(model, loss_fn, batches, acc, d.device, prec, lockstep)
+        return evaluate(model, loss_fn, batches, acc, d.device, prec, lockstep, prefix)
 
     def predict(self, data: Any, model: Optional[nn.Module] = None,
                 batch_size: Optional[int] = None) -> Optional[torch.Tensor]:

@@ -34,15 +34,15 @@ def test_fit_on_circles_reaches_val_accuracy_0_9(tmp_path: Path) -> None:
     assert trainer.best_checkpoint is not None and trainer.best_checkpoint.is_dir()
     df = history.df
     assert list(df["epoch"]) == list(range(1, len(history) + 1))
-    ev = trainer.evaluate(val)
-    assert ev["val_acc"] == pytest.approx(history[-1]["val_acc"])
+    ev = trainer.evaluate(val)  # named after what it evaluated: test_* (fit's own validation is val_*)
+    assert set(ev) == {"test_loss", "test_acc"} and ev["test_acc"] == pytest.approx(history[-1]["val_acc"])
     preds = trainer.predict(val)
     assert preds.shape == (len(val), 1)
-    assert ((preds > 0).float() == val.tensors[1]).float().mean().item() == pytest.approx(ev["val_acc"])
+    assert ((preds > 0).float() == val.tensors[1]).float().mean().item() == pytest.approx(ev["test_acc"])
     sd = trainer.state_dict()
     assert set(sd) == set(net.state_dict()) and not any(k.startswith("module.") for k in sd)
     best = trainer.load_best()
-    assert trainer.evaluate(val, model=best)["val_acc"] == pytest.approx(trainer.best_score)
+    assert trainer.evaluate(val, model=best, prefix="holdout")["holdout_acc"] == pytest.approx(trainer.best_score)
     assert (tmp_path / "a" / "metrics.csv").exists() and (tmp_path / "a" / "plots.png").exists()
 
 
@@ -192,6 +192,18 @@ def test_fit_without_validation_data_monitors_the_training_loss_and_says_so(tmp_
     with pytest.raises(C.ConfigError, match="trainer.monitor='val_loss': not a metric this run produces"):
         Trainer(monitor="val_loss", run_dir=tmp_path / "s", progress=False, logger="none").fit(
             circles.Net(), nn.BCEWithLogitsLoss(), lambda p: torch.optim.Adam(p), train)  # asked for: still refused
+
+
+def test_evaluate_names_its_results_after_what_it_evaluated(tmp_path: Path) -> None:
+    train, val = circles.datasets(n_per_class=100)
+    net = circles.Net()
+    tr = Trainer(max_epochs=1, batch_size=50, run_dir=tmp_path / "r", progress=False, logger="none")
+    h = tr.fit(net, nn.BCEWithLogitsLoss(), torch.optim.Adam(net.parameters(), lr=0.01), train, val,
+               metrics={"acc": _acc()})
+    assert {"val_loss", "val_acc"} <= set(h[-1]), "fit's own validation stays val_*"
+    test = tr.evaluate(val)
+    assert set(test) == {"test_loss", "test_acc"} and test["test_loss"] == pytest.approx(h[-1]["val_loss"])
+    assert set(tr.evaluate(train, prefix="holdout")) == {"holdout_loss", "holdout_acc"}
 
 
 class _Conv(nn.Module):
