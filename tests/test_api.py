@@ -206,6 +206,31 @@ def test_evaluate_names_its_results_after_what_it_evaluated(tmp_path: Path) -> N
     assert set(tr.evaluate(train, prefix="holdout")) == {"holdout_loss", "holdout_acc"}
 
 
+def test_seed_everything_before_the_model_gives_the_same_weights(tmp_path: Path) -> None:
+    """launcher.seed_everything, exported lazily: `import launcher` stays torch-free (the CLI's start)."""
+    import random
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    import launcher
+    from conftest import cli_env
+
+    def first_weights(seed: int) -> tuple:
+        launcher.seed_everything(seed)
+        return nn.Linear(4, 4).weight.detach().clone(), random.random(), float(np.random.rand())
+
+    a, b, c = first_weights(3), first_weights(3), first_weights(4)
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:], "one seed: one set of initial weights"
+    assert not torch.equal(a[0], c[0]) and a[1] != c[1] and a[2] != c[2]
+    check = ("import sys, launcher; assert 'torch' not in sys.modules, 'torch imported'; launcher.seed_everything(1); "
+             "from launcher import seed_everything")
+    p = subprocess.run([sys.executable, "-c", check], env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "seed_everything" in launcher.__all__
+
+
 class _Conv(nn.Module):
     def __init__(self) -> None:
         super().__init__()
