@@ -273,3 +273,13 @@ def test_a_run_says_what_ended_it_and_where_its_results_are(tmp_path: Path, caps
         circles.Net(), nn.BCEWithLogitsLoss(), lambda p: torch.optim.SGD(p, lr=0.1), train, val)
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith("[launcher] run complete at epoch 2, step 6 (trainer.max_epochs=2); results: "), last
+
+
+def test_a_plain_optimizer_on_a_cpu_logs_no_fused_optimizer_advice(tmp_path: Path, capsys) -> None:
+    """The guard's per-step flag read costs nothing where the device is the host: nothing to say there."""
+    train, _ = circles.datasets(n_per_class=50)
+    net = circles.Net()
+    Trainer(max_epochs=1, batch_size=50, gpus=0, run_dir=tmp_path / "r", progress=False, logger="none").fit(
+        net, nn.BCEWithLogitsLoss(), torch.optim.SGD(net.parameters(), lr=0.1), train)
+    err = capsys.readouterr().err
+    assert "run complete" in err and "fused" not in err, err
