@@ -74,7 +74,7 @@ def test_step_scheduler_and_max_steps(tmp_path: Path) -> None:
 
 
 def test_checkpoint_keywords_reach_the_run(tmp_path: Path) -> None:
-    """checkpoint_<key> (README) for every checkpoint key, async included (`async` is a keyword)."""
+    """checkpoint_<key> (docs/python-api.md) for every checkpoint key, async included (`async` is a keyword)."""
     train, val = circles.datasets(n_per_class=200)
     net = circles.Net()
     tr = Trainer(max_epochs=2, batch_size=40, run_dir=tmp_path / "d", progress=False, logger="none",
