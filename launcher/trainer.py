@@ -50,11 +50,10 @@ log = logging.getLogger("launcher")
 
 class Trainer:
     summary = staticmethod(print_summary)  # Trainer.summary(model, example_input): the Keras-style table
-    api = True  # the Python API's; a CLI rank's is not (its parent prints `launcher: done: RUN_DIR (...)`)
 
     def __init__(self, config: Optional[C.Config] = None, *, dist: Optional[D.Dist] = None,
                  stop: Optional[Any] = None, **kwargs: Any) -> None:
-        self.cfg = config if config is not None else keywords.from_kwargs(kwargs)
+        self.cfg, self.api = (config if config is not None else keywords.from_kwargs(kwargs)), True
         keywords.check(self.cfg)  # the Python API has no parent process that checked it
         self._init(dist, stop)
 
@@ -62,7 +61,7 @@ class Trainer:
     def for_rank(cls, cfg: C.Config, dist: D.Dist, stop: Optional[Any]) -> "Trainer":
         """A CLI rank's Trainer: its config was resolved and checked once, in the parent."""
         self = cls.__new__(cls)
-        self.cfg, self.api = cfg, False
+        self.cfg, self.api = cfg, False  # not the API's: the CLI's parent prints `launcher: done: RUN_DIR (...)`
         self._init(dist, stop)
         return self
 

@@ -80,14 +80,14 @@ def test_one_rank_runs_in_process_and_writes_the_same_layout(tmp_path: Path) -> 
     p = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, err = p.communicate(timeout=240)
     assert p.returncode == 0, err[-3000:]
+    # what ended the run, then where its results went (relative to the working directory: the user's ls)
+    assert err.splitlines()[-2:] == ["[launcher] run complete at epoch 2, step 28 (trainer.max_epochs=2)",
+                                     "launcher: done: one (model.pt, metrics.csv, plots.png)"], err[-2000:]
     assert f"pid {p.pid}\n" in (run_dir / "logs" / "rank-0.log").read_text(), "rank 0 ran in another process"
     assert [int(r["step"]) for r in _rows(run_dir)] == [14, 28]
     assert sorted(x.name for x in run_dir.iterdir()) == ["checkpoints", "config.yaml", "logs", "metrics.csv",
                                                          "model.pt", "plots.png", "run.json"]
     assert sorted(x.name for x in (run_dir / "logs").iterdir()) == ["rank-0.log"]  # no elastic, no rank 1
-    # what ended the run, then where its results went (relative to the working directory: the user's ls)
-    assert err.splitlines()[-2:] == ["[launcher] run complete at epoch 2, step 28 (trainer.max_epochs=2)",
-                                     "launcher: done: one (model.pt, metrics.csv, plots.png)"], err[-2000:]
 
 
 def test_sweep_runs_each_point_in_its_own_run_dir(tmp_path: Path) -> None:
