@@ -1,7 +1,9 @@
 """launcher: distributed PyTorch training from one config, on a laptop or many SLURM nodes.
 
-    from launcher import Trainer
-    history = Trainer(max_epochs=10, run_dir="runs/a").fit(net, loss_fn, optimizer, train_ds, val_ds)
+    import launcher
+    launcher.seed_everything(0)          # before the model is built: the same initial weights every run
+    net = Net()
+    history = launcher.Trainer(max_epochs=10, run_dir="runs/a").fit(net, loss_fn, optimizer, train_ds, val_ds)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 # Set before torch's first BLAS call; a user's own MKL_DYNAMIC wins.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
-__all__ = ["Trainer", "History", "Config"]
+__all__ = ["Trainer", "History", "Config", "seed_everything"]
 __version__ = "0.1.0"
 
 
@@ -23,6 +25,10 @@ def __getattr__(name: str) -> Any:  # lazy: `python -m launcher --help` must not
         from . import trainer
 
         return getattr(trainer, name)
+    if name == "seed_everything":  # Trainer(seed=...) seeds once the model exists: too late for its weights
+        from .fit.seeding import seed_everything
+
+        return seed_everything
     if name == "Config":
         from .config import Config
 

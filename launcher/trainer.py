@@ -42,7 +42,7 @@ from .observe.loggers import NullLogger, open_logger, setup_logging
 from .observe.progress import Progress
 from .observe.summary import print_summary
 from .rundir import drift
-from .rundir.files import restarted
+from .rundir.files import restarted, results
 from .rundir.run_dir import RunDir
 
 log = logging.getLogger("launcher")
@@ -53,7 +53,7 @@ class Trainer:
 
     def __init__(self, config: Optional[C.Config] = None, *, dist: Optional[D.Dist] = None,
                  stop: Optional[Any] = None, **kwargs: Any) -> None:
-        self.cfg = config if config is not None else keywords.from_kwargs(kwargs)
+        self.cfg, self.api = (config if config is not None else keywords.from_kwargs(kwargs)), True
         keywords.check(self.cfg)  # the Python API has no parent process that checked it
         self._init(dist, stop)
 
@@ -61,7 +61,7 @@ class Trainer:
     def for_rank(cls, cfg: C.Config, dist: D.Dist, stop: Optional[Any]) -> "Trainer":
         """A CLI rank's Trainer: its config was resolved and checked once, in the parent."""
         self = cls.__new__(cls)
-        self.cfg = cfg
+        self.cfg, self.api = cfg, False  # not the API's: the CLI's parent prints `launcher: done: RUN_DIR (...)`
         self._init(dist, stop)
         return self
 
@@ -92,7 +92,7 @@ class Trainer:
         t, cfg = self.cfg.trainer, self.cfg
         d = self._dist()
         self.progress, self.preempted = TrainProgress(), False  # a second fit() starts over (or resumes)
-        check_monitor(t.monitor, list(metrics), has_val=val_data is not None)  # only fit() knows the data
+        t.monitor = check_monitor(t.monitor, list(metrics), has_val=val_data is not None)  # only fit() knows the data
         run = self.run = RunDir.join(d, self.run_dir, self.cfg.run.id, C.to_dict(self.cfg))
         # a finished run on a read-only filesystem may still be asked whether it is finished
         setup_logging(run.path if run.unwritable is None else None, d.rank)
@@ -140,8 +140,6 @@ class Trainer:
         self.run = None
         try:
             self._setup(model, loss_fn, optimizer, train_data, val_data, dict(metrics or {}), scheduler, batch_size)
-            if not self.should_continue():
-                log.info(self.progress.complete(self.cfg.trainer, self.stopper))
             with D.RollCall().naming_late_ranks(lambda: self.progress.step, self.cfg.trainer.dist_timeout_s):
                 while self.should_continue():
                     if self._epoch is None:
@@ -308,6 +306,8 @@ class Trainer:
             ckpt.final_weights(self.run.path / "model.pt", self.model, trained)
         ckpt.close()  # the async saves' host buffers (pinned on a GPU) go back
         self.logger.finish(p.history, trained=trained, requeued=self.preempted)
+        if not self.preempted:  # what ended the run; the Python API also says where its results are
+            log.info(p.complete(self.cfg.trainer, self.stopper, trained, results(self.run.path) if self.api else ""))
 
     # ---- what fit() leaves behind, and evaluation / predictions with or without it -------------------
     history = property(lambda self: History(self.progress.history))
@@ -321,8 +321,9 @@ class Trainer:
         return self.ckpt.best[0] if self.ckpt is not None and self.ckpt.best else None
 
     def evaluate(self, data: Any, model: Optional[nn.Module] = None, loss_fn: Optional[Callable] = None,
-                 metrics: Optional[dict[str, Any]] = None, batch_size: Optional[int] = None) -> dict[str, float]:
-        """val_loss and val_<metric> over every sample of `data` exactly once (all ranks call it)."""
+                 metrics: Optional[dict[str, Any]] = None, batch_size: Optional[int] = None,
+                 prefix: str = "test") -> dict[str, float]:
+        """<prefix>_loss, <prefix>_<metric> (test_* unless named; fit's are val_*): each sample once, all ranks."""
         d = self._dist()
         if (model is None or loss_fn is None) and self.parts is None:
             raise ValueError("evaluate() before fit() needs model= and loss_fn=")
@@ -331,7 +332,7 @@ class Trainer:
         metrics = (self.parts.metrics if self.parts is not None else {}) if metrics is None else metrics
         acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
         batches, prec, lockstep = outside_fit(self.cfg.trainer, d, self.parts, data, batch_size)
-        return evaluate(model, loss_fn, batches, acc, d.device, prec, lockstep)
+        return evaluate(model, loss_fn, batches, acc, d.device, prec, lockstep, prefix)
 
     def predict(self, data: Any, model: Optional[nn.Module] = None,
                 batch_size: Optional[int] = None) -> Optional[torch.Tensor]:

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from launcher import Trainer
+from launcher import config as C
 from launcher.recipes import circles
 
 
@@ -34,15 +35,15 @@ def test_fit_on_circles_reaches_val_accuracy_0_9(tmp_path: Path) -> None:
     assert trainer.best_checkpoint is not None and trainer.best_checkpoint.is_dir()
     df = history.df
     assert list(df["epoch"]) == list(range(1, len(history) + 1))
-    ev = trainer.evaluate(val)
-    assert ev["val_acc"] == pytest.approx(history[-1]["val_acc"])
+    ev = trainer.evaluate(val)  # named after what it evaluated: test_* (fit's own validation is val_*)
+    assert set(ev) == {"test_loss", "test_acc"} and ev["test_acc"] == pytest.approx(history[-1]["val_acc"])
     preds = trainer.predict(val)
     assert preds.shape == (len(val), 1)
-    assert ((preds > 0).float() == val.tensors[1]).float().mean().item() == pytest.approx(ev["val_acc"])
+    assert ((preds > 0).float() == val.tensors[1]).float().mean().item() == pytest.approx(ev["test_acc"])
     sd = trainer.state_dict()
     assert set(sd) == set(net.state_dict()) and not any(k.startswith("module.") for k in sd)
     best = trainer.load_best()
-    assert trainer.evaluate(val, model=best)["val_acc"] == pytest.approx(trainer.best_score)
+    assert trainer.evaluate(val, model=best, prefix="holdout")["holdout_acc"] == pytest.approx(trainer.best_score)
     assert (tmp_path / "a" / "metrics.csv").exists() and (tmp_path / "a" / "plots.png").exists()
 
 
@@ -74,7 +75,7 @@ def test_step_scheduler_and_max_steps(tmp_path: Path) -> None:
 
 
 def test_checkpoint_keywords_reach_the_run(tmp_path: Path) -> None:
-    """checkpoint_<key> (README) for every checkpoint key, async included (`async` is a keyword)."""
+    """checkpoint_<key> (docs/python-api.md) for every checkpoint key, async included (`async` is a keyword)."""
     train, val = circles.datasets(n_per_class=200)
     net = circles.Net()
     tr = Trainer(max_epochs=2, batch_size=40, run_dir=tmp_path / "d", progress=False, logger="none",
@@ -104,7 +105,8 @@ def test_an_early_stopped_run_says_so_and_continues_when_patience_is_raised(tmp_
     assert [r["epoch"] for r in fit(tmp_path / "a", 2)] == [1, 2, 3]
     said = [ln for ln in capsys.readouterr().err.splitlines() if "run complete" in ln]
     assert said == ["[launcher] run complete at epoch 3, step 15 (early stopping: no better val_loss in 2 "
-                    "validations); raise trainer.patience to continue it, or start over in a new run.dir"], said
+                    "validations); raise trainer.patience to continue it, or start over in a new run.dir; "
+                    f"results: {tmp_path / 'a'} (model.pt)"], said
     continued = fit(tmp_path / "a", 4)
     straight = fit(tmp_path / "b", 4)  # patience 4 from the start
     assert [r["epoch"] for r in continued] == [1, 2, 3, 4, 5] and continued == straight
@@ -190,3 +192,112 @@ def test_the_preflight_names_a_shape_mistake_in_one_line_and_leaves_only_logs(tm
         Trainer(max_epochs=1, batch_size=16, run_dir=str(run), progress=False).fit(
             Net(), torch.nn.CrossEntropyLoss(), functools.partial(torch.optim.SGD, lr=0.1), train, val)
     assert sorted(x.name for x in run.iterdir()) == ["logs"]
+
+
+# ---- the first hour (issue 23): what a new user of the Python API meets -------------------------------
+
+
+def test_fit_without_validation_data_monitors_the_training_loss_and_says_so(tmp_path: Path, capsys) -> None:
+    """The default monitor follows the data: no validation data, so train_loss (was: val_loss, refused)."""
+    train, _ = circles.datasets(n_per_class=100)
+    net = circles.Net()
+    tr = Trainer(max_epochs=2, batch_size=50, run_dir=tmp_path / "r", progress=False, logger="none")
+    h = tr.fit(net, nn.BCEWithLogitsLoss(), torch.optim.Adam(net.parameters(), lr=0.01), train)
+    assert [r["epoch"] for r in h] == [1, 2] and not any(k.startswith("val_") for k in h[-1])
+    assert tr.cfg.trainer.monitor == "train_loss"
+    assert tr.best_score == min(r["train_loss"] for r in h), "the best checkpoint is ranked by train_loss"
+    assert "no validation data: trainer.monitor=train_loss" in capsys.readouterr().err
+    with pytest.raises(C.ConfigError, match="trainer.monitor='val_loss': not a metric this run produces"):
+        Trainer(monitor="val_loss", run_dir=tmp_path / "s", progress=False, logger="none").fit(
+            circles.Net(), nn.BCEWithLogitsLoss(), lambda p: torch.optim.Adam(p), train)  # asked for: still refused
+
+
+def test_evaluate_names_its_results_after_what_it_evaluated(tmp_path: Path) -> None:
+    train, val = circles.datasets(n_per_class=100)
+    net = circles.Net()
+    tr = Trainer(max_epochs=1, batch_size=50, run_dir=tmp_path / "r", progress=False, logger="none")
+    h = tr.fit(net, nn.BCEWithLogitsLoss(), torch.optim.Adam(net.parameters(), lr=0.01), train, val,
+               metrics={"acc": _acc()})
+    assert {"val_loss", "val_acc"} <= set(h[-1]), "fit's own validation stays val_*"
+    test = tr.evaluate(val)
+    assert set(test) == {"test_loss", "test_acc"} and test["test_loss"] == pytest.approx(h[-1]["val_loss"])
+    assert set(tr.evaluate(train, prefix="holdout")) == {"holdout_loss", "holdout_acc"}
+
+
+def test_seed_everything_before_the_model_gives_the_same_weights(tmp_path: Path) -> None:
+    """launcher.seed_everything, exported lazily: `import launcher` stays torch-free (the CLI's start)."""
+    import random
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    import launcher
+    from conftest import cli_env
+
+    def first_weights(seed: int) -> tuple:
+        launcher.seed_everything(seed)
+        return nn.Linear(4, 4).weight.detach().clone(), random.random(), float(np.random.rand())
+
+    a, b, c = first_weights(3), first_weights(3), first_weights(4)
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:], "one seed: one set of initial weights"
+    assert not torch.equal(a[0], c[0]) and a[1] != c[1] and a[2] != c[2]
+    check = ("import sys, launcher; assert 'torch' not in sys.modules, 'torch imported'; launcher.seed_everything(1); "
+             "from launcher import seed_everything")
+    p = subprocess.run([sys.executable, "-c", check], env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "seed_everything" in launcher.__all__
+
+
+class _Conv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 2, 3), nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("setting", ["auto", True])
+def test_channels_last_is_reported_and_applied_only_for_4d_inputs(tmp_path: Path, capsys, setting: object) -> None:
+    from torch.utils.data import TensorDataset
+
+    train, _ = circles.datasets(n_per_class=50)
+    tr = Trainer(max_epochs=1, batch_size=50, channels_last=setting, run_dir=tmp_path / "mlp", progress=False,
+                 logger="none")
+    tr.fit(circles.Net(), nn.BCEWithLogitsLoss(), lambda p: torch.optim.SGD(p, lr=0.1), train)
+    said = "auto" if setting == "auto" else "set, but not applied"
+    assert f"channels_last off ({said}: the model's inputs are 2-D, not 4-D images)" in capsys.readouterr().err
+    assert tr.parts is not None and not tr.parts.stepper.channels_last, "an MLP's inputs are left as they are"
+    g = torch.Generator().manual_seed(0)
+    images = TensorDataset(torch.randn(32, 1, 6, 6, generator=g), torch.rand(32, 1, generator=g))
+    conv = Trainer(max_epochs=1, batch_size=16, channels_last=setting, run_dir=tmp_path / "conv", progress=False,
+                   logger="none", gpus=0)
+    conv.fit(_Conv(), nn.MSELoss(), lambda p: torch.optim.SGD(p, lr=0.1), images)
+    assert "channels_last on (" in capsys.readouterr().err
+    assert conv.parts is not None and conv.parts.stepper.channels_last
+
+
+def test_a_run_says_what_ended_it_and_where_its_results_are(tmp_path: Path, capsys) -> None:
+    """The bar of a run max_steps ends stops at 'epoch 3/10': the last line says why."""
+    train, val = circles.datasets(n_per_class=200)  # 280 samples, batch 100: 3 steps per epoch
+    run = tmp_path / "steps"
+    Trainer(max_epochs=10, max_steps=7, batch_size=100, run_dir=run, progress=False, logger="csv").fit(
+        circles.Net(), nn.BCEWithLogitsLoss(), lambda p: torch.optim.SGD(p, lr=0.1), train, val)
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == (f"[launcher] run complete at step 7, in epoch 3 of 10 (trainer.max_steps=7); results: {run} "
+                    "(model.pt, metrics.csv, plots.png)"), last
+    Trainer(max_epochs=2, batch_size=100, run_dir=tmp_path / "epochs", progress=False, logger="none").fit(
+        circles.Net(), nn.BCEWithLogitsLoss(), lambda p: torch.optim.SGD(p, lr=0.1), train, val)
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("[launcher] run complete at epoch 2, step 6 (trainer.max_epochs=2); results: "), last
+
+
+def test_a_plain_optimizer_on_a_cpu_logs_no_fused_optimizer_advice(tmp_path: Path, capsys) -> None:
+    """The guard's per-step flag read costs nothing where the device is the host: nothing to say there."""
+    train, _ = circles.datasets(n_per_class=50)
+    net = circles.Net()
+    Trainer(max_epochs=1, batch_size=50, gpus=0, run_dir=tmp_path / "r", progress=False, logger="none").fit(
+        net, nn.BCEWithLogitsLoss(), torch.optim.SGD(net.parameters(), lr=0.1), train)
+    err = capsys.readouterr().err
+    assert "run complete" in err and "fused" not in err, err

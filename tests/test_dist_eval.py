@@ -60,8 +60,8 @@ def test_two_rank_eval_counts_every_sample_once_and_matches_one_process(tmp_path
     expected_acc = (logits.argmax(1) == y).float().mean().item()
     for rank in (0, 1):
         ev = results[rank]["eval"]
-        assert sorted(ev["val_seen"]) == list(range(N)), "each sample exactly once across ranks"
-        assert abs(ev["val_loss"] - expected_loss) < 1e-5
-        assert abs(ev["val_acc"] - expected_acc) < 1e-7
+        assert sorted(ev["test_seen"]) == list(range(N)), "each sample exactly once across ranks"
+        assert abs(ev["test_loss"] - expected_loss) < 1e-5
+        assert abs(ev["test_acc"] - expected_acc) < 1e-7
     assert results[1]["pred"] is None
     assert torch.allclose(results[0]["pred"], logits, atol=1e-6), "predictions in dataset order on rank 0"

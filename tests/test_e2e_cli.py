@@ -65,6 +65,7 @@ def test_linreg_two_ranks_reaches_the_noise_floor(tmp_path: Path) -> None:
     p = run_cli(["recipe=linreg", *TWO_RANKS, *QUIET, f"run.dir={run_dir}"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = _check_run_dir(run_dir, 50)
+    assert p.stderr.splitlines()[-1] == "launcher: done: linreg (model.pt, metrics.csv, plots.png)", p.stderr[-2000:]
     assert float(rows[-1]["val_mae"]) < 1.9  # noise std 2: the best possible MAE is about 1.6
     w = torch.load(run_dir / "model.pt", weights_only=True)
     assert torch.allclose(w["weight"], torch.tensor([[2.0, -3.0]]), atol=0.3)
@@ -79,6 +80,9 @@ def test_one_rank_runs_in_process_and_writes_the_same_layout(tmp_path: Path) -> 
     p = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, err = p.communicate(timeout=240)
     assert p.returncode == 0, err[-3000:]
+    # what ended the run, then where its results went (relative to the working directory: the user's ls)
+    assert err.splitlines()[-2:] == ["[launcher] run complete at epoch 2, step 28 (trainer.max_epochs=2)",
+                                     "launcher: done: one (model.pt, metrics.csv, plots.png)"], err[-2000:]
     assert f"pid {p.pid}\n" in (run_dir / "logs" / "rank-0.log").read_text(), "rank 0 ran in another process"
     assert [int(r["step"]) for r in _rows(run_dir)] == [14, 28]
     assert sorted(x.name for x in run_dir.iterdir()) == [".lock", "checkpoints", "config.yaml", "logs", "metrics.csv",
@@ -121,6 +125,7 @@ def test_under_an_outside_torchrun_the_launcher_does_not_spawn_again(tmp_path: P
     assert p.returncode == 0, p.stderr[-3000:]
     rows = _rows(run_dir)
     assert [int(r["step"]) for r in rows] == [7, 14]  # 280 samples / (2 ranks x 20): 2 ranks, not 2 x 2
+    assert p.stderr.count("launcher: done: ") == 1, "rank 0 says where the results went, once"
     state = torch.load(run_dir / "checkpoints" / "last" / "state.pt", weights_only=True)
     assert len(state["ranks"]) == nproc
 

@@ -88,7 +88,8 @@ def test_an_optimizer_without_fused_kernel_is_checked_at_every_step(tmp_path: Pa
               max_epochs=1, nonfinite="skip")
     assert not G.skips_on_device(tr.parts.optimizer)
     text = (tmp_path / "n" / "logs" / "rank-0.log").read_text()
-    assert "one device->host sync per step" in text
+    # read at every step, but on a CPU that is no device->host sync: no advice about fused kernels there
+    assert "fused" not in text and "sync per step" not in text
     assert reads[:5] == [0, 1, 2, 3, 4], "read before each optimizer step"
     assert "at step 4:" in text and all(torch.isfinite(p).all() for p in net.parameters())
 

@@ -251,7 +251,7 @@ def _free_port() -> int:
 
 
 def test_readme_cluster_commands_work_with_token_authentication(tmp_path: Path) -> None:
-    """README's Ray commands as a user types them, on a machine where a run's own Ray instance left
+    """docs/ray.md's cluster commands as a user types them, on a machine where a run's own Ray instance left
     ~/.ray/auth_token (so `ray start --head` turns token authentication on): without RAY_AUTH_MODE=token
     a join by address is one line naming it, exit 2, nothing written; with it the run trains."""
     import ray
@@ -283,7 +283,7 @@ def test_readme_cluster_commands_work_with_token_authentication(tmp_path: Path) 
         assert lines[0] == (f"launcher: error: launcher.address='{address}': the Ray cluster there uses token "
                             "authentication and refused this process (RAY_AUTH_MODE is unset); valid: RAY_AUTH_MODE=token "
                             "with the cluster's token in ~/.ray/auth_token (or RAY_AUTH_TOKEN) where this runs; or a "
-                            "cluster started with RAY_AUTH_MODE=disabled (README: Ray)"), lines[0]
+                            "cluster started with RAY_AUTH_MODE=disabled (docs/ray.md)"), lines[0]
         assert not (tmp_path / "refused").exists()
 
         p = subprocess.run([*args, f"run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=token, capture_output=True,

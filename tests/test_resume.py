@@ -129,7 +129,8 @@ def test_extending_a_finished_run_by_max_steps_is_bitwise_one_straight_run(tmp_p
 
     p = run_cli(args(extended, 30), cwd=tmp_path)  # complete: says so, trains nothing
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "run complete at epoch 1, step 30 (trainer.max_steps=30); raise trainer.max_steps to continue it" \
+    # inside epoch 2 (20 steps per epoch): the epoch the bar showed, not the last one completed
+    assert "run complete at step 30, in epoch 2 of 5 (trainer.max_steps=30); raise trainer.max_steps to continue it" \
         in p.stderr
 
 

@@ -48,8 +48,13 @@ def checked(cfg: Any) -> Any:
     if problem:  # e.g. a torchrun-style env with RANK >= WORLD_SIZE: fail here, not in init_process_group
         key, value, what, valid = problem
         raise C.ConfigError(f"env {key}", value, what, valid)
-    if dist.env_rank() is not None:  # started by torchrun / srun: this process is one rank
+    rank = dist.env_rank()
+    if rank is not None:  # started by torchrun / srun: this process is one rank
         worker.run(cfg)
+        if rank[0] == 0:  # (an exception above is the run's end instead)
+            from ..launch.start import done
+
+            done(run_dir)
         return None
     if slurm:
         S.check(cfg)

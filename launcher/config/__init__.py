@@ -46,24 +46,24 @@ XLA_INSTALL = ("torch-xla is not installed: pip install 'launcher[xla]' (a torch
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 10  # epochs to train; the run ends at max_epochs or max_steps, whichever comes first
+    max_epochs: int = 10  # epochs to train (recipes set their own); the run ends at max_epochs or max_steps, whichever first
     max_steps: int = -1  # optimizer steps to train in total; -1 = no step limit
     batch_size: int = 32  # samples per batch on EACH rank (global batch = batch_size x world size)
-    eval_batch_size: int = 0  # per-rank batch for evaluate/predict; 0 = same as batch_size
+    eval_batch_size: int = 0  # per-rank batch for validation, evaluate and predict; 0 = same as batch_size
     gpus: Optional[int] = None  # GPUs per node: 0 = CPU, -1 = all visible, unset = one GPU if CUDA is there else CPU
     nproc: int = 1  # ranks per node when running on CPU (gpus resolves to 0)
     nodes: int = 1  # nodes in the job; >1 needs launcher.rdzv_endpoint (local) or launcher=slurm
-    seed: int = 0  # seeds python, numpy and torch on every rank, and the data order
+    seed: int = 0  # seeds python, numpy, torch on every rank as fit starts, and the data order (API: see seed_everything)
     val_every_n_epochs: int = 1  # validate after every N-th epoch (the last epoch always validates)
-    val_every_n_steps: int = 0  # also validate every N optimizer steps inside epochs; 0 = off
-    monitor: str = "val_loss"  # metric for early stopping, best checkpoint and ReduceLROnPlateau
+    val_every_n_steps: int = 0  # also validate every N optimizer steps inside epochs (feeds early stopping); 0 = off
+    monitor: str = "val_loss"  # metric for early stopping, best checkpoint, ReduceLROnPlateau: {train,val}_loss or _<metric>
     mode: str = "min"  # "min" or "max": which direction of `monitor` is better
     patience: int = 0  # stop after this many validations without improvement; 0 = no early stopping
     min_delta: float = 0.0  # an improvement must beat the best by more than this
     scheduler_interval: str = "epoch"  # step the LR scheduler every "epoch" or every optimizer "step"
-    progress: bool = True  # progress bar on rank 0 (loss, metrics, steps/s)
+    progress: bool = True  # progress bar on rank 0 (loss, steps/s; the epoch's metrics when it ends)
     progress_refresh_s: float = 0.5  # seconds between progress-bar updates; each costs one host sync
-    log_every_n_steps: int = 50  # per-step logger rows (W&B) every N steps; 0 = epoch rows only
+    log_every_n_steps: int = 50  # per-step tracker rows (train_loss_step, lr, rates) every N steps; 0 = epoch rows only
     num_workers: int = 0  # DataLoader worker processes per rank (0 = load in the training process)
     dist_timeout_s: float = 600.0  # collective timeout: a rank that does not arrive ends the run after this
     accelerator: str = "auto"  # auto (CUDA if gpus > 0, else CPU), cpu, cuda, xla (torch-xla: TPUs)
@@ -74,8 +74,8 @@ class TrainerConfig:
     gradient_clip_val: float = 0.0  # clip the total gradient norm to this (over all ranks' shards); 0 = off
     nonfinite: str = "error"  # non-finite loss or gradient norm: error (stop, naming step and rank), skip the step, off
     compile: bool = False  # torch.compile the model (in place; checkpoints keep plain parameter names)
-    channels_last: Any = "auto"  # channels_last memory format for conv nets (model, 4-D inputs): auto, true, false
-    peak_tflops: float = 0.0  # per-device peak TFLOP/s for MFU; 0 = look up the GPU, unknown on CPU
+    channels_last: Any = "auto"  # channels_last memory format, only where the inputs are 4-D (conv nets): auto, true, false
+    peak_tflops: float = 0.0  # per-device peak TFLOP/s for MFU; 0 = from the GPU's name (observe/progress.py), none on CPU
     summary: bool = True  # print the model summary (layers, output shapes, parameters) on rank 0 when fit starts
     deterministic: bool = False  # deterministic kernels (torch, cuBLAS, cuDNN): GPU resume bitwise by contract; slower
 
@@ -92,7 +92,7 @@ class CheckpointConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"  # run directory: config, checkpoints, metrics, logs, wandb/
+    dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"  # run directory (config, checkpoints, metrics, logs); the same dir resumes
     id: str = ""  # run id (also the W&B run id); "" = read from run.dir, or mint a new one
     name: str = ""  # human-readable name (W&B display name); "" = the run directory's name
 

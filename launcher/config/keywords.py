@@ -58,6 +58,8 @@ def from_kwargs(kwargs: dict[str, Any]) -> Config:
                             f"valid: logger, resume, {', '.join(sorted(names))}")
     if "run_dir" not in kwargs:
         cfg.run.dir = time.strftime("runs/%Y-%m-%d_%H-%M-%S")
+    if "monitor" not in kwargs:  # follows the data fit() gets: val_loss, or train_loss with no validation data
+        cfg.trainer.monitor = ""
     return cfg
 
 

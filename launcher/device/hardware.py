@@ -8,12 +8,14 @@ device it trains on (never on the machine the code was written on).
 - channels_last: on for CUDA with mixed precision (tensor cores want NHWC) and on CPUs (oneDNN's
   NHWC convolutions; the mnist CNN in fp32, 1 rank: +36% on a 2-core AMX Xeon, +42% on a 2-core
   AVX2-only EPYC; one report from another AVX2 EPYC saw -19%, so `trainer.channels_last=false` is
-  worth a try there). It only changes 4-D tensors: models without convolutions are unaffected.
+  worth a try there). It only means something for 4-D (image) inputs, so it is off, and said to be
+  off, for a model whose inputs are not 4-D (an MLP, a GPT's token ids, a linear model).
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
 import torch
 
@@ -77,3 +79,13 @@ def resolve_channels_last(requested: object, device: torch.device, precision: st
     if device.type == "cpu":
         return True, "auto: CPU (oneDNN NHWC convolutions)"
     return False, f"auto: {device.type}"
+
+
+def channels_last_fits(x: Any, try_model: Callable[[], tuple[bool, str]], auto: bool) -> tuple[bool, str]:
+    """(keep channels_last on, why not) given the first batch's inputs `x` (None where they could not be
+    read): only 4-D tensors have a channels_last layout, so any other input turns it off, set or auto;
+    under auto a 4-D input is also tried on the model (`try_model`: a `.view()` of a conv output fails)."""
+    if not (isinstance(x, torch.Tensor) and x.dim() == 4):
+        what = f"{x.dim()}-D" if isinstance(x, torch.Tensor) else type(x).__name__
+        return False, f"{'auto' if auto else 'set, but not applied'}: the model's inputs are {what}, not 4-D images"
+    return try_model() if auto else (True, "")

@@ -12,7 +12,7 @@ What torch-xla recommends for data parallel training, and what this path does:
 Processes are started by launch/pjrt.py; this module is what runs inside them.
 
 Not run on a real TPU here (no TPU in CI): the tests run this path against a stand-in module that
-implements the same five calls on CPU; see README.
+implements the same five calls on CPU; see docs/training.md (TPUs).
 """
 
 from __future__ import annotations

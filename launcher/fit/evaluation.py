@@ -49,8 +49,9 @@ def _forward(model: nn.Module, batch: Any, prec: Precision, full: int) -> Any:
 
 
 def evaluate(model: nn.Module, loss_fn: Callable, batches: Batches, acc: Accumulator, device: torch.device,
-             prec: Precision, lockstep: bool = False) -> dict[str, float]:
-    """val_loss and val_<metric> over every rank's shard (a collective: every rank calls it)."""
+             prec: Precision, lockstep: bool = False, prefix: str = "val") -> dict[str, float]:
+    """<prefix>_loss and <prefix>_<metric> over every rank's shard (a collective: every rank calls it).
+    fit's own validation is val_*; Trainer.evaluate names what it evaluated (test_* by default)."""
     # The bare module, not DDP: ranks hold different numbers of eval batches, and DDP's forward
     # would start a collective (buffer broadcast) per batch and hang the ranks that ran out.
     acc.reset()
@@ -59,7 +60,7 @@ def evaluate(model: nn.Module, loss_fn: Callable, batches: Batches, acc: Accumul
         with prec.autocast():
             loss = loss_fn(out, y)
         acc.update(loss.float(), batch_size_of(y), out, y)
-    return acc.compute("val")
+    return acc.compute(prefix)
 
 
 def predict(model: nn.Module, batches: Batches, d: Dist, prec: Precision, lockstep: bool) -> Optional[torch.Tensor]:

@@ -16,6 +16,7 @@ device->host sync per step, the cost the fused path removes), and the run's log 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from typing import Optional
@@ -53,10 +54,12 @@ class Guard:
         self.every = self.wanted_every if self.on_device else 1
         self.flags = torch.zeros(self.every, dtype=torch.float32, device=self.device)  # 1.0: that step was bad
         self.losses = torch.zeros(self.every, dtype=torch.float32, device=self.device)  # this rank's loss then
-        if not self.on_device:
-            log.info("trainer.nonfinite=%s with %s (no fused kernel): its flag is read at every step (one "
-                     "device->host sync per step); an optimizer built with fused=True skips bad steps on "
-                     "the device instead", self.mode, type(self.opt).__name__)
+        # On a CPU the "device" is the host: reading the flag costs no sync, and there is nothing to say
+        if not self.on_device and self.device.type != "cpu":
+            fusable = "fused" in inspect.signature(type(self.opt).__init__).parameters
+            log.info("trainer.nonfinite=%s with %s (not fused): its flag is read at every step (one device->host "
+                     "sync per step)%s", self.mode, type(self.opt).__name__,
+                     "; built with fused=True it would skip bad steps on the device instead" if fusable else "")
 
     def before_step(self, loss: torch.Tensor, norm: Optional[torch.Tensor], step: int) -> bool:
         """Record step `step`'s flag; False when it must not step (known now: only without fused)."""

@@ -21,7 +21,7 @@ from .batch import inputs_and_targets
 from .data import Batches
 from .data import to_device
 from ..device.dist import Dist, broadcast_object
-from ..device.hardware import resolve_channels_last, resolve_precision
+from ..device.hardware import channels_last_fits, resolve_channels_last, resolve_precision
 from .metrics import Accumulator
 from ..device.precision import Precision
 from ..observe.progress import Speed
@@ -113,10 +113,10 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Callable, optimi
         if problem:
             raise UserError(problem)
     x = prec.prepare_input(inputs_and_targets(firsts[0][1])[0]) if firsts else None
-    if t.channels_last == "auto" and channels_last:
-        # rank 0 tries a channels_last input (a `.view()` of a conv output fails on one); all ranks follow
-        ok, why = broadcast_object(runs_channels_last(model, x) if isinstance(x, torch.Tensor) and x.dim() == 4
-                                   else (True, ""))
+    if channels_last and xla is None:
+        # rank 0 looks at the first batch (4-D inputs only; auto also tries one on the model); all ranks follow
+        fits = channels_last_fits(x, lambda: runs_channels_last(model, x), t.channels_last == "auto")
+        ok, why = broadcast_object(fits if d.is_main else None)
         if not ok:
             channels_last, why_cl = False, why
     chosen = f"precision {precision} ({why_precision}), channels_last {'on' if channels_last else 'off'} ({why_cl})"

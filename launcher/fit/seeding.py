@@ -26,6 +26,9 @@ def make_deterministic(on: bool) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's generators (every CUDA device's too). `launcher.seed_everything`:
+    call it before building the model, so two runs of one script start from the same weights;
+    Trainer(seed=...) seeds each rank only when fit() starts, after the model's weights were drawn."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

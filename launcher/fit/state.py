@@ -40,16 +40,23 @@ class TrainProgress:
         """The one end rule: early stopping, max_steps, or max_epochs with `epochs_done` complete."""
         return self.stopped_early or epochs_done >= t.max_epochs or 0 < t.max_steps <= self.step
 
-    def complete(self, t: TrainerConfig, stopper: "EarlyStopping") -> str:
-        """Why a run with nothing left to train is complete, and which limit would continue it."""
+    def complete(self, t: TrainerConfig, stopper: "EarlyStopping", trained: bool = False, results: str = "") -> str:
+        """The run's last line: what ended it (max_steps, max_epochs, early stopping), so a bar left at
+        "epoch 7/10" is explained; for a run with nothing left to train, which limit would continue it;
+        `results`: where they are (the Python API's; the CLI's parent prints its own `launcher: done:`)."""
         if self.stopped_early:
             why, limit = f"early stopping: no better {t.monitor} in {stopper.wait} validations", "patience"
         elif 0 < t.max_steps <= self.step:
             why, limit = f"trainer.max_steps={t.max_steps}", "max_steps"
         else:
             why, limit = f"trainer.max_epochs={t.max_epochs}", "max_epochs"
-        return (f"run complete at epoch {self.epoch}, step {self.step} ({why}); raise trainer.{limit} to "
-                "continue it, or start over in a new run.dir")
+        # inside an epoch (max_steps, or early stopping at a step validation): the epoch the bar showed
+        at = (f"step {self.step}, in epoch {self.epoch + 1} of {t.max_epochs}" if self.batch_in_epoch
+              else f"epoch {self.epoch}, step {self.step}")
+        text = f"run complete at {at} ({why})"
+        if not trained:
+            text += f"; raise trainer.{limit} to continue it, or start over in a new run.dir"
+        return f"{text}; results: {results}" if results else text
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.epoch, self.step, self.batch_in_epoch = sd["epoch"], sd["step"], sd["batch_in_epoch"]

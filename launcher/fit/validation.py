@@ -19,6 +19,9 @@ class Validation:
     def __init__(self, t: TrainerConfig, fp: Any, device: Any) -> None:
         self.t, self.fp, self.device = t, fp, device  # fp: fit.parts.FitParts
         self.stopper = EarlyStopping(t.mode, t.patience, t.min_delta)
+        if fp.val is None:  # what the monitor judges then (the Python API's default switched to it)
+            log.info("no validation data: trainer.monitor=%s (early stopping, the best checkpoint and "
+                     "ReduceLROnPlateau follow it)", t.monitor)
 
     def run(self) -> dict[str, float]:
         fp = self.fp

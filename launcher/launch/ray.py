@@ -1,7 +1,7 @@
 """Ranks as Ray actors: one actor per rank, placed by a placement group, each running the worker.
 
     python -m launcher recipe=mnist launcher=ray trainer.gpus=0 trainer.nproc=2     # a Ray instance for this run
-    export RAY_AUTH_MODE=token; ray get-auth-token --generate   # on every machine, the head's token (README: Ray)
+    export RAY_AUTH_MODE=token; ray get-auth-token --generate   # on every machine, the head's token (docs/ray.md)
     ray start --head    # then, on every other node: ray start --address=HEAD:6379
     python -m launcher recipe=mnist launcher=ray launcher.address=auto trainer.gpus=8 trainer.nodes=4
     ray job submit --address http://HEAD:8265 -- python -m launcher recipe=mnist launcher=ray trainer.nodes=4

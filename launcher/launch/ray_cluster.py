@@ -65,7 +65,7 @@ def join_error(field: str, address: str, e: BaseException) -> C.ConfigError:
     if any("InvalidAuthToken" in text or "AuthenticationError" in text for text in chain):
         return C.ConfigError(field, address, f"the Ray cluster there uses token authentication and refused this "
                              f"process (RAY_AUTH_MODE is {mode})", f"{TOKEN}; or a cluster started with "
-                             "RAY_AUTH_MODE=disabled (README: Ray)")
+                             "RAY_AUTH_MODE=disabled (docs/ray.md)")
     hint = "" if mode == "token" else f"; a cluster with token authentication also needs {TOKEN}"
     return C.ConfigError(field, address, f"cannot join a Ray cluster there ({C.one_line(e)})", RAY_ADDRESSES + hint)
 

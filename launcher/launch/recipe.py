@@ -91,17 +91,22 @@ def _check_targets(key: str, node: Any) -> None:
         if isinstance(target, str):
             try:
                 locate(target)
-            except (ImportError, AttributeError, ValueError) as e:
-                raise ConfigError(f"{key}._target_", target, f"cannot be imported ({e})",
+            except Exception as e:  # noqa: BLE001 - importing runs the user's module: a broken build of a
+                # library it imports raises anything (RuntimeError, OSError...), and it is still their one line
+                raise ConfigError(f"{key}._target_", target, f"cannot be imported ({one_line(e)})",
                                   "a dotted path to a class or function") from None
         for k, v in node.items():
             if k != "_target_":
                 _check_targets(f"{key}.{k}", v)
 
 
-def check_monitor(monitor: str, metric_names: list[str], has_val: bool = True) -> None:
-    """`monitor` must be a metric the run produces: {train,val}_loss and {train,val}_<metric>."""
+def check_monitor(monitor: str, metric_names: list[str], has_val: bool = True) -> str:
+    """`monitor` must be a metric the run produces: {train,val}_loss and {train,val}_<metric>. Returns it;
+    "" (the Python API's default: Trainer(...) without monitor=) follows the data fit() was given, val_loss
+    or, with no validation data, train_loss (fit/validation.py says which in the log)."""
+    monitor = monitor or ("val_loss" if has_val else "train_loss")
     produced = [f"{split}_{name}" for split in ("train", "val") if split == "train" or has_val
                 for name in ["loss", *metric_names]]
     if monitor not in produced:
         raise ConfigError("trainer.monitor", monitor, "not a metric this run produces", ", ".join(produced))
+    return monitor

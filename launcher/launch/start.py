@@ -21,6 +21,13 @@ if TYPE_CHECKING:  # launch/ray.py is imported only under launcher=ray
 EXIT_CONFIG = 2  # the CLI's exit code for a user's error
 
 
+def done(run_dir: Path) -> None:
+    """A run's last line: where its results went (the user should not have to `ls runs/`)."""
+    from ..rundir.files import results
+
+    print(f"launcher: done: {results(run_dir)}", file=sys.stderr)
+
+
 def start(cfgs: list[Any]) -> list[int]:
     """Create the run directories and start: SLURM gets them all at once (job arrays), the local
     and Ray launchers run them one after another. Returns the exit codes of the runs that failed."""
@@ -75,12 +82,15 @@ def _start_local(cfg: Any, failures: list[int], ray_session: Optional["Session"]
         if one_node:  # claimed here, for the ranks this process starts (they inherit LOCK_ENV)
             run = RunDir.claim(path, cfg.run.id, C.to_dict(cfg))  # in use: one line, and nothing touched
             os.environ[LOCK_ENV] = str(path)
+        failed = len(failures)
         if ray_session is None:
             _launch_local(cfg, path, failures)
         else:  # the actors get the config as written, its run id included
             code = ray_session.launch(C.from_dict(run.config))  # type: ignore[union-attr,arg-type]
             if code:
                 failures.append(code)
+        if len(failures) == failed:
+            done(path)
     except C.UserError as e:
         # nothing half-written: a new run that failed before its first checkpoint keeps only the
         # logs its error line points to; a sweep goes on with its next point
@@ -137,3 +147,6 @@ def _submit(cfgs: list[Any], folder: Path, failures: list[int]) -> None:
             code = faults.exit_code(e)
         if code:
             failures.append(code)
+        else:
+            for cfg in cfgs:
+                done(Path(cfg.run.dir))

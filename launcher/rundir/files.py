@@ -25,6 +25,18 @@ RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 
 
+RESULTS = ("model.pt", "metrics.csv", "plots.png")  # what a finished run's last line points to
+
+
+def results(run_dir: Path) -> str:
+    """Where a finished run's results are, for its last line (the user should not have to `ls runs/`):
+    the run dir, relative to the working directory when inside it, and which of RESULTS it holds."""
+    path, here = Path(run_dir).absolute(), Path.cwd()
+    shown = path.relative_to(here) if path.is_relative_to(here) else path
+    files = [f for f in RESULTS if (path / f).exists()]
+    return f"{shown} ({', '.join(files)})" if files else str(shown)
+
+
 def new_id() -> str:
     """8 lowercase base-36 characters: unique enough per project, valid as a W&B run id."""
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
