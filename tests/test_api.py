@@ -20,6 +20,7 @@ def _acc():
     return circles.LogitAccuracy()
 
 
+@pytest.mark.slow
 def test_fit_on_circles_reaches_val_accuracy_0_9(tmp_path: Path) -> None:
     train, val = circles.datasets()
     torch.manual_seed(0)

@@ -71,6 +71,7 @@ CATALOGUE: list[tuple[str, list[str], dict[str, str], str]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what,overrides,env,expected", CATALOGUE, ids=[c[0] for c in CATALOGUE])
 def test_bad_input(tmp_path: Path, what: str, overrides: list[str], env: dict[str, str], expected: str) -> None:
     work = tmp_path / "work"

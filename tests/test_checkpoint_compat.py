@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import QUIET, SUPPORT, run_cli
@@ -34,6 +35,7 @@ def _close(a: Path, b: Path) -> None:
         assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5), k
 
 
+@pytest.mark.slow
 def test_a_format_1_checkpoint_resumes_mid_epoch(tmp_path: Path) -> None:
     assert json.loads((V1 / "manifest.json").read_text())["format"] == 1
     fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
@@ -45,6 +47,7 @@ def test_a_format_1_checkpoint_resumes_mid_epoch(tmp_path: Path) -> None:
     _close(fresh / "model.pt", resumed / "model.pt")
 
 
+@pytest.mark.slow
 def test_a_format_1_sharded_checkpoint_resumes_under_fsdp(tmp_path: Path) -> None:
     fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
     assert run_cli([*CHARLM, f"run.dir={fresh}"], cwd=tmp_path).returncode == 0
@@ -66,6 +69,7 @@ def test_an_unknown_format_is_refused_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_a_format_1_checkpoint_from_before_the_grad_scaler_entry_loads(tmp_path: Path) -> None:
     """Checkpoints written before 944490e have no "scaler" entry: a part added later loads as absent."""
     from launcher.checkpoint import format as F

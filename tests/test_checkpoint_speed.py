@@ -189,6 +189,7 @@ def test_gpu_state_is_staged_into_pinned_buffers_without_waiting() -> None:
     assert again["w"].data_ptr() == staged["w"].data_ptr() and torch.equal(again["w"], w.cpu())
 
 
+@pytest.mark.slow
 def test_async_checkpoints_equal_sync_ones_and_resume_bitwise(tmp_path: Path) -> None:
     """checkpoint.async stages the state into reused host buffers while training goes on: every
     checkpoint holds exactly what a sync save of that step holds, and a run resumed from one

@@ -40,6 +40,7 @@ def _check_run_dir(run_dir: Path, epochs: int) -> list[dict[str, str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_mnist_two_ranks(tmp_path: Path, mnist_root: Path) -> None:
     run_dir = tmp_path / "mnist"
     p = run_cli([*mnist_small(mnist_root, 2560, 1000), *TWO_RANKS, *QUIET, "trainer.max_epochs=2",
@@ -60,6 +61,7 @@ def test_circles_two_ranks(tmp_path: Path) -> None:
     assert 0.0 <= float(rows[-1]["val_acc"]) <= 1.0
 
 
+@pytest.mark.slow
 def test_linreg_two_ranks_reaches_the_noise_floor(tmp_path: Path) -> None:
     run_dir = tmp_path / "linreg"
     p = run_cli(["recipe=linreg", *TWO_RANKS, *QUIET, f"run.dir={run_dir}"], cwd=tmp_path)
@@ -111,6 +113,7 @@ def test_a_sweep_with_the_default_run_dir_lands_under_one_parent(tmp_path: Path)
     assert sorted(x.name for x in parents[0].iterdir()) == ["0", "1", "2"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [2])
 def test_under_an_outside_torchrun_the_launcher_does_not_spawn_again(tmp_path: Path, nproc: int) -> None:
     import subprocess

@@ -37,6 +37,7 @@ def _elastic_args(root: Path, run_dir: Path) -> list[str]:
             "checkpoint.every_n_steps=3", "launcher.max_restarts=3", *QUIET, f"run.dir={run_dir}"]
 
 
+@pytest.mark.slow
 def test_sigkill_of_one_rank_restarts_from_the_checkpoint_bitwise(tmp_path: Path, mnist_root: Path) -> None:
     ref = tmp_path / "ref"
     p = run_cli(_elastic_args(mnist_root, ref), cwd=tmp_path)
@@ -65,6 +66,7 @@ BIG = ["recipe=charlm", "model.n_layer=6", "model.n_embd=384", "model.n_head=6",
        "checkpoint.every_n_steps=3", "data.val_fraction=0.02", *QUIET]  # ~11M parameters: a write takes a while
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path: Path, mode: str) -> None:
     args = [*BIG, f"checkpoint.async={'true' if mode == 'async' else 'false'}"]
@@ -95,6 +97,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path: 
     assert all(torch.allclose(wa[k], wb[k], atol=1e-3) for k in wa)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "corrupt"])
 def test_a_damaged_newest_checkpoint_is_named_and_skipped(tmp_path: Path, damage: str) -> None:
     run_dir = tmp_path / "r"
@@ -112,6 +115,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_skipped(tmp_path: Path, damage
 
 # ---- 9. a rank that hangs -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_hung_rank_ends_the_run_naming_it(tmp_path: Path) -> None:
     """Named among 2 ranks and among 3: the ranks waiting in the collective are not named with it
     (a heartbeat would have gone quiet on them too; the roll call at the timeout tells them apart)."""
@@ -162,6 +166,7 @@ def two_hosts():  # type: ignore[no-untyped-def]
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+@pytest.mark.slow
 def test_two_hosts_in_network_namespaces_train_together_like_one_host(tmp_path: Path, two_hosts) -> None:  # type: ignore[no-untyped-def]
     a, b = two_hosts
     common = ["recipe=linreg", "trainer.gpus=0", "trainer.nproc=1", "trainer.max_epochs=3", *QUIET]

@@ -26,6 +26,7 @@ def _history(run: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_a_crash_and_a_resume_log_every_step_once_in_one_run_of_each_tracker(tmp_path: Path) -> None:
     run = tmp_path / "run"
     # attempt 1: one rank, its 25th training forward raises; the last checkpoint is step 20, and
@@ -85,6 +86,7 @@ def _closed_port() -> int:
     (f"logger.mlflow.tracking_uri=http://127.0.0.1:{_closed_port()}", "logger.mlflow.tracking_uri='http://127.0.0.1:"),
     ("logger.tensorboard.dir=/proc/launcher-test/tb", "logger.tensorboard.dir='/proc/launcher-test/tb': cannot be written"),
 ], ids=["mlflow server down", "tensorboard dir not writable"])
+@pytest.mark.slow
 def test_a_tracker_that_cannot_start_is_one_line_and_leaves_only_logs(tmp_path: Path, override: str,
                                                                       expected: str) -> None:
     run = tmp_path / "run"

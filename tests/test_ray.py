@@ -106,6 +106,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "ref"
 
 
+@pytest.mark.slow
 def test_two_ranks_on_two_ray_nodes_match_two_local_ranks_bitwise(cluster: Any, reference: Path,
                                                                   tmp_path: Path) -> None:
     run_dir = tmp_path / "ray"
@@ -127,6 +128,7 @@ def _rank_nodes(cluster: Any, run_dir: Path) -> dict[int, Any]:
     return {r: raylets[p] for r, p in parents.items() if p in raylets}
 
 
+@pytest.mark.slow
 def test_a_killed_rank_then_a_lost_node_restart_the_group_which_resumes_bitwise(cluster: Any, reference: Path,
                                                                                  tmp_path: Path) -> None:
     cluster.add_node(num_cpus=1)  # where the lost node's rank goes: the module keeps two nodes after
@@ -149,6 +151,7 @@ def test_a_killed_rank_then_a_lost_node_restart_the_group_which_resumes_bitwise(
     _same_run(reference, run_dir)
 
 
+@pytest.mark.slow
 def test_without_an_address_the_run_starts_its_own_ray_instance_and_stops_it(cluster: Any, reference: Path,
                                                                              tmp_path: Path) -> None:
     before = _raylets()

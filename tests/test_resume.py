@@ -35,6 +35,7 @@ def _args(root: Path, run_dir: Path, case: str) -> list[str]:
             *extra, *QUIET, f"run.dir={run_dir}"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_killed_mid_epoch_then_resumed_is_bitwise_equal(tmp_path: Path, mnist_root: Path, case: str) -> None:
     """Bitwise: on CPU at the same world size every case is deterministic, sharded (FSDP) included."""
@@ -68,6 +69,7 @@ def test_killed_mid_epoch_then_resumed_is_bitwise_equal(tmp_path: Path, mnist_ro
         assert list(csv.DictReader(f1)) == list(csv.DictReader(f2)), "history (incl. epoch-2 train metrics) differs"
 
 
+@pytest.mark.slow
 def test_finished_run_rerun_does_nothing_more(tmp_path: Path) -> None:
     run_dir = tmp_path / "done"
     args = ["recipe=linreg", "trainer.max_epochs=2", *QUIET, f"run.dir={run_dir}"]
@@ -92,6 +94,7 @@ def test_resume_from_explicit_path_and_more_epochs(tmp_path: Path) -> None:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [14, 28, 42, 56]
 
 
+@pytest.mark.slow
 def test_resume_path_past_the_limit_says_so(tmp_path: Path) -> None:
     src = tmp_path / "src"
     assert run_cli(["recipe=linreg", "trainer.max_epochs=2", *QUIET, f"run.dir={src}"], cwd=tmp_path).returncode == 0
@@ -106,6 +109,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_by_max_steps_is_bitwise_one_straight_run(tmp_path: Path, mnist_root: Path) -> None:
     """max_steps ends the run inside an epoch: raising it continues from that very batch (the epoch
     is not closed there), so 12 + 18 steps end bitwise where 30 straight steps do, history included."""
@@ -134,6 +138,7 @@ def test_extending_a_finished_run_by_max_steps_is_bitwise_one_straight_run(tmp_p
         in p.stderr
 
 
+@pytest.mark.slow
 def test_3_ddp_ranks_continued_is_bitwise_one_straight_run(tmp_path: Path, mnist_root: Path) -> None:
     """From 3 ranks on, the gradient all-reduce sums each element in an order that depends on its
     place in DDP's bucket, and DDP rebuilds its buckets after a process's first iteration: a
@@ -157,6 +162,7 @@ def test_3_ddp_ranks_continued_is_bitwise_one_straight_run(tmp_path: Path, mnist
     assert (straight / "metrics.csv").read_text() == (continued / "metrics.csv").read_text()
 
 
+@pytest.mark.slow
 def test_fsdp_on_one_rank_checkpoints_and_resumes_at_2_ranks_and_back(tmp_path: Path) -> None:
     """strategy=fsdp with one rank: a process group of one, sharded checkpoints, which load at 2
     ranks and back at 1 (before: fully_shard called init_process_group with no RANK and crashed)."""

@@ -53,6 +53,7 @@ def _one_line(stderr: str) -> str:
 
 # ---- one owner -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_start_into_a_run_in_use_is_refused_naming_its_owner_and_touches_nothing(tmp_path: Path) -> None:
     run_dir = tmp_path / "r"
     args = [*LINREG, "trainer.max_epochs=400", "checkpoint.every_n_epochs=50", f"run.dir={run_dir}"]
@@ -84,6 +85,7 @@ def test_a_second_start_into_a_run_in_use_is_refused_naming_its_owner_and_touche
     assert [int(r["epoch"]) for r in _rows(run_dir)] == list(range(1, 401))
 
 
+@pytest.mark.slow
 def test_two_starts_at_the_same_moment_one_runs_the_other_is_refused(tmp_path: Path) -> None:
     run_dir = tmp_path / "r"
     args = [*LINREG, "trainer.max_epochs=2", f"run.dir={run_dir}"]
@@ -98,6 +100,7 @@ def test_two_starts_at_the_same_moment_one_runs_the_other_is_refused(tmp_path: P
         ["step-0000014", "step-0000028"] and not (run_dir / "checkpoints" / "retired").exists()
 
 
+@pytest.mark.slow
 def test_the_lock_of_a_killed_launcher_is_taken_over(tmp_path: Path) -> None:
     run_dir = tmp_path / "r"
     args = [*LINREG, "trainer.max_epochs=400", "checkpoint.every_n_epochs=50", f"run.dir={run_dir}"]
@@ -113,6 +116,7 @@ def test_the_lock_of_a_killed_launcher_is_taken_over(tmp_path: Path) -> None:
 
 # ---- one truth -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_applies_safe_changes_and_lr_and_refuses_the_rest_before_writing(tmp_path: Path) -> None:
     run_dir = tmp_path / "r"
     base = [*LINREG, f"run.dir={run_dir}", "checkpoint.every_n_steps=5", "trainer.max_steps=20"]
@@ -169,6 +173,7 @@ def _plant(folder: Path, marker: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_does_not_load_falls_back_and_none_left_is_one_line(tmp_path: Path) -> None:
     run_dir, marker = tmp_path / "r", tmp_path / "pwned"
     base = [*LINREG, f"run.dir={run_dir}", "checkpoint.keep_last=3", "checkpoint.save_top_k=0"]
@@ -239,6 +244,7 @@ def _fill(mnt: Path) -> Path:
     return filler
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_resumes(tmp_path: Path, small_fs: Path) -> None:
     run_dir = small_fs / "r"
     base = [*LINREG, f"run.dir={run_dir}", "logger.csv.plots=false"]
@@ -260,6 +266,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_resum
     assert "resumed from" in p.stderr and [int(r["step"]) for r in _rows(run_dir)][-1] == 56
 
 
+@pytest.mark.slow
 def test_a_read_only_run_dir_finished_says_so_and_unfinished_is_one_line(tmp_path: Path, small_fs: Path) -> None:
     run_dir = small_fs / "r"
     base = [*LINREG, f"run.dir={run_dir}", "logger.csv.plots=false", "trainer.max_epochs=1"]
@@ -297,6 +304,7 @@ def test_a_run_dir_this_user_may_not_write_is_one_line(tmp_path: Path) -> None:
 
 # ---- signals -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_sigterm_ends_one_rank_and_n_ranks_alike(tmp_path: Path, ranks: int) -> None:
     pytest.importorskip("wandb")

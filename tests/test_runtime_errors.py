@@ -75,6 +75,7 @@ CASES: list[tuple[str, object, int, str, bool]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what,overrides,ranks,expected,traceback", CASES, ids=[c[0] for c in CASES])
 def test_runtime_user_error(tmp_path: Path, mnist_root: Path, what: str, overrides: object, ranks: int,
                             expected: str, traceback: bool) -> None:
@@ -102,6 +103,7 @@ def test_runtime_user_error(tmp_path: Path, mnist_root: Path, what: str, overrid
         assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_the_same_command_after_the_fix_runs_in_that_run_dir(tmp_path: Path) -> None:
     """What a failed start leaves (logs/) is no obstacle: fixing the value and re-running trains."""
     args = ["recipe=linreg", *QUIET, "trainer.max_epochs=1", f"run.dir={tmp_path / 'run'}"]

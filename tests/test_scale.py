@@ -44,6 +44,7 @@ def fsdp_and_ddp(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
+@pytest.mark.slow
 def test_fsdp_and_ddp_give_the_same_loss_curve(fsdp_and_ddp: dict[str, Path]) -> None:
     ddp, fsdp = _rows(fsdp_and_ddp["ddp"]), _rows(fsdp_and_ddp["fsdp"])
     assert [r["step"] for r in ddp] == [r["step"] for r in fsdp] == ["9", "18", "27"]
@@ -55,6 +56,7 @@ def test_fsdp_and_ddp_give_the_same_loss_curve(fsdp_and_ddp: dict[str, Path]) ->
                          atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_loads_at_world_size_1_and_2_and_exports(fsdp_and_ddp: dict[str, Path],
                                                                      tmp_path: Path) -> None:
     src = fsdp_and_ddp["fsdp"] / "checkpoints" / "last"
@@ -83,6 +85,7 @@ def test_sharded_checkpoint_loads_at_world_size_1_and_2_and_exports(fsdp_and_ddp
 @pytest.mark.parametrize("recipe", [["recipe=linreg", "trainer.max_epochs=3", *QUIET],
                                     [*CHARLM, "trainer.max_epochs=2", "trainer.strategy=fsdp"]],
                          ids=["ddp", "fsdp"])
+@pytest.mark.slow
 def test_async_save_is_equivalent_to_sync(tmp_path: Path, recipe: list[str]) -> None:
     runs = {}
     for mode in ("true", "false"):
@@ -104,6 +107,7 @@ def test_async_save_is_equivalent_to_sync(tmp_path: Path, recipe: list[str]) -> 
     assert not list((runs["true"] / "checkpoints").glob(".tmp-*")), "no save left in flight"
 
 
+@pytest.mark.slow
 def test_accumulating_4_micro_batches_equals_one_4x_batch(tmp_path: Path) -> None:
     out = {}
     for name, extra in (("accum", ["trainer.batch_size=5", "trainer.accumulate_grad_batches=4"]),
@@ -143,6 +147,7 @@ def _clip_worker(run_dir: str, clip: float) -> list[float]:
     return RecordingAdamW.norms
 
 
+@pytest.mark.slow
 def test_clipping_bounds_the_global_gradient_norm_under_fsdp(tmp_path: Path) -> None:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -156,6 +161,7 @@ def test_clipping_bounds_the_global_gradient_norm_under_fsdp(tmp_path: Path) -> 
     assert sum(n > clip * 0.99 for n in norms) >= len(norms) // 2, "the bound was active (norms were larger)"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16-true"])
 def test_mixed_precision_trains_on_cpu(tmp_path: Path, precision: str) -> None:
     d = tmp_path / precision
@@ -182,6 +188,7 @@ def test_nonfinite_guard_stops_naming_step_and_rank(tmp_path: Path) -> None:
     assert "the optimizer did not step" in p.stderr
 
 
+@pytest.mark.slow
 def test_nonfinite_guard_skip_mode_skips_the_step(tmp_path: Path) -> None:
     d = tmp_path / "r"
     p = run_cli([*NAN, "trainer.nonfinite=skip", f"run.dir={d}"], cwd=tmp_path,
@@ -191,6 +198,7 @@ def test_nonfinite_guard_skip_mode_skips_the_step(tmp_path: Path) -> None:
     assert all(torch.isfinite(v).all() for v in _weights(d / "model.pt").values()), "no NaN reached the weights"
 
 
+@pytest.mark.slow
 def test_throughput_tokens_and_mfu_in_the_logs(tmp_path: Path) -> None:
     d = tmp_path / "r"
     p = run_cli([*CHARLM, "trainer.max_epochs=1", "trainer.peak_tflops=0.01", f"run.dir={d}"], cwd=tmp_path)
@@ -200,6 +208,7 @@ def test_throughput_tokens_and_mfu_in_the_logs(tmp_path: Path) -> None:
     assert "samples_per_s" not in _rows(d)[0], "the history stays deterministic"
 
 
+@pytest.mark.slow
 def test_compile_and_channels_last_train(tmp_path: Path, mnist_root: Path) -> None:
     d = tmp_path / "r"
     # 1290 samples: 10 full batches of 128 and a last one of 10, which must not recompile (nor make

@@ -66,6 +66,7 @@ def _assert_private(folder: Path, run_dir: Path) -> None:
     assert stat.S_IMODE((run_dir / "metrics.csv").stat().st_mode) == 0o666 & ~umask
 
 
+@pytest.mark.slow
 def test_one_node_two_task_cpu_job(cluster, tmp_path: Path) -> None:
     run_dir = tmp_path / "one"
     p = run_cli(["recipe=linreg", *SLURM, "launcher.wait=true", "trainer.gpus=0", "trainer.nproc=2",
@@ -81,6 +82,7 @@ def test_one_node_two_task_cpu_job(cluster, tmp_path: Path) -> None:
     _assert_private(run_dir / "slurm", run_dir)
 
 
+@pytest.mark.slow
 def test_two_node_job_trains_over_gloo_across_nodes(cluster, tmp_path: Path) -> None:
     run_dir = tmp_path / "two"
     p = run_cli(["recipe=linreg", *SLURM, "launcher.wait=true", "trainer.gpus=0", "trainer.nproc=1",
@@ -97,6 +99,7 @@ def _preempt_args(root: Path, run_dir: Path) -> list[str]:
             "launcher.signal_check_every_n_steps=1", "checkpoint.every_n_steps=0", *QUIET, f"run.dir={run_dir}"]
 
 
+@pytest.mark.slow
 def test_preemption_checkpoints_requeues_and_resumes_exactly(cluster, tmp_path: Path, mnist_root: Path) -> None:
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     p = run_cli([*_preempt_args(mnist_root, ref), "launcher.wait=true"], cwd=tmp_path)
@@ -135,6 +138,7 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(cluster, tmp_path: 
         assert torch.equal(a[k], b[k]), f"{k} differs from the uninterrupted run"
 
 
+@pytest.mark.slow
 def test_requeue_limit_stops_with_a_checkpoint_and_the_same_command_resumes(cluster, tmp_path: Path,
                                                                             mnist_root: Path) -> None:
     run_dir = tmp_path / "limit"
@@ -157,6 +161,7 @@ def test_requeue_limit_stops_with_a_checkpoint_and_the_same_command_resumes(clus
     assert [int(r["step"]) for r in _rows(run_dir)] == [10, 20, 30]
 
 
+@pytest.mark.slow
 def test_requeue_signal_at_the_jobs_first_moment_is_requeued_not_fatal(cluster, tmp_path: Path) -> None:
     """USR1 as soon as the tasks run (submitit's first log line), seconds before they have imported
     torch or the launcher: remembered, and acted on at the first agreed step (checkpoint, requeue,
@@ -185,6 +190,7 @@ def test_requeue_signal_at_the_jobs_first_moment_is_requeued_not_fatal(cluster, 
     assert [int(r["step"]) for r in _rows(run_dir)] == [7, 14], "each epoch (and step) once in the history"
 
 
+@pytest.mark.slow
 def test_a_killed_rank_is_named_not_the_rank_that_lost_it(cluster, tmp_path: Path) -> None:
     """kill -9 of rank 1 mid-run: the report names rank 1 and its signal (srun's task-end line), not
     rank 0's lost-connection error that follows."""
@@ -211,6 +217,7 @@ def test_a_killed_rank_is_named_not_the_rank_that_lost_it(cluster, tmp_path: Pat
     assert "--- rank 0" not in report and "Connection" not in report and "Traceback" not in report, report
 
 
+@pytest.mark.slow
 def test_sweep_is_one_job_array(cluster, tmp_path: Path) -> None:
     p = run_cli(["-m", "recipe=linreg", "optimizer.lr=0.05,0.1", *SLURM, "launcher.wait=true", "trainer.gpus=0",
                  "trainer.max_epochs=2", *QUIET, f"run.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
@@ -225,6 +232,7 @@ def test_sweep_is_one_job_array(cluster, tmp_path: Path) -> None:
         _assert_private(tmp_path / "sweep" / "slurm", d)
 
 
+@pytest.mark.slow
 def test_sweep_over_resources_is_one_submission_per_resource_set(cluster, tmp_path: Path) -> None:
     p = run_cli(["-m", "recipe=linreg", "trainer.nproc=1,2", *SLURM, "launcher.wait=true", "trainer.gpus=0",
                  "trainer.max_epochs=1", *QUIET, f"run.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
@@ -235,6 +243,7 @@ def test_sweep_over_resources_is_one_submission_per_resource_set(cluster, tmp_pa
         assert f"rank 0 of {world}" in (tmp_path / "sweep" / str(i) / "logs" / "rank-0.log").read_text()
 
 
+@pytest.mark.slow
 def test_own_sbatch_template_runs_the_same_worker(cluster, tmp_path: Path) -> None:
     run_dir = tmp_path / "tmpl"
     env = cli_env(LAUNCHER_PYTHON=sys.executable)
@@ -248,6 +257,7 @@ def test_own_sbatch_template_runs_the_same_worker(cluster, tmp_path: Path) -> No
     assert len(json.loads((run_dir / "run.json").read_text())["id"]) == 8
 
 
+@pytest.mark.slow
 def test_a_rank_raising_fails_the_job_with_its_traceback(cluster, tmp_path: Path) -> None:
     run_dir = tmp_path / "bad"
     p = run_cli(["recipe=linreg", "model._target_=faulty.FaultyLinear", *SLURM, "launcher.wait=true",
@@ -270,6 +280,7 @@ def test_a_rank_raising_fails_the_job_with_its_traceback(cluster, tmp_path: Path
     ("launcher.partiton=gpu", "launcher.partiton: unknown key (did you mean launcher.partition?); valid: "
                               "launcher.name, launcher.partition"),
 ])
+@pytest.mark.slow
 def test_bad_slurm_input_is_one_line_exit_2(cluster, tmp_path: Path, override: str, expected: str) -> None:
     p = run_cli(["recipe=linreg", "launcher=slurm", override, f"run.dir={tmp_path / 'r'}"], cwd=tmp_path, timeout=60)
     assert p.returncode == 2, p.stderr
@@ -278,6 +289,7 @@ def test_bad_slurm_input_is_one_line_exit_2(cluster, tmp_path: Path, override: s
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_users_error_in_a_job_is_one_line_exit_2(cluster, tmp_path: Path) -> None:
     p = run_cli(["recipe=linreg", "optimizer.lr=-1", *SLURM, "launcher.wait=true", "trainer.gpus=0",
                  "trainer.nproc=2", *QUIET, f"run.dir={tmp_path / 'bad'}"], cwd=tmp_path)

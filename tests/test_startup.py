@@ -35,6 +35,7 @@ print("ok")
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_cli_run_with_plots_never_imports_pyplot(tmp_path: Path) -> None:
     # the recipe's metrics are torchmetrics and metrics.csv's plots are drawn with matplotlib: the run
     # uses matplotlib (plots.png), but never pyplot (~0.5 s of start-up, and a GUI backend's probing)
@@ -126,6 +127,7 @@ def test_a_signal_during_composition_is_reported_once(tmp_path: Path, sig: int, 
     assert err.count("interrupted") == 1 and "parent got" not in out, err
 
 
+@pytest.mark.slow
 def test_the_cli_composes_beside_torch_and_in_process_on_one_cpu(tmp_path: Path) -> None:
     # the parent never imports Hydra when a second CPU lets the child compose; on one CPU it does it itself
     _two_cpus()
@@ -150,6 +152,7 @@ def test_a_composition_killed_outright_is_named(tmp_path: Path) -> None:
                           "was killed by SIGKILL"
 
 
+@pytest.mark.slow
 def test_hydra_job_env_set_reaches_the_ranks(tmp_path: Path, mnist_root: Path) -> None:
     # Hydra sets hydra.job.env_set only around its task function, which composes (in a child, on 2
     # CPUs); the run starts after it: the variables must still be there when the ranks read them

@@ -19,6 +19,7 @@ def _offline_runs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_files_hold_config_and_metrics_and_resume_continues_the_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "w"
     args = ["recipe=circles", "logger=[csv,wandb]", "logger.wandb.project=ci", "trainer.gpus=0", "trainer.nproc=2",
@@ -56,6 +57,7 @@ def test_wandb_offline_run_files_hold_config_and_metrics_and_resume_continues_th
     ("abc123fake", "AuthenticationError: WANDB_API_KEY invalid"),  # a malformed key: refused at once
     ("a" * 40, "CommError"),  # a key of the right shape and no server: bounded by the init timeout
 ])
+@pytest.mark.slow
 def test_wandb_online_start_that_fails_falls_back_to_offline_in_one_line(tmp_path: Path, key: str, cause: str) -> None:
     import time
 

@@ -24,6 +24,7 @@ def test_without_torch_xla_the_error_is_one_line_exit_2(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_xla_path_against_the_stand_in_matches_ddp(tmp_path: Path) -> None:
     log = tmp_path / "calls.log"
     d = tmp_path / "xla"
