@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .. import config as C
 
@@ -24,6 +24,9 @@ def checked(cfg: Any) -> Any:
     # srun python -m launcher launcher=slurm ...: this process is one rank of the allocation. With the
     # local launcher inside an srun (an interactive srun --pty bash), launch locally as anywhere.
     inside = S.in_srun_step() and slurm
+    # first: the recipe's imports below may read these variables (torchmetrics reads LOCAL_RANK),
+    # and a malformed one would then be blamed on whichever recipe target imported it
+    _check_env(dist.env_problem(slurm=inside))
     if slurm:
         S.check_installed()
     elif cfg.launcher.name == "ray":
@@ -44,10 +47,8 @@ def checked(cfg: Any) -> Any:
         if int(os.environ["WORLD_SIZE"]) != want:
             print(f"launcher: warning: the SLURM step has {os.environ['WORLD_SIZE']} task(s), the config asks for "
                   f"{want} (trainer.nodes x trainer.gpus or nproc); the allocation wins", file=sys.stderr)
-    problem = dist.env_problem()
-    if problem:  # e.g. a torchrun-style env with RANK >= WORLD_SIZE: fail here, not in init_process_group
-        key, value, what, valid = problem
-        raise C.ConfigError(f"env {key}", value, what, valid)
+    if inside:  # the torch env srun's task now has (RANK >= WORLD_SIZE...): here, not in init_process_group
+        _check_env(dist.env_problem())
     rank = dist.env_rank()
     if rank is not None:  # started by torchrun / srun: this process is one rank
         worker.run(cfg)
@@ -61,3 +62,8 @@ def checked(cfg: Any) -> Any:
     return cfg
 
 
+def _check_env(problem: Optional[tuple[str, str, str, str]]) -> None:
+    """A malformed torchrun / srun environment (dist.env_problem) as the one line naming it."""
+    if problem:
+        key, value, what, valid = problem
+        raise C.ConfigError(f"env {key}", value, what, valid)

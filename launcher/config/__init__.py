@@ -66,6 +66,7 @@ class TrainerConfig:
     log_every_n_steps: int = 50  # per-step tracker rows (train_loss_step, lr, rates) every N steps; 0 = epoch rows only
     num_workers: int = 0  # DataLoader worker processes per rank (0 = load in the training process)
     dist_timeout_s: float = 600.0  # collective timeout: a rank that does not arrive ends the run after this
+    join_timeout_s: float = 60.0  # start-up: a rank not in the process group after this ends the run, named, its stack in its log
     accelerator: str = "auto"  # auto (CUDA if gpus > 0, else CPU), cpu, cuda, xla (torch-xla: TPUs)
     strategy: str = "auto"  # auto (ddp when > 1 rank), ddp, fsdp (FSDP2 fully_shard), none
     fsdp_wrap: list[str] = field(default_factory=list)  # module class names sharded as FSDP units (e.g. [Block])
@@ -203,6 +204,8 @@ def check_trainer(t: TrainerConfig) -> None:
         raise ConfigError("trainer.min_delta", t.min_delta, "must be >= 0")
     if t.dist_timeout_s <= 0:
         raise ConfigError("trainer.dist_timeout_s", t.dist_timeout_s, "must be > 0 seconds")
+    if t.join_timeout_s <= 0:
+        raise ConfigError("trainer.join_timeout_s", t.join_timeout_s, "must be > 0 seconds")
 
 
 def check_checkpoint(c: CheckpointConfig) -> None:

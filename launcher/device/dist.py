@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
+import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -37,26 +38,51 @@ class Dist:
 
 
 TORCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+# what an srun task's own set-up reads as integers (submitit's JobEnvironment, launch/slurm.py's
+# export_env) before the torch variables exist: a malformed one must be named, not its int() traceback
+SLURM_ENV = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_NODEID",
+             "SLURM_JOB_NUM_NODES", "SLURM_JOB_ID")
 
 
-def env_problem() -> Optional[tuple[str, str, str, str]]:
-    """(variable, value, problem, valid) for an inconsistent torchrun-style env, else None."""
+def _not_count(value: str) -> Optional[str]:
+    """Why an env value is no integer >= 0 (the problem's words), or None when it is one."""
+    try:
+        return "negative" if int(value) < 0 else None
+    except ValueError:
+        return "not an integer"
+
+
+def env_problem(slurm: bool = False) -> Optional[tuple[str, str, str, str]]:
+    """(variable, value, problem, valid) for an inconsistent torchrun-style env, else None.
+
+    Checked before anything reads these variables: a library may read one at import (torchmetrics
+    reads LOCAL_RANK with int()), and its error would blame whatever imported it. slurm: this
+    process is an srun task about to export its torch env from SLURM's, which is checked instead
+    (the torch variables the submitting shell left behind are overwritten, but may be read first)."""
     env = os.environ
+    if slurm:
+        for k in (*SLURM_ENV, *TORCH_ENV):
+            problem = _not_count(env[k]) if k in env else None
+            if problem:
+                return k, env[k], problem, "an integer >= 0" + (" (as srun sets it)" if k in SLURM_ENV else "")
+        return None
     if not any(k in env for k in TORCH_ENV):
         return None
+    values: dict[str, int] = {}
+    for k in TORCH_ENV:  # a malformed value first: it is named even in a partial environment
+        if k in env:
+            problem = _not_count(env[k])
+            if problem:
+                return k, env[k], problem, "an integer >= 0"
+            values[k] = int(env[k])
+    if "RANK" not in env and "WORLD_SIZE" not in env:
+        k = next(k for k in TORCH_ENV if k in env)
+        return k, env[k], "set without RANK and WORLD_SIZE (a partial torchrun environment)", \
+            "RANK and WORLD_SIZE with it, or none of them"
     for k in ("RANK", "WORLD_SIZE"):
         if k not in env:
             other = "WORLD_SIZE" if k == "RANK" else "RANK"
             return k, "", f"{other} is set but {k} is not (a partial torchrun environment)", "both, or neither"
-    values: dict[str, int] = {}
-    for k in TORCH_ENV:
-        if k in env:
-            try:
-                values[k] = int(env[k])
-            except ValueError:
-                return k, env[k], "not an integer", "an integer >= 0"
-            if values[k] < 0:
-                return k, env[k], "negative", "an integer >= 0"
     rank, world = values["RANK"], values["WORLD_SIZE"]
     if world < 1:
         return "WORLD_SIZE", env["WORLD_SIZE"], "must be >= 1", "the number of ranks"
@@ -91,10 +117,13 @@ def env_rank() -> Optional[tuple[int, int, int, int]]:
 SHARE_GPU_ENV = "LAUNCHER_TEST_SHARE_GPU"
 
 
-def init(gpus: int = 0, timeout_s: float = 600.0, group_of_one: bool = False) -> Dist:
+def init(gpus: int = 0, timeout_s: float = 600.0, group_of_one: bool = False,
+         join_timeout_s: Optional[float] = None, arrived: Optional[Callable[[], None]] = None) -> Dist:
     """Join the process group the env describes (gloo on CPU, nccl on CUDA), or a world of one.
     group_of_one: a world of one gets a process group too (FSDP shards over one, and its DCP
-    checkpoints are collectives): in memory, no rendezvous, no port."""
+    checkpoints are collectives): in memory, no rendezvous, no port. join_timeout_s: the bound on
+    joining (JoinTimeout naming the ranks that did not), timeout_s the collectives' after it;
+    arrived() is called when this rank reaches the rendezvous (what follows is a wait for the others)."""
     env = env_rank()
     rank, local, world, local_world = env or (0, 0, 1, 1)
     if gpus > 0:
@@ -105,25 +134,99 @@ def init(gpus: int = 0, timeout_s: float = 600.0, group_of_one: bool = False) ->
     if (world > 1 or group_of_one) and not td.is_initialized():
         backend = "nccl" if device.type == "cuda" and not os.environ.get(SHARE_GPU_ENV) else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = td.HashStore() if world == 1 else _restart_store(world, timeout)
-        td.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout, store=store,
-                              device_id=device if backend == "nccl" else None)
+        if world == 1:
+            td.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout,
+                                  store=td.HashStore(), device_id=device if backend == "nccl" else None)
+        else:
+            _join(backend, rank, world, device, timeout, join_timeout_s or timeout_s, arrived)
     return Dist(rank, local, world, local_world, device)
 
 
-def _restart_store(world: int, timeout: datetime.timedelta) -> Optional[td.Store]:
-    """After an elastic restart, the process group's keys under a prefix of this attempt.
+class JoinTimeout(RuntimeError):
+    """Ranks that did not join the process group within trainer.join_timeout_s, named (`missing`)."""
 
-    torch.distributed.elastic keeps its store across restarts, and in torch 2.13 the restarted
-    ranks read the previous attempt's peer addresses from it and wait forever on dead sockets
-    (pytorch/pytorch#167288). None (torch's own env:// store) on a first attempt.
-    """
+    def __init__(self, text: str, missing: list[int]) -> None:
+        super().__init__(text)
+        self.missing = missing
+
+
+_joins = itertools.count(1)  # the process groups this process joins: each its own roll call in a reused store
+
+
+def _join(backend: str, rank: int, world: int, device: torch.device, timeout: datetime.timedelta,
+          join_s: float, arrived: Optional[Callable[[], None]]) -> None:
+    """init_process_group with every wait of the joining bounded by join_s instead of the
+    collectives' timeout: a rank that never comes would otherwise hold the others for 10 minutes.
+    Joined = every rank checked in on the store (the roll call names those that did not) and
+    init_process_group returned; only then do the collectives get their own timeout."""
+    if arrived is not None:  # at the rendezvous: from here this rank waits for the others
+        arrived()
+    join = datetime.timedelta(seconds=join_s)
+    store = _store(rank, world, join)
+    _roll_call(store, rank, world, join_s)
+    # private in torch 2.13: without it, init_process_group waits as long as a collective would
+    set_timeout = getattr(td.distributed_c10d, "_set_pg_timeout", None)
+    try:
+        td.init_process_group(backend=backend, rank=rank, world_size=world, timeout=join if set_timeout else timeout,
+                              store=store, device_id=device if backend == "nccl" else None)
+    except RuntimeError as e:
+        if not is_timeout(e):
+            raise
+        raise JoinTimeout(f"init_process_group did not complete within trainer.join_timeout_s={join_s:g} s on "
+                          f"rank {rank}, though all {world} ranks had checked in (one is stuck inside it)", []) from e
+    if set_timeout:
+        set_timeout(timeout)
+    store.set_timeout(timeout)
+
+
+def _store(rank: int, world: int, timeout: datetime.timedelta) -> td.Store:
+    """The store the process group is built on, as torch's env:// would make it, but reached within
+    the join's bound and with each elastic attempt's keys under a prefix of its own.
+
+    Under elastic (torchrun, the local launcher) the agent hosts it; elsewhere (srun) rank 0 does.
+    torch.distributed.elastic keeps its store across restarts, and in torch 2.13 the restarted ranks
+    read the previous attempt's peer addresses from it and wait forever on dead sockets
+    (pytorch/pytorch#167288)."""
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    try:
+        # wait_for_workers=False: rank 0 does not wait for the others here, the roll call does, naming them
+        client = td.TCPStore(addr, port, world, is_master=rank == 0 and not agent, timeout=timeout,
+                             wait_for_workers=False, multi_tenant=True)
+    except RuntimeError as e:
+        if not is_timeout(e):
+            raise
+        host = "the launcher's elastic agent" if agent else "rank 0"
+        raise JoinTimeout(f"rank {rank} could not reach the rendezvous store at {addr}:{port} (hosted by {host}) "
+                          f"within trainer.join_timeout_s={timeout.total_seconds():g} s",
+                          [] if agent else [0]) from e
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    client = td.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                         timeout=timeout)
     return td.PrefixStore(f"launcher/attempt_{attempt}", client)
+
+
+def _roll_call(store: td.Store, rank: int, world: int, timeout_s: float) -> None:
+    """Every rank checks in and waits for all; after timeout_s, JoinTimeout naming those that did
+    not. One append and one counter per rank, one key that all look for: O(world) at any scale.
+
+    Looked for, not waited on: a store.wait that times out has c10d print two lines of its own on
+    stderr, and the run's report must stay one line. The pause between lookups doubles up to 50 ms
+    (what the join may take longer than the last rank's arrival), more beyond 256 ranks: the store
+    then answers at most ~5,000 lookups a second per 256 ranks, 16,000 at 8,192."""
+    key = f"launcher/join_{next(_joins)}"
+    store.append(f"{key}/ranks", f"{rank} ")
+    if store.add(f"{key}/count", 1) == world:
+        store.set(f"{key}/all", "1")
+    deadline, pause, longest = time.monotonic() + timeout_s, 0.005, min(0.5, 0.05 * max(1.0, world / 256))
+    while not store.check([f"{key}/all"]):
+        if time.monotonic() > deadline:
+            present = {int(r) for r in store.get(f"{key}/ranks").decode().split()}
+            missing = [r for r in range(world) if r not in present]
+            names = ", ".join(str(r) for r in missing[:10]) + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+            raise JoinTimeout(f"rank{'s' if len(missing) > 1 else ''} {names} did not join the process group within "
+                              f"trainer.join_timeout_s={timeout_s:g} s (the other {len(present)} joined and waited)",
+                              missing)
+        time.sleep(pause)
+        pause = min(2 * pause, longest)
 
 
 def current() -> Dist:

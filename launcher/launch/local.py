@@ -11,10 +11,12 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import struct
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     run_dir = Path(cfg.run.dir)
+    error_dir = _error_dir()
     lc = LaunchConfig(
         min_nodes=cfg.trainer.nodes, max_nodes=cfg.trainer.nodes, nproc_per_node=nproc,
         run_id=_rdzv_id(cfg), rdzv_backend="c10d",
@@ -44,7 +47,7 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
         max_restarts=cfg.launcher.max_restarts, monitor_interval=cfg.launcher.monitor_interval_s,
         local_addr=cfg.launcher.local_addr or None,
         rdzv_configs=_rdzv_configs(cfg),
-        logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "logs" / "elastic")),
+        logs_specs=DefaultLogsSpecs(log_dir=str(error_dir)),
     )
     # elastic logs each failed rank at ERROR; the report below says the same, once and readably
     # (and a user's error must stay one line)
@@ -64,21 +67,52 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
             lc.start_method = "fork"
             elastic_launch(lc, _forked_rank)(str(config_path))
     except ChildFailedError as e:
-        mine = sorted((r, f) for r, f in e.failures.items() if worker.USER_ERROR_KEY in (f.error_file_data or {}))
-        if mine:  # the user's (recipe, data, run dir, tracker): one line, printed once, not N tracebacks
-            rank, failure = mine[0]
-            raise C.UserError(f"{failure.error_file_data[worker.USER_ERROR_KEY]} "
-                              f"(traceback: {run_dir / 'logs' / f'rank-{rank}.log'})") from None
-        rank, failure = _root_cause(e)
-        print(f"launcher: rank {rank} failed (exit code {failure.exitcode}); its error:\n"
-              f"{_traceback(failure)}", file=sys.stderr)
-        return 1
+        return _report(e, run_dir)
     except SignalException as e:  # elastic's own handler (it stopped the ranks): as on one rank
         raise faults.Interrupted(int(e.sigval)) from None
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+        shutil.rmtree(error_dir, ignore_errors=True)
     return 0
+
+
+def _error_dir() -> Path:
+    """A folder of this process's for elastic's per-rank error files, removed when the ranks end.
+
+    Not in the run dir: elastic creates its folder there before any rank starts, which a read-only
+    run dir refuses (even a finished run's, which has nothing to write), and a rank's report written
+    on a disk that its run has filled is an empty file the agent fails on."""
+    try:
+        return Path(tempfile.mkdtemp(prefix="launcher-elastic-"))
+    except OSError as e:
+        raise faults.io_error(e, tempfile.gettempdir()) or C.UserError(
+            f"{tempfile.gettempdir()}: cannot hold the ranks' error files ({e.strerror or e}); "
+            "valid: a writable temp dir (TMPDIR)") from None
+
+
+def _report(error: Any, run_dir: Path) -> int:
+    """What the failed ranks say, once: the user's error as one line (exit 2); ranks that did not
+    join as one line (exit 1); else the root cause's traceback (exit 1)."""
+    mine = sorted((r, f) for r, f in error.failures.items() if worker.USER_ERROR_KEY in (f.error_file_data or {}))
+    if mine:  # the user's (recipe, data, run dir, tracker): one line, printed once, not N tracebacks
+        rank, failure = mine[0]
+        raise C.UserError(f"{failure.error_file_data[worker.USER_ERROR_KEY]} "
+                          f"(traceback: {run_dir / 'logs' / f'rank-{rank}.log'})") from None
+    joins = sorted((r, f) for r, f in error.failures.items() if worker.JOIN_KEY in (f.error_file_data or {}))
+    if joins:  # ranks that never joined: named by their peers (or by themselves), where they were stuck
+        print(f"launcher: {joins[0][1].error_file_data[worker.JOIN_KEY]}", file=sys.stderr)
+        return 1
+    unsaid = sorted(r for r, f in error.failures.items()
+                    if f.exitcode == worker.EXIT_USER_ERROR and not os.path.isfile(str(f.error_file)))
+    if unsaid:  # a user's error whose one line could not be written (worker._report: nothing half-written)
+        raise C.UserError(f"rank {unsaid[0]} stopped on a user error (exit code {worker.EXIT_USER_ERROR}) but could "
+                          f"not write its one-line report (is {tempfile.gettempdir()} full?); its log: "
+                          f"{run_dir / 'logs' / f'rank-{unsaid[0]}.log'}") from None
+    rank, failure = _root_cause(error)
+    print(f"launcher: rank {rank} failed (exit code {failure.exitcode}); its error:\n"
+          f"{_traceback(failure)}", file=sys.stderr)
+    return 1
 
 
 def _forked_rank(config_path: str) -> None:

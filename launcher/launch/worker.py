@@ -8,13 +8,18 @@ The config is the parent's resolved and checked one: ranks trust it.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -32,6 +37,7 @@ from ..device.xla import init as xla_init
 log = logging.getLogger("launcher")
 EXIT_USER_ERROR = 2  # as the CLI's own for bad input
 USER_ERROR_KEY = "launcher_user_error"  # in a rank's elastic error file: the failure is the user's
+JOIN_KEY = "launcher_not_joined"  # ... the failure is a rank that did not join (dist.JoinTimeout, JoinWatch)
 
 
 def run(cfg: C.Config) -> None:
@@ -46,15 +52,8 @@ def run(cfg: C.Config) -> None:
         # every `finally` (loggers finished, lock released), exit 143. (A SLURM job keeps submitit's
         # handling: it ignores the SIGTERM that SLURM sends ahead of SIGKILL.)
         faults.raise_on_sigterm()
-    make_deterministic(cfg.trainer.deterministic)  # before any CUDA work in this process
-    if cfg.trainer.accelerator == "xla":
-        d, _ = xla_init(cfg.trainer.dist_timeout_s)
-    else:
-        if not cfg.trainer.gpus:
-            # trainer.gpus=0: no rank touches a GPU (a library's own CUDA probe included, e.g. Adam's)
-            os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        d = dist.init(int(cfg.trainer.gpus or 0), cfg.trainer.dist_timeout_s,
-                      group_of_one=cfg.trainer.strategy == "fsdp")
+    with _join_watch(cfg) as watch:
+        d = _join(cfg, watch)
     if d.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # N ranks on one host share its cores, and a process may be given fewer than the machine
         # has: torch's default (every core of the machine, per rank) would oversubscribe them
@@ -86,6 +85,95 @@ def run(cfg: C.Config) -> None:
         dist.cleanup()
 
 
+def _join(cfg: C.Config, watch: Optional["JoinWatch"]) -> dist.Dist:
+    """This rank's device and its process group."""
+    make_deterministic(cfg.trainer.deterministic)  # before any CUDA work in this process
+    if cfg.trainer.accelerator == "xla":
+        return xla_init(cfg.trainer.dist_timeout_s)[0]
+    if not cfg.trainer.gpus:
+        # trainer.gpus=0: no rank touches a GPU (a library's own CUDA probe included, e.g. Adam's)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    return dist.init(int(cfg.trainer.gpus or 0), cfg.trainer.dist_timeout_s,
+                     group_of_one=cfg.trainer.strategy == "fsdp", join_timeout_s=cfg.trainer.join_timeout_s,
+                     arrived=watch.arrive if watch else None)
+
+
+def _join_watch(cfg: C.Config) -> contextlib.AbstractContextManager[Any]:
+    """The start-up watchdog of a rank of several (JoinWatch); XLA's runtime joins on its own terms."""
+    env = dist.env_rank()
+    if env is None or env[2] == 1 or cfg.trainer.accelerator == "xla":
+        return contextlib.nullcontext()
+    rank, timeout_s = env[0], cfg.trainer.join_timeout_s
+
+    def give_up() -> None:
+        line = (f"rank {rank} had not joined the process group {timeout_s + JoinWatch.GRACE_S:g} s after it "
+                f"started (trainer.join_timeout_s={timeout_s:g}); its stack: {_rank_log(cfg, rank)}")
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            _report(line, JOIN_KEY)  # the launcher prints it, once
+        else:  # srun, Ray: the task's own stderr is where its end is told
+            print(f"launcher: {line}", file=sys.stderr, flush=True)
+
+    return JoinWatch(rank, timeout_s, _rank_log(cfg, rank), give_up)
+
+
+def _rank_log(cfg: C.Config, rank: int) -> Path:
+    return Path(cfg.run.dir) / "logs" / f"rank-{rank}.log"
+
+
+class JoinWatch:
+    """A rank's watchdog until it reaches the process group's rendezvous: where it is stuck, and an
+    end to it.
+
+    After trainer.join_timeout_s, or when stopped before (SIGTERM: the agent ending the run because
+    its peers gave up on this rank), its Python stack goes into its rank log: faulthandler writes it
+    from a thread of its own, so a main thread stuck anywhere (an import on a hung filesystem, a
+    CUDA call) still says where. The peers that arrived name it (dist's roll call); should none
+    have, the rank reports itself GRACE_S later and exits. Once there, the wait for the others is
+    dist's, bounded by the same timeout; a stop during it still writes the stack (one stuck inside
+    init_process_group)."""
+
+    GRACE_S = 2.0  # after the bound: the peers' report, which names every rank missing, comes first
+
+    def __init__(self, rank: int, timeout_s: float, log_path: Path, give_up: Callable[[], None]) -> None:
+        self.rank = rank
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.file: Any = open(log_path, "a")
+        except OSError:  # a read-only or full run dir: the stack goes to stderr
+            self.file = sys.stderr
+        self.arrived = threading.Event()
+        faulthandler.dump_traceback_later(timeout_s, file=self.file)
+        faulthandler.register(signal.SIGTERM, file=self.file, chain=True)
+        threading.Thread(target=self._watch, args=(timeout_s, give_up), daemon=True, name="launcher-join-watch").start()
+
+    def _watch(self, timeout_s: float, give_up: Callable[[], None]) -> None:
+        if self.arrived.wait(timeout_s):
+            return
+        faulthandler.unregister(signal.SIGTERM)  # the timer has written the stack: a stop need not again
+        if self.arrived.wait(self.GRACE_S):
+            return
+        give_up()
+        os._exit(1)
+
+    def arrive(self) -> None:
+        """At the rendezvous: from here the wait is for the others (dist's roll call names the missing)."""
+        self.arrived.set()
+        faulthandler.cancel_dump_traceback_later()
+
+    def __enter__(self) -> "JoinWatch":
+        return self
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> None:
+        self.arrive()
+        faulthandler.unregister(signal.SIGTERM)
+        if isinstance(error, dist.JoinTimeout):  # this rank's log says why it ended (no logging set up yet)
+            with contextlib.suppress(OSError, ValueError):
+                print(f"rank {self.rank}: {error}", file=self.file, flush=True)
+        if self.file is not sys.stderr:
+            with contextlib.suppress(OSError):
+                self.file.close()
+
+
 def _requeue_and_wait(cfg: C.Config, d: Any) -> None:
     """After the stop checkpoint: rank 0 requeues the job; every rank then waits for SLURM to end it.
 
@@ -100,11 +188,12 @@ def _requeue_and_wait(cfg: C.Config, d: Any) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """A rank started by elastic (after launch/rank.py's prepare()): its exception goes to the error
-    file the agent reports (record). Imported here, not at the top: the one-rank in-process path
-    never needs elastic."""
+    """A rank started by elastic (after launch/rank.py's prepare()): how it failed goes to the error
+    file the agent reports (record's format, written by _main). Imported here, not at the top: the
+    one-rank in-process path never needs elastic."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    _reserve_error_file()
     record(_main)(argv)
 
 
@@ -115,16 +204,66 @@ def _main(argv: list[str]) -> None:
     except KeyboardInterrupt as e:
         sys.exit(faults.exit_code(e))  # Ctrl-C or SIGTERM reaches every rank: leave quietly, the parent reports it
     except C.UserError as e:
-        _report_user_error(e)
+        _report(str(e), USER_ERROR_KEY)
         sys.exit(EXIT_USER_ERROR)
+    except dist.JoinTimeout as e:  # one line, naming the ranks that did not join and where their stacks are
+        logs = [str(_rank_log(cfg, r)) for r in e.missing]
+        _report(f"{e}; {'its stack' if len(logs) == 1 else 'their stacks'}: {', '.join(logs[:3])}" if logs else str(e),
+                JOIN_KEY)
+        sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - a bug, a lost peer, a timeout: the launcher shows its traceback
+        if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            raise
+        # Written here rather than by record(), whose open(path, "w") leaves an empty file on a full
+        # disk; and as an exit, not a raise: torch.multiprocessing would pickle the traceback once
+        # more into a file of the temp dir that it never removes (and print it when that disk is full)
+        _write_error_file({"message": {"message": f"{type(e).__name__}: {e}", "extraInfo": {
+            "py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}}})
+        sys.exit(1)
 
 
-def _report_user_error(e: C.UserError) -> None:
-    """The one line for the parent to print (once, whichever rank failed): written where elastic
-    reads a failed rank's error (its error file), marked as the user's, so no traceback is shown."""
+# Room for a rank's report in its error file, taken when the rank starts: the temp dir that holds the
+# error files may share a disk with the run dir, which the run can fill (its first checkpoint), and
+# the report of that ENOSPC must still fit. A longer report is written as a new file.
+ERROR_FILE_RESERVE = 4096
+
+
+def _reserve_error_file() -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path:
-        with open(path, "w") as f:
-            json.dump({"message": str(e), "timestamp": int(time.time()), USER_ERROR_KEY: str(e)}, f)
+    if not path:
+        return
+    try:
+        with open(f"{path}.reserve", "wb") as f:
+            f.write(b" " * ERROR_FILE_RESERVE)
+    except OSError:  # a disk full already: _write_error_file tries a new file, or leaves none
+        with contextlib.suppress(OSError):
+            os.unlink(f"{path}.reserve")
 
 
+def _report(line: str, key: str) -> None:
+    """The one line for the parent to print (once, whichever rank failed), marked with `key` (the
+    user's error, or a rank that did not join) so that no traceback is shown."""
+    _write_error_file({"message": line, "timestamp": int(time.time()), key: line})
+
+
+def _write_error_file(data: dict) -> None:
+    """`data` where elastic reads a failed rank's error (TORCHELASTIC_ERROR_FILE), whole or not at all.
+
+    The agent fails with a JSONDecodeError traceback on a file that is there but empty or cut short
+    (a full disk), and reports a missing one as a failure without a message: the text goes into the
+    reserved room (no new blocks needed), then takes the error file's name."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    raw = json.dumps(data).encode()
+    reserve = f"{path}.reserve"
+    fits = len(raw) <= ERROR_FILE_RESERVE and os.path.isfile(reserve)
+    staged = reserve if fits else f"{path}.tmp{os.getpid()}"
+    try:
+        with open(staged, "r+b" if fits else "wb") as f:
+            f.write(raw)
+            f.truncate()
+        os.replace(staged, path)
+    except OSError:  # nothing readable to leave: the launcher reports the exit code without it
+        with contextlib.suppress(OSError):
+            os.unlink(staged)

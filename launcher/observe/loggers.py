@@ -24,7 +24,10 @@ def setup_logging(run_dir: Optional[Path], rank: int) -> None:
     for h in list(root.handlers):
         if getattr(h, "_launcher", False):
             root.removeHandler(h)
-            h.close()
+            try:
+                h.close()
+            except OSError:  # its last buffered lines on a full disk: the run's own write names that
+                pass
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     console.setFormatter(logging.Formatter(f"[launcher{'' if rank == 0 else f' rank {rank}'}] %(message)s"))

@@ -31,7 +31,7 @@ _FREE_TRAINER = {
     "progress", "progress_refresh_s", "log_every_n_steps", "summary", "peak_tflops",  # what it reports
     "val_every_n_epochs", "val_every_n_steps", "eval_batch_size",  # when and how it validates
     "gpus", "nproc", "nodes", "accelerator", "strategy", "fsdp_wrap",  # where it runs, how many ranks
-    "num_workers", "dist_timeout_s", "compile", "channels_last",  # speed and patience, same maths
+    "num_workers", "dist_timeout_s", "join_timeout_s", "compile", "channels_last",  # speed and patience, same maths
     "gradient_clip_val", "nonfinite",  # read at every step from the config: applied as they are
 }
 _OPTIMIZER_FIXED = {"_target_", "_partial_"}
