@@ -18,9 +18,10 @@ LINREG = ["recipe=linreg", *QUIET, "logger.csv.plots=false"]  # 280 samples, bat
 
 
 def _errors(stderr: str) -> list[str]:
-    """The lines of stderr that are not the run's own progress (`[launcher] ...`, the summary table)."""
+    """The lines of stderr that are not the run's own progress (`[launcher] ...`, the summary table,
+    the closing `launcher: done: RUN_DIR (...)`)."""
     return [ln for ln in stderr.splitlines()
-            if ln.strip() and not ln.startswith(("[launcher]", "  "))]
+            if ln.strip() and not ln.startswith(("[launcher]", "  ", "launcher: done: "))]
 
 
 # ---- A. a rank that does not join --------------------------------------------------------------------
@@ -77,6 +78,7 @@ def test_a_rank_held_before_joining_is_named_with_its_stack_and_the_run_ends_nea
     assert "did not join the process group" in (run_dir / "logs" / "rank-0.log").read_text()
 
 
+@pytest.mark.slow
 def test_every_rank_held_ends_the_run_by_their_own_watchdogs(tmp_path: Path) -> None:
     """Nobody joined, so nobody can name the others: each rank's watchdog reports itself, shortly
     after the bound (JoinWatch.GRACE_S), and the run ends."""
@@ -132,6 +134,7 @@ def _leftovers(tmp: Path) -> list[str]:
 # blocks left: 3 fails while the run starts (closing the first log file on a full disk), 6 at the
 # first checkpoint; at 2 ranks both used to end in a JSONDecodeError traceback from the elastic agent
 # (rank 0's report was an empty file in RUN_DIR/logs/elastic) or in a traceback per rank, exit 1
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks,blocks_left", [(1, 3), (2, 3), (1, 6), (2, 6)])
 def test_a_full_disk_is_one_line_at_any_rank_count(tmp_path: Path, small_fs: Path, ranks: int,
                                                     blocks_left: int) -> None:
@@ -154,6 +157,7 @@ def test_a_full_disk_is_one_line_at_any_rank_count(tmp_path: Path, small_fs: Pat
     (5, "No space left on device (ENOSPC); valid: free some space"),  # the report fits the room taken at start
     (3, "stopped on a user error (exit code 2) but could not write its one-line report"),  # no room at all
 ])
+@pytest.mark.slow
 def test_a_full_disk_that_also_holds_the_temp_dir_is_one_line_at_2_ranks(tmp_path: Path, small_fs: Path,
                                                                           blocks_left: int, expected: str) -> None:
     """TMPDIR on the disk the run fills (one disk for everything): the ranks' reports live there too."""

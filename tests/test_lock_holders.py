@@ -60,6 +60,7 @@ def _refusal(run_dir: Path, cwd: Path) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_refusal_names_the_processes_that_hold_the_lock_and_how_to_end_them(tmp_path: Path) -> None:
     run_dir = tmp_path / "r"
     with open(tmp_path / "first.err", "w") as err:

@@ -63,6 +63,7 @@ def not_permitted() -> Iterator[tuple[Path, list[str]]]:
         shutil.rmtree(top)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["read_only_mount", "not_permitted"])
 def test_an_unwritable_mlflow_store_is_one_line_within_its_timeout(where: str, request: pytest.FixtureRequest) -> None:
     store, prefix = request.getfixturevalue(where)

@@ -253,6 +253,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_readme_cluster_commands_work_with_token_authentication(tmp_path: Path) -> None:
     """docs/ray.md's cluster commands as a user types them, on a machine where a run's own Ray instance left
     ~/.ray/auth_token (so `ray start --head` turns token authentication on): without RAY_AUTH_MODE=token
