@@ -1,4 +1,4 @@
-"""Start-up: command start -> first optimizer step (on every rank), 1 and 2 CPU ranks.
+"""Start-up: command start -> first optimizer step (on every rank), 1, 2 (or any N) CPU ranks.
 
 Every contender runs the same job at the same settings (the MNIST CNN, fp32, contiguous tensors,
 batch 128 per rank, Adam 1e-3, data read from the IDX files; a 1,024-image test set keeps the
@@ -8,7 +8,9 @@ optimizer hook, no contender's code changed):
   raw loop    bench/peers.py raw-mnist; 2 ranks: under torchrun --standalone (DDP, gloo)
   Lightning   bench/peers.py lightning-mnist N (its defaults; 2 ranks: its own DDP launcher)
 Rounds interleaved, their order rotated; medians.
-    python bench/startup.py [--rounds 3] [--before DIR] [--show-rounds]
+    python bench/startup.py [--rounds 3] [--ranks 1,2] [--contenders launcher,raw,lightning] [--before DIR]
+                            [--show-rounds]
+(--contenders without lightning where it is not installed: the package's own venv has no Lightning.)
 """
 
 from __future__ import annotations
@@ -50,12 +52,18 @@ def main() -> str:
     ap.add_argument("--rounds", "--repeat", type=int, default=3)
     ap.add_argument("--before", metavar="DIR", help="also the launcher from this copy of the package")
     ap.add_argument("--show-rounds", action="store_true", help="every round's figures on stderr")
+    ap.add_argument("--ranks", default="1,2", help="rank counts, comma-separated (default 1,2)")
+    ap.add_argument("--contenders", default="launcher,raw,lightning",
+                    help="which of launcher, raw, lightning (launcher and raw are always run)")
     args = ap.parse_args()
-    contenders: dict[str, Callable[[int], Timing]] = {"launcher": launcher, "raw": raw, "lightning": lightning}
+    every: dict[str, Callable[[int], Timing]] = {"launcher": launcher, "raw": raw, "lightning": lightning}
+    chosen = {"launcher", "raw", *args.contenders.split(",")}
+    contenders = {k: f for k, f in every.items() if k in chosen}
     if args.before:
         contenders["before"] = lambda n: launcher(n, args.before)
+    labels = {"launcher": "launcher s", "raw": "raw loop s", "lightning": "Lightning s", "before": "launcher before s"}
     rows = []
-    for n in (1, 2):
+    for n in (int(r) for r in args.ranks.split(",")):
         runs: dict[str, list[Timing]] = {k: [] for k in contenders}
         names = list(contenders)
         for r in range(args.rounds):
@@ -70,8 +78,7 @@ def main() -> str:
         gap = first["launcher"] - first["raw"]
         rows.append([n, *(f"{first[k]:.2f}" for k in names), f"{gap:+.2f}", "met" if gap <= 0.3 else "missed",
                      " / ".join(f"{leave[k]:.2f}" for k in names)])
-    before = ["launcher before s"] if args.before else []
-    return table(["ranks", "launcher s", "raw loop s", "Lightning s", *before, "launcher - raw s",
+    return table(["ranks", *(labels[k] for k in contenders), "launcher - raw s",
                   "target: <= +0.3 s", "last step -> exit s (same order)"], rows) + (
         f"\n\nMedians of {args.rounds} interleaved rounds. The exit column is one step's run ending: the "
         f"validation of {VAL_LIMIT} images, saving and tear-down (Lightning validates nothing after a step "

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Optional
 
 from . import config as C
 from . import faults, overlap
+from .launch import fork_server  # the standard library only: no torch before the config is composed
 
 # Two phases (overlap.py runs the first in a forked child while this process imports torch):
 # Hydra composes and the fields are checked, without torch; then the checks that need torch
@@ -236,7 +237,8 @@ def _main() -> None:
     # Hydra re-raises instead of printing its own report, so every error goes through _one_line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     faults.raise_on_sigterm()  # SIGTERM ends a run as Ctrl-C does, its cleanup done: exit 143
-    composed = overlap.compose_beside(_compose, _torch_imports)
+    # CPU ranks' fork server (launch/fork_server.py) starts as soon as the composed config wants it
+    composed = overlap.compose_beside(_compose, _torch_imports, early=fork_server.prestart)
     if not composed:  # --help, --cfg, --info: Hydra has printed what was asked
         return
     from .launch.start import start
