@@ -30,7 +30,7 @@ except BaseException:  # noqa: BLE001 - a rank imports it again and reports the 
 _SERVER = os.getpid()
 
 
-def _end_at_once() -> None:
+def end_at_once() -> None:
     """The server ends with the launcher: skip the interpreter's module-by-module tear-down (~1 s of a
     core with torch loaded, while the next command may be starting). Forked ranks inherit this hook
     and the pid test leaves them alone. Registered after the imports: atexit runs it first."""
@@ -38,4 +38,4 @@ def _end_at_once() -> None:
         os._exit(0)
 
 
-atexit.register(_end_at_once)
+atexit.register(end_at_once)

@@ -4,13 +4,15 @@ A fork copies only the thread that calls it; a lock that another thread held at 
 held in the child, by no one, for ever. By the time the launcher starts its ranks it runs threads
 (elastic's RendezvousKeepAliveTimer, the c10d store's, the import thread of overlap.py), and a
 rank forked from it while one of them was inside glibc's getaddrinfo hung on the resolver's lock
-at its own first lookup; its peers then waited in gloo's rendezvous until trainer.dist_timeout_s
-(3 of 22 starts of 8 ranks on 2 cores). Fresh interpreters (`spawn`) are safe but import torch in
-every rank: ~1.3 s each, 8 ranks sharing 2 cores. Python's `forkserver` start method keeps the
-saving without the hazard: a fresh interpreter (started by fork+exec, which is safe from a threaded
-process) imports torch and the worker once (fork_preload.py), and forks every rank from its one
-thread. (OpenBLAS, which numpy loads, parks a worker thread there; its own pthread_atfork handler
-stops that thread before every fork, so the server is single-threaded whenever it forks.)
+(resolv_conf.c get_locked_global) at its own first lookup, the TCPStore connect; its peers then
+waited in gloo's rendezvous until trainer.dist_timeout_s (3 of 22 starts of 8 ranks on 2 cores).
+Fresh interpreters (`spawn`) are safe but import torch in every rank: ~1.3 s each, 8 ranks sharing
+2 cores. Python's `forkserver` start method keeps the saving without the hazard: a fresh
+interpreter (started by fork+exec, which is safe from a threaded process) imports torch and the
+worker once (fork_preload.py; torch._dynamo too where it may, fork_preload_dynamo.py) and forks
+every rank from its one thread. (OpenBLAS, which numpy loads, parks a worker thread there; its own
+pthread_atfork handler stops that thread before every fork, so the server is single-threaded
+whenever it forks.)
 
 The server is started as soon as the composed config says CPU ranks will run (prestart(), from
 the CLI), so its imports run on the second core while the CLI imports torch and checks the config.
@@ -28,8 +30,12 @@ import signal
 import threading
 from typing import Any, Optional
 
-# Imported by the server before its first fork (what every CPU rank would otherwise import itself)
+# Imported by the server before its first fork: what every CPU rank would otherwise import itself.
 PRELOAD = ["launcher.launch.fork_preload"]
+# torch._dynamo too (each rank's first optimizer constructor imports it: ~1.2 s of a core per rank)
+# where the server's environment is the ranks': dynamo and inductor read their settings from it at
+# import, and hydra.job.env_set reaches this process only after the server has started
+PRELOAD_DYNAMO = "launcher.launch.fork_preload_dynamo"
 START_METHOD = "forkserver"
 
 _lock = threading.Lock()
@@ -44,6 +50,8 @@ def cpu_ranks_likely(cfg: Any) -> bool:
     t = cfg.trainer
     if cfg.launcher.name != "local" or t.accelerator in ("xla", "cuda"):
         return False
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return False  # under torchrun (or the like) this process is a rank itself (dist.env_rank)
     if t.nproc * t.nodes == 1 and cfg.launcher.max_restarts == 0:
         return False  # one rank runs in the launcher's own process
     if t.gpus == 0 or t.accelerator == "cpu":
@@ -56,28 +64,24 @@ def prestart(composed: Optional[list[Any]]) -> None:
     `early` hook (overlap.py), called with [(config, env_set), ...] or None (--help, --cfg)."""
     if composed and any(cpu_ranks_likely(cfg) for cfg, _ in composed):
         try:
-            ensure_running()
+            ensure_running(dynamo=not any(env for _, env in composed))
         except OSError:  # tried again when the ranks start, and reported there if it fails again
             pass
 
 
-def ensure_running() -> dict[str, str]:
-    """The server running (started now if it is not); returns the environment it was started with."""
+def ensure_running(dynamo: bool = True) -> dict[str, str]:
+    """The server running (started now if it is not, preloading torch._dynamo too if `dynamo`: this
+    process's environment is the ranks' already); returns the environment it was started with."""
     from multiprocessing import forkserver
 
     with _lock:
-        forkserver.set_forkserver_preload(PRELOAD)
+        forkserver.set_forkserver_preload(PRELOAD + [PRELOAD_DYNAMO] * dynamo)
         env = dict(os.environ)  # what the server inherits, if it is started now
         forkserver.ensure_running()  # starts it, or again if it died; a no-op while it runs
         pid = forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]  # which server runs
-        if pid != _server["pid"]:
+        if pid != _server["pid"]:  # (one started by other code in this process: its env is a guess)
             _server.update(pid=pid, env=env)
         return dict(_server["env"])
-
-
-def server_pid() -> Optional[int]:
-    """The server this process started (None before), for the tests and the rank log."""
-    return _server["pid"]
 
 
 def rank_main(config_path: str, launcher_env: dict[str, str], server_env: dict[str, str]) -> None:
