@@ -8,8 +8,8 @@ optimizer hook, no contender's code changed):
   raw loop    bench/peers.py raw-mnist; 2 ranks: under torchrun --standalone (DDP, gloo)
   Lightning   bench/peers.py lightning-mnist N (its defaults; 2 ranks: its own DDP launcher)
 Rounds interleaved, their order rotated; medians.
-    python bench/startup.py [--rounds 3] [--ranks 1,2] [--contenders launcher,raw,lightning] [--before DIR]
-                            [--show-rounds]
+    python bench/startup.py [--rounds 3] [--ranks 1,2] [--contenders launcher,raw,lightning,env_set]
+                            [--before DIR] [--show-rounds]
 (--contenders without lightning where it is not installed: the package's own venv has no Lightning.)
 """
 
@@ -25,7 +25,7 @@ from common import BENCH, MNIST, Timing, copy_env, median, table, timed_command
 VAL_LIMIT = 1024
 
 
-def launcher(nproc: int, copy: Optional[str] = None) -> Timing:
+def launcher(nproc: int, copy: Optional[str] = None, extra: tuple[str, ...] = ()) -> Timing:
     env, cwd = copy_env(copy)
     with tempfile.TemporaryDirectory() as tmp:
         # dist_timeout_s=60: a start that hangs (issue 22: a rank forked from the threaded launcher,
@@ -33,7 +33,7 @@ def launcher(nproc: int, copy: Optional[str] = None) -> Timing:
         return timed_command([sys.executable, "-m", "launcher", "recipe=mnist", f"data.root={MNIST}",
                               f"data.val_limit={VAL_LIMIT}", "trainer.precision=32", "trainer.channels_last=false",
                               "trainer.batch_size=128", "trainer.max_steps=1", "trainer.gpus=0",
-                              "trainer.dist_timeout_s=60", f"trainer.nproc={nproc}", f"run.dir={tmp}/run"],
+                              "trainer.dist_timeout_s=60", f"trainer.nproc={nproc}", f"run.dir={tmp}/run", *extra],
                              env=env, cwd=cwd)
 
 
@@ -57,14 +57,20 @@ def main() -> str:
     ap.add_argument("--show-rounds", action="store_true", help="every round's figures on stderr")
     ap.add_argument("--ranks", default="1,2", help="rank counts, comma-separated (default 1,2)")
     ap.add_argument("--contenders", default="launcher,raw,lightning",
-                    help="which of launcher, raw, lightning (launcher and raw are always run)")
+                    help="which of launcher, raw, lightning, env_set (launcher and raw are always run)")
     args = ap.parse_args()
-    every: dict[str, Callable[[int], Timing]] = {"launcher": launcher, "raw": raw, "lightning": lightning}
+    # env_set: the launcher with a hydra.job.env_set of a TORCH* variable (an unused one), whose fork
+    # server then leaves torch._dynamo to each rank (launch/fork_server.py): N CPU ranks' start-up
+    # without that preload
+    every: dict[str, Callable[[int], Timing]] = {
+        "launcher": launcher, "raw": raw, "lightning": lightning,
+        "env_set": lambda n: launcher(n, extra=("+hydra.job.env_set.TORCH_BENCH_UNUSED=1",))}
     chosen = {"launcher", "raw", *args.contenders.split(",")}
     contenders = {k: f for k, f in every.items() if k in chosen}
     if args.before:
         contenders["before"] = lambda n: launcher(n, args.before)
-    labels = {"launcher": "launcher s", "raw": "raw loop s", "lightning": "Lightning s", "before": "launcher before s"}
+    labels = {"launcher": "launcher s", "raw": "raw loop s", "lightning": "Lightning s",
+              "env_set": "launcher, env_set TORCH* s", "before": "launcher before s"}
     rows = []
     failed: dict[tuple[int, str], int] = {}
     for n in (int(r) for r in args.ranks.split(",")):

@@ -114,10 +114,54 @@ def test_ranks_and_server_end_when_the_launcher_is_killed_outright(tmp_path: Pat
             time.sleep(0.1)
         assert not _alive(server), "the fork server outlived the launcher"
         assert not any(_alive(p) for p in ranks), "ranks left running after the launcher was killed"
+        # nothing more said once the launcher is gone (multiprocessing's resource tracker, which removes
+        # the dead launcher's semaphores, would warn of them on the same stderr)
+        _, err = proc.communicate(timeout=60)
+        assert [ln for ln in err.splitlines() if not ln.startswith("[launcher] ")] == [], err[-3000:]
     finally:
         for pid in [server, *ranks]:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+PROBE = """
+import os, sys
+
+def loaded(queue):
+    # what a child of the fork server finds imported at its start, and its parent's threads
+    names = ("torch", "launcher.worker", "torchmetrics", "torch._dynamo", "matplotlib.pyplot")
+    queue.put(({n: n in sys.modules for n in names}, len(os.listdir(f"/proc/{os.getppid()}/task"))))
+"""
+
+
+@pytest.mark.parametrize("env_set, dynamo", [({}, True), ({"DATA_ROOT": "/d"}, True),
+                                             ({"TORCHINDUCTOR_CACHE_DIR": "/c"}, False)])
+def test_the_server_preloads_what_ranks_import_and_dynamo_where_env_set_allows(tmp_path: Path, env_set: dict,
+                                                                               dynamo: bool) -> None:
+    # started early (the CLI's prestart) with the composed runs; hydra.job.env_set is applied to the
+    # launcher only later, so dynamo, which reads TORCH* settings at import, is left to the ranks then
+    (tmp_path / "probe_mod.py").write_text(PROBE)
+    code = f"""
+import multiprocessing as mp, sys
+sys.path.insert(0, {str(tmp_path)!r})
+from launcher import config as C
+from launcher.launch import fork_server
+import probe_mod
+cfg = C.Config()
+cfg.trainer.gpus, cfg.trainer.nproc = 0, 2
+fork_server.prestart([(cfg, {env_set!r})])
+ctx = mp.get_context(fork_server.START_METHOD)
+q = ctx.SimpleQueue()
+p = ctx.Process(target=probe_mod.loaded, args=(q,))
+p.start(); print(q.get()); p.join()
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    loaded, server_threads = eval(p.stdout.strip())  # noqa: S307 - our own tuple's repr
+    assert loaded == {"torch": True, "launcher.worker": True, "torchmetrics": True, "torch._dynamo": dynamo,
+                      "matplotlib.pyplot": False}, loaded  # torchmetrics without pyplot (slim_imports.py)
+    assert server_threads == 1
 
 
 def test_the_composition_is_not_forked_from_a_process_that_runs_threads(tmp_path: Path) -> None:

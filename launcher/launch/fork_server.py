@@ -27,15 +27,18 @@ from __future__ import annotations
 import glob
 import os
 import signal
+import sys
 import threading
 from typing import Any, Optional
 
 # Imported by the server before its first fork: what every CPU rank would otherwise import itself.
 PRELOAD = ["launcher.launch.fork_preload"]
 # torch._dynamo too (each rank's first optimizer constructor imports it: ~1.2 s of a core per rank)
-# where the server's environment is the ranks': dynamo and inductor read their settings from it at
-# import, and hydra.job.env_set reaches this process only after the server has started
+# where the server's environment is the ranks' as far as it reads it at import: hydra.job.env_set
+# reaches this process only after the server has started, so a run whose env_set names a variable
+# of dynamo, inductor or what they import (sympy, mpmath, triton) leaves the import to each rank
 PRELOAD_DYNAMO = "launcher.launch.fork_preload_dynamo"
+READ_AT_IMPORT = ("TORCH", "PYTORCH", "TRITON", "SYMPY", "MPMATH")
 START_METHOD = "forkserver"
 
 _lock = threading.Lock()
@@ -64,7 +67,8 @@ def prestart(composed: Optional[list[Any]]) -> None:
     `early` hook (overlap.py), called with [(config, env_set), ...] or None (--help, --cfg)."""
     if composed and any(cpu_ranks_likely(cfg) for cfg, _ in composed):
         try:
-            ensure_running(dynamo=not any(env for _, env in composed))
+            late = [k for _, env in composed for k in env if k.upper().startswith(READ_AT_IMPORT)]
+            ensure_running(dynamo=not late)
         except OSError:  # tried again when the ranks start, and reported there if it fails again
             pass
 
@@ -75,6 +79,7 @@ def ensure_running(dynamo: bool = True) -> dict[str, str]:
     from multiprocessing import forkserver
 
     with _lock:
+        _start_quiet_tracker()
         forkserver.set_forkserver_preload(PRELOAD + [PRELOAD_DYNAMO] * dynamo)
         env = dict(os.environ)  # what the server inherits, if it is started now
         forkserver.ensure_running()  # starts it, or again if it died; a no-op while it runs
@@ -82,6 +87,21 @@ def ensure_running(dynamo: bool = True) -> dict[str, str]:
         if pid != _server["pid"]:  # (one started by other code in this process: its env is a guess)
             _server.update(pid=pid, env=env)
         return dict(_server["env"])
+
+
+def _start_quiet_tracker() -> None:
+    """multiprocessing's resource tracker, which a forkserver context needs (its queues' and events'
+    semaphores are named ones), without its leak warning: a launcher killed outright (SIGKILL, the
+    OOM killer) leaves its semaphores to the tracker, which removes them, then says so in two lines
+    of UserWarning on the launcher's stderr. Its interpreter takes our -W options at its start."""
+    from multiprocessing import resource_tracker
+
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    sys.warnoptions.append(quiet)
+    try:
+        resource_tracker.ensure_running()  # a no-op while one runs
+    finally:
+        sys.warnoptions.remove(quiet)
 
 
 def rank_main(config_path: str, launcher_env: dict[str, str], server_env: dict[str, str]) -> None:
