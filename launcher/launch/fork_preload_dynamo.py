@@ -15,6 +15,6 @@ try:
 except BaseException:  # noqa: BLE001 - a rank imports it again and reports the error where it is seen
     pass
 
-# the server's fast exit (fork_preload._end_at_once) must stay the first exit hook to run
+# the server's fast exit (fork_preload.end_at_once) must stay the first exit hook to run
 atexit.unregister(fork_preload.end_at_once)
 atexit.register(fork_preload.end_at_once)

@@ -65,12 +65,13 @@ def cpu_ranks_likely(cfg: Any) -> bool:
 def prestart(composed: Optional[list[Any]]) -> None:
     """Start the server beside the CLI's own imports when a composed run will want it: the CLI's
     `early` hook (overlap.py), called with [(config, env_set), ...] or None (--help, --cfg)."""
-    if composed and any(cpu_ranks_likely(cfg) for cfg, _ in composed):
-        try:
-            late = [k for _, env in composed for k in env if k.upper().startswith(READ_AT_IMPORT)]
-            ensure_running(dynamo=not late)
-        except OSError:  # tried again when the ranks start, and reported there if it fails again
-            pass
+    if not composed or not any(cpu_ranks_likely(cfg) for cfg, _ in composed):
+        return
+    late = [k for _, env in composed for k in env if k.upper().startswith(READ_AT_IMPORT)]
+    try:
+        ensure_running(dynamo=not late)
+    except OSError:  # tried again when the ranks start, and reported there if it fails again
+        pass
 
 
 def ensure_running(dynamo: bool = True) -> dict[str, str]:
