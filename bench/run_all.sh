@@ -24,6 +24,8 @@ t0=$(date +%s)
   python ddp.py --target 0.93; echo
   echo "## 5. Checkpoints, sync vs async (1 CPU rank)"; echo
   python checkpoint_bench.py; echo
+  echo "## 6. Start-up of 8 CPU ranks: the fork server, with and without its torch._dynamo preload (env_set)"; echo
+  python startup.py --rounds 3 --ranks 8 --contenders launcher,raw,env_set; echo
   echo "Total benchmark time: $(( $(date +%s) - t0 )) s"
 } > "$out.tmp"
 mv "$out.tmp" "$out"

@@ -42,13 +42,15 @@ def recipe_run() -> None:
     """`python -m launcher [recipe=...] key=value ...`: compose, check, start; the exit code is the run's."""
     from .cli import overlap
     from .cli.compose import compose
+    from .launch import fork_server  # the standard library only: no torch before the config is composed
     from .cli.report import reported
     from .config import faults
 
     # Hydra re-raises instead of printing its own report, so every error goes through one_line
     os.environ["HYDRA_FULL_ERROR"] = "1"
     faults.raise_on_sigterm()  # SIGTERM ends a run as Ctrl-C does, its cleanup done: exit 143
-    composed = overlap.compose_beside(compose, torch_imports)
+    # CPU ranks' fork server (launch/fork_server.py) starts as soon as the composed config wants it
+    composed = overlap.compose_beside(compose, torch_imports, early=fork_server.prestart)
     if not composed:  # --help, --cfg, --info: Hydra has printed what was asked
         return
     from .cli.checks import checked

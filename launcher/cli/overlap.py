@@ -18,24 +18,44 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 T = TypeVar("T")
 
 
 def worth_it() -> bool:
-    """A second CPU to run on, fork available, and torch not yet imported (the API, tests)."""
+    """A second CPU to run on, fork available, torch not yet imported (the API, tests), and this
+    process still single-threaded: a fork copies only the calling thread, and a lock another thread
+    holds at that moment (glibc's resolver or stdio, the import lock) stays held in the child for
+    good (issue 22). The CLI forks before it starts any thread; a program that calls it with threads
+    running already (an embedding app, a sitecustomize that starts one) composes in-process."""
     if not hasattr(os, "fork") or "torch" in sys.modules or os.environ.get("LAUNCHER_OVERLAP") == "0":
+        return False
+    if threads() > 1:
         return False
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     return len(cpus) >= 2
 
 
-def compose_beside(compose: Callable[[], T], imports: Callable[[], None]) -> T:
+def threads() -> int:
+    """This process's threads, native ones included (a C library's pool is not in threading's list)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # no procfs (macOS): the threads Python knows of
+        return threading.active_count()
+
+
+def compose_beside(compose: Callable[[], T], imports: Callable[[], None],
+                   early: Optional[Callable[[T], None]] = None) -> T:
     """compose()'s result, computed in a forked child while `imports` runs here in a thread. Where
-    the child ends otherwise (an error it reported, --help), this process exits with its code."""
+    the child ends otherwise (an error it reported, --help), this process exits with its code.
+    `early(result)`, if given, runs as soon as the result is here, while `imports` may still run:
+    what can start beside them (the fork server of CPU ranks, launch/fork_server.py)."""
     if not worth_it():
-        return compose()
+        result = compose()
+        if early is not None:
+            early(result)
+        return result
     for stream in (sys.stdout, sys.stderr):  # nothing buffered twice by the fork
         stream.flush()
     read, write = os.pipe()
@@ -64,8 +84,11 @@ def compose_beside(compose: Callable[[], T], imports: Callable[[], None]) -> T:
         os._exit(128 - code)  # as a shell shows a signal's death: 128 + N
     if code != 0 or not data:  # the child has said why (an error), or what was asked (--help: exit 0)
         os._exit(code)
+    result = pickle.loads(data)
+    if early is not None:
+        early(result)
     warm.join()  # torch is imported once: here, by the thread (a failed import fails again where used)
-    return pickle.loads(data)
+    return result
 
 
 def _child(compose: Callable[[], T], write: int) -> None:

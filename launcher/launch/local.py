@@ -22,9 +22,7 @@ from typing import Any
 
 from .. import config as C
 from ..config import faults
-# imported by the launcher before it forks: CPU ranks then start with the worker (and torch) loaded
-from . import worker
-from . import rank
+from . import fork_server, worker
 
 log = logging.getLogger("launcher")
 
@@ -53,6 +51,7 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
     # (and a user's error must stay one line)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     logging.getLogger("torch.multiprocessing").setLevel(logging.CRITICAL)  # "Terminating process ... via SIGTERM"
+    _quiet_death_signal()
     _pin_interface(cfg.launcher.local_addr)
     # elastic installs handlers for these and never puts ours back: the next sweep point, or the
     # in-process rank after it, would get elastic's SignalException instead of Ctrl-C / SIGTERM
@@ -62,10 +61,12 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
             # GPU ranks: fresh interpreters (a fork after the parent touched CUDA is unsafe)
             elastic_launch(lc, sys.executable)("-u", "-m", "launcher.launch.rank", str(config_path))
         else:
-            # CPU ranks: forked from this process, which has imported torch already (~1.3 s
-            # saved per rank start on this 2-core machine); the parent ran no torch compute.
-            lc.start_method = "fork"
-            elastic_launch(lc, _forked_rank)(str(config_path))
+            # CPU ranks: forked by the fork server, which has torch and the worker imported (~1.3 s
+            # saved per rank on a 2-core machine) and no other thread; never by this process, whose
+            # threads' locks a fork would copy held (fork_server.py, issue 22)
+            server_env = fork_server.ensure_running()
+            lc.start_method = fork_server.START_METHOD
+            elastic_launch(lc, fork_server.rank_main)(str(config_path), dict(os.environ), server_env)
     except ChildFailedError as e:
         return _report(e, run_dir)
     except SignalException as e:  # elastic's own handler (it stopped the ranks): as on one rank
@@ -115,9 +116,23 @@ def _report(error: Any, run_dir: Path) -> int:
     return 1
 
 
-def _forked_rank(config_path: str) -> None:
-    rank.prepare()
-    worker.main([config_path])
+# elastic's agent, signalled (SIGTERM, Ctrl-C), warns "Received 15 death signal, shutting down
+# workers" before it stops the ranks; the CLI then says the same as its one documented line
+# ("launcher: interrupted by SIGTERM; ..."). Its logger sets its own level (elastic's get_logger),
+# so the CRITICAL above does not reach it: a filter drops that message, and only that one.
+_AGENT_LOGGER = "torch.distributed.elastic.agent.server.api"
+_DEATH_SIGNAL = "death signal"
+
+
+class _NoDeathSignalLine(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _DEATH_SIGNAL not in str(record.msg)
+
+
+def _quiet_death_signal() -> None:
+    agent_log = logging.getLogger(_AGENT_LOGGER)
+    if not any(isinstance(f, _NoDeathSignalLine) for f in agent_log.filters):  # once per process (sweeps)
+        agent_log.addFilter(_NoDeathSignalLine())
 
 
 def _pin_interface(addr: str) -> None:

@@ -1,9 +1,10 @@
 """A local rank's first moments, before the seconds of imports that training needs.
 
-GPU ranks start as `python -m launcher.launch.rank CONFIG` (fresh interpreters); CPU ranks forked
-from the launcher call prepare() too. Both must learn of the launcher's death from the start: a
-launcher killed while a rank still imports torch would otherwise leave it orphaned, waiting in a
-rendezvous that never completes.
+GPU ranks start as `python -m launcher.launch.rank CONFIG` (fresh interpreters); CPU ranks, forked
+by the fork server (fork_server.py), call prepare() too. Both must learn of the launcher's death
+from the start: a launcher killed while a rank still imports torch would otherwise leave it
+orphaned, waiting in a rendezvous that never completes. (A CPU rank's parent is the fork server,
+which ends with the launcher.)
 """
 
 from __future__ import annotations

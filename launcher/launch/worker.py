@@ -1,7 +1,7 @@
 """Per-rank entry: init dist -> build recipe -> fit (which resumes) -> cleanup.
 
 Every backend ends here: local ranks start as `python -m launcher.launch.rank RUN_DIR/config.yaml`
-(GPU ranks) or forked from the launcher (CPU ranks), SLURM tasks through launch/slurm.py, XLA processes through
+(GPU ranks) or forked by the fork server (CPU ranks: launch/fork_server.py), SLURM tasks through launch/slurm.py, XLA processes through
 launch/pjrt.py; a single rank, or a rank under an outside torchrun/srun, calls run() in-process.
 The config is the parent's resolved and checked one: ranks trust it.
 """
