@@ -41,7 +41,8 @@ def cpu_features() -> dict[str, bool]:
     cpu = torch.cpu
     probe = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported",
              "avx512_bf16": "_is_avx512_bf16_supported", "amx": "_is_amx_tile_supported"}
-    # private probes (stable since torch 2.1); a torch without one reports the feature absent
+    # private probes (torch >= 2.5); a torch without one reports the feature absent: on 2.4, which has
+    # none of them, every feature reads absent and precision=auto picks 32 on any CPU
     return {name: bool(getattr(cpu, fn, lambda: False)()) for name, fn in probe.items()}
 
 

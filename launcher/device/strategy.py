@@ -46,7 +46,10 @@ def wrap(model: nn.Module, strategy: Strategy, d: Dist, fsdp_wrap: Iterable[str]
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard  # FSDP runs only
+        try:  # FSDP runs only
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6 has FSDP2 under its private module only
+            from torch.distributed._composable.fsdp import fully_shard
 
         names = set(fsdp_wrap)
         units = [m for m in model.modules() if type(m).__name__ in names and m is not model]
@@ -90,8 +93,18 @@ def grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     else:
         grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        norm = _total_norm(grads) if grads else torch.zeros(())
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all grads together, as torch.nn.utils.get_total_norm gives it."""
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(grads)
+    # torch < 2.6 has no get_total_norm: the norm of the per-tensor norms, as it computes it. Bitwise
+    # the same where it takes one norm per tensor (CPU); on CUDA it uses a fused kernel (_foreach_norm),
+    # which may round the per-tensor norms differently
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def eager_if_odd(model: nn.Module, batch: int, full: int) -> ContextManager:

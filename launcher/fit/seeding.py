@@ -37,9 +37,11 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict[str, Any]:
     """This rank's RNG streams in weights_only-loadable types (tensors, lists, ints)."""
     np_state = np.random.get_state()
+    # numpy's key is uint32; held as int64 because torch.save cannot write a uint32 tensor before
+    # torch 2.6 ("dtype torch.uint32 is not recognized"); every uint32 value fits in int64 exactly
     state: dict[str, Any] = {
         "python": list(random.getstate()),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -51,7 +53,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, key, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, key.numpy(), pos, has_gauss, cached))
+    # int64 from rng_state, uint32 in checkpoints written before it (those load on torch >= 2.6 only)
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
