@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional
-import pytest
 
+import pytest
 
 from conftest import QUIET, cli_env, run_cli
 
