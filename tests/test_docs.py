@@ -181,8 +181,11 @@ def test_readme_examples_of_bad_input_print_what_readme_says(tmp_path: Path) -> 
     examples = [(ln.strip()[2:], lines[i + 1].strip()) for i, ln in enumerate(lines) if ln.startswith("    $ ")]
     assert len(examples) >= 3
     for command, said in examples:
-        p = subprocess.run(shlex.split(command, comments=True), cwd=tmp_path, env=cli_env(), capture_output=True,
-                           text=True, timeout=120, executable=sys.executable)
+        args = shlex.split(command, comments=True)
+        # this interpreter by its path: a bare `python` finds its venv (pyvenv.cfg) through PATH, which
+        # need not lead to it (tools/torch_floor.sh runs the tests from a venv that is not activated)
+        args = [sys.executable, *args[1:]] if args[0] == "python" else args
+        p = subprocess.run(args, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
         assert p.returncode == 2, f"{command}: exit {p.returncode}\n{p.stderr[-2000:]}"
         got = p.stderr.strip()
         assert got.startswith(said.removesuffix("...").rstrip()) if said.endswith("...") else got == said, \
