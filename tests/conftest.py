@@ -81,3 +81,31 @@ def wait_until(predicate, proc: subprocess.Popen, what: str, timeout: float = 12
         assert proc.poll() is None, f"the run ended before {what}: {proc.stderr.read()[-3000:] if proc.stderr else ''}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.002)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real 1 MiB tmpfs, mounted for the test (root only: skipped with the reason elsewhere)."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if out.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip() or out.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill_disk(mnt: Path, blocks_left: int = 0) -> Path:
+    """Take every block of the filesystem at `mnt` but `blocks_left` (4 KiB each); the filler file."""
+    filler = mnt / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:  # ENOSPC: every block taken
+            pass
+    if blocks_left:
+        os.truncate(filler, filler.stat().st_size - blocks_left * 4096)
+    return filler

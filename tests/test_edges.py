@@ -8,11 +8,10 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from conftest import QUIET, REPO, SUPPORT, run_cli
+from conftest import QUIET, REPO, SUPPORT, fill_disk, run_cli
 
 LINREG = ["recipe=linreg", *QUIET, "logger.csv.plots=false"]  # 280 samples, batch 20: 7 steps per epoch on 2 ranks
 
@@ -100,32 +99,6 @@ def test_join_timeout_must_be_positive(tmp_path: Path) -> None:
 
 # ---- B. a full disk, a read-only run dir, at any rank count ----------------------------------------
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB tmpfs, mounted for the test (root only: skipped with the reason elsewhere)."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if out.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip() or out.returncode}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def _fill(mnt: Path, blocks_left: int) -> None:
-    """Take every block of the filesystem but `blocks_left` (4 KiB each)."""
-    filler = mnt / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:  # ENOSPC: every block taken
-            pass
-    os.truncate(filler, filler.stat().st_size - blocks_left * 4096)
-
-
 def _leftovers(tmp: Path) -> list[str]:
     """What the ranks' error files (elastic's, torch.multiprocessing's) left in the temp dir."""
     return sorted(p.name for p in tmp.iterdir() if p.name.startswith(("launcher-elastic-", "pytorch-errorfile-")))
@@ -140,7 +113,7 @@ def test_a_full_disk_is_one_line_at_any_rank_count(tmp_path: Path, small_fs: Pat
                                                     blocks_left: int) -> None:
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    _fill(small_fs, blocks_left)
+    fill_disk(small_fs, blocks_left)
     run_dir = small_fs / "r"
     p = run_cli([*LINREG, "trainer.gpus=0", f"trainer.nproc={ranks}", "trainer.max_epochs=2", f"run.dir={run_dir}"],
                 cwd=tmp_path, TMPDIR=str(tmp))
@@ -163,7 +136,7 @@ def test_a_full_disk_that_also_holds_the_temp_dir_is_one_line_at_2_ranks(tmp_pat
     """TMPDIR on the disk the run fills (one disk for everything): the ranks' reports live there too."""
     tmp = small_fs / "tmp"
     tmp.mkdir()
-    _fill(small_fs, blocks_left)
+    fill_disk(small_fs, blocks_left)
     p = run_cli([*LINREG, "trainer.gpus=0", "trainer.nproc=2", "trainer.max_epochs=2", f"run.dir={small_fs / 'r'}"],
                 cwd=tmp_path, TMPDIR=str(tmp))
     assert p.returncode == 2, p.stderr[-3000:]

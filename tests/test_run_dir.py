@@ -18,7 +18,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from conftest import QUIET, cli_env, run_cli
+from conftest import QUIET, cli_env, fill_disk, run_cli
 from conftest import rows as _rows
 
 LINREG = ["recipe=linreg", *QUIET]  # 280 training samples, batch 20: 14 steps per epoch
@@ -218,38 +218,12 @@ def test_python_api_resume_with_another_model_shape_is_one_user_error(tmp_path: 
 
 # ---- the run dir's filesystem --------------------------------------------------------------------
 
-@pytest.fixture
-def small_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A real 1 MiB tmpfs, mounted for the test (root only: skipped with the reason elsewhere)."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if out.returncode:
-        reason = f"cannot mount a tmpfs here: {out.stderr.strip() or out.returncode}"
-        pytest.skip(reason)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def _fill(mnt: Path) -> Path:
-    filler = mnt / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:  # ENOSPC: every block taken
-            pass
-    return filler
-
-
 @pytest.mark.slow
 def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_resumes(tmp_path: Path, small_fs: Path) -> None:
     run_dir = small_fs / "r"
     base = [*LINREG, f"run.dir={run_dir}", "logger.csv.plots=false"]
     assert run_cli([*base, "trainer.max_epochs=2"], cwd=tmp_path).returncode == 0
-    filler = _fill(small_fs)
+    filler = fill_disk(small_fs)
     # 3 blocks left: the lock's record, the log and metrics.csv fit; a 19 KB state.pt does not
     os.truncate(filler, filler.stat().st_size - 3 * 4096)
     p = run_cli([*base, "trainer.max_epochs=4"], cwd=tmp_path)
