@@ -45,14 +45,16 @@ def _wait(what: str, done: "object", timeout: float = 60.0) -> None:
 
 
 def _lock_free(run_dir: Path) -> bool:
-    fd = os.open(run_dir / ".lock", os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)  # (the flock, if taken, goes with it)
+    """Neither the launcher's lock nor the ranks' (rundir/lock.py RANKS_FILE) is held by anyone."""
+    for name in (".lock", ".lock.ranks"):
+        fd = os.open(run_dir / name, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)  # (the flock, if taken, goes with it)
+    return True
 
 
 def _refusal(run_dir: Path, cwd: Path) -> str:
@@ -76,7 +78,8 @@ def test_a_refusal_names_the_processes_that_hold_the_lock_and_how_to_end_them(tm
         started = {pid: (_stat(pid) or [""] * 20)[19] for pid in (first.pid, *ranks)}
         a, b = ranks
 
-        # Ctrl-Z: the launcher stopped, its ranks (own sessions) train on; every one holds the lock
+        # Ctrl-Z: the launcher stopped, its ranks (own sessions) train on; the launcher holds the lock, the ranks
+        # theirs (.lock.ranks)
         os.kill(first.pid, signal.SIGSTOP)
         _wait("the launcher to stop", lambda: (_stat(first.pid) or ["?"])[0] == "T")
         line = _refusal(run_dir, tmp_path)
@@ -86,7 +89,7 @@ def test_a_refusal_names_the_processes_that_hold_the_lock_and_how_to_end_them(tm
         assert f"(kill -CONT {first.pid} continues it; kill -KILL {' '.join(str(p) for p, _ in held)} ends it)" \
             in line, line
 
-        # the ranks frozen, the launcher killed: the ranks keep the lock, and the record a dead pid
+        # the ranks frozen, the launcher killed: the ranks keep theirs, and the record names a dead pid
         for pid in ranks:
             os.kill(pid, signal.SIGSTOP)
         first.kill()

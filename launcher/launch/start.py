@@ -80,7 +80,7 @@ def _start_local(cfg: Any, failures: list[int], ray_session: Optional["Session"]
         if ray_session is not None:
             ray_session.check(cfg)  # the cluster can hold the ranks: before the run dir is touched
         if one_node:  # claimed here, for the ranks this process starts (they inherit LOCK_ENV)
-            run = RunDir.claim(path, cfg.run.id, C.to_dict(cfg))  # in use: one line, and nothing touched
+            run = RunDir.claim(path, cfg.run.id, C.to_dict(cfg), before_ranks=ray_session is None)  # in use: one line
             os.environ[LOCK_ENV] = str(path)
         failed = len(failures)
         if ray_session is None:

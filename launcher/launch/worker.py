@@ -32,6 +32,7 @@ from ..device.hardware import cpu_threads
 from ..fit.seeding import make_deterministic, seed_everything
 from ..trainer import Trainer
 from ..observe.loggers import setup_logging
+from ..rundir.lock import hold_as_rank
 from ..device.xla import init as xla_init
 
 log = logging.getLogger("launcher")
@@ -87,6 +88,8 @@ def run(cfg: C.Config) -> None:
 
 def _join(cfg: C.Config, watch: Optional["JoinWatch"]) -> dist.Dist:
     """This rank's device and its process group."""
+    if cfg.launcher.name == "local":  # held for this process's life: a new start sees a rank outlive its
+        hold_as_rank(Path(cfg.run.dir))  # launcher (rundir/lock.py RANKS_FILE: the lock follows the living)
     make_deterministic(cfg.trainer.deterministic)  # before any CUDA work in this process
     if cfg.trainer.accelerator == "xla":
         return xla_init(cfg.trainer.dist_timeout_s)[0]

@@ -35,6 +35,11 @@ from ..config.faults import io_error, run_dir_error
 log = logging.getLogger("launcher")
 LOCK_FILE = ".lock"
 LOCK_ENV = "LAUNCHER_RUN_LOCK"  # set by the process holding the lock for the ranks it starts: run dir
+# Every rank holds a shared flock on this file for its life (hold_as_rank). CPU ranks start from a fork
+# server and GPU ranks as fresh interpreters: neither shares the launcher's descriptor of .lock, so a
+# rank that outlives its launcher (frozen, or waiting in a collective) would hold nothing a new start
+# sees. The launcher checks it before it starts ranks: the lock follows the living.
+RANKS_FILE = ".lock.ranks"
 
 
 def job_id() -> str:
@@ -91,7 +96,9 @@ class RunLock:
         self.path, self.fd = path, fd
 
     @classmethod
-    def acquire(cls, run_dir: Path) -> "RunLock":
+    def acquire(cls, run_dir: Path, before_ranks: bool = False) -> "RunLock":
+        """before_ranks: the caller starts this run's ranks after it (the launcher): ranks of an
+        earlier run still alive in run_dir (their shared lock, RANKS_FILE) refuse it too."""
         path = run_dir / LOCK_FILE
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,11 +114,15 @@ class RunLock:
         except BlockingIOError:
             owner = _read(fd, wait_s=1.0)  # a start that won by a hair may not have written it yet
             os.close(fd)
-            raise _busy(run_dir, owner, held_by=holders(path)) from None
+            raise _busy(run_dir, owner, held_by=_merged(holders(path), holders(run_dir / RANKS_FILE))) from None
         except OSError as e:  # no flock on this filesystem (Lustre without -o flock, NFS without lockd)
             log.warning("run dir %s: its filesystem has no flock (%s): only the owner record guards it",
                         run_dir, os.strerror(e.errno or 0))
         owner = _read(fd)
+        ranks = _living_ranks(run_dir) if before_ranks else None
+        if ranks is not None:  # its launcher is gone, its ranks are not (named where /proc shows them)
+            os.close(fd)
+            raise _busy(run_dir, owner, held_by=ranks or None)
         if _still_owned(owner):
             os.close(fd)
             raise _busy(run_dir, owner, hint=f" (if it is not running any more, remove {path})")
@@ -216,7 +227,7 @@ def holders(path: Path) -> list[tuple[int, str]]:
             link = f"/proc/{pid}/fd/{fd}"
             try:
                 # the name first: a stat of every descriptor could hang on a dead network mount
-                if not os.readlink(link).endswith(f"/{LOCK_FILE}"):
+                if not os.readlink(link).endswith(f"/{path.name}"):
                     continue
                 st = os.stat(link)
                 if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
@@ -231,6 +242,44 @@ def holders(path: Path) -> list[tuple[int, str]]:
             found.append((pid, "stopped" if state in ("T", "t") else "running"))
             break
     return found
+
+
+def hold_as_rank(run_dir: Path) -> Optional[int]:
+    """This rank's shared flock on RUN_DIR/RANKS_FILE, kept (the descriptor left open) until the process
+    ends, however it ends; None where it cannot be taken (a read-only run dir: nothing to guard)."""
+    try:
+        fd = os.open(run_dir / RANKS_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # blocks only while a launcher checks it (an instant)
+    except OSError:  # no flock on this filesystem: the record alone guards it
+        os.close(fd)
+        return None
+    return fd
+
+
+def _living_ranks(run_dir: Path) -> Optional[list[tuple[int, str]]]:
+    """The processes holding RANKS_FILE (an earlier run's ranks; [] where /proc cannot name them),
+    or None when none does."""
+    path = run_dir / RANKS_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return holders(path)
+    except OSError:  # no flock here: the record alone guards the run dir
+        return None
+    finally:
+        os.close(fd)  # (the exclusive lock, if taken, goes with it: this run's ranks take theirs next)
+    return None
+
+
+def _merged(*groups: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    return sorted({pid: state for group in groups for pid, state in group}.items())
 
 
 def held_by_parent(run_dir: Path) -> bool:

@@ -32,12 +32,14 @@ class RunDir:
     unwritable: Optional[OSError] = None  # why nothing can be written there (a finished run on a read-only fs)
 
     @classmethod
-    def claim(cls, path: Path, requested_id: str, config: Optional[dict[str, Any]]) -> "RunDir":
+    def claim(cls, path: Path, requested_id: str, config: Optional[dict[str, Any]],
+              before_ranks: bool = False) -> "RunDir":
         """Lock (unless the process that started this one holds the lock), mint or keep the id,
         write run.json and config.yaml (drift checked first). A refusal by the lock touches nothing;
-        a new run dir that fails here is removed again."""
+        a new run dir that fails here is removed again. before_ranks: this process starts the run's ranks
+        after it (the local launcher): an earlier run's ranks still alive there refuse it too."""
         fresh = is_new(path)
-        lock = None if held_by_parent(path) else RunLock.acquire(path)
+        lock = None if held_by_parent(path) else RunLock.acquire(path, before_ranks=before_ranks)
         try:
             run_id = prepare(path, requested_id, config)
         except BaseException:
