@@ -260,6 +260,7 @@ def test_gpt2_preset_trains_a_step_on_cpu_at_reduced_size(tmp_path):
     assert history[-1]["step"] == 1 and math.isfinite(history[-1]["val_loss"])
 
 
+@pytest.mark.slow
 def test_short_training_beats_uniform_by_far():
     """150 AdamW steps of the recipe's model (batch 32, one thread) on the train split take the
     held-out loss below 0.6 * ln(V); measured 1.6-1.8 nats (0.41-0.46 ln V) in 4-6 s."""

@@ -145,6 +145,7 @@ def test_a_full_disk_that_also_holds_the_temp_dir_is_one_line_at_2_ranks(tmp_pat
     assert _leftovers(tmp) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_a_read_only_run_dir_at_any_rank_count(tmp_path: Path, small_fs: Path, ranks: int) -> None:
     """Finished: `run complete`, exit 0, nothing written (at 2 ranks elastic used to create its log
