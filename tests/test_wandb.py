@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -53,14 +54,32 @@ def test_wandb_offline_run_files_hold_config_and_metrics_and_resume_continues_th
     assert [h["epoch"] for h in second["history"] if "val_acc" in h] == [3]
 
 
-@pytest.mark.parametrize("key, cause", [
-    ("abc123fake", "AuthenticationError: WANDB_API_KEY invalid"),  # a malformed key: refused at once
-    ("a" * 40, "CommError"),  # a key of the right shape and no server: bounded by the init timeout
+@pytest.fixture
+def shared_wandb_service(monkeypatch: pytest.MonkeyPatch):
+    """A wandb service started by this (parent) process, as a notebook or an earlier in-process run leaves
+    one: WANDB_SERVICE in the environment, inherited by the ranks, which then share it."""
+    import wandb
+
+    wandb.setup()
+    assert os.environ.get("WANDB_SERVICE"), "wandb.setup() no longer exports its service: the case is gone"
+    yield os.environ["WANDB_SERVICE"]
+    wandb.teardown()
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+
+
+@pytest.mark.parametrize("key, cause, shared", [
+    ("abc123fake", "AuthenticationError: WANDB_API_KEY invalid", False),  # a malformed key: refused at once
+    # a key of the right shape and no server: bounded by the init timeout. Under a service shared with
+    # the parent the failed start's stream outlives the rank's teardown and holds the run id (CI, once)
+    ("a" * 40, "CommError", True),
 ])
 @pytest.mark.slow
-def test_wandb_online_start_that_fails_falls_back_to_offline_in_one_line(tmp_path: Path, key: str, cause: str) -> None:
+def test_wandb_online_start_that_fails_falls_back_to_offline_in_one_line(tmp_path: Path, key: str, cause: str,
+                                                                         shared: bool, request) -> None:
     import time
 
+    if shared:
+        request.getfixturevalue("shared_wandb_service")
     run_dir = tmp_path / "w"
     started = time.monotonic()
     # the server is a closed port on loopback: nothing leaves this machine

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import netrc
 import os
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -86,18 +85,15 @@ def _start(run_dir: Path, name: str, run_id: str, config: Optional[dict], opts: 
                     "(`wandb sync` uploads it later)", one_line(e), run_dir)
         os.environ["WANDB_MODE"] = "offline"
         mode = "offline"
-        for attempt in range(3):
-            # the failed start holds the run id in wandb's service: a fresh one. After a start that
-            # timed out, the old service may still hold it for a moment ("run ID ... is in use",
-            # seen in CI with wandb 0.31): a second or two later it is free
-            wandb.teardown()
-            try:
-                run = init(mode)
-                break
-            except Exception as e2:  # noqa: BLE001 - e.g. run.dir/wandb not writable
-                if attempt < 2 and "is in use" in str(e2):
-                    time.sleep(1.0 + attempt)
-                    continue
-                raise UserError(f"logger=wandb (offline after the online start failed): {one_line(e2)}") from e2
+        # The failed start's stream still holds the run id in the wandb service it went to. A
+        # service this process started is stopped by teardown; a shared one (WANDB_SERVICE, set by
+        # a wandb run earlier in the parent, e.g. a notebook or a test session) lives on and would
+        # refuse the id ("run ID ... is in use"): the offline run starts a service of its own.
+        wandb.teardown()
+        os.environ.pop("WANDB_SERVICE", None)
+        try:
+            run = init(mode)
+        except Exception as e2:  # noqa: BLE001 - e.g. run.dir/wandb not writable
+            raise UserError(f"logger=wandb (offline after the online start failed): {one_line(e2)}") from e2
     log.info("W&B run %s (%s) in %s", run.id, mode, run.dir)
     return run
