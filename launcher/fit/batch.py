@@ -18,7 +18,7 @@ def map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     """`fn` applied to every tensor of a nest of dicts, tuples (named too), lists and dataclasses."""
     if isinstance(batch, torch.Tensor):
         return fn(batch)
-    if isinstance(batch, Mapping):  # dict, OrderedDict, a UserDict such as transformers' BatchEncoding
+    if isinstance(batch, (dict, Mapping)):  # dict, OrderedDict, a UserDict such as transformers' BatchEncoding
         return {k: map_tensors(v, fn) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple: rebuilt by field
         return type(batch)(*(map_tensors(v, fn) for v in batch))
@@ -34,10 +34,10 @@ def first_tensor(batch: Any) -> Optional[torch.Tensor]:
     """The first tensor of a nest, depth first (dicts in key order): what measures its batch size."""
     if isinstance(batch, torch.Tensor):
         return batch
-    if isinstance(batch, Mapping):
-        items: Any = batch.values()
-    elif isinstance(batch, (list, tuple)):
-        items = batch
+    if isinstance(batch, (list, tuple)):  # (before the Mapping check: an ABC's isinstance costs ~0.5 us a step)
+        items: Any = batch
+    elif isinstance(batch, (dict, Mapping)):
+        items = batch.values()
     elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         items = (getattr(batch, f.name) for f in dataclasses.fields(batch))
     else:
