@@ -16,7 +16,7 @@ from typing import Any
 # Set before torch's first BLAS call; a user's own MKL_DYNAMIC wins.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
-__all__ = ["Trainer", "History", "Config", "seed_everything"]
+__all__ = ["Trainer", "History", "Config", "seed_everything", "StepOutput", "Supervised", "DictBatch", "ModelLoss"]
 __version__ = "0.1.0"
 
 
@@ -29,6 +29,10 @@ def __getattr__(name: str) -> Any:  # lazy: `python -m launcher --help` must not
         from .fit.seeding import seed_everything
 
         return seed_everything
+    if name in ("StepOutput", "Supervised", "DictBatch", "ModelLoss"):  # the step contract (docs/your-model.md)
+        from .fit import steps
+
+        return getattr(steps, name)
     if name == "Config":
         from .config import Config
 

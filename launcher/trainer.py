@@ -87,8 +87,8 @@ class Trainer:
             self.dist = world_for(self.cfg.trainer)
         return self.dist
 
-    def _setup(self, model: nn.Module, loss_fn: Callable, optimizer: Any, train_data: Any, val_data: Any,
-               metrics: dict[str, Any], scheduler: Any, batch_size: Optional[int]) -> None:
+    def _setup(self, model: nn.Module, loss_fn: Optional[Callable], optimizer: Any, train_data: Any, val_data: Any,
+               metrics: dict[str, Any], scheduler: Any, batch_size: Optional[int], step: Any) -> None:
         t, cfg = self.cfg.trainer, self.cfg
         d = self._dist()
         self.progress, self.preempted = TrainProgress(), False  # a second fit() starts over (or resumes)
@@ -100,7 +100,7 @@ class Trainer:
                  d.local_rank, os.environ.get("SLURMD_NODENAME") or socket.gethostname(), d.device, os.getpid(),
                  extra={"file_only": True})
         self.parts = fp = parts.build(t, d, model, loss_fn, optimizer, train_data, val_data, metrics, scheduler,
-                                      batch_size)
+                                      batch_size, step)
         self.model = fp.model
         self.validation = Validation(t, fp, d.device)
         self.stopper = self.validation.stopper
@@ -133,13 +133,16 @@ class Trainer:
         self._epoch: Optional[Iterator[Any]] = None  # the batches left in the epoch in progress
 
     # ---- fit: set-up, one loop, teardown -------------------------------------------------------------
-    def fit(self, model: nn.Module, loss_fn: Callable, optimizer: Any, train_data: Any, val_data: Any = None,
-            metrics: Optional[dict[str, Any]] = None, scheduler: Any = None,
-            batch_size: Optional[int] = None) -> History:
-        """Train; returns the history (also self.history). Resumes per `resume` (default: auto)."""
+    def fit(self, model: nn.Module, loss_fn: Optional[Callable] = None, optimizer: Any = None, train_data: Any = None,
+            val_data: Any = None, metrics: Optional[dict[str, Any]] = None, scheduler: Any = None,
+            batch_size: Optional[int] = None, step: Any = None) -> History:
+        """Train; returns the history (also self.history). Resumes per `resume` (default: auto). `step`:
+        what one micro-batch makes (launcher.StepOutput; "supervised" by default, "dict_batch",
+        "model_loss" or a callable step(model, batch)); loss_fn only where the step uses one."""
         self.run = None
         try:
-            self._setup(model, loss_fn, optimizer, train_data, val_data, dict(metrics or {}), scheduler, batch_size)
+            self._setup(model, loss_fn, optimizer, train_data, val_data, dict(metrics or {}), scheduler, batch_size,
+                        step)
             with D.RollCall().naming_late_ranks(lambda: self.progress.step, self.cfg.trainer.dist_timeout_s):
                 while self.should_continue():
                     if self._epoch is None:
@@ -322,27 +325,22 @@ class Trainer:
 
     def evaluate(self, data: Any, model: Optional[nn.Module] = None, loss_fn: Optional[Callable] = None,
                  metrics: Optional[dict[str, Any]] = None, batch_size: Optional[int] = None,
-                 prefix: str = "test") -> dict[str, float]:
-        """<prefix>_loss, <prefix>_<metric> (test_* unless named; fit's are val_*): each sample once, all ranks."""
+                 prefix: str = "test", step: Any = None) -> dict[str, float]:
+        """<prefix>_loss, <prefix>_<metric> (test_* unless named; fit's are val_*): each sample once, all ranks.
+        What is not given is the fit's (its model, step, loss and metrics)."""
         d = self._dist()
-        if (model is None or loss_fn is None) and self.parts is None:
-            raise ValueError("evaluate() before fit() needs model= and loss_fn=")
-        model = (model or self.model).to(d.device)  # type: ignore[union-attr]
-        loss_fn = loss_fn or self.parts.loss_fn  # type: ignore[union-attr]
+        o = outside_fit(self.cfg.trainer, d, self.parts, data, batch_size, model, loss_fn, step, "evaluate")
         metrics = (self.parts.metrics if self.parts is not None else {}) if metrics is None else metrics
         acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
-        batches, prec, lockstep = outside_fit(self.cfg.trainer, d, self.parts, data, batch_size)
-        return evaluate(model, loss_fn, batches, acc, d.device, prec, lockstep, prefix)
+        return evaluate(o.model, o.step, o.batches, acc, d.device, o.prec, o.lockstep, prefix)
 
-    def predict(self, data: Any, model: Optional[nn.Module] = None,
-                batch_size: Optional[int] = None) -> Optional[torch.Tensor]:
-        """Model outputs for every sample, in dataset order, on rank 0 (None on other ranks)."""
+    def predict(self, data: Any, model: Optional[nn.Module] = None, batch_size: Optional[int] = None,
+                step: Any = None) -> Optional[torch.Tensor]:
+        """The step's outputs (the model's, by default) for every sample, in dataset order, on rank 0
+        (None on other ranks)."""
         d = self._dist()
-        if model is None and self.model is None:
-            raise ValueError("predict() before fit() needs model=")
-        model = (model or self.model).to(d.device)  # type: ignore[union-attr]
-        batches, prec, lockstep = outside_fit(self.cfg.trainer, d, self.parts, data, batch_size)
-        return predict(model, batches, d, prec, lockstep)
+        o = outside_fit(self.cfg.trainer, d, self.parts, data, batch_size, model, None, step, "predict")
+        return predict(o.model, o.step, o.batches, d, o.prec, o.lockstep)
 
     def load_best(self) -> nn.Module:
         """Load the best checkpoint's weights into the model and return it."""

@@ -269,14 +269,14 @@ def test_channels_last_is_reported_and_applied_only_for_4d_inputs(tmp_path: Path
     tr.fit(circles.Net(), nn.BCEWithLogitsLoss(), lambda p: torch.optim.SGD(p, lr=0.1), train)
     said = "auto" if setting == "auto" else "set, but not applied"
     assert f"channels_last off ({said}: the model's inputs are 2-D, not 4-D images)" in capsys.readouterr().err
-    assert tr.parts is not None and not tr.parts.stepper.channels_last, "an MLP's inputs are left as they are"
+    assert tr.parts is not None and not tr.parts.channels_last, "an MLP's inputs are left as they are"
     g = torch.Generator().manual_seed(0)
     images = TensorDataset(torch.randn(32, 1, 6, 6, generator=g), torch.rand(32, 1, generator=g))
     conv = Trainer(max_epochs=1, batch_size=16, channels_last=setting, run_dir=tmp_path / "conv", progress=False,
                    logger="none", gpus=0)
     conv.fit(_Conv(), nn.MSELoss(), lambda p: torch.optim.SGD(p, lr=0.1), images)
     assert "channels_last on (" in capsys.readouterr().err
-    assert conv.parts is not None and conv.parts.stepper.channels_last
+    assert conv.parts is not None and conv.parts.channels_last
 
 
 def test_a_run_says_what_ended_it_and_where_its_results_are(tmp_path: Path, capsys) -> None:

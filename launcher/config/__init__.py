@@ -109,7 +109,10 @@ class Config:
     # The recipe: _target_ nodes that the worker instantiates (see conf/recipe/*.yaml).
     model: Any = None  # the nn.Module
     data: Any = None  # a callable returning (train_dataset, val_dataset)
-    loss: Any = None  # the loss module, called as loss(outputs, targets)
+    loss: Any = None  # the loss module, called as loss(outputs, targets); not needed by a step computing its own
+    # the step: supervised (default: (inputs, targets) batches), dict_batch, model_loss, or a _target_ node
+    # building a callable step(model, batch) (docs/your-model.md)
+    step: Any = None
     metrics: Any = None  # name -> torchmetrics.Metric; logged as train_<name> and val_<name>
     optimizer: Any = None  # a partial (_partial_: true) taking the model's parameters
     scheduler: Any = None  # optional partial taking the optimizer
@@ -122,7 +125,7 @@ def section_schemas(launcher: str) -> dict[str, type]:
             "launcher": LAUNCHER_SCHEMAS.get(launcher, LocalLauncherConfig)}
 
 
-RECIPE_KEYS = ("model", "data", "loss", "metrics", "optimizer", "scheduler")
+RECIPE_KEYS = ("model", "data", "loss", "step", "metrics", "optimizer", "scheduler")
 
 
 def register() -> None:

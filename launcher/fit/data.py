@@ -277,23 +277,3 @@ class Batches:
             else:
                 sel = order[lo: lo + self.batch_size]
                 yield tuple(t.index_select(0, sel) for t in self.tensors)  # type: ignore[union-attr]
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move a batch (tensor, or nested tuple/list/dict of tensors) to the device."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True) if batch.device != device else batch
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-def batch_size_of(batch: Any) -> int:
-    """Samples in a batch: the length of its first tensor."""
-    while isinstance(batch, (list, tuple)):
-        batch = batch[0]
-    if isinstance(batch, dict):
-        return batch_size_of(next(iter(batch.values())))
-    return len(batch)

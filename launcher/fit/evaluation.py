@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
-from .batch import inputs_and_targets
-from .data import Batches, batch_size_of, to_device
+from .batch import batch_size_of, to_device
+from .data import Batches
 from ..device.dist import Dist, all_gather_object
 from .metrics import Accumulator
-from ..config import TrainerConfig
+from ..config import TrainerConfig, UserError
 from ..device.hardware import resolve_precision
 from ..device.precision import Precision
 from ..device.strategy import eager_if_odd
 from ..device.modes import inference
+from .steps import Step, StepOutput, preparer, resolve
 
 
-def forward_all(model: nn.Module, batches: Batches, device: torch.device, prec: Precision,
-                lockstep: bool) -> Iterator[tuple[Any, Any, bool]]:
-    """(batch on device, outputs, real) over this rank's evaluation shard, without gradients.
+def forward_all(model: nn.Module, step: Step, batches: Batches, device: torch.device, prec: Precision,
+                lockstep: bool) -> Iterator[tuple[StepOutput, int]]:
+    """(the step's output, samples) for each batch of this rank's evaluation shard, without gradients.
 
     Under FSDP every forward is a collective (parameters are gathered), so ranks with fewer eval
-    batches repeat one and discard it (real=False) until the rank with the most is done.
+    batches repeat one and discard it until the rank with the most is done.
     """
     own = len(batches)
     most = math.ceil(math.ceil(batches.n / batches.dist.world_size) / batches.batch_size) if lockstep else own
@@ -33,39 +35,43 @@ def forward_all(model: nn.Module, batches: Batches, device: torch.device, prec: 
         for batch in batches.epoch(0):
             batch = to_device(batch, device)
             first = batch if first is None else first
-            yield batch, _forward(model, batch, prec, batches.batch_size), True
+            yield _forward(model, step, batch, prec, batches.batch_size)
         for _ in range(most - own):
             first = first if first is not None else to_device(batches.head(), device)
-            _forward(model, first, prec, batches.batch_size)
+            _forward(model, step, first, prec, batches.batch_size)
 
 
-def _forward(model: nn.Module, batch: Any, prec: Precision, full: int) -> Any:
+def _forward(model: nn.Module, step: Step, batch: Any, prec: Precision, full: int) -> tuple[StepOutput, int]:
     """A compiled model compiles once more for inference (grad mode is part of its guards) and runs
     the last, shorter batch eagerly (strategy.eager_if_odd)."""
-    x = inputs_and_targets(batch)[0]
-    n = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else full
+    n = batch_size_of(batch)
     with prec.autocast(), eager_if_odd(model, n, full):
-        return model(prec.prepare_input(x))
+        return step(model, batch), n
 
 
-def evaluate(model: nn.Module, loss_fn: Callable, batches: Batches, acc: Accumulator, device: torch.device,
+def evaluate(model: nn.Module, step: Step, batches: Batches, acc: Accumulator, device: torch.device,
              prec: Precision, lockstep: bool = False, prefix: str = "val") -> dict[str, float]:
     """<prefix>_loss and <prefix>_<metric> over every rank's shard (a collective: every rank calls it).
     fit's own validation is val_*; Trainer.evaluate names what it evaluated (test_* by default)."""
     # The bare module, not DDP: ranks hold different numbers of eval batches, and DDP's forward
     # would start a collective (buffer broadcast) per batch and hang the ranks that ran out.
     acc.reset()
-    for batch, out, _real in forward_all(model, batches, device, prec, lockstep):
-        y = inputs_and_targets(batch)[1]
-        with prec.autocast():
-            loss = loss_fn(out, y)
-        acc.update(loss.float(), batch_size_of(y), out, y)
+    for out, n in forward_all(model, step, batches, device, prec, lockstep):
+        if out.loss is None:
+            raise UserError(f"step ({step.name}) returned no loss for an evaluation batch; valid: data with targets")
+        acc.add(out, n)
     return acc.compute(prefix)
 
 
-def predict(model: nn.Module, batches: Batches, d: Dist, prec: Precision, lockstep: bool) -> Optional[torch.Tensor]:
-    """Outputs for every sample, in dataset order, on rank 0 (None on other ranks)."""
-    outs = [out.float().cpu() for _, out, _ in forward_all(model, batches, d.device, prec, lockstep)]
+def predict(model: nn.Module, step: Step, batches: Batches, d: Dist, prec: Precision,
+            lockstep: bool) -> Optional[torch.Tensor]:
+    """The step's outputs for every sample, in dataset order, on rank 0 (None on other ranks)."""
+    outs = []
+    for out, _ in forward_all(model, step, batches, d.device, prec, lockstep):
+        if not isinstance(out.outputs, torch.Tensor):
+            raise UserError(f"step ({step.name}) gave {type(out.outputs).__name__} outputs; valid for predict(): "
+                            "a tensor whose first dimension is the batch (StepOutput(loss, outputs=...))")
+        outs.append(out.outputs.float().cpu())
     shards = all_gather_object(torch.cat(outs) if outs else None)
     if not d.is_main:
         return None
@@ -78,13 +84,37 @@ def predict(model: nn.Module, batches: Batches, d: Dist, prec: Precision, lockst
     return out
 
 
-def outside_fit(t: TrainerConfig, d: Dist, fp: Any, data: Any,
-                batch_size: Optional[int]) -> tuple[Optional[Batches], Precision, bool]:
-    """For evaluate() / predict() called on a Trainer: `data`'s batches (None for no data), the fit's
-    precision (fp: fit.parts.FitParts, None before any fit), and lockstep forwards when the model is
-    FSDP-sharded."""
-    batches = None if data is None else Batches(data, d, train=False,
-                                                batch_size=batch_size or t.eval_batch_size or t.batch_size)
+@dataclass
+class Outside:
+    """What Trainer.evaluate / predict run with: the model on the device, its step, the data's batches,
+    the fit's precision (or the configured one before any fit), lockstep forwards under FSDP."""
+    model: nn.Module
+    step: Step
+    batches: Batches
+    prec: Precision
+    lockstep: bool
+
+
+def outside_fit(t: TrainerConfig, d: Dist, fp: Any, data: Any, batch_size: Optional[int], model: Optional[nn.Module],
+                loss_fn: Optional[Callable], step: Any, what: str) -> Outside:
+    """evaluate() / predict() called on a Trainer, after a fit (fp: fit.parts.FitParts) or before one:
+    what was not given comes from the fit."""
+    if model is None and fp is None:
+        raise UserError(f"{what}() before fit() needs model=")
+    model = (model or fp.model).to(d.device)
+    batches = Batches(data, d, train=False, batch_size=batch_size or t.eval_batch_size or t.batch_size)
     if fp is not None:
-        return batches, fp.prec, fp.sharded
-    return batches, Precision(resolve_precision(t.precision, d.device)[0], d.device), False
+        prec, lockstep = fp.prec, fp.sharded
+    else:
+        prec, lockstep = Precision(resolve_precision(t.precision, d.device)[0], d.device), False
+    if step is None and loss_fn is None and fp is not None:
+        step = fp.step  # the fit's own, bound to its loss
+    else:
+        # a loss is needed only for a loss: predict() runs a step that needs one without it
+        loss_fn = loss_fn or (fp.loss_fn if fp is not None else None) or (_no_loss if what == "predict" else None)
+        step = resolve(step or (fp.step if fp is not None else None), loss_fn, preparer(prec.prepare_input, False))
+    return Outside(model, step, batches, prec, lockstep)
+
+
+def _no_loss(outputs: Any, targets: Any) -> None:
+    return None

@@ -21,19 +21,32 @@ class Accumulator:
 
     def reset(self) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.count = 0
+        self.count = 0  # samples behind the mean losses (a host int: no device op per step)
+        self.summed: Optional[torch.Tensor] = None  # the counts behind loss sums (StepOutput.count), on the device
         for m in self.metrics.values():
             m.reset()
 
-    def update(self, loss: torch.Tensor, n: int, outputs: torch.Tensor, targets: Any) -> None:
-        self.loss_sum.add_(loss.detach(), alpha=n)  # stays on the device: no host sync per step
-        self.count += n
-        for m in self.metrics.values():
-            m.update(outputs, targets)
+    def add(self, out: Any, n: int) -> None:
+        """One micro-batch's step output (fit.steps.StepOutput) over `n` samples."""
+        if out.count is None:
+            self.loss_sum.add_(out.loss.detach(), alpha=n)  # stays on the device: no host sync per step
+            self.count += n
+        else:  # a loss sum over `count` units (tokens): the mean is over the units
+            self.loss_sum.add_(out.loss.detach())
+            count = torch.as_tensor(out.count, dtype=torch.float64, device=self.device)
+            self.summed = count if self.summed is None else self.summed + count
+        if self.metrics:
+            outputs = out.outputs.detach() if isinstance(out.outputs, torch.Tensor) else out.outputs
+            for m in self.metrics.values():
+                m.update(outputs, out.targets)
+
+    def _count(self) -> torch.Tensor:
+        return self.summed + self.count if self.summed is not None else \
+            torch.tensor(float(self.count), dtype=torch.float64, device=self.device)
 
     def running_loss(self) -> float:
         """This rank's mean loss so far (one host sync: for the per-step logs)."""
-        return (self.loss_sum / max(self.count, 1)).item()
+        return (self.loss_sum / self._count().clamp(min=1)).item()
 
     def running_loss_lagged(self) -> Optional[float]:
         """This rank's mean loss without waiting for the device (the progress bar's): on a GPU, the
@@ -46,7 +59,7 @@ class Accumulator:
             self._copy = None
         if self._copy is None:
             host = torch.empty((), dtype=torch.float64, pin_memory=True)
-            host.copy_(self.loss_sum / max(self.count, 1), non_blocking=True)
+            host.copy_(self.loss_sum / self._count().clamp(min=1), non_blocking=True)
             done = torch.cuda.Event()
             done.record()
             self._copy = (host, done)
@@ -54,8 +67,7 @@ class Accumulator:
 
     def compute(self, prefix: str) -> dict[str, float]:
         """Mean loss and metrics over every rank's samples (collective: all ranks must call)."""
-        totals = torch.stack([self.loss_sum.double(), torch.tensor(float(self.count), dtype=torch.float64,
-                                                                   device=self.device)])
+        totals = torch.stack([self.loss_sum.double(), self._count()])
         dist.all_reduce_sum(totals)
         out = {f"{prefix}_loss": (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")}
         for name, m in self.metrics.items():
@@ -68,11 +80,14 @@ class Accumulator:
         for name, m in self.metrics.items():
             states = {k: ([t.cpu() for t in v] if isinstance(v, list) else v.cpu()) for k, v in m.metric_state.items()}
             metrics[name] = {"states": states, "update_count": m._update_count}
-        return {"loss_sum": self.loss_sum.cpu(), "count": self.count, "metrics": metrics}
+        return {"loss_sum": self.loss_sum.cpu(), "count": self.count, "metrics": metrics,
+                "summed": None if self.summed is None else self.summed.cpu()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.loss_sum = sd["loss_sum"].to(self.device)
         self.count = sd["count"]
+        summed = sd.get("summed")  # (absent from checkpoints written before loss-sum steps)
+        self.summed = None if summed is None else summed.to(self.device)
         for name, m in self.metrics.items():
             saved = sd["metrics"][name]
             for k, v in saved["states"].items():

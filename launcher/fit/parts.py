@@ -17,16 +17,16 @@ from torch import nn
 from ..device import strategy as S
 from ..config import Strategy, TrainerConfig, UserError, one_line
 from . import preflight
-from .batch import inputs_and_targets
+from .batch import first_tensor, map_tensors, to_device
 from .data import Batches
-from .data import to_device
 from ..device.dist import Dist, broadcast_object
 from ..device.hardware import channels_last_fits, resolve_channels_last, resolve_precision
 from .metrics import Accumulator
 from ..device.precision import Precision
 from ..observe.progress import Speed
 from .step import Stepper
-from ..observe.summary import runs_channels_last, summarize
+from .steps import Step, Supervised, preparer, resolve
+from ..observe.summary import runs_channels_last, summarize_forward
 from ..device.xla import XLA
 
 log = logging.getLogger("launcher")
@@ -37,7 +37,8 @@ class FitParts:
     model: nn.Module  # the bare module (never the DDP wrapper): checkpoints, evaluation, model.pt
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    loss_fn: Callable
+    loss_fn: Optional[Callable]
+    step: Step  # what one micro-batch makes (fit/steps.py), bound to loss_fn and the input preparation
     metrics: dict[str, Any]  # the user's metric objects; each accumulator holds its own copies
     train: Batches
     val: Optional[Batches]
@@ -49,6 +50,7 @@ class FitParts:
     stepper: Stepper
     speed: Speed
     chosen: str  # what precision=auto / channels_last=auto became on this device, and why (for the log)
+    channels_last: bool  # the step's 4-D floating inputs (and the model) in channels_last
 
     @property
     def sharded(self) -> bool:
@@ -88,10 +90,14 @@ def _fused(make: Any, params: list[nn.Parameter], device: torch.device) -> Optio
         return None
 
 
-def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Callable, optimizer: Any, train_data: Any,
-          val_data: Any, metrics: dict[str, Any], scheduler: Any, batch_size: Optional[int]) -> FitParts:
+def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Optional[Callable], optimizer: Any, train_data: Any,
+          val_data: Any, metrics: dict[str, Any], scheduler: Any, batch_size: Optional[int], step: Any) -> FitParts:
     if not isinstance(model, nn.Module):
         raise UserError(f"model: {type(model).__name__} is not a torch.nn.Module; valid: a _target_ that builds one")
+    for key, value, valid in (("optimizer", optimizer, "a torch.optim.Optimizer or a callable taking the parameters"),
+                              ("train_data", train_data, "a Dataset or a DataLoader")):
+        if value is None:
+            raise UserError(f"fit(): {key} is missing; valid: {valid}")
     bs = batch_size or t.batch_size
     train = Batches(train_data, d, train=True, batch_size=bs, seed=t.seed, num_workers=t.num_workers,
                     pin_memory=d.device.type == "cuda")
@@ -106,21 +112,23 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Callable, optimi
     if strategy == "none" and d.distributed and xla is None:  # a torchrun world no parent has seen
         raise UserError(f"trainer.strategy=none with {d.world_size} ranks would train unsynchronised copies; "
                          "valid: auto, ddp, fsdp")
+    step = resolve(step, loss_fn, preparer(prec.prepare_input, False))
     model = prec.prepare_model(model.to(d.device))
     firsts = _first_batches(train, val, d) if d.is_main and xla is None else []  # rank 0 looks, every rank learns
     if xla is None:  # (every rank knows whether it runs on XLA: all of them meet the broadcast or none)
-        problem = broadcast_object(preflight.check(model, loss_fn, metrics, firsts, prec, d.device) if firsts else "")
+        problem = broadcast_object(preflight.check(model, step, metrics, firsts, prec, d.device) if firsts else "")
         if problem:
             raise UserError(problem)
-    x = prec.prepare_input(inputs_and_targets(firsts[0][1])[0]) if firsts else None
+    batch = firsts[0][1] if firsts else None
     if channels_last and xla is None:
         # rank 0 looks at the first batch (4-D inputs only; auto also tries one on the model); all ranks follow
-        fits = channels_last_fits(x, lambda: runs_channels_last(model, x), t.channels_last == "auto")
-        ok, why = broadcast_object(fits if d.is_main else None)
+        fits = _channels_last_fits(t.channels_last == "auto", model, step, batch, prec) if d.is_main else None
+        ok, why = broadcast_object(fits)
         if not ok:
             channels_last, why_cl = False, why
+    step = step.bind(None, preparer(prec.prepare_input, channels_last))
     chosen = f"precision {precision} ({why_precision}), channels_last {'on' if channels_last else 'off'} ({why_cl})"
-    summary = _summary(model, x) if t.summary and x is not None else ""
+    summary = _summary(model, lambda: step(model, batch)) if t.summary and batch is not None else ""
     # the optimizer must see the parameters as they will be trained: after FSDP sharding
     net = S.wrap(model, strategy, d, t.fsdp_wrap, t.compile, channels_last)
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -137,37 +145,51 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Callable, optimi
     train_acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
     val_acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
     on_device = train.tensors is not None and all(x.device == d.device for x in train.tensors)
-    stepper = Stepper(t, model, net, loss_fn, optimizer, prec, strategy, d, train_acc, on_device, channels_last,
-                      train.batch_size, xla)
+    stepper = Stepper(t, model, net, step, optimizer, prec, strategy, d, train_acc, on_device, train.batch_size, xla)
     speed = Speed.of(model, samples_per_step=train.batch_size * t.accumulate_grad_batches * d.world_size,
                      world_size=d.world_size, device=d.device, peak_tflops=t.peak_tflops)
     log.info(chosen)  # printed once all is built: a user's error above stays the run's only line
     if summary:
         log.info(summary)
-    return FitParts(model, optimizer, scheduler, loss_fn, metrics, train, val, prec, strategy, xla, train_acc,
-                    val_acc, stepper, speed, chosen)
+    return FitParts(model, optimizer, scheduler, loss_fn, step, metrics, train, val, prec, strategy, xla, train_acc,
+                    val_acc, stepper, speed, chosen, channels_last)
 
 
 def _first_batches(train: Batches, val: Optional[Batches], d: Dist) -> list[tuple[str, Any]]:
     """("training" / "validation", the split's first batch on the device) for the preflight; a split
     whose batch cannot be read is left out (the data's own error then surfaces where every rank
-    meets it: in training), and so is one of the wrong shape (the step names it, on every rank)."""
+    meets it: in training). What the step makes of the batch is the preflight's to check."""
     firsts = []
     for split, batches in (("training", train), ("validation", val)):
         if batches is None or not batches.n:
             continue
         try:
-            batch = to_device(batches.head(), d.device)
-            inputs_and_targets(batch)
+            firsts.append((split, to_device(batches.head(), d.device)))
         except Exception:  # noqa: BLE001 - see above
             continue
-        firsts.append((split, batch))
     return firsts
 
 
-def _summary(model: nn.Module, x: Any) -> str:
+def _channels_last_fits(auto: bool, model: nn.Module, step: Step, batch: Any, prec: Precision) -> tuple[bool, str]:
+    """channels_last stays on where the step's inputs hold a 4-D floating tensor (images) and, under auto,
+    the model takes them in that layout: the default step's inputs, or any such tensor of a custom step's batch."""
+    if batch is None:
+        return channels_last_fits(None, lambda: (False, ""), auto)
+    if isinstance(step, Supervised):
+        x = prec.prepare_input(step.split(batch)[0])
+        return channels_last_fits(x, lambda: runs_channels_last(model, lambda: model(
+            x.contiguous(memory_format=torch.channels_last))), auto)
+    images = map_tensors(batch, lambda v: v if v.dim() == 4 and v.is_floating_point() else None)
+    x = first_tensor(images)
+    if x is None:
+        return False, f"{'auto' if auto else 'set, but not applied'}: the batch holds no 4-D floating tensor (images)"
+    on = step.bind(None, preparer(prec.prepare_input, True))
+    return channels_last_fits(x, lambda: runs_channels_last(model, lambda: on(model, batch)), auto)
+
+
+def _summary(model: nn.Module, forward: Callable[[], Any]) -> str:
     """The model summary of the bare model (before any wrapping: its forward has no collective)."""
     try:
-        return summarize(model, x)
+        return summarize_forward(model, forward)
     except Exception as e:  # noqa: BLE001 - a summary is never a reason not to train
         return f"no model summary: a forward of the first batch raised {one_line(e)}"

@@ -1,6 +1,10 @@
-"""One optimizer step: the micro-batches' forward and backward, then unscale, clip, guard, step.
+"""One optimizer step: the micro-batches' step (launcher/fit/steps.py: the user's, or the default)
+and backward, then unscale, clip, guard, step.
 
-Gradients are all-reduced only on the last micro-batch of an accumulation group. The path holds
+Gradients are all-reduced only on the last micro-batch of an accumulation group. A step that returns
+a loss sum and its count (tokens) is backpropagated as the sum; before the optimizer step the group's
+counts are summed over the ranks (one scalar all-reduce) and the gradients scaled by world / count,
+so the update is the mean over every token of the group, however the group was split. The path holds
 no host sync (the non-finite guard's with a fused optimizer included: launcher/fit/guard.py). The Stepper
 holds the step's tools, not the loop's state: the Trainer tells it where it is.
 """
@@ -9,35 +13,35 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..device import strategy as S
-from ..config import Strategy, TrainerConfig
-from .batch import inputs_and_targets
-from .data import batch_size_of, to_device
-from ..device.dist import Dist
+from ..config import Strategy, TrainerConfig, UserError
+from .batch import batch_size_of, to_device
+from ..device.dist import Dist, all_reduce_sum
 from .guard import Guard
 from .metrics import Accumulator
 from ..device.precision import Precision
 from .seeding import rng_state, set_rng_state
+from .steps import Step, StepOutput
 
 log = logging.getLogger("launcher")
 
 
 class Stepper:
-    def __init__(self, t: TrainerConfig, model: nn.Module, net: nn.Module, loss_fn: Callable,
+    def __init__(self, t: TrainerConfig, model: nn.Module, net: nn.Module, step: Step,
                  optimizer: torch.optim.Optimizer, prec: Precision, strategy: Strategy, d: Dist, acc: Accumulator,
-                 data_on_device: bool, channels_last: bool, full_batch: int, xla: Any = None) -> None:
-        self.t, self.model, self.net, self.loss_fn, self.opt = t, model, net, loss_fn, optimizer
+                 data_on_device: bool, full_batch: int, xla: Any = None) -> None:
+        self.t, self.model, self.net, self.step_fn, self.opt = t, model, net, step, optimizer
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.full_batch = full_batch  # a compiled model runs other batch sizes eagerly (strategy.eager_if_odd)
         self.prec, self.strategy, self.d, self.acc, self.xla = prec, strategy, d, acc, xla
         # in-memory tensors already where the model is: no per-step device check (the fast path)
         self.data_on_device = data_on_device
-        self.channels_last = channels_last
+        self.counts: Any = None  # the group's summed StepOutput.count so far (a loss-sum step), on the device
         self.first_step_logged = False
         # its reads come every log_every_n_steps (at most 100), where the loss is read for the logs anyway
         self.guard = Guard(t.nonfinite, optimizer, self.params, strategy, d.device,
@@ -45,24 +49,42 @@ class Stepper:
 
     def micro(self, batch: Any, last: bool, group: int) -> torch.Tensor:
         """Forward and backward of one micro-batch of a `group`; gradients sync on the `last`."""
-        loss, out, y = self._forward_backward(batch, last, group)
-        self.acc.update(loss.float(), y.shape[0] if isinstance(y, torch.Tensor) else batch_size_of(y),
-                        out.detach(), y)
-        return loss
+        out, n = self._forward_backward(batch, last, group)
+        self.acc.add(out, n)
+        return out.loss  # type: ignore[return-value]
 
-    def _forward_backward(self, batch: Any, last: bool, group: int) -> tuple[torch.Tensor, Any, Any]:
-        x, y = inputs_and_targets(batch if self.data_on_device else to_device(batch, self.d.device))
-        x = self.prec.prepare_input(x)
-        if self.channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        n = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else self.full_batch
+    def _forward_backward(self, batch: Any, last: bool, group: int) -> tuple[StepOutput, int]:
+        batch = batch if self.data_on_device else to_device(batch, self.d.device)
+        n = batch_size_of(batch)
         with S.no_sync(self.net, self.strategy, skip=not last), S.eager_if_odd(self.model, n, self.full_batch):
             with self.prec.autocast():
-                out = self.net(x)
-                loss = self.loss_fn(out, y)
-            # mean over the group's samples, as one batch of the whole group would give
-            self.prec.backward(loss / group if group > 1 else loss)
-        return loss, out, y
+                out = self.step_fn(self.net, batch)
+            if out.loss is None:
+                raise UserError(f"step ({self.step_fn.name}) returned no loss for a training batch; valid: a loss "
+                                "(is the batch missing its targets?)")
+            if out.count is None:
+                # mean over the group's samples, as one batch of the whole group would give
+                self.prec.backward(out.loss / group if group > 1 else out.loss)
+            else:  # a sum: scaled by the group's count over all ranks before the optimizer step
+                self.prec.backward(out.loss)
+                count = torch.as_tensor(out.count, dtype=torch.float64, device=self.d.device)
+                self.counts = count if self.counts is None else self.counts + count
+        return out, n
+
+    def _normalise(self) -> None:
+        """Gradients of loss sums -> the mean over every count of the group on every rank. DDP and FSDP
+        average over the ranks (a division by the world size), hence world / total."""
+        total = all_reduce_sum(self.counts.clone())
+        if self.xla is not None and self.d.world_size > 1 and not torch.distributed.is_initialized():
+            raise UserError("a step returning a loss sum (StepOutput.count) on several XLA devices is not supported "
+                            "yet; valid: a mean loss")
+        scale = self.d.world_size / total.clamp(min=1.0)
+        by_dtype: dict[torch.dtype, torch.Tensor] = {}
+        for p in self.params:
+            if p.grad is not None:
+                g = p.grad
+                g.mul_(by_dtype.setdefault(g.dtype, scale.to(g.dtype)))
+        self.counts = None
 
     def settle_buckets(self, batches: Any) -> None:
         """A process resumed after step 0: one throwaway synced forward and backward under DDP, so
@@ -88,6 +110,7 @@ class Stepper:
         try:
             self._forward_backward(batches.head(), last=True, group=1)
         finally:
+            self.counts = None
             for p in self.model.parameters():
                 p.grad = None
             with torch.no_grad():
@@ -101,6 +124,8 @@ class Stepper:
         t = self.t
         if self.xla is not None:
             self.xla.reduce_gradients(self.opt)  # global gradients before clipping and the guard
+        if self.counts is not None:
+            self._normalise()
         self.prec.unscale(self.opt)
         norm = S.grad_norm(self.params, t.gradient_clip_val) if t.gradient_clip_val > 0 else None
         # 16-mixed: the GradScaler skips inf/nan steps itself (and lowers its scale)

@@ -25,7 +25,7 @@ class Validation:
 
     def run(self) -> dict[str, float]:
         fp = self.fp
-        return evaluate(fp.model, fp.loss_fn, fp.val, fp.val_acc, self.device, fp.prec, lockstep=fp.sharded)
+        return evaluate(fp.model, fp.step, fp.val, fp.val_acc, self.device, fp.prec, lockstep=fp.sharded)
 
     def judge(self, values: dict[str, float]) -> tuple[Optional[float], bool]:
         """(the monitored value, or None where `values` lacks it; whether early stopping says stop)."""

@@ -48,7 +48,8 @@ def build(cfg: Config) -> dict[str, Any]:
     metrics = cfg.metrics or {}
     return {
         "model": _built("model", cfg.model),
-        "loss_fn": _built("loss", cfg.loss),
+        "loss_fn": _built("loss", cfg.loss) if cfg.loss is not None else None,
+        "step": _built("step", cfg.step) if cfg.step is not None else None,  # a short name is resolved by fit
         "optimizer": _built("optimizer", cfg.optimizer),
         "train_data": train,
         "val_data": val,
@@ -73,7 +74,7 @@ def target_of(node: Any) -> str:
 # ---- checks (the parent's; a rank trusts the resolved config) -------------------------------------
 
 def check(cfg: Config) -> None:
-    for key in ("model", "data", "loss", "optimizer"):
+    for key in ("model", "data", "optimizer"):
         if getattr(cfg, key) is None:
             raise ConfigError(key, None, "the recipe does not define it", "a _target_ node (see conf/recipe/)")
     metrics = cfg.metrics or {}
@@ -81,7 +82,38 @@ def check(cfg: Config) -> None:
         raise ConfigError("metrics", metrics, "must map names to torchmetrics _target_ nodes")
     for key in RECIPE_KEYS:
         _check_targets(key, getattr(cfg, key))
+    _check_step(cfg.step, has_loss=cfg.loss is not None)
     check_monitor(cfg.trainer.monitor, list(metrics))
+
+
+def _check_step(step: Any, has_loss: bool) -> None:
+    """The step: a built-in's short name or a _target_ node; a built-in that computes `loss(outputs,
+    targets)` needs the recipe's loss."""
+    if step is None:
+        if not has_loss:
+            raise ConfigError("loss", None, "the recipe does not define it, and the default step (supervised) computes "
+                              "loss(outputs, targets)", "a _target_ node (e.g. torch.nn.CrossEntropyLoss), or "
+                              "step=model_loss for a model that computes its own")
+        return
+    from ..fit.steps import BUILT_IN  # torch: imported by the parent only for a recipe that names a step
+
+    valid = f"{', '.join(BUILT_IN)}, or a _target_ node building a callable step(model, batch)"
+    if isinstance(step, str):
+        if step not in BUILT_IN:
+            raise ConfigError("step", step, "not a built-in step", valid)
+        needs = BUILT_IN[step]
+    elif isinstance(step, dict) and isinstance(step.get("_target_"), str):
+        fn = locate(step["_target_"])
+        if not isinstance(fn, type) and not step.get("_partial_"):  # Hydra's rule would call it with no batch
+            raise ConfigError("step._partial_", step.get("_partial_"), f"{step['_target_']} is a function: without "
+                              "`_partial_: true` it is called when the recipe is built", "_partial_: true")
+        needs = fn
+    else:
+        raise ConfigError("step", step, "not a step", valid)
+    if getattr(needs, "needs_loss", False) and not has_loss and (not isinstance(step, dict) or "loss_fn" not in step):
+        raise ConfigError("loss", None, f"the recipe does not define it, and step={step if isinstance(step, str) else step['_target_']} "
+                          "computes loss(outputs, targets)", "a _target_ node (e.g. torch.nn.CrossEntropyLoss), or "
+                          "step=model_loss for a model that computes its own")
 
 
 def _check_targets(key: str, node: Any) -> None:
