@@ -7,7 +7,6 @@ import dataclasses
 import difflib
 import re
 import sys
-from pathlib import Path
 from typing import Optional
 
 from .. import config as C

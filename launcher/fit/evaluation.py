@@ -66,12 +66,17 @@ def evaluate(model: nn.Module, step: Step, batches: Batches, acc: Accumulator, d
 def predict(model: nn.Module, step: Step, batches: Batches, d: Dist, prec: Precision,
             lockstep: bool) -> Optional[torch.Tensor]:
     """The step's outputs for every sample, in dataset order, on rank 0 (None on other ranks)."""
-    outs = []
-    for out, _ in forward_all(model, step, batches, d.device, prec, lockstep):
-        if not isinstance(out.outputs, torch.Tensor):
-            raise UserError(f"step ({step.name}) gave {type(out.outputs).__name__} outputs; valid for predict(): "
-                            "a tensor whose first dimension is the batch (StepOutput(loss, outputs=...))")
-        outs.append(out.outputs.float().cpu())
+    outs: list[torch.Tensor] = []
+    for out, n in forward_all(model, step, batches, d.device, prec, lockstep):
+        y = out.outputs
+        shape = list(y.shape) if isinstance(y, torch.Tensor) else None
+        if shape is None or not shape or shape[0] != n or (outs and shape[1:] != list(outs[0].shape[1:])):
+            got = f"outputs {shape}" if shape is not None else f"{type(y).__name__} outputs"
+            raise UserError(f"predict(): step ({step.name}) gave {got} for a batch of {n} samples"
+                            + (f" (earlier batches: {list(outs[0].shape[1:])} per sample)" if outs and shape else "")
+                            + "; valid: a tensor with one row per sample, of one shape (pad to a fixed length; "
+                            "a causal LM's step=model_loss gives them for data without labels)")
+        outs.append(y.float().cpu())
     shards = all_gather_object(torch.cat(outs) if outs else None)
     if not d.is_main:
         return None

@@ -75,13 +75,18 @@ def _called(key: str, make: Callable, arg: Any) -> Any:
         raise UserError(f"{key} ({name}): {one_line(e)}") from e
 
 
-def _fused(make: Any, params: list[nn.Parameter], device: torch.device) -> Optional[torch.optim.Optimizer]:
+def _fused(make: Any, params: list[nn.Parameter], device: torch.device,
+           sharded: bool) -> Optional[torch.optim.Optimizer]:
     """The recipe's optimizer built with fused=True where its class has a fused kernel for this
     device and the recipe chose no implementation (fused or foreach) itself: one kernel per step
-    instead of several, and it can skip a non-finite step on the device (launcher/fit/guard.py)."""
+    instead of several, and it can skip a non-finite step on the device (launcher/fit/guard.py).
+    FSDP's sharded parameters (DTensors) have fused kernels only for Adam and AdamW (fused SGD
+    fails at its first step: no sharding strategy for aten._fused_sgd_)."""
     func, keywords = getattr(make, "func", None), getattr(make, "keywords", None)
     if not isinstance(func, type) or not issubclass(func, torch.optim.Optimizer) or keywords is None:
         return None  # not a partial of an optimizer class: the user's own factory decides
+    if sharded and func not in (torch.optim.Adam, torch.optim.AdamW):
+        return None
     if "fused" in keywords or "foreach" in keywords or device.type not in ("cuda", "cpu"):
         return None
     try:
@@ -132,7 +137,7 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Optional[Callabl
     # the optimizer must see the parameters as they will be trained: after FSDP sharding
     net = S.wrap(model, strategy, d, t.fsdp_wrap, t.compile, channels_last)
     if not isinstance(optimizer, torch.optim.Optimizer):
-        fused = _fused(optimizer, list(model.parameters()), d.device) if xla is None else None
+        fused = _fused(optimizer, list(model.parameters()), d.device, strategy == "fsdp") if xla is None else None
         optimizer = fused or _called("optimizer", optimizer, model.parameters())  # a partial from the recipe
     elif strategy == "fsdp":
         raise UserError("trainer.strategy=fsdp needs the optimizer as a callable taking the parameters "

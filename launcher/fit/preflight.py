@@ -135,6 +135,10 @@ def _custom(model: nn.Module, step: Step, split: str, batch: Any, prec: Precisio
 def _loss(step: Step, out: StepOutput, split: str, batch: Any) -> str:
     """What the step returned as its loss: one number per micro-batch (and a count with a sum)."""
     loss, name = out.loss, (f"loss ({_name(step.loss_fn)})" if isinstance(step, Supervised) else f"step ({step.name})")
+    labels = getattr(step, "labels", None)  # the built-in dict steps name their targets' key
+    if loss is None and isinstance(labels, str) and isinstance(batch, dict) and labels not in batch:
+        return (f"preflight: step ({step.name}) found no {labels!r} key in the first {split} batch (keys "
+                f"{', '.join(map(str, batch))}); valid: labels=<the key of the targets>")
     if loss is None:
         return (f"preflight: {name} gave no loss on the first {split} batch (batch {shapes(batch)}); valid: a loss "
                 "for every batch with targets")

@@ -139,7 +139,8 @@ class ModelLoss(Step):
                             f"to the model, with {self.labels!r} for training")
         y = batch.get(self.labels)
         out = model(**self.prepare(_without(batch, self.labels, self.name)), **({} if y is None else {self.labels: y}))
-        loss, logits = _field(out, "loss"), _field(out, self.logits)
+        # (called without labels, a model may return its logits alone)
+        loss, logits = (None, out) if isinstance(out, torch.Tensor) else (_field(out, "loss"), _field(out, self.logits))
         if y is not None and loss is None:
             raise UserError(f"step ({self.name}): the model's output ({type(out).__name__}) has no loss although the "
                             f"batch has {self.labels!r}; valid: a model whose forward returns .loss or ['loss'] when "
@@ -197,7 +198,8 @@ def read(result: Any, step: str) -> StepOutput:
         return StepOutput(**result)
     what = (f"a {type(result).__name__} with keys {', '.join(map(str, result))}" if isinstance(result, dict)
             else f"a {type(result).__name__}")
-    hint = "; a model output that carries its own loss: step=model_loss" if hasattr(result, "loss") else ""
+    own = hasattr(result, "loss") or (isinstance(result, dict) and "loss" in result)
+    hint = "; a model output that carries its own loss: step=model_loss" if own else ""
     raise UserError(f"step ({step}) returned {what}; valid: the loss (a one-element tensor), "
                     f"launcher.StepOutput(loss, outputs, targets, count) or a dict of those keys{hint}")
 
