@@ -8,8 +8,9 @@ Both train on the same batches in the same order (the launcher's seeded order, r
 and neither validates or computes metrics. Each optimizer step is timestamped by a hook on the
 optimizer; tokens/s = the real (unpadded) tokens of steps warmup+1..steps over the time between the
 end of step `warmup` and the end of the last, so start-up, the first steps and tear-down are out.
-Rounds alternate the two in this one process; the table gives medians and their ratio.
-    python bench/hf_causal_lm.py [--steps 120] [--warmup 20] [--rounds 3]
+Rounds alternate the two in this one process; the table gives the median and the best round of each,
+and their ratios to the hand loop.
+    python bench/hf_causal_lm.py [--steps 120] [--warmup 20] [--rounds 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -101,8 +102,11 @@ def main() -> str:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=120, help="optimizer steps per contender (within one epoch: 132)")
     ap.add_argument("--warmup", type=int, default=20, help="steps left out of the rate")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     args = ap.parse_args()
+    if args.threads:  # 1 on a machine shared with another job: 2 threads on 2 busy cores stall at random
+        torch.set_num_threads(args.threads)
     train, _ = R.data(batch_size=BATCH, seed=SEED)
     idx = order(len(train.dataset))
     lengths = [len(s) for s in train.dataset.samples]
@@ -119,15 +123,16 @@ def main() -> str:
     # the mean times the count, divided by the count again
     drift = max((a - b).abs().max().item() for a, b in zip(nets["hand"].parameters(), nets["launcher"].parameters()))
     med = {k: statistics.median(v) for k, v in rates.items()}
-    rows = [["hand-written loop (model(**batch).loss)", f"{med['hand']:,.0f}", "1.00x",
-             " ".join(f"{r:,.0f}" for r in rates["hand"])],
-            ["launcher Trainer.fit, step=ModelLoss(per_token)", f"{med['launcher']:,.0f}",
-             f"{med['launcher'] / med['hand']:.3f}x", " ".join(f"{r:,.0f}" for r in rates["launcher"])]]
+    best = {k: max(v) for k, v in rates.items()}  # the least disturbed round: the robust figure on a shared machine
+    labels = {"hand": "hand-written loop (model(**batch).loss)", "launcher": "launcher Trainer.fit, step=ModelLoss"}
+    rows = [[labels[k], f"{med[k]:,.0f}", f"{med[k] / med['hand']:.3f}x", f"{best[k]:,.0f}",
+             f"{best[k] / best['hand']:.3f}x", " ".join(f"{r:,.0f}" for r in rates[k])] for k in rates]
     return (f"Machine: {machine()}; {cpu_flags()}; {threads} threads\n"
             f"{args.steps} steps of {BATCH} sentences per contender, the first {args.warmup} left out; "
             f"{sum(tokens[args.warmup:]) / (args.steps - args.warmup):.0f} real tokens per step; "
             f"largest weight difference at the end {drift:.1e}\n\n"
-            + table(["contender", "tokens/s (median)", "vs hand loop", "each round"], rows))
+            + table(["contender", "tokens/s (median)", "vs hand loop", "tokens/s (best)", "vs hand loop",
+                     "each round"], rows))
 
 
 if __name__ == "__main__":
