@@ -8,7 +8,7 @@ Both train on the same batches in the same order (the launcher's seeded order, r
 and neither validates or computes metrics. Each optimizer step is timestamped by a hook on the
 optimizer; tokens/s = the real (unpadded) tokens of steps warmup+1..steps over the time between the
 end of step `warmup` and the end of the last, so start-up, the first steps and tear-down are out.
-Rounds alternate the two in this one process; the table gives the median and the best round of each,
+Rounds alternate the two in this one process, each first in every other round; the table gives the median and the best round of each,
 and their ratios to the hand loop.
     python bench/hf_causal_lm.py [--steps 120] [--warmup 20] [--rounds 5] [--threads N]
 """
@@ -114,8 +114,9 @@ def main() -> str:
     threads = torch.get_num_threads()
     rates: dict[str, list[float]] = {"hand": [], "launcher": []}
     nets = {}
-    for _ in range(args.rounds):
-        for name, run in (("hand", hand_run), ("launcher", launcher_run)):
+    contenders = [("hand", hand_run), ("launcher", launcher_run)]
+    for r in range(args.rounds):
+        for name, run in (contenders if r % 2 == 0 else contenders[::-1]):  # each goes first as often
             rate, nets[name] = run(train, args.steps, args.warmup, tokens)
             rates[name].append(rate)
             torch.set_num_threads(threads)  # whatever a contender changed, the next one starts the same
