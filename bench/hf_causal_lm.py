@@ -8,8 +8,8 @@ Both train on the same batches in the same order (the launcher's seeded order, r
 and neither validates or computes metrics. Each optimizer step is timestamped by a hook on the
 optimizer; tokens/s = the real (unpadded) tokens of steps warmup+1..steps over the time between the
 end of step `warmup` and the end of the last, so start-up, the first steps and tear-down are out.
-Rounds alternate the two in this one process, each first in every other round; the table gives the median and the best round of each,
-and their ratios to the hand loop.
+Rounds alternate the two in this one process, each first in every other round; the table gives
+the median and the best round of each, and their ratios to the hand loop.
     python bench/hf_causal_lm.py [--steps 120] [--warmup 20] [--rounds 5] [--threads N]
 """
 
@@ -43,7 +43,8 @@ def cpu_flags() -> str:
             flags = set(line.split(":", 1)[1].split())
             break
     wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"]
-    return f"{' '.join(f for f in wanted if f in flags) or 'no AVX2'}; torch kernels {torch.backends.cpu.get_cpu_capability()}"
+    units = " ".join(f for f in wanted if f in flags) or "no AVX2"
+    return f"{units}; torch kernels {torch.backends.cpu.get_cpu_capability()}"
 
 
 def order(n: int) -> list[int]:

@@ -154,7 +154,8 @@ def test_one_rank_run_exports_what_from_pretrained_loads(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_export_hf_of_a_model_without_save_pretrained_is_one_line(tmp_path: Path) -> None:
     run_dir = tmp_path / "lin"
-    assert run_cli(["recipe=linreg", "trainer.max_epochs=1", *QUIET, f"run.dir={run_dir}"], cwd=tmp_path).returncode == 0
+    p = run_cli(["recipe=linreg", "trainer.max_epochs=1", *QUIET, f"run.dir={run_dir}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
     p = _export(run_dir, tmp_path / "hf", tmp_path)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "launcher.export: error: --format hf: the model (launcher.recipes.linreg.Net, a Linear) has no save_pretrained;"
