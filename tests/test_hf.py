@@ -66,7 +66,8 @@ def test_data_is_variable_length_sentences_split_by_position() -> None:
     assert len(val.dataset) == round((len(train.dataset) + len(val.dataset)) * 0.1)
     last = R.split_text(corpus(20_000, 0))[-1]
     assert torch.equal(val.dataset[len(val.dataset) - 1], torch.tensor(R.encode(last, 32)))  # val is the text's end
-    assert train.batch_size == 8 and isinstance(train.sampler, torch.utils.data.RandomSampler)
+    assert train.batch_size == val.batch_size == 8 and isinstance(train.sampler, torch.utils.data.RandomSampler)
+    assert R.data(batch_size=8, n_chars=20_000, eval_batch_size=20)[1].batch_size == 20  # trainer.eval_batch_size
     with pytest.raises(ValueError, match="val_fraction"):
         R.data(batch_size=8, val_fraction=1.0)
 

@@ -108,14 +108,15 @@ def _text(path: Optional[str], n_chars: int, seed: int) -> str:
 
 
 def data(batch_size: int, max_len: int = 128, n_chars: int = 200_000, val_fraction: float = 0.1, seed: int = 0,
-         path: Optional[str] = None, num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
+         path: Optional[str] = None, num_workers: int = 0, eval_batch_size: int = 0) -> tuple[DataLoader, DataLoader]:
     """(train, val) DataLoaders of padded dict batches over the sentences of a text.
 
     The text is ``path`` (a UTF-8 file) when given, else ``n_chars`` characters of charlm's
     grammar from ``seed``. The split is by position: val is the last ``val_fraction`` of the
     sentences, never trained on. Train is shuffled (a RandomSampler: the launcher replaces it
-    with its own seeded, sharded order), val is in order. ``batch_size`` is per rank; the
-    recipe's YAML passes ``${trainer.batch_size}``, so the two cannot disagree.
+    with its own seeded, sharded order), val is in order. ``batch_size`` is per rank, val's is
+    ``eval_batch_size`` or the same; the launcher takes a DataLoader's own, so the recipe's YAML
+    passes ``${trainer.batch_size}`` and ``${trainer.eval_batch_size}`` (and the worker count).
     """
     for name, value in (("batch_size", batch_size), ("max_len", max_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 3:  # bos + 1 byte + eos at least
@@ -128,9 +129,9 @@ def data(batch_size: int, max_len: int = 128, n_chars: int = 200_000, val_fracti
         raise ValueError(f"{len(texts)} sentences with val_fraction={val_fraction!r} leave {len(texts) - n_val} "
                          f"train and {n_val} val samples; each split needs at least one (more text: n_chars or path)")
     train, val = TextSamples(texts[:-n_val], max_len), TextSamples(texts[-n_val:], max_len)
-    collate = PadCollate()
-    return (DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=collate, num_workers=num_workers),
-            DataLoader(val, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers))
+    kw = {"collate_fn": PadCollate(), "num_workers": num_workers}
+    return (DataLoader(train, batch_size=batch_size, shuffle=True, **kw),
+            DataLoader(val, batch_size=eval_batch_size or batch_size, shuffle=False, **kw))
 
 
 # ---- model ---------------------------------------------------------------------------------------
