@@ -26,6 +26,8 @@ t0=$(date +%s)
   python checkpoint_bench.py; echo
   echo "## 6. Start-up of 8 CPU ranks: the fork server, with and without its torch._dynamo preload (env_set)"; echo
   python startup.py --rounds 3 --ranks 8 --contenders launcher,raw,env_set; echo
+  echo "## 7. A Hugging Face model (recipe hf_causal_lm, 1 CPU rank, fp32): tokens/s vs a hand-written loop"; echo
+  python hf_causal_lm.py --rounds 5; echo
   echo "Total benchmark time: $(( $(date +%s) - t0 )) s"
 } > "$out.tmp"
 mv "$out.tmp" "$out"

@@ -9,6 +9,7 @@
     python -m launcher -m recipe=linreg optimizer.lr=1e-2,3e-2        # a sweep, one run directory each
     python -m launcher --help  |  python -m launcher recipe=mnist --cfg job
     python -m launcher export runs/exp1 model.pt                     # the bare model's weights, one file
+    python -m launcher export runs/gpt2 gpt2-hf --format hf         # a Hugging Face model: save_pretrained
     torchrun --nproc-per-node 2 -m launcher recipe=mnist              # an outside launcher: no second spawn
 
 Bad input (unknown option or key, wrong type, impossible value) is one line on stderr and exit 2,

@@ -202,20 +202,24 @@ def is_sharded(folder: Path) -> bool:
 
 def export_model(folder: Path, out: Path) -> Path:
     """One single-file state_dict of the bare model (for inference), from any checkpoint."""
-    folder = resolve(folder)
-    if is_sharded(folder):
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save  # only export needs it
-
-        with tempfile.TemporaryDirectory() as tmpdir:
-            full = Path(tmpdir) / "full.pt"
-            dcp_to_torch_save(folder / SHARDED, full)  # reassembles every shard, any world size
-            sd = torch.load(full, weights_only=True)
-        model = {k[len("model."):]: v for k, v in _flatten(sd).items() if k.startswith("model.")}
-    else:
-        model = load_weights(folder, verified=True)  # resolve() has just verified it
+    model = model_weights(folder)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_atomic(model, out)
     return out
+
+
+def model_weights(folder: Path) -> dict[str, Any]:
+    """The bare model's whole state_dict from any checkpoint (export's, and --format hf's)."""
+    folder = resolve(folder)
+    if not is_sharded(folder):
+        return load_weights(folder, verified=True)  # resolve() has just verified it
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save  # only export needs it
+
+    with tempfile.TemporaryDirectory() as tmpdir:
+        full = Path(tmpdir) / "full.pt"
+        dcp_to_torch_save(folder / SHARDED, full)  # reassembles every shard, any world size
+        sd = torch.load(full, weights_only=True)
+    return {k[len("model."):]: v for k, v in _flatten(sd).items() if k.startswith("model.")}
 
 
 def _flatten(sd: dict[str, Any], prefix: str = "") -> dict[str, Any]:
