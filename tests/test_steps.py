@@ -101,6 +101,14 @@ def test_nested_batches_of_any_shape_reach_the_step_on_the_device(tmp_path: Path
     assert tr.history[-1]["train_acc"] >= 0  # the outputs and targets the step named were measured
 
 
+def test_the_samples_of_a_batch_are_its_first_tensors_rows_or_the_key_the_step_names() -> None:
+    """A batch led by a tensor that is not per sample (a shared position table) names its sample key:
+    the mean loss is weighted by it and the compile rule compares it."""
+    batch = {"positions": torch.arange(12), "x1": torch.zeros(8, 4), "labels": torch.zeros(8)}
+    assert DictBatch().samples(batch) == 12, "the first tensor's first dimension by default"
+    assert DictBatch(size_key="x1").samples(batch) == 8 and ModelLoss(size_key="labels").samples(batch) == 8
+
+
 # ---- losses that average right --------------------------------------------------------------------
 
 def _one_step(tmp_path: Path, name: str, step, batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from .batch import batch_size_of, to_device
+from .batch import to_device
 from .data import Batches
 from ..device.dist import Dist, all_gather_object
 from .metrics import Accumulator
@@ -44,7 +44,7 @@ def forward_all(model: nn.Module, step: Step, batches: Batches, device: torch.de
 def _forward(model: nn.Module, step: Step, batch: Any, prec: Precision, full: int) -> tuple[StepOutput, int]:
     """A compiled model compiles once more for inference (grad mode is part of its guards) and runs
     the last, shorter batch eagerly (strategy.eager_if_odd)."""
-    n = batch_size_of(batch)
+    n = step.samples(batch)
     with prec.autocast(), eager_if_odd(model, n, full):
         return step(model, batch), n
 

@@ -96,8 +96,9 @@ def _check(model: nn.Module, step: Step, metrics: dict[str, Any], batches: list[
         except Exception as e:  # noqa: BLE001 - the user's metric on the user's data: named, traceback logged
             log.error("preflight: %s failed on the first %s batch", stage, split, exc_info=True,
                       extra={"file_only": True})
-            return (f"preflight: {stage} failed on the first {split} batch (outputs {shapes(out.outputs)}, targets "  # type: ignore[union-attr]
-                    f"{shapes(out.targets)}): {one_line(e)}; valid: metrics that fit the step's outputs and targets")  # type: ignore[union-attr]
+            got = f"outputs {shapes(out.outputs)}, targets {shapes(out.targets)}"  # type: ignore[union-attr]
+            return (f"preflight: {stage} failed on the first {split} batch ({got}): {one_line(e)}; valid: metrics "
+                    "that fit the step's outputs and targets")
     return ""
 
 
@@ -147,7 +148,8 @@ def _loss(step: Step, out: StepOutput, split: str, batch: Any) -> str:
         return (f"preflight: {name} returned {what} on the first {split} batch; valid: one number per batch (a "
                 "reduction of 'mean' or 'sum')")
     count = out.count
-    if count is not None and not (isinstance(count, (int, float)) or (isinstance(count, torch.Tensor) and count.numel() == 1)):
+    one = isinstance(count, (int, float)) or (isinstance(count, torch.Tensor) and count.numel() == 1)
+    if count is not None and not one:
         return (f"preflight: step ({step.name}) returned a count of {shapes(count)} on the first {split} batch; valid: "
                 "one number (the tokens or samples the loss sum is over)")
     return ""

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..device import strategy as S
 from ..config import Strategy, TrainerConfig, UserError
-from .batch import batch_size_of, to_device
+from .batch import to_device
 from ..device.dist import Dist, all_reduce_sum
 from .guard import Guard
 from .metrics import Accumulator
@@ -55,7 +55,7 @@ class Stepper:
 
     def _forward_backward(self, batch: Any, last: bool, group: int) -> tuple[StepOutput, int]:
         batch = batch if self.data_on_device else to_device(batch, self.d.device)
-        n = batch_size_of(batch)
+        n = self.step_fn.samples(batch)
         with S.no_sync(self.net, self.strategy, skip=not last), S.eager_if_odd(self.model, n, self.full_batch):
             with self.prec.autocast():
                 out = self.step_fn(self.net, batch)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config import UserError
-from .batch import map_tensors
+from .batch import batch_size_of, map_tensors
 
 
 @dataclass
@@ -58,6 +58,14 @@ class Step:
     needs_loss = False
     loss_fn: Optional[Callable] = None
     prepare: Callable[[Any], Any] = staticmethod(_identity)
+    size_key: Optional[str] = None  # the dict key whose first dimension counts the samples (else the first tensor's)
+
+    def samples(self, batch: Any) -> int:
+        """The micro-batch's samples: what its mean loss is weighted by, and what tells the compile rule a
+        shorter batch (strategy.eager_if_odd)."""
+        if self.size_key is not None and isinstance(batch, dict):
+            return batch_size_of(batch[self.size_key])
+        return batch_size_of(batch)
 
     @property
     def name(self) -> str:
@@ -108,8 +116,9 @@ class DictBatch(Step):
 
     needs_loss = True
 
-    def __init__(self, labels: str = "labels", loss_fn: Optional[Callable] = None) -> None:
-        self.labels, self.loss_fn = labels, loss_fn
+    def __init__(self, labels: str = "labels", loss_fn: Optional[Callable] = None,
+                 size_key: Optional[str] = None) -> None:
+        self.labels, self.loss_fn, self.size_key = labels, loss_fn, size_key
 
     def __call__(self, model: Any, batch: Any) -> StepOutput:
         rest = self.prepare(_without(batch, self.labels, self.name))
@@ -129,8 +138,8 @@ class ModelLoss(Step):
     so an accumulation group and the ranks average over tokens, not over micro-batch means."""
 
     def __init__(self, labels: str = "labels", logits: str = "logits", shift_labels: bool = False,
-                 per_token: bool = False, ignore_index: int = -100) -> None:
-        self.labels, self.logits, self.shift_labels = labels, logits, shift_labels
+                 per_token: bool = False, ignore_index: int = -100, size_key: Optional[str] = None) -> None:
+        self.labels, self.logits, self.shift_labels, self.size_key = labels, logits, shift_labels, size_key
         self.per_token, self.ignore_index = per_token, ignore_index
 
     def __call__(self, model: Any, batch: Any) -> StepOutput:
