@@ -57,6 +57,8 @@ def test_reading_in_the_training_process_leaves_its_rng_streams_alone() -> None:
     assert torch.equal(before["torch"], after["torch"])
     assert before["python"] == after["python"]
     assert all(np.array_equal(a, b) for a, b in zip(before["numpy"], after["numpy"]))
+    list(Batches(Augmented(8), Dist(), train=True, batch_size=4, seed_per_sample=False).epoch(0))
+    assert not torch.equal(after["torch"], torch.get_rng_state()), "seed_per_sample=false: the run's own streams"
 
 
 @pytest.mark.slow
