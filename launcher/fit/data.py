@@ -12,6 +12,9 @@ Evaluation: a strided shard per rank with NO padding, so every sample counts exa
 DistributedSampler would repeat samples to even out ranks and bias the metrics).
 In-memory datasets (TensorDataset, or anything with a `.tensors` tuple) skip the per-sample
 __getitem__ + collate path: a batch is one index_select per tensor, bitwise what default_collate gives.
+Every other map-style dataset is read through seeding.SeededSamples (unless trainer.seed_per_sample=false):
+random augmentation in __getitem__ is seeded per sample from (seed, epoch, index), the same with any
+number of workers, ranks or resume point.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from ..config import UserError
 from ..device.dist import Dist
+from .seeding import SeededSamples
 
 log = logging.getLogger("launcher")
 
@@ -103,9 +107,10 @@ class Batches:
     """One split's batches on this rank: `for batch in batches.epoch(e, start=b)`."""
 
     def __init__(self, data: Any, dist: Dist, *, train: bool, batch_size: Optional[int] = None,
-                 seed: int = 0, num_workers: int = 0, pin_memory: bool = False) -> None:
+                 seed: int = 0, num_workers: int = 0, pin_memory: bool = False, seed_per_sample: bool = True) -> None:
         dataset, self.batch_size, kw, shuffle = _loader_settings(data, batch_size)
         self.dataset, self.dist, self.train, self.seed = dataset, dist, train, seed
+        self.seed_per_sample = seed_per_sample
         self.shuffle = train if shuffle is None else shuffle
         self.drop_last = bool(kw.pop("drop_last", False)) and train
         custom = kw.pop("_custom")
@@ -253,9 +258,10 @@ class Batches:
         if self.tensors is not None:
             return self._sliced(idx)
         # A DataLoader iterator draws its workers' base seed from the global RNG unless given a
-        # generator: one of its own keeps the training RNG stream (dropout...) exactly resumable.
+        # generator: one of its own keeps the training RNG stream (dropout...) exactly resumable. The
+        # samples' augmentation does not come from it (it depends on rank and start): SeededSamples.
         gen = torch.Generator().manual_seed(hash((self.seed, epoch, self.dist.rank, start)) % 2**63)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=_Slice(idx), generator=gen,
+        loader = DataLoader(self._samples(epoch), batch_size=self.batch_size, sampler=_Slice(idx), generator=gen,
                             collate_fn=self.collate_fn, drop_last=self.drop_last, **self.loader_kw)
         return iter(loader)
 
@@ -264,8 +270,11 @@ class Batches:
         idx = list(range(min(self.batch_size, self.n)))
         if self.tensors is not None:
             return next(self._sliced(idx))
-        return next(iter(DataLoader(self.dataset, batch_size=self.batch_size, sampler=_Slice(idx),
+        return next(iter(DataLoader(self._samples(0), batch_size=self.batch_size, sampler=_Slice(idx),
                                     collate_fn=self.collate_fn)))
+
+    def _samples(self, epoch: int) -> Dataset:
+        return SeededSamples(self.dataset, self.seed, epoch) if self.seed_per_sample else self.dataset
 
     def _sliced(self, idx: list[int]) -> Iterator[tuple[torch.Tensor, ...]]:
         # the index lives with the tensors (index_select wants it there): data on a GPU stays on it

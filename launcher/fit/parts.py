@@ -105,9 +105,9 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Optional[Callabl
             raise UserError(f"fit(): {key} is missing; valid: {valid}")
     bs = batch_size or t.batch_size
     train = Batches(train_data, d, train=True, batch_size=bs, seed=t.seed, num_workers=t.num_workers,
-                    pin_memory=d.device.type == "cuda")
-    val = Batches(val_data, d, train=False, batch_size=t.eval_batch_size or bs,
-                  num_workers=t.num_workers) if val_data is not None else None
+                    pin_memory=d.device.type == "cuda", seed_per_sample=t.seed_per_sample)
+    val = Batches(val_data, d, train=False, batch_size=t.eval_batch_size or bs, seed=t.seed,
+                  num_workers=t.num_workers, seed_per_sample=t.seed_per_sample) if val_data is not None else None
     xla = XLA() if t.accelerator == "xla" else None
     precision, why_precision = resolve_precision(t.precision, d.device)
     channels_last, why_cl = resolve_channels_last(t.channels_last, d.device, precision)

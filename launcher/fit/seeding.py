@@ -1,6 +1,6 @@
-"""Seeds and RNG streams: seeding before the model is built, deterministic kernels, and a rank's
+"""Seeds and RNG streams: seeding before the model is built, deterministic kernels, a rank's
 RNG streams as checkpointable values (the per-rank part of a checkpoint, the throwaway forward at
-a DDP resume)."""
+a DDP resume), and a Dataset's `__getitem__` seeded per sample (`SeededSamples`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset, get_worker_info
 
 
 def make_deterministic(on: bool) -> None:
@@ -58,3 +59,60 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+_MASK = 2**64 - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser: neighbouring inputs (sample i and i + 1) give unrelated 64-bit outputs."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def _seed_streams(s: int) -> None:
+    random.seed(s)
+    np.random.seed(s >> 32)  # numpy's legacy seed takes 32 bits
+    torch.default_generator.manual_seed(_mix(s))
+
+
+class SeededSamples(Dataset):
+    """`dataset[i]` with python's `random`, numpy's global RNG and torch's CPU generator seeded from
+    (seed, epoch, i): a sample's random augmentation is the same whichever worker, rank or resumed
+    loader reads it (trainer.seed_per_sample; issue 25).
+
+    Three seeds, not one: numpy's legacy RandomState and torch's CPU generator are both MT19937 seeded
+    the same way, so one seed would make their draws the same numbers. Only torch's CPU generator is
+    seeded: torch.manual_seed would reseed every CUDA device too (the training process's dropout stream
+    when num_workers=0), and costs 150 us. In the training process itself (num_workers=0, and `head`)
+    the three streams are put back afterwards, so its RNG (dropout...) goes on as if nothing had been
+    read. That is done once per batch (`__getitems__`, which the DataLoader calls with a batch's
+    indices), not per sample: saving numpy's state costs ~80 us, seeding the three ~11 us
+    (docs/your-data.md). A worker's streams feed nothing else: they are reseeded, never put back."""
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int) -> None:
+        self.dataset = dataset
+        self.base = _mix(_mix(seed & _MASK) ^ (epoch & _MASK))
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def _read(self, index: int) -> Any:
+        _seed_streams(_mix(self.base ^ index))
+        return self.dataset[index]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        if get_worker_info() is not None:  # a loader worker
+            return [self._read(i) for i in indices]
+        saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+        try:
+            return [self._read(i) for i in indices]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.default_generator.set_state(saved[2])
