@@ -69,7 +69,8 @@ class Ledger:
             return torch.zeros(n, dtype=torch.int32)
         epoch, start, idx = served
         if self._ids is None or self._ids[0] is not served:  # once per epoch() call, not per count
-            self._ids = (served, torch.as_tensor(idx, dtype=torch.long))
+            # (numpy reads a list of ints ~6x faster than torch.as_tensor: 7 ms for 500,000)
+            self._ids = (served, torch.from_numpy(np.fromiter(idx, dtype=np.int64, count=len(idx))))
         trained = self._ids[1][: max(p.batch_in_epoch - start, 0) * self.data.batch_size]
         return torch.bincount(trained, minlength=n).to(torch.int32)
 
@@ -131,8 +132,11 @@ class Ledger:
         path = self.run_dir / FILE
         lines = path.read_text().splitlines() if path.exists() else []
         kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < record["epoch"]]
+        folder = self.run_dir / COUNTS_DIR
+        for old in folder.glob("epoch-*.npy"):  # the replaced lines' counts go with them
+            if int(old.stem.split("-")[1]) >= record["epoch"]:
+                old.unlink()
         if self.keep_counts:
-            folder = self.run_dir / COUNTS_DIR
             folder.mkdir(exist_ok=True)
             np.save(folder / f"epoch-{record['epoch']:05d}.npy",
                     counts.astype(np.uint8 if record["max"] <= 255 else np.int32))
