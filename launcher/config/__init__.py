@@ -65,7 +65,7 @@ class TrainerConfig:
     progress_refresh_s: float = 0.5  # seconds between progress-bar updates; each costs one host sync
     log_every_n_steps: int = 50  # per-step tracker rows (train_loss_step, lr, rates) every N steps; 0 = epoch rows only
     num_workers: int = 0  # DataLoader worker processes per rank (0 = load in the training process)
-    ledger: bool = True  # per epoch, how often each sample was trained on all ranks: RUN_DIR/ledger.jsonl (docs/your-data.md)
+    ledger: bool = True  # per epoch, how often each sample was trained (all ranks): RUN_DIR/ledger.jsonl
     ledger_counts: bool = False  # also each epoch's counts per sample id as RUN_DIR/ledger/epoch-NNNNN.npy
     dist_timeout_s: float = 600.0  # collective timeout: a rank that does not arrive ends the run after this
     join_timeout_s: float = 60.0  # start-up: a rank not in the process group after this ends the run, named, its stack in its log

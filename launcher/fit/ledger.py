@@ -67,7 +67,7 @@ class Ledger:
         served = self.data.served
         if served is None or served[0] != p.epoch:
             return torch.zeros(n, dtype=torch.int32)
-        epoch, start, idx = served
+        _, start, idx = served
         if self._ids is None or self._ids[0] is not served:  # once per epoch() call, not per count
             # (numpy reads a list of ints ~6x faster than torch.as_tensor: 7 ms for 500,000)
             self._ids = (served, torch.from_numpy(np.fromiter(idx, dtype=np.int64, count=len(idx))))
