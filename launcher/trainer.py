@@ -31,7 +31,7 @@ from .config import faults
 from .config import keywords
 from .device import dist as D
 from .device.world import world_for
-from .fit import parts
+from .fit import ledger, parts
 from .fit.evaluation import evaluate, outside_fit, predict
 from .fit.metrics import Accumulator
 from .fit.seeding import seed_everything
@@ -104,7 +104,8 @@ class Trainer:
         self.model = fp.model
         self.validation = Validation(t, fp, d.device)
         self.stopper = self.validation.stopper
-        states = run_states(fp, self.progress, self.stopper, d,
+        self.ledger = ledger.Ledger(t, d, fp.train, self.progress, run.path)  # which samples each epoch trained
+        states = run_states(fp, self.progress, self.stopper, d, self.ledger,
                             reseed=lambda: seed_everything(t.seed + d.rank + self.progress.step))
         self.ckpt = CheckpointManager(run.path / "checkpoints", cfg.checkpoint, mode=t.mode, dist=d, states=states,
                                       sharded=fp.sharded, xla=fp.xla, info={"run_id": run.id, "config": run.config},
@@ -284,6 +285,7 @@ class Trainer:
                              for k, v in {**row, **speed}.items() if k != "epoch")
             log.info("epoch %d%s: %s", row["epoch"], " (so far)" if partial else "", text,
                      extra={"file_only": t.progress})
+        self.ledger.end_epoch(p.step, partial)  # before the position moves on: the epoch's counts
         self._epoch = None
         score = score if isinstance(score, float) and not math.isnan(score) else None
         if not partial:  # (partial: the run ends here, and its checkpoint is this exact position)

@@ -87,8 +87,8 @@ def test_one_rank_runs_in_process_and_writes_the_same_layout(tmp_path: Path) -> 
                                      "launcher: done: one (model.pt, metrics.csv, plots.png)"], err[-2000:]
     assert f"pid {p.pid}\n" in (run_dir / "logs" / "rank-0.log").read_text(), "rank 0 ran in another process"
     assert [int(r["step"]) for r in _rows(run_dir)] == [14, 28]
-    assert sorted(x.name for x in run_dir.iterdir()) == [".lock", ".lock.ranks", "checkpoints", "config.yaml", "logs",
-                                                         "metrics.csv", "model.pt", "plots.png", "run.json"]
+    assert sorted(x.name for x in run_dir.iterdir()) == [".lock", ".lock.ranks", "checkpoints", "config.yaml",
+                                                         "ledger.jsonl", "logs", "metrics.csv", "model.pt", "plots.png", "run.json"]
     assert sorted(x.name for x in (run_dir / "logs").iterdir()) == ["rank-0.log"]  # no elastic, no rank 1
 
 

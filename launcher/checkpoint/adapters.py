@@ -148,11 +148,13 @@ def _tuple(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v  # betas: a list from YAML, a tuple from torch
 
 
-def run_states(fp: Any, progress: Any, stopper: Any, d: Dist, reseed: Callable[[], None]) -> dict[str, Any]:
+def run_states(fp: Any, progress: Any, stopper: Any, d: Dist, ledger: Any,
+               reseed: Callable[[], None]) -> dict[str, Any]:
     """Everything of one fit() that must survive a restart, registered once (fp: fit.parts.FitParts);
     the manager adds its own retention. Order matters on load: the model before its optimizer, the
     hyperparameters after both (see its docstring), the progress before the per-rank part (which
-    reseeds from the step at another world size)."""
+    reseeds from the step at another world size) and the coverage ledger (fit/ledger.py: it reads the
+    restored position)."""
     return {
         "model": ModelState(fp.model, fp.sharded),
         "optimizer": OptimizerState(fp.model, fp.optimizer, fp.sharded),
@@ -163,4 +165,5 @@ def run_states(fp: Any, progress: Any, stopper: Any, d: Dist, reseed: Callable[[
         "early_stopping": stopper,
         "ranks": PerRank({"train": fp.train_acc}, d, reseed=reseed),
         "data": fp.train,
+        "ledger": ledger,
     }

@@ -66,6 +66,8 @@ class TrainerConfig:
     log_every_n_steps: int = 50  # per-step tracker rows (train_loss_step, lr, rates) every N steps; 0 = epoch rows only
     num_workers: int = 0  # DataLoader worker processes per rank (0 = load in the training process)
     seed_per_sample: bool = True  # seed python/numpy/torch per sample in Dataset.__getitem__ from (seed, epoch, index): augmentation independent of workers, ranks, resume
+    ledger: bool = True  # per epoch, how often each sample was trained (all ranks): RUN_DIR/ledger.jsonl
+    ledger_counts: bool = False  # also each epoch's counts per sample id as RUN_DIR/ledger/epoch-NNNNN.npy
     dist_timeout_s: float = 600.0  # collective timeout: a rank that does not arrive ends the run after this
     join_timeout_s: float = 60.0  # start-up: a rank not in the process group after this ends the run, named, its stack in its log
     accelerator: str = "auto"  # auto (CUDA if gpus > 0, else CPU), cpu, cuda, xla (torch-xla: TPUs)

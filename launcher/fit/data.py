@@ -127,6 +127,8 @@ class Batches:
         # rank's share of the samples that were left
         self._plan: Optional[dict[str, Any]] = None
         self._share: Optional[torch.Tensor] = None
+        # (epoch, start, indices) of the last epoch(): batch b of it holds indices[b*bs:(b+1)*bs] (fit/ledger.py)
+        self.served: Optional[tuple[int, int, list[int]]] = None
 
     # ---- Stateful: the position lives in TrainProgress; this is what decides the order ----------------
     def state_dict(self) -> dict[str, Any]:
@@ -255,6 +257,7 @@ class Batches:
             idx = self.indices(epoch)[start * self.batch_size:]
         if self.drop_last:
             idx = idx[: len(idx) - len(idx) % self.batch_size]
+        self.served = (epoch, start, idx)
         if self.tensors is not None:
             return self._sliced(idx)
         # A DataLoader iterator draws its workers' base seed from the global RNG unless given a
