@@ -67,6 +67,11 @@ def test_killed_mid_epoch_then_resumed_is_bitwise_equal(tmp_path: Path, mnist_ro
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
     with open(ref / "metrics.csv") as f1, open(cut / "metrics.csv") as f2:
         assert list(csv.DictReader(f1)) == list(csv.DictReader(f2)), "history (incl. epoch-2 train metrics) differs"
+    # the coverage ledger across the kill (FSDP's sharded checkpoints and accumulation included): the same
+    # counts, hash included, as the run that never stopped
+    ledgers = [[json.loads(ln) for ln in (r / "ledger.jsonl").read_text().splitlines()] for r in (ref, cut)]
+    assert ledgers[0] == ledgers[1] and len(ledgers[0]) == 3, ledgers
+    assert all(e["complete"] and not e["partial"] and e["times"]["0"] == 0 for e in ledgers[0]), ledgers[0]
 
 
 @pytest.mark.slow
