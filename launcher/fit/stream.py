@@ -1,0 +1,162 @@
+"""Iterable (streaming) datasets: sharded over ranks x loader workers, resumed by position.
+
+WORK IN PROGRESS (issue 25, item 1; branch `streams`): the source below is built and tested on its
+own (tests/test_stream.py); the Trainer does not use it yet. What is left: the loop's epoch end for
+a source without a length (fit/data.Batches has one), the ranks' agreement on it (uneven streams),
+the ledger for streams, the recipe/API entry points and their errors.
+
+A stream has no length and no random access, so the launcher cannot deal out indices as it does for
+map-style data. It deals out *streams* instead: with W loader workers per rank (1 when the rank reads
+itself), stream s = rank * W + worker of S = world * W reads the dataset's share s of S:
+
+- through the dataset's own sharding where it has one (`shard_stream(index, count)`, the launcher's
+  protocol; Hugging Face `datasets.IterableDataset.shard(num_shards, index)` when it holds at least S
+  shards), each stream reading only its part;
+- otherwise every S-th sample from offset s (each stream then reads, and drops, the others' samples:
+  correct for any iterable, at S times the reading cost; the log says so).
+
+Every sample leaves its worker tagged with (stream, offset in that stream); a batch holds samples of
+one stream only (a DataLoader batches inside a worker). The position is, per stream, how many samples
+of it the loop has taken: a resumed epoch skips exactly those in each stream, and a batch the workers
+had prefetched but the loop never took is read again. That is exact for a deterministic stream (the
+same samples in the same order for the same epoch and shard), which is what `set_epoch` and a seeded
+shuffle buffer give; the cost of a resume is reading the skipped samples again (said in the log).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+
+from ..config import UserError
+from ..device.dist import Dist
+
+log = logging.getLogger("launcher")
+
+
+@dataclass
+class Tagged:
+    """A collated batch and where it came from: its stream, and the offset just past its last sample."""
+    batch: Any
+    stream: int
+    end: int
+
+
+def sharding(data: Any, count: int) -> str:
+    """How a dataset is split into `count` streams: "own" (shard_stream), "hf" (datasets' shard) or
+    "stride" (every count-th sample, each stream reading the whole dataset)."""
+    if callable(getattr(data, "shard_stream", None)):
+        return "own"
+    if callable(getattr(data, "shard", None)) and isinstance(getattr(data, "n_shards", None), int) \
+            and data.n_shards >= count:
+        return "hf"
+    return "stride"
+
+
+class _Shard(IterableDataset):
+    """What runs in each loader worker (or in the rank itself): its stream of the dataset for the
+    epoch, each sample tagged (stream, offset), the first `skip[stream]` samples left out."""
+
+    def __init__(self, data: Any, rank: int, world: int, workers: int, epoch: int, skip: dict[int, int]) -> None:
+        self.data, self.rank, self.world, self.workers = data, rank, world, workers
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[tuple[int, int, Any]]:
+        info = get_worker_info()
+        stream = self.rank * self.workers + (info.id if info is not None else 0)
+        count = self.world * self.workers
+        data = self.data
+        if callable(getattr(data, "set_epoch", None)):
+            data.set_epoch(self.epoch)  # a seeded shuffle buffer reshuffles per epoch, the same on a resume
+        how = sharding(data, count)
+        if how == "own":
+            source: Any = data.shard_stream(stream, count)
+        elif how == "hf":
+            source = data.shard(num_shards=count, index=stream)
+        else:
+            source = itertools.islice(iter(data), stream, None, count)
+        skip = self.skip.get(stream, 0)
+        for offset, sample in enumerate(source):
+            if offset >= skip:
+                yield stream, offset, sample
+
+
+class _Collate:
+    """The user's collate over the samples, the tags kept aside (a class: workers pickle it)."""
+
+    def __init__(self, collate: Callable[[list], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list[tuple[int, int, Any]]) -> Tagged:
+        return Tagged(self.collate([sample for _, _, sample in items]), items[0][0], items[-1][1] + 1)
+
+
+class Stream:
+    """One split's batches from an iterable dataset on this rank: `for batch in stream.epoch(e)`.
+
+    Stateful: the position of each of this rank's streams in the open epoch (saved per rank)."""
+
+    def __init__(self, data: Any, dist: Dist, *, batch_size: int, num_workers: int = 0,
+                 collate_fn: Optional[Callable[[list], Any]] = None, pin_memory: bool = False) -> None:
+        if not isinstance(data, IterableDataset) and not callable(getattr(data, "__iter__", None)):
+            raise UserError(f"data: a {type(data).__name__} is neither a map-style dataset nor an iterable one; "
+                            "valid: a torch Dataset (__len__, __getitem__) or IterableDataset (__iter__)")
+        self.data, self.dist, self.batch_size = data, dist, batch_size
+        self.workers = max(num_workers, 1)
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.collate = _Collate(collate_fn or default_collate)
+        self.epoch_now = -1
+        self.position: dict[int, int] = {}  # stream -> samples of it taken by the loop in the open epoch
+        how = sharding(data, dist.world_size * self.workers)
+        if how == "stride" and dist.world_size * self.workers > 1:
+            log.info("data: %s has no sharding of its own: each of the %d streams (%d ranks x %d workers) reads "
+                     "every sample and keeps every %d-th (shard_stream(index, count) reads only its part)",
+                     type(data).__name__, dist.world_size * self.workers, dist.world_size, self.workers,
+                     dist.world_size * self.workers, extra={"file_only": not dist.is_main})
+
+    def epoch(self, epoch: int) -> Iterator[Any]:
+        """The epoch's batches on this rank, from where the position says (a fresh epoch: the start)."""
+        if epoch != self.epoch_now:
+            self.epoch_now, self.position = epoch, {}
+        skip = dict(self.position)
+        if any(skip.values()):
+            log.info("data: resuming the stream inside epoch %d: %d samples of this rank's streams read again "
+                     "and skipped", epoch + 1, sum(skip.values()), extra={"file_only": True})
+        shard = _Shard(self.data, self.dist.rank, self.dist.world_size, self.workers, epoch, skip)
+        loader = DataLoader(shard, batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory)
+        for tagged in loader:
+            self.position[tagged.stream] = tagged.end  # taken by the loop: what a checkpoint now holds
+            yield tagged.batch
+
+    # ---- Stateful (per rank: each rank's streams are its own) -------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch_now, "position": dict(self.position), "workers": self.workers,
+                "world_size": self.dist.world_size}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if (sd["workers"], sd["world_size"]) != (self.workers, self.dist.world_size):
+            # other streams: the saved positions mean other samples. The epoch starts over, said once
+            log.warning("data: the stream was saved at %d ranks x %d workers, resumed at %d x %d: its streams "
+                        "differ, so epoch %d starts over", sd["world_size"], sd["workers"], self.dist.world_size,
+                        self.workers, sd["epoch"] + 1, extra={"file_only": not self.dist.is_main})
+            self.epoch_now, self.position = sd["epoch"], {}
+            return
+        self.epoch_now, self.position = sd["epoch"], {int(k): int(v) for k, v in sd["position"].items()}
+
+
+def first_batch(stream: Stream) -> Any:
+    """The first batch of epoch 0 of this rank's first stream, read apart (the preflight's, the summary's)."""
+    shard = _Shard(stream.data, stream.dist.rank, stream.dist.world_size, stream.workers, 0, {})
+    items = list(itertools.islice(iter(shard), stream.batch_size))
+    if not items:
+        raise UserError(f"data: the stream yields nothing on rank {stream.dist.rank}; valid: a dataset with at "
+                        "least one sample per rank and worker")
+    return stream.collate(items).batch
+
+
+__all__ = ["Stream", "Tagged", "first_batch", "sharding"]
