@@ -190,15 +190,16 @@ class Trainer:
     def should_continue(self) -> bool:
         return not self.preempted and not self.progress.ends(self.cfg.trainer, self.progress.epoch)
 
-    def _epoch_done(self) -> bool:
-        return self.progress.batch_in_epoch >= len(self.parts.train)  # type: ignore[union-attr]
+    def _epoch_done(self) -> bool:  # (a stream learns its end by agreement: fit/stream.py)
+        return self.parts.train.done(self.progress.batch_in_epoch)  # type: ignore[union-attr]
 
     def _start_epoch(self) -> None:
         p, t, fp = self.progress, self.cfg.trainer, self.parts
         done = p.batch_in_epoch // t.accumulate_grad_batches
-        left = math.ceil(len(fp.train) / t.accumulate_grad_batches) - done  # type: ignore[union-attr]
+        per_epoch = fp.train.steps_in_epoch(t.accumulate_grad_batches)  # type: ignore[union-attr]
+        left = (per_epoch if per_epoch is not None else 10**9) - done  # a stream: as long as it lasts
         total = done + (left if t.max_steps < 0 else min(left, t.max_steps - p.step))
-        self.bar.start(f"epoch {p.epoch + 1}/{t.max_epochs}", total, done)  # type: ignore[union-attr]
+        self.bar.start(f"epoch {p.epoch + 1}/{t.max_epochs}", total if total < 10**8 else None, done)  # type: ignore
         fp.speed.start_epoch(p.step, total - done)  # type: ignore[union-attr]
         batches: Any = fp.train.epoch(p.epoch, start=p.batch_in_epoch)  # type: ignore[union-attr]
         if fp.xla is not None:  # type: ignore[union-attr]
@@ -208,9 +209,7 @@ class Trainer:
     def _train_step(self) -> None:
         """One optimizer step: the micro-batches of one accumulation group (shorter at the epoch's end)."""
         p, t, fp = self.progress, self.cfg.trainer, self.parts
-        n, k = len(fp.train), t.accumulate_grad_batches  # type: ignore[union-attr]
-        start = p.batch_in_epoch - p.batch_in_epoch % k
-        end = min(start + k, n)
+        end = fp.train.group_end(p.batch_in_epoch, t.accumulate_grad_batches)  # type: ignore[union-attr]
         group = end - p.batch_in_epoch  # a world-size change may resume between group boundaries
         loss = None
         for i in range(p.batch_in_epoch, end):

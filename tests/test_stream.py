@@ -1,5 +1,5 @@
-"""Iterable datasets as streams (launcher/fit/stream.py, work in progress: not yet used by the Trainer):
-sharded over ranks x loader workers, each sample once per epoch, resumed by position exactly."""
+"""Iterable datasets as streams (launcher/fit/stream.py): sharded over ranks x loader workers, each
+sample once per epoch, resumed by position exactly; uneven streams end the epoch on every rank together."""
 
 from __future__ import annotations
 
@@ -10,6 +10,14 @@ import pytest
 import torch
 from torch.utils.data import IterableDataset
 
+import functools
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import QUIET, SUPPORT, cli_env, run_cli, wait_for_file
+from launcher import Trainer
 from launcher.config import UserError
 from launcher.device.dist import Dist
 from launcher.fit.stream import Stream, first_batch
@@ -93,3 +101,47 @@ def test_another_world_size_starts_the_epoch_over_and_says_so(caplog) -> None:
 def test_a_stream_that_yields_nothing_on_a_rank_is_named() -> None:
     with pytest.raises(UserError, match="yields nothing on rank 1"):
         first_batch(Stream(Counting(1), Dist(rank=1, world_size=2), batch_size=4))
+
+
+def test_the_api_trains_on_a_stream_with_accumulation(tmp_path: Path) -> None:
+    """200 samples, batch 16: 13 batches (the last of 8), groups of 2: 7 steps an epoch, found without a length."""
+    import stream_samples
+
+    torch.manual_seed(0)
+    tr = Trainer(max_epochs=2, batch_size=16, accumulate_grad_batches=2, run_dir=tmp_path / "r", progress=False,
+                 logger="none", precision="32", gpus=0)
+    data = stream_samples.ShardFiles(files=4, base=50, step=0)
+    history = tr.fit(stream_samples.Probe(), torch.nn.MSELoss(), functools.partial(torch.optim.SGD, lr=0.05), data)
+    assert [h["step"] for h in history] == [7, 14] and history[1]["train_loss"] < history[0]["train_loss"]
+    with pytest.raises(UserError, match="val_data: an iterable"):
+        Trainer(max_epochs=1, run_dir=tmp_path / "v", progress=False, logger="none").fit(
+            stream_samples.Probe(), torch.nn.MSELoss(), functools.partial(torch.optim.SGD, lr=0.05), data, data)
+
+
+@pytest.mark.slow
+def test_uneven_streams_with_workers_killed_mid_epoch_resume_bitwise(tmp_path: Path) -> None:
+    """Shard files of unequal sizes over 2 ranks x 2 workers: every epoch ends on both ranks together
+    (the longer rank's rest is counted in one line), and a SIGKILL inside epoch 2 then the same command
+    gives the weights and the history of a run that never stopped."""
+    args = ["--config-dir", str(SUPPORT / "stream_conf"), "recipe=stream", "trainer.gpus=0", "trainer.nproc=2",
+            "trainer.num_workers=2", "checkpoint.every_n_steps=3", "trainer.max_epochs=3", *QUIET]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    p = run_cli([*args, f"run.dir={ref}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    # rank 0's streams (files 0, 4 and 1, 5) hold 52 + 58 samples: 15 batches of 8; rank 1's (2, 6 and 3, 7)
+    # 64 + 70: 17 batches, the last 2 (8 + 6 samples) past the agreed end
+    said = [ln for ln in p.stderr.splitlines() if "ends with the shortest" in ln]
+    assert len(said) == 3 and all("held 14 more samples" in ln for ln in said), p.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args, f"run.dir={cut}"], cwd=tmp_path,
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for_file(cut / "checkpoints" / "step-0000021" / "manifest.json", proc)  # inside epoch 2 (15 a epoch)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (cut / "model.pt").exists()
+    again = run_cli([*args, f"run.dir={cut}"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "epoch 2 at batch" in (cut / "logs" / "rank-0.log").read_text()
+    a, b = (torch.load(r / "model.pt", weights_only=True) for r in (ref, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (ref / "metrics.csv").read_text() == (cut / "metrics.csv").read_text()

@@ -163,7 +163,9 @@ def run_states(fp: Any, progress: Any, stopper: Any, d: Dist, ledger: Any,
         "scaler": fp.prec,
         "loop": progress,
         "early_stopping": stopper,
-        "ranks": PerRank({"train": fp.train_acc}, d, reseed=reseed),
-        "data": fp.train,
+        # a stream's position is each rank's own (its streams); map-style data's order is the world's
+        "ranks": PerRank({"train": fp.train_acc, **({"stream": fp.train} if fp.train.per_rank else {})}, d,
+                         reseed=reseed),
+        "data": Maybe(None if fp.train.per_rank else fp.train),
         "ledger": ledger,
     }

@@ -250,6 +250,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    """Minimum over ranks, in place; identity in a world of one."""
+    if td.is_initialized() and td.get_world_size() > 1:
+        td.all_reduce(t, op=td.ReduceOp.MIN)
+    return t
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank src's obj on every rank."""
     if not (td.is_initialized() and td.get_world_size() > 1):

@@ -106,6 +106,8 @@ def _first_unseen(rest: torch.Tensor, seen: torch.Tensor, n: int) -> torch.Tenso
 class Batches:
     """One split's batches on this rank: `for batch in batches.epoch(e, start=b)`."""
 
+    per_rank = False  # its state (the order) is the world's: saved once (a stream's is per rank)
+
     def __init__(self, data: Any, dist: Dist, *, train: bool, batch_size: Optional[int] = None,
                  seed: int = 0, num_workers: int = 0, pin_memory: bool = False, seed_per_sample: bool = True) -> None:
         dataset, self.batch_size, kw, shuffle = _loader_settings(data, batch_size)
@@ -275,6 +277,17 @@ class Batches:
             return next(self._sliced(idx))
         return next(iter(DataLoader(self._samples(0), batch_size=self.batch_size, sampler=_Slice(idx),
                                     collate_fn=self.collate_fn)))
+
+    # ---- the loop's questions (a stream answers them by agreement: fit/stream.py) ----------------------
+    def done(self, batch_in_epoch: int) -> bool:
+        return batch_in_epoch >= len(self)
+
+    def group_end(self, batch_in_epoch: int, k: int) -> int:
+        """The end of the accumulation group that `batch_in_epoch` is in (shorter at the epoch's end)."""
+        return min(batch_in_epoch - batch_in_epoch % k + k, len(self))
+
+    def steps_in_epoch(self, k: int) -> Optional[int]:
+        return math.ceil(len(self) / k)
 
     def _samples(self, epoch: int) -> Dataset:
         return SeededSamples(self.dataset, self.seed, epoch) if self.seed_per_sample else self.dataset

@@ -53,7 +53,8 @@ class Ledger:
     absent_ok = True  # checkpoints from before it: the epoch they resume is recorded as incomplete
 
     def __init__(self, t: TrainerConfig, dist: Dist, data: Batches, progress: TrainProgress, run_dir: Path) -> None:
-        self.on, self.keep_counts = bool(t.ledger), bool(t.ledger_counts)
+        # (map-style data only, so far: a stream's samples have no ids yet)
+        self.on, self.keep_counts = bool(t.ledger) and isinstance(data, Batches), bool(t.ledger_counts)
         self.d, self.data, self.progress, self.run_dir = dist, data, progress, run_dir
         # rank 0: the counts a checkpoint carried into epoch `carried[0]` (uint8 or int32, world sums)
         self.carried: Optional[tuple[int, torch.Tensor]] = None

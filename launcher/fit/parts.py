@@ -18,6 +18,7 @@ from ..device import strategy as S
 from ..config import Strategy, TrainerConfig, UserError, one_line
 from . import preflight
 from .batch import first_tensor, map_tensors, to_device
+from . import stream
 from .data import Batches
 from ..device.dist import Dist, broadcast_object
 from ..device.hardware import channels_last_fits, resolve_channels_last, resolve_precision
@@ -104,8 +105,12 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Optional[Callabl
         if value is None:
             raise UserError(f"fit(): {key} is missing; valid: {valid}")
     bs = batch_size or t.batch_size
-    train = Batches(train_data, d, train=True, batch_size=bs, seed=t.seed, num_workers=t.num_workers,
+    train: Any = stream.from_data(train_data, d, bs, t.num_workers, d.device.type == "cuda") if stream.is_stream(
+        train_data) else Batches(train_data, d, train=True, batch_size=bs, seed=t.seed, num_workers=t.num_workers,
                     pin_memory=d.device.type == "cuda", seed_per_sample=t.seed_per_sample)
+    if stream.is_stream(val_data):  # every sample once across ranks, without a length: not yet (issue 25)
+        raise UserError("val_data: an iterable (streaming) dataset for validation is not supported yet; valid: a "
+                        "map-style dataset (__len__, __getitem__)")
     val = Batches(val_data, d, train=False, batch_size=t.eval_batch_size or bs, seed=t.seed,
                   num_workers=t.num_workers, seed_per_sample=t.seed_per_sample) if val_data is not None else None
     xla = XLA() if t.accelerator == "xla" else None
@@ -166,7 +171,7 @@ def _first_batches(train: Batches, val: Optional[Batches], d: Dist) -> list[tupl
     meets it: in training). What the step makes of the batch is the preflight's to check."""
     firsts = []
     for split, batches in (("training", train), ("validation", val)):
-        if batches is None or not batches.n:
+        if batches is None or batches.n == 0:  # (a stream's n is unknown: None)
             continue
         try:
             firsts.append((split, to_device(batches.head(), d.device)))

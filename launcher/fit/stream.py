@@ -1,9 +1,8 @@
 """Iterable (streaming) datasets: sharded over ranks x loader workers, resumed by position.
 
-WORK IN PROGRESS (issue 25, item 1; branch `streams`): the source below is built and tested on its
-own (tests/test_stream.py); the Trainer does not use it yet. What is left: the loop's epoch end for
-a source without a length (fit/data.Batches has one), the ranks' agreement on it (uneven streams),
-the ledger for streams, the recipe/API entry points and their errors.
+Issue 25, in part: training data only (validation streams are refused in one line), no ledger yet
+(a stream's samples have no ids), no resume at another world size or worker count (the epoch starts
+over, said in the log).
 
 A stream has no length and no random access, so the launcher cannot deal out indices as it does for
 map-style data. It deals out *streams* instead: with W loader workers per rank (1 when the rank reads
@@ -25,15 +24,18 @@ shuffle buffer give; the cost of a resume is reading the skipped samples again (
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from ..config import UserError
-from ..device.dist import Dist
+from ..device.dist import Dist, all_reduce_min
+from .batch import batch_size_of
 
 log = logging.getLogger("launcher")
 
@@ -44,6 +46,22 @@ class Tagged:
     batch: Any
     stream: int
     end: int
+
+
+def is_stream(data: Any) -> bool:
+    """An iterable dataset, or a DataLoader over one (its batch size, collate and workers are kept)."""
+    return isinstance(data, IterableDataset) or (isinstance(data, DataLoader) and isinstance(data.dataset,
+                                                                                             IterableDataset))
+
+
+def from_data(data: Any, dist: Dist, batch_size: int, num_workers: int, pin_memory: bool) -> "Stream":
+    if isinstance(data, DataLoader):
+        if data.batch_size is None:
+            raise UserError("data: a DataLoader over an iterable dataset without a batch_size; valid: "
+                            "DataLoader(dataset, batch_size=N), or the dataset itself")
+        return Stream(data.dataset, dist, batch_size=data.batch_size, num_workers=data.num_workers,
+                      collate_fn=data.collate_fn, pin_memory=data.pin_memory)
+    return Stream(data, dist, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
 
 
 def sharding(data: Any, count: int) -> str:
@@ -118,8 +136,24 @@ class Stream:
                      type(data).__name__, dist.world_size * self.workers, dist.world_size, self.workers,
                      dist.world_size * self.workers, extra={"file_only": not dist.is_main})
 
-    def epoch(self, epoch: int) -> Iterator[Any]:
-        """The epoch's batches on this rank, from where the position says (a fresh epoch: the start)."""
+    # The loop's interface (what fit/data.Batches also offers): there is no length, so the epoch's
+    # end is found by looking ahead, and agreed by all ranks (one small all-reduce per optimizer step;
+    # none at 1 rank): every rank trains the same number of micro-batches, the epoch ends for all when
+    # the shortest stream ends, and what the longer ones held is counted and said (never trained twice,
+    # never dropped without a line).
+    n = None  # samples: unknown
+    tensors = None
+    per_rank = True  # each rank's streams are its own: saved per rank (checkpoint/adapters.PerRank)
+
+    def steps_in_epoch(self, k: int) -> Optional[int]:
+        return None
+
+    def __len__(self) -> int:
+        raise TypeError("a stream has no length: use done() / group_end()")
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
+        """The epoch's batches on this rank, from where the position says (`start` is the loop's batch
+        count, which the position already holds)."""
         if epoch != self.epoch_now:
             self.epoch_now, self.position = epoch, {}
         skip = dict(self.position)
@@ -129,9 +163,73 @@ class Stream:
         shard = _Shard(self.data, self.dist.rank, self.dist.world_size, self.workers, epoch, skip)
         loader = DataLoader(shard, batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers,
                             pin_memory=self.pin_memory)
-        for tagged in loader:
+        self._source: Iterator[Tagged] = iter(loader)
+        self._ahead: collections.deque[Tagged] = collections.deque()
+        self._agreed: Optional[int] = None  # micro-batches every rank still has (agreed, less those taken since)
+        self._ended = False  # the agreement found the epoch's end: no more collectives in it
+        self._window = 1  # optimizer steps the next agreement covers (doubling up to LOOKAHEAD)
+        return self._take()
+
+    def _take(self) -> Iterator[Any]:
+        while True:
+            if not self._ahead and not self._fetch():
+                return
+            tagged = self._ahead.popleft()
+            self._agreed = None if self._agreed is None else max(self._agreed - 1, 0)
             self.position[tagged.stream] = tagged.end  # taken by the loop: what a checkpoint now holds
             yield tagged.batch
+
+    def _fetch(self) -> bool:
+        tagged = next(self._source, None)
+        if tagged is not None:
+            self._ahead.append(tagged)
+        return tagged is not None
+
+    LOOKAHEAD = 8  # the most optimizer steps one agreement covers (its batches wait in host memory)
+
+    def available(self, k: int) -> int:
+        """Micro-batches (at most k) that every rank still has in this epoch. One agreement (an
+        all-reduce of one number) covers up to LOOKAHEAD requests: each rank reads that far ahead
+        and the ranks agree on the least any of them holds; the window doubles from 1 so the first
+        step waits for one group only. Whether to ask is decided from the agreed count and k, the
+        same on every rank, so the ranks meet in the same collectives."""
+        if self._agreed is not None and (self._agreed >= k or self._ended):
+            return min(self._agreed, k)
+        want = k * self._window
+        self._window = min(self._window * 2, self.LOOKAHEAD)
+        while len(self._ahead) < want and self._fetch():
+            pass
+        mine = torch.tensor([min(len(self._ahead), want)], dtype=torch.int64, device=self.dist.device)
+        self._agreed = int(all_reduce_min(mine).item())
+        if self._agreed < want:  # some rank's stream ends within this window: the epoch ends there for all
+            self._ended = True
+            self._count_rest(keep=self._agreed)
+        return min(self._agreed, k)
+
+    def _count_rest(self, keep: int) -> None:
+        """The epoch ends after `keep` more micro-batches on every rank: this rank's rest is read (to be
+        counted), never trained, and said in the log."""
+        extra = list(self._ahead)[keep:]
+        left = sum(_samples(t) for t in extra) + sum(_samples(t) for t in self._source)
+        while len(self._ahead) > keep:
+            self._ahead.pop()
+        if left:
+            log.warning("data: epoch %d ends with the shortest of the ranks' streams; rank %d's held %d more "
+                        "samples, not trained this epoch", self.epoch_now + 1, self.dist.rank, left)
+
+    def done(self, batch_in_epoch: int) -> bool:
+        return self.available(1) == 0
+
+    def group_end(self, batch_in_epoch: int, k: int) -> int:
+        """The end of the accumulation group that starts at `batch_in_epoch` (fewer than k at the end)."""
+        start = batch_in_epoch - batch_in_epoch % k
+        return batch_in_epoch + self.available(start + k - batch_in_epoch)
+
+    def continue_epoch(self, epoch: int, batch_in_epoch: int) -> int:
+        return batch_in_epoch  # the position per stream is this part's own state
+
+    def head(self) -> Any:
+        return first_batch(self)
 
     # ---- Stateful (per rank: each rank's streams are its own) -------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -147,6 +245,11 @@ class Stream:
             self.epoch_now, self.position = sd["epoch"], {}
             return
         self.epoch_now, self.position = sd["epoch"], {int(k): int(v) for k, v in sd["position"].items()}
+
+
+def _samples(tagged: Tagged) -> int:
+    """A collated batch's samples (its first tensor's rows)."""
+    return batch_size_of(tagged.batch)
 
 
 def first_batch(stream: Stream) -> Any:
