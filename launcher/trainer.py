@@ -197,10 +197,11 @@ class Trainer:
         p, t, fp = self.progress, self.cfg.trainer, self.parts
         done = p.batch_in_epoch // t.accumulate_grad_batches
         per_epoch = fp.train.steps_in_epoch(t.accumulate_grad_batches)  # type: ignore[union-attr]
-        left = (per_epoch if per_epoch is not None else 10**9) - done  # a stream: as long as it lasts
-        total = done + (left if t.max_steps < 0 else min(left, t.max_steps - p.step))
-        self.bar.start(f"epoch {p.epoch + 1}/{t.max_epochs}", total if total < 10**8 else None, done)  # type: ignore
-        fp.speed.start_epoch(p.step, total - done)  # type: ignore[union-attr]
+        left = [per_epoch - done] if per_epoch is not None else []  # (a stream has no length)
+        left += [t.max_steps - p.step] if t.max_steps >= 0 else []
+        total = done + min(left) if left else None  # None: a stream (no length) without max_steps
+        self.bar.start(f"epoch {p.epoch + 1}/{t.max_epochs}", total, done)  # type: ignore[union-attr]
+        fp.speed.start_epoch(p.step, None if total is None else total - done)  # type: ignore[union-attr]
         batches: Any = fp.train.epoch(p.epoch, start=p.batch_in_epoch)  # type: ignore[union-attr]
         if fp.xla is not None:  # type: ignore[union-attr]
             batches = fp.xla.loader(batches, self.dist.device)  # type: ignore[union-attr]

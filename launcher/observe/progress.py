@@ -50,10 +50,11 @@ class Speed:
         return cls(samples_per_step, getattr(model, "tokens_per_sample", None),
                    getattr(model, "flops_per_sample", None), peak_tflops * 1e12 * world_size)
 
-    def start_epoch(self, step: int, steps: int) -> None:
-        """An epoch (or the rest of one) of `steps` optimizer steps begins after `step`."""
+    def start_epoch(self, step: int, steps: Optional[int]) -> None:
+        """An epoch (or the rest of one) of `steps` optimizer steps begins after `step` (None: unknown, a stream)."""
         self.t0, self.step0, self.excluded = time.perf_counter(), step, 0.0
-        self.warm_at = step + max(1, min(50, steps // 10))  # the warm-up: 10% of the epoch, 1 to 50 steps
+        # the warm-up: 10% of the epoch, 1 to 50 steps
+        self.warm_at = step + (50 if steps is None else max(1, min(50, steps // 10)))
         self.warm: Optional[tuple[float, int]] = None
         self.marks: deque[tuple[float, int]] = deque([(0.0, step)])
         self.step = step
