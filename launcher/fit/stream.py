@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from ..config import UserError
 from ..device.dist import Dist, all_reduce_min
 from .batch import batch_size_of
+from .sources import open_shard, set_epoch, sharding
 
 log = logging.getLogger("launcher")
 
@@ -64,17 +65,6 @@ def from_data(data: Any, dist: Dist, batch_size: int, num_workers: int, pin_memo
     return Stream(data, dist, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
 
 
-def sharding(data: Any, count: int) -> str:
-    """How a dataset is split into `count` streams: "own" (shard_stream), "hf" (datasets' shard) or
-    "stride" (every count-th sample, each stream reading the whole dataset)."""
-    if callable(getattr(data, "shard_stream", None)):
-        return "own"
-    if callable(getattr(data, "shard", None)) and isinstance(getattr(data, "n_shards", None), int) \
-            and data.n_shards >= count:
-        return "hf"
-    return "stride"
-
-
 class _Shard(IterableDataset):
     """What runs in each loader worker (or in the rank itself): its stream of the dataset for the
     epoch, each sample tagged (stream, offset), the first `skip[stream]` samples left out."""
@@ -88,15 +78,8 @@ class _Shard(IterableDataset):
         stream = self.rank * self.workers + (info.id if info is not None else 0)
         count = self.world * self.workers
         data = self.data
-        if callable(getattr(data, "set_epoch", None)):
-            data.set_epoch(self.epoch)  # a seeded shuffle buffer reshuffles per epoch, the same on a resume
-        how = sharding(data, count)
-        if how == "own":
-            source: Any = data.shard_stream(stream, count)
-        elif how == "hf":
-            source = data.shard(num_shards=count, index=stream)
-        else:
-            source = itertools.islice(iter(data), stream, None, count)
+        set_epoch(data, self.epoch)
+        source = open_shard(data, stream, count)
         skip = self.skip.get(stream, 0)
         for offset, sample in enumerate(source):
             if offset >= skip:
@@ -262,4 +245,4 @@ def first_batch(stream: Stream) -> Any:
     return stream.collate(items).batch
 
 
-__all__ = ["Stream", "Tagged", "first_batch", "sharding"]
+__all__ = ["Stream", "Tagged", "first_batch"]
