@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 import functools
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +22,8 @@ from conftest import QUIET, SUPPORT, cli_env, run_cli, wait_for_file
 from launcher import Trainer
 from launcher.config import UserError
 from launcher.device.dist import Dist
-from launcher.fit.stream import Stream, first_batch
+from launcher.fit.shard import merge_positions
+from launcher.fit.stream import Stream, first_batch, from_data
 
 
 class Counting(IterableDataset):
@@ -79,23 +82,67 @@ def test_a_dataset_that_shards_itself_reads_only_its_files(tmp_path: Path) -> No
 def test_a_resumed_epoch_takes_exactly_the_samples_not_yet_taken(workers: int) -> None:
     d = Dist(rank=1, world_size=2)
     first = Stream(Counting(103), d, batch_size=4, num_workers=workers)
-    taken = list(itertools.islice(first.epoch(0), 5))  # the loop took 5 batches; prefetched ones are not counted
+    # the loop took 5 batches (prefetched ones are not counted): with 2 workers, worker 0's turn was last
+    taken = list(itertools.islice(first.epoch(0), 5))
     saved = first.state_dict()
     again = Stream(Counting(103), d, batch_size=4, num_workers=workers)
     again.load_state_dict(saved)
     rest = list(again.epoch(0))
     whole = list(Stream(Counting(103), d, batch_size=4, num_workers=workers).epoch(0))
-    assert _ids(taken + rest) == _ids(whole), "no sample twice, none lost"
-    assert [b.tolist() for b in taken + rest] != [] and len(_ids(whole)) == len(set(_ids(whole)))
+    assert [b.tolist() for b in taken + rest] == [b.tolist() for b in whole], \
+        "the same batches in the same order (the workers' turns too) as the uninterrupted epoch"
 
 
-def test_another_world_size_starts_the_epoch_over_and_says_so(caplog) -> None:
-    first = Stream(Counting(20), Dist(rank=0, world_size=2), batch_size=4)
-    list(itertools.islice(first.epoch(0), 1))
-    later = Stream(Counting(20), Dist(rank=0, world_size=1), batch_size=4)
-    later.load_state_dict(first.state_dict())
-    assert _ids(later.epoch(0)) == list(range(20))
-    assert "starts over" in caplog.text
+def _world_state(streams: list[Stream]) -> dict:
+    """What a checkpoint of these ranks holds (in-process there is no process group to gather with)."""
+    sd = streams[0].state_dict()
+    sd["position"] = merge_positions([s.state_dict()["position"] for s in streams])
+    sd["last"] = {r: s.last for r, s in enumerate(streams)}
+    return sd
+
+
+@pytest.mark.parametrize("layouts", [[(2, 2), (3, 2)], [(2, 2), (1, 0)], [(3, 1), (2, 2), (1, 0)]],
+                         ids=["2x2-3x2", "2x2-1x0", "3x1-2x2-1x0"])
+def test_a_resize_inside_an_epoch_trains_exactly_what_was_left(layouts, caplog) -> None:
+    """Each layout but the last takes 3 batches on every rank, then the run is resumed at the next
+    (two resizes in one epoch in the last case); the last drains the epoch. Every sample once."""
+    data, taken, saved = Files(8, 13, Path(os.devnull)), [], None
+    for i, (world, workers) in enumerate(layouts):
+        ranks = [Stream(data, Dist(rank=r, world_size=world), batch_size=4, num_workers=workers) for r in range(world)]
+        for stream in ranks:
+            if saved is not None:
+                stream.load_state_dict(saved)
+            batches = stream.epoch(0)
+            taken += list(batches) if i == len(layouts) - 1 else list(itertools.islice(batches, 3))
+        saved = _world_state(ranks)
+    assert _ids(taken) == list(range(104))
+    assert "inside epoch 1: the rest of the epoch is what the saved streams had left" in caplog.text
+
+
+def test_persistent_workers_follow_the_epochs(tmp_path: Path) -> None:
+    """A DataLoader with persistent_workers: the same worker processes read epoch 2, and they read it
+    as epoch 2 (set_epoch reached them)."""
+    data = EpochAware(tmp_path / "pids")
+    stream = from_data(DataLoader(data, batch_size=5, num_workers=2, persistent_workers=True), Dist(), 0, 0, False)
+    first, second = _ids(stream.epoch(0)), _ids(stream.epoch(1))
+    assert first == list(range(20)) and second == list(range(1000, 1020))
+    pids = [line.split() for line in (tmp_path / "pids").read_text().splitlines()]
+    assert {p for e, p in pids if e == "0"} == {p for e, p in pids if e == "1"} and len({p for _, p in pids}) == 2
+
+
+class EpochAware(IterableDataset):
+    """epoch * 1000 + i for i < 20; notes (epoch, pid) of each iter()."""
+
+    def __init__(self, log: Path) -> None:
+        self.log, self.epoch = log, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        with open(self.log, "a") as out:
+            out.write(f"{self.epoch} {os.getpid()}\n")
+        return iter(torch.arange(self.epoch * 1000, self.epoch * 1000 + 20).unbind())
 
 
 def test_a_stream_that_yields_nothing_on_a_rank_is_named() -> None:
@@ -113,35 +160,69 @@ def test_the_api_trains_on_a_stream_with_accumulation(tmp_path: Path) -> None:
     data = stream_samples.ShardFiles(files=4, base=50, step=0)
     history = tr.fit(stream_samples.Probe(), torch.nn.MSELoss(), functools.partial(torch.optim.SGD, lr=0.05), data)
     assert [h["step"] for h in history] == [7, 14] and history[1]["train_loss"] < history[0]["train_loss"]
-    with pytest.raises(UserError, match="val_data: an iterable"):
-        Trainer(max_epochs=1, run_dir=tmp_path / "v", progress=False, logger="none").fit(
-            stream_samples.Probe(), torch.nn.MSELoss(), functools.partial(torch.optim.SGD, lr=0.05), data, data)
+    lines = [json.loads(line) for line in (tmp_path / "r" / "ledger.jsonl").read_text().splitlines()]
+    assert [(e["n"], e["times"]["1"]) for e in lines] == [(200, 200)] * 2, "every sample of the stream once"
+    # validation and evaluate() read a stream whole: the same loss as the same samples held in a list
+    held = list(data)
+    tr = Trainer(max_epochs=1, batch_size=16, run_dir=tmp_path / "v", progress=False, logger="none", gpus=0,
+                 num_workers=2)
+    model = stream_samples.Probe()
+    row = tr.fit(model, torch.nn.MSELoss(), functools.partial(torch.optim.SGD, lr=0.05), data, val_data=data)[-1]
+    assert row["val_loss"] == pytest.approx(tr.evaluate(held, model=model)["test_loss"], rel=1e-6)
+    assert row["val_loss"] == pytest.approx(tr.evaluate(data, model=model)["test_loss"], rel=1e-6)
+    with pytest.raises(UserError, match="predict\\(\\): data is an iterable"):
+        tr.predict(data, model=model)
+
+
+def _kill_after(run_dir: Path, step: int, args: list[str], cwd: Path) -> None:
+    """Start the run, SIGKILL it once the checkpoint of `step` is on disk (it lands a few steps later)."""
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args, f"run.dir={run_dir}"], cwd=cwd,
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for_file(run_dir / "checkpoints" / f"step-{step:07d}" / "manifest.json", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _last_step(run_dir: Path) -> int:
+    return max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")
+               if (p / "manifest.json").exists())
 
 
 @pytest.mark.slow
-def test_uneven_streams_with_workers_killed_mid_epoch_resume_bitwise(tmp_path: Path) -> None:
+def test_uneven_streams_with_workers_killed_twice_in_an_epoch_resume_bitwise(tmp_path: Path) -> None:
     """Shard files of unequal sizes over 2 ranks x 2 workers: every epoch ends on both ranks together
-    (the longer rank's rest is counted in one line), and a SIGKILL inside epoch 2 then the same command
-    gives the weights and the history of a run that never stopped."""
+    (the longer rank's rest is counted in one line and in the ledger, trained 0 times). Two SIGKILLs
+    inside epoch 2, each followed by the same command, give the weights, the history and the ledger of
+    a run that never stopped; the run dir after the first kill, resumed on 1 rank, trains every sample
+    the killed epoch had left exactly once (the ledger's line for it: each of the 244 once)."""
     args = ["--config-dir", str(SUPPORT / "stream_conf"), "recipe=stream", "trainer.gpus=0", "trainer.nproc=2",
             "trainer.num_workers=2", "checkpoint.every_n_steps=3", "trainer.max_epochs=3", *QUIET]
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    ref, cut, resized = tmp_path / "ref", tmp_path / "cut", tmp_path / "resized"
     p = run_cli([*args, f"run.dir={ref}"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     # rank 0's streams (files 0, 4 and 1, 5) hold 52 + 58 samples: 15 batches of 8; rank 1's (2, 6 and 3, 7)
     # 64 + 70: 17 batches, the last 2 (8 + 6 samples) past the agreed end
     said = [ln for ln in p.stderr.splitlines() if "ends with the shortest" in ln]
     assert len(said) == 3 and all("held 14 more samples" in ln for ln in said), p.stderr[-3000:]
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args, f"run.dir={cut}"], cwd=tmp_path,
-                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    wait_for_file(cut / "checkpoints" / "step-0000021" / "manifest.json", proc)  # inside epoch 2 (15 a epoch)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert not (cut / "model.pt").exists()
+    ledger = [json.loads(line) for line in (ref / "ledger.jsonl").read_text().splitlines()]
+    assert [(e["n"], e["times"]) for e in ledger] == [(244, {"0": 14, "1": 230, "2+": 0})] * 3
+    _kill_after(cut, 18, args, tmp_path)  # epoch 2 is steps 16..30
+    first = _last_step(cut)
+    assert 18 <= first <= 24, f"the first kill must leave room for a second inside epoch 2 (at {first})"
+    shutil.copytree(cut, resized, symlinks=True)  # (checkpoints/last is a link)
+    _kill_after(cut, first + 3, args, tmp_path)
+    assert _last_step(cut) < 30 and not (cut / "model.pt").exists(), "both kills inside epoch 2"
     again = run_cli([*args, f"run.dir={cut}"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "epoch 2 at batch" in (cut / "logs" / "rank-0.log").read_text()
     a, b = (torch.load(r / "model.pt", weights_only=True) for r in (ref, cut))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (ref / "metrics.csv").read_text() == (cut / "metrics.csv").read_text()
+    assert (ref / "ledger.jsonl").read_text() == (cut / "ledger.jsonl").read_text()
+    one = run_cli([*[a for a in args if a != "trainer.nproc=2"], "trainer.nproc=1", f"run.dir={resized}"],
+                  cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "resumed at 1 x 2 inside epoch 2" in one.stderr, one.stderr[-3000:]
+    lines = [json.loads(line) for line in (resized / "ledger.jsonl").read_text().splitlines()]
+    assert lines[1]["epoch"] == 2 and (lines[1]["n"], lines[1]["times"]) == (244, {"0": 0, "1": 244, "2+": 0})

@@ -163,9 +163,8 @@ def run_states(fp: Any, progress: Any, stopper: Any, d: Dist, ledger: Any,
         "scaler": fp.prec,
         "loop": progress,
         "early_stopping": stopper,
-        # a stream's position is each rank's own (its streams); map-style data's order is the world's
-        "ranks": PerRank({"train": fp.train_acc, **({"stream": fp.train} if fp.train.per_rank else {})}, d,
-                         reseed=reseed),
-        "data": Maybe(None if fp.train.per_rank else fp.train),
+        "ranks": PerRank({"train": fp.train_acc}, d, reseed=reseed),
+        # the world's: map-style data's order, or a stream's positions (gathered from every rank)
+        "data": Maybe(fp.train),
         "ledger": ledger,
     }

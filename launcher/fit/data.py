@@ -106,8 +106,6 @@ def _first_unseen(rest: torch.Tensor, seen: torch.Tensor, n: int) -> torch.Tenso
 class Batches:
     """One split's batches on this rank: `for batch in batches.epoch(e, start=b)`."""
 
-    per_rank = False  # its state (the order) is the world's: saved once (a stream's is per rank)
-
     def __init__(self, data: Any, dist: Dist, *, train: bool, batch_size: Optional[int] = None,
                  seed: int = 0, num_workers: int = 0, pin_memory: bool = False, seed_per_sample: bool = True) -> None:
         dataset, self.batch_size, kw, shuffle = _loader_settings(data, batch_size)

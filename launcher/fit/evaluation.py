@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from .batch import to_device
+from . import stream
 from .data import Batches
-from ..device.dist import Dist, all_gather_object
+from ..device.dist import Dist, all_gather_object, all_reduce_sum
 from .metrics import Accumulator
 from ..config import TrainerConfig, UserError
 from ..device.hardware import resolve_precision
@@ -28,6 +29,9 @@ def forward_all(model: nn.Module, step: Step, batches: Batches, device: torch.de
     Under FSDP every forward is a collective (parameters are gathered), so ranks with fewer eval
     batches repeat one and discard it until the rank with the most is done.
     """
+    if batches.n is None:  # a stream (fit/stream.py): no length to know the most by
+        yield from _forward_stream(model, step, batches, device, prec, lockstep)
+        return
     own = len(batches)
     most = math.ceil(math.ceil(batches.n / batches.dist.world_size) / batches.batch_size) if lockstep else own
     first = None
@@ -39,6 +43,31 @@ def forward_all(model: nn.Module, step: Step, batches: Batches, device: torch.de
         for _ in range(most - own):
             first = first if first is not None else to_device(batches.head(), device)
             _forward(model, step, first, prec, batches.batch_size)
+
+
+def _forward_stream(model: nn.Module, step: Step, batches: Any, device: torch.device, prec: Precision,
+                    lockstep: bool) -> Iterator[tuple[StepOutput, int]]:
+    """Every batch of this rank's streams once. In lockstep (FSDP) the ranks ask each other before
+    each forward whether any still has a batch (one all-reduce per batch: a stream has no length to
+    know the most by; small beside the forward's own parameter gathers); one that has none repeats
+    its first and discards it."""
+    first = None
+    with inference(model):
+        source = iter(batches.epoch(0))
+        while True:
+            batch = next(source, None)
+            if lockstep:
+                if not all_reduce_sum(torch.tensor([batch is not None], dtype=torch.int64, device=device)).item():
+                    return
+                if batch is None:
+                    first = first if first is not None else to_device(batches.head(), device)
+                    _forward(model, step, first, prec, batches.batch_size)
+                    continue
+            elif batch is None:
+                return
+            batch = to_device(batch, device)
+            first = batch if first is None else first
+            yield _forward(model, step, batch, prec, batches.batch_size)
 
 
 def _forward(model: nn.Module, step: Step, batch: Any, prec: Precision, full: int) -> tuple[StepOutput, int]:
@@ -66,6 +95,9 @@ def evaluate(model: nn.Module, step: Step, batches: Batches, acc: Accumulator, d
 def predict(model: nn.Module, step: Step, batches: Batches, d: Dist, prec: Precision,
             lockstep: bool) -> Optional[torch.Tensor]:
     """The step's outputs for every sample, in dataset order, on rank 0 (None on other ranks)."""
+    if batches.n is None:
+        raise UserError("predict(): data is an iterable (streaming) dataset; valid: a map-style dataset "
+                        "(__len__, __getitem__): predictions come back in the dataset's order")
     outs: list[torch.Tensor] = []
     for out, n in forward_all(model, step, batches, d.device, prec, lockstep):
         y = out.outputs
@@ -107,7 +139,9 @@ def outside_fit(t: TrainerConfig, d: Dist, fp: Any, data: Any, batch_size: Optio
     if model is None and fp is None:
         raise UserError(f"{what}() before fit() needs model=")
     model = (model or fp.model).to(d.device)
-    batches = Batches(data, d, train=False, batch_size=batch_size or t.eval_batch_size or t.batch_size)
+    bs = batch_size or t.eval_batch_size or t.batch_size
+    batches: Any = stream.from_data(data, d, bs, t.num_workers, False, train=False) if stream.is_stream(data) else \
+        Batches(data, d, train=False, batch_size=bs)
     if fp is not None:
         prec, lockstep = fp.prec, fp.sharded
     else:

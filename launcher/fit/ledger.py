@@ -9,6 +9,11 @@ all-reduce, saved as this part's state) and at the epoch's end (one all-reduce, 
 the line). A resumed run carries the checkpoint's counts on rank 0 and adds what it trains after
 them: a batch trained before a kill and again after the resume counts twice, a DDP padding repeat
 counts twice, and the saved counts are world sums, so a resume at another world size keeps them.
+
+A stream (fit/stream.py) has no indices: its sample id is its origin, (stream, offset) in the
+epoch's first layout, and the record lists the origin streams one after the other. The stream
+counts its trainings as the loop takes batches (a slice increment per batch) and every sample it
+read, so the samples an uneven epoch's longer ranks held are in the record, trained 0 times.
 """
 
 from __future__ import annotations
@@ -24,8 +29,7 @@ import numpy as np
 import torch
 
 from ..config import TrainerConfig
-from ..device.dist import Dist, all_reduce_sum
-from .data import Batches
+from ..device.dist import Dist, all_gather_object, all_reduce_sum
 from .state import TrainProgress
 
 log = logging.getLogger("launcher")
@@ -52,12 +56,13 @@ class Ledger:
 
     absent_ok = True  # checkpoints from before it: the epoch they resume is recorded as incomplete
 
-    def __init__(self, t: TrainerConfig, dist: Dist, data: Batches, progress: TrainProgress, run_dir: Path) -> None:
-        # (map-style data only, so far: a stream's samples have no ids yet)
-        self.on, self.keep_counts = bool(t.ledger) and isinstance(data, Batches), bool(t.ledger_counts)
+    def __init__(self, t: TrainerConfig, dist: Dist, data: Any, progress: TrainProgress, run_dir: Path) -> None:
+        self.on, self.keep_counts = bool(t.ledger), bool(t.ledger_counts)
         self.d, self.data, self.progress, self.run_dir = dist, data, progress, run_dir
-        # rank 0: the counts a checkpoint carried into epoch `carried[0]` (uint8 or int32, world sums)
-        self.carried: Optional[tuple[int, torch.Tensor]] = None
+        self.stream = data.n is None  # fit/stream.Stream: counted by origin (fit/data.Batches: by index)
+        # rank 0: the counts a checkpoint carried into epoch `carried[0]` (world sums; uint8 or int32,
+        # or per origin stream for a stream)
+        self.carried: Optional[tuple[int, Any]] = None
         self.incomplete: Optional[int] = None  # an epoch resumed without its counts (an older checkpoint)
         self._ids: Optional[tuple[Any, torch.Tensor]] = None  # Batches.served's indices as a tensor, once
 
@@ -75,14 +80,37 @@ class Ledger:
         trained = self._ids[1][: max(p.batch_in_epoch - start, 0) * self.data.batch_size]
         return torch.bincount(trained, minlength=n).to(torch.int32)
 
-    def world(self) -> np.ndarray:
-        """The world's counts of the open epoch (a collective: every rank calls it)."""
+    def world(self) -> Any:
+        """The world's counts of the open epoch (a collective: every rank calls it): an array over
+        the dataset's indices, or for a stream {origin stream: an array over its offsets}."""
+        if self.stream:
+            return self._world_streams()
         counts = self._mine()
         if self.carried is not None and self.carried[0] == self.progress.epoch:
             counts += self.carried[1].to(torch.int32)
         if self.d.world_size > 1:  # on the device the process group reduces on (nccl: the GPU)
             counts = all_reduce_sum(counts.to(self.d.device)).cpu()
         return counts.numpy()
+
+    def _world_streams(self) -> dict[int, np.ndarray]:
+        parts = all_gather_object(self.data.coverage())  # ragged (each rank read its own): objects
+        if self.carried is not None and self.carried[0] == self.progress.epoch:
+            parts.append(self.carried[1])
+        out: dict[int, np.ndarray] = {}
+        for part in parts:
+            for origin, counts in part.items():
+                have = out.setdefault(int(origin), np.zeros(0, np.int32))
+                if len(have) < len(counts):
+                    have = out[int(origin)] = np.concatenate([have, np.zeros(len(counts) - len(have), np.int32)])
+                have[: len(counts)] += np.asarray(counts, dtype=np.int32)
+        return out
+
+    @staticmethod
+    def flat(counts: Any) -> np.ndarray:
+        """The record's array: a stream's origin streams one after the other."""
+        if isinstance(counts, dict):
+            return np.concatenate([counts[k] for k in sorted(counts)]) if counts else np.zeros(0, np.int32)
+        return counts
 
     # ---- Stateful -----------------------------------------------------------------------------------
     def state_dict(self) -> Optional[dict[str, Any]]:
@@ -91,27 +119,30 @@ class Ledger:
             return None
         # at an epoch boundary nothing is counted yet (batch_in_epoch is the same on every rank: all skip)
         counts = self.world() if p.batch_in_epoch else None
-        small = counts is not None and counts.max(initial=0) <= 255
-        return {"epoch": p.epoch, "n": self.data.n, "complete": self.incomplete != p.epoch,
-                "counts": None if counts is None else torch.from_numpy(counts.astype(np.uint8 if small else np.int32))}
+        sd = {"epoch": p.epoch, "n": self.data.n, "complete": self.incomplete != p.epoch}
+        if isinstance(counts, dict):
+            return {**sd, "counts": None, "origins": {k: _compact(v) for k, v in counts.items()}}
+        return {**sd, "counts": None if counts is None else _compact(counts)}
 
     def load_state_dict(self, sd: Optional[dict[str, Any]]) -> None:
         """Restored after the loop's position ("loop"): which epoch the position is in is known."""
         p = self.progress
         self.carried, self.incomplete = None, None
-        if sd is None or sd.get("counts") is None:
+        counts = None if sd is None else sd.get("origins") if self.stream else sd.get("counts")
+        if counts is None:
             # no counts: fine at an epoch boundary; inside one, what was trained before is unknown
             self.incomplete = p.epoch if p.batch_in_epoch else None
             return
-        if int(sd["n"]) != self.data.n:
-            log.warning("coverage ledger: the checkpoint counted %d samples, the data has %d: epoch %d is recorded "
+        if sd["n"] != self.data.n:
+            log.warning("coverage ledger: the checkpoint counted %s samples, the data has %s: epoch %d is recorded "
                         "from here on only", sd["n"], self.data.n, p.epoch + 1, extra={"file_only": not self.d.is_main})
             self.incomplete = p.epoch
             return
         if not sd.get("complete", True):
             self.incomplete = int(sd["epoch"])
         if self.d.is_main:  # world sums: one rank carries them, whatever the world size now
-            self.carried = (int(sd["epoch"]), sd["counts"])
+            self.carried = (int(sd["epoch"]), {int(k): v.numpy() for k, v in counts.items()} if self.stream
+                            else counts)
 
     # ---- the epoch's end ----------------------------------------------------------------------------
     def end_epoch(self, step: int, partial: bool) -> None:
@@ -119,7 +150,7 @@ class Ledger:
         run ends inside the epoch; its line says so and is replaced when the epoch is finished."""
         if not self.on:
             return
-        counts, epoch = self.world(), self.progress.epoch
+        counts, epoch = self.flat(self.world()), self.progress.epoch
         if self.d.is_main:
             record = {"epoch": epoch + 1, "step": step, "world_size": self.d.world_size, **summary(counts),
                       "partial": partial, "complete": self.incomplete != epoch}
@@ -147,3 +178,8 @@ class Ledger:
         if not record["complete"]:
             log.warning("coverage ledger: epoch %d was resumed from a checkpoint without its counts; its line "
                         "counts only what was trained after that", record["epoch"])
+
+
+def _compact(counts: np.ndarray) -> torch.Tensor:
+    """uint8 while no sample was trained more than 255 times (a checkpoint's counts: a quarter the size)."""
+    return torch.from_numpy(counts.astype(np.uint8 if counts.max(initial=0) <= 255 else np.int32))

@@ -108,11 +108,12 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Optional[Callabl
     train: Any = stream.from_data(train_data, d, bs, t.num_workers, d.device.type == "cuda") if stream.is_stream(
         train_data) else Batches(train_data, d, train=True, batch_size=bs, seed=t.seed, num_workers=t.num_workers,
                     pin_memory=d.device.type == "cuda", seed_per_sample=t.seed_per_sample)
-    if stream.is_stream(val_data):  # every sample once across ranks, without a length: not yet (issue 25)
-        raise UserError("val_data: an iterable (streaming) dataset for validation is not supported yet; valid: a "
-                        "map-style dataset (__len__, __getitem__)")
-    val = Batches(val_data, d, train=False, batch_size=t.eval_batch_size or bs, seed=t.seed,
-                  num_workers=t.num_workers, seed_per_sample=t.seed_per_sample) if val_data is not None else None
+    val: Any = None
+    if stream.is_stream(val_data):  # every rank reads its streams whole: every sample once across ranks
+        val = stream.from_data(val_data, d, t.eval_batch_size or bs, t.num_workers, False, train=False)
+    elif val_data is not None:
+        val = Batches(val_data, d, train=False, batch_size=t.eval_batch_size or bs, seed=t.seed,
+                      num_workers=t.num_workers, seed_per_sample=t.seed_per_sample)
     xla = XLA() if t.accelerator == "xla" else None
     precision, why_precision = resolve_precision(t.precision, d.device)
     channels_last, why_cl = resolve_channels_last(t.channels_last, d.device, precision)

@@ -1,52 +1,34 @@
 """Iterable (streaming) datasets: sharded over ranks x loader workers, resumed by position.
 
-Issue 25, in part: training data only (validation streams are refused in one line), no ledger yet
-(a stream's samples have no ids), no resume at another world size or worker count (the epoch starts
-over, said in the log).
-
 A stream has no length and no random access, so the launcher cannot deal out indices as it does for
 map-style data. It deals out *streams* instead: with W loader workers per rank (1 when the rank reads
-itself), stream s = rank * W + worker of S = world * W reads the dataset's share s of S:
+itself), stream s = rank * W + worker of S = world * W reads the dataset's share s of S (how a kind
+of dataset is split: fit/sources.py; what a worker iterates and how samples are tagged: fit/shard.py).
 
-- through the dataset's own sharding where it has one (`shard_stream(index, count)`, the launcher's
-  protocol; Hugging Face `datasets.IterableDataset.shard(num_shards, index)` when it holds at least S
-  shards), each stream reading only its part;
-- otherwise every S-th sample from offset s (each stream then reads, and drops, the others' samples:
-  correct for any iterable, at S times the reading cost; the log says so).
-
-Every sample leaves its worker tagged with (stream, offset in that stream); a batch holds samples of
-one stream only (a DataLoader batches inside a worker). The position is, per stream, how many samples
-of it the loop has taken: a resumed epoch skips exactly those in each stream, and a batch the workers
-had prefetched but the loop never took is read again. That is exact for a deterministic stream (the
-same samples in the same order for the same epoch and shard), which is what `set_epoch` and a seeded
-shuffle buffer give; the cost of a resume is reading the skipped samples again (said in the log).
+The position is, per stream, how many of its samples the loop has taken: a resumed epoch skips
+exactly those in each stream, and a batch the workers had prefetched but the loop never took is read
+again. That is exact for a deterministic stream (the same samples in the same order for the same
+epoch and shard), which is what `set_epoch` and a seeded shuffle buffer give; the cost of a resume is
+reading the skipped samples again (said in the log). The position is the world's (gathered at a
+checkpoint), so a run resumed inside an epoch at another world size or worker count reads exactly
+what the saved layout had left (fit/shard.py: the epoch's earlier layouts are kept as layers).
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from ..config import UserError
-from ..device.dist import Dist, all_reduce_min
-from .batch import batch_size_of
-from .sources import open_shard, set_epoch, sharding
+from ..device.dist import Dist, all_gather_object, all_reduce_min
+from .shard import Collate, Shard, Tagged, first_items, frozen, merge_positions
+from .sources import sharding
 
 log = logging.getLogger("launcher")
-
-
-@dataclass
-class Tagged:
-    """A collated batch and where it came from: its stream, and the offset just past its last sample."""
-    batch: Any
-    stream: int
-    end: int
 
 
 def is_stream(data: Any) -> bool:
@@ -55,78 +37,61 @@ def is_stream(data: Any) -> bool:
                                                                                              IterableDataset))
 
 
-def from_data(data: Any, dist: Dist, batch_size: int, num_workers: int, pin_memory: bool) -> "Stream":
+def from_data(data: Any, dist: Dist, batch_size: int, num_workers: int, pin_memory: bool,
+              train: bool = True) -> "Stream":
     if isinstance(data, DataLoader):
         if data.batch_size is None:
             raise UserError("data: a DataLoader over an iterable dataset without a batch_size; valid: "
                             "DataLoader(dataset, batch_size=N), or the dataset itself")
         return Stream(data.dataset, dist, batch_size=data.batch_size, num_workers=data.num_workers,
-                      collate_fn=data.collate_fn, pin_memory=data.pin_memory)
-    return Stream(data, dist, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
-
-
-class _Shard(IterableDataset):
-    """What runs in each loader worker (or in the rank itself): its stream of the dataset for the
-    epoch, each sample tagged (stream, offset), the first `skip[stream]` samples left out."""
-
-    def __init__(self, data: Any, rank: int, world: int, workers: int, epoch: int, skip: dict[int, int]) -> None:
-        self.data, self.rank, self.world, self.workers = data, rank, world, workers
-        self.epoch, self.skip = epoch, skip
-
-    def __iter__(self) -> Iterator[tuple[int, int, Any]]:
-        info = get_worker_info()
-        stream = self.rank * self.workers + (info.id if info is not None else 0)
-        count = self.world * self.workers
-        data = self.data
-        set_epoch(data, self.epoch)
-        source = open_shard(data, stream, count)
-        skip = self.skip.get(stream, 0)
-        for offset, sample in enumerate(source):
-            if offset >= skip:
-                yield stream, offset, sample
-
-
-class _Collate:
-    """The user's collate over the samples, the tags kept aside (a class: workers pickle it)."""
-
-    def __init__(self, collate: Callable[[list], Any]) -> None:
-        self.collate = collate
-
-    def __call__(self, items: list[tuple[int, int, Any]]) -> Tagged:
-        return Tagged(self.collate([sample for _, _, sample in items]), items[0][0], items[-1][1] + 1)
+                      collate_fn=data.collate_fn, pin_memory=data.pin_memory,
+                      persistent_workers=data.persistent_workers, prefetch_factor=data.prefetch_factor, train=train)
+    return Stream(data, dist, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, train=train)
 
 
 class Stream:
     """One split's batches from an iterable dataset on this rank: `for batch in stream.epoch(e)`.
 
-    Stateful: the position of each of this rank's streams in the open epoch (saved per rank)."""
+    Stateful: the world's position in the open epoch (each stream's, gathered from every rank at a
+    checkpoint: a collective) and the epoch's earlier layouts, if it was resumed at another one."""
 
     def __init__(self, data: Any, dist: Dist, *, batch_size: int, num_workers: int = 0,
-                 collate_fn: Optional[Callable[[list], Any]] = None, pin_memory: bool = False) -> None:
+                 collate_fn: Optional[Callable[[list], Any]] = None, pin_memory: bool = False,
+                 persistent_workers: bool = False, prefetch_factor: Optional[int] = None, train: bool = True) -> None:
         if not isinstance(data, IterableDataset) and not callable(getattr(data, "__iter__", None)):
             raise UserError(f"data: a {type(data).__name__} is neither a map-style dataset nor an iterable one; "
                             "valid: a torch Dataset (__len__, __getitem__) or IterableDataset (__iter__)")
-        self.data, self.dist, self.batch_size = data, dist, batch_size
+        self.data, self.dist, self.batch_size, self.train = data, dist, batch_size, train
         self.workers = max(num_workers, 1)
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.collate = _Collate(collate_fn or default_collate)
+        self.streams = dist.world_size * self.workers
+        self.collate = Collate(collate_fn or default_collate)
+        self.loader_kw: dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin_memory}
+        if num_workers:  # (a DataLoader refuses both without workers)
+            self.loader_kw.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
+        self._loader: Optional[tuple[DataLoader, Shard]] = None  # kept across epochs with persistent workers
+        self._epoch_box = torch.zeros(1, dtype=torch.int64).share_memory_()  # the epoch, as workers read it
         self.epoch_now = -1
         self.position: dict[int, int] = {}  # stream -> samples of it taken by the loop in the open epoch
-        how = sharding(data, dist.world_size * self.workers)
-        if how == "stride" and dist.world_size * self.workers > 1:
+        self.layers: list[tuple[int, list[int]]] = []  # the open epoch's earlier layouts (streams, positions)
+        self.last: Optional[int] = None  # the stream of the last batch taken in the open epoch (this rank's)
+        # the coverage ledger's (fit/ledger.py), this rank's in the open epoch since this process began it:
+        # per origin stream, how often each offset was trained; and how many of its samples were read
+        self.trained: dict[int, torch.Tensor] = {}
+        self.seen: dict[int, int] = {}
+        how = sharding(data, self.streams)
+        if how == "stride" and self.streams > 1:
             log.info("data: %s has no sharding of its own: each of the %d streams (%d ranks x %d workers) reads "
                      "every sample and keeps every %d-th (shard_stream(index, count) reads only its part)",
-                     type(data).__name__, dist.world_size * self.workers, dist.world_size, self.workers,
-                     dist.world_size * self.workers, extra={"file_only": not dist.is_main})
+                     type(data).__name__, self.streams, dist.world_size, self.workers, self.streams,
+                     extra={"file_only": not dist.is_main})
 
     # The loop's interface (what fit/data.Batches also offers): there is no length, so the epoch's
-    # end is found by looking ahead, and agreed by all ranks (one small all-reduce per optimizer step;
-    # none at 1 rank): every rank trains the same number of micro-batches, the epoch ends for all when
-    # the shortest stream ends, and what the longer ones held is counted and said (never trained twice,
-    # never dropped without a line).
+    # end is found by looking ahead, and agreed by all ranks (one small all-reduce per up to LOOKAHEAD
+    # optimizer steps; none at 1 rank): every rank trains the same number of micro-batches, the epoch
+    # ends for all when the shortest stream ends, and what the longer ones held is counted and said
+    # (never trained twice, never dropped without a line).
     n = None  # samples: unknown
     tensors = None
-    per_rank = True  # each rank's streams are its own: saved per rank (checkpoint/adapters.PerRank)
 
     def steps_in_epoch(self, k: int) -> Optional[int]:
         return None
@@ -137,21 +102,34 @@ class Stream:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
         """The epoch's batches on this rank, from where the position says (`start` is the loop's batch
         count, which the position already holds)."""
-        if epoch != self.epoch_now:
-            self.epoch_now, self.position = epoch, {}
-        skip = dict(self.position)
-        if any(skip.values()):
-            log.info("data: resuming the stream inside epoch %d: %d samples of this rank's streams read again "
-                     "and skipped", epoch + 1, sum(skip.values()), extra={"file_only": True})
-        shard = _Shard(self.data, self.dist.rank, self.dist.world_size, self.workers, epoch, skip)
-        loader = DataLoader(shard, batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory)
-        self._source: Iterator[Tagged] = iter(loader)
+        if epoch != self.epoch_now or not self.train:  # (evaluation reads its streams whole, every time)
+            self.epoch_now, self.position, self.layers, self.last = epoch, {}, [], None
+            self.trained, self.seen = {}, {}
+        if any(self.position.values()) or self.layers:
+            log.info("data: resuming the stream inside epoch %d: %d samples of the streams read again and skipped%s",
+                     epoch + 1, sum(self.position.values()), f" ({len(self.layers)} earlier layout(s): each stream "
+                     "reads the whole epoch to find its share of what they left)" if self.layers else "",
+                     extra={"file_only": True})
+        self._source: Iterator[Tagged] = iter(self._loader_for(epoch))
         self._ahead: collections.deque[Tagged] = collections.deque()
         self._agreed: Optional[int] = None  # micro-batches every rank still has (agreed, less those taken since)
         self._ended = False  # the agreement found the epoch's end: no more collectives in it
         self._window = 1  # optimizer steps the next agreement covers (doubling up to LOOKAHEAD)
         return self._take()
+
+    def _loader_for(self, epoch: int) -> DataLoader:
+        """This epoch's loader: the one already built when its workers persist and neither epoch
+        skips anything (the workers read the epoch from the shared box at each iter())."""
+        self._epoch_box[0] = epoch
+        # resumed at the saved layout after worker w's batch: workers up to w had their turn this round
+        lead = self.last if self.last is not None and not self.layers and self.workers > 1 else -1
+        shard = Shard(self.data, self.dist.rank, self.workers, [*self.layers, (self.streams, [])],
+                      dict(self.position), self._epoch_box, lead, self.batch_size)
+        if self._loader is not None and self._loader[1].fresh and shard.fresh:
+            return self._loader[0]
+        loader = DataLoader(shard, batch_size=self.batch_size, collate_fn=self.collate, **self.loader_kw)
+        self._loader = (loader, shard) if self.loader_kw.get("persistent_workers") else None
+        return loader
 
     def _take(self) -> Iterator[Any]:
         while True:
@@ -160,13 +138,30 @@ class Stream:
             tagged = self._ahead.popleft()
             self._agreed = None if self._agreed is None else max(self._agreed - 1, 0)
             self.position[tagged.stream] = tagged.end  # taken by the loop: what a checkpoint now holds
+            self.last = tagged.stream
+            for origin, lo, hi in tagged.origins:
+                counts = self.trained.get(origin)
+                if counts is None or len(counts) < hi:  # grown by doubling: amortised O(1) per sample
+                    grown = torch.zeros(max(hi, 2 * len(counts) if counts is not None else hi), dtype=torch.int32)
+                    if counts is not None:
+                        grown[: len(counts)] = counts
+                    counts = self.trained[origin] = grown
+                counts[lo:hi] += 1
             yield tagged.batch
 
     def _fetch(self) -> bool:
         tagged = next(self._source, None)
-        if tagged is not None:
-            self._ahead.append(tagged)
-        return tagged is not None
+        while tagged is not None and tagged.end < 0:  # a turn's placeholder (fit/shard.py)
+            tagged = next(self._source, None)
+        if tagged is None:
+            return False
+        self._ahead.append(tagged)
+        self._saw(tagged)
+        return True
+
+    def _saw(self, tagged: Tagged) -> None:
+        for origin, _, hi in tagged.origins:
+            self.seen[origin] = max(self.seen.get(origin, 0), hi)
 
     LOOKAHEAD = 8  # the most optimizer steps one agreement covers (its batches wait in host memory)
 
@@ -185,6 +180,8 @@ class Stream:
         mine = torch.tensor([min(len(self._ahead), want)], dtype=torch.int64, device=self.dist.device)
         self._agreed = int(all_reduce_min(mine).item())
         if self._agreed < want:  # some rank's stream ends within this window: the epoch ends there for all
+            if self._agreed == 0 and not self.position and not self.layers:
+                self._refuse_empty()
             self._ended = True
             self._count_rest(keep=self._agreed)
         return min(self._agreed, k)
@@ -192,13 +189,32 @@ class Stream:
     def _count_rest(self, keep: int) -> None:
         """The epoch ends after `keep` more micro-batches on every rank: this rank's rest is read (to be
         counted), never trained, and said in the log."""
-        extra = list(self._ahead)[keep:]
-        left = sum(_samples(t) for t in extra) + sum(_samples(t) for t in self._source)
+        left = sum(t.samples for t in list(self._ahead)[keep:])
+        for tagged in self._source:
+            if tagged.end < 0:
+                continue
+            self._saw(tagged)
+            left += tagged.samples
         while len(self._ahead) > keep:
             self._ahead.pop()
         if left:
             log.warning("data: epoch %d ends with the shortest of the ranks' streams; rank %d's held %d more "
                         "samples, not trained this epoch", self.epoch_now + 1, self.dist.rank, left)
+
+    def _refuse_empty(self) -> None:
+        """Some rank's streams yield nothing in an epoch none has trained in yet: every rank would end
+        it at once, each epoch, without a step. The same line on every rank (one more collective,
+        on this path only, to name the ranks)."""
+        held = all_gather_object(len(self._ahead))
+        empty = [r for r, n in enumerate(held) if n == 0]
+        raise UserError(f"data: epoch {self.epoch_now + 1} of the stream yields nothing on rank(s) "
+                        f"{', '.join(map(str, empty))} (streams rank x {self.workers} .. + {self.workers - 1} of "
+                        f"{self.streams}); valid: a dataset with samples for every rank and loader worker in every "
+                        "epoch (fewer workers, or more shards)")
+
+    def _mine(self) -> str:
+        first = self.dist.rank * self.workers
+        return f"{first}..{first + self.workers - 1} of {self.streams}"
 
     def done(self, batch_in_epoch: int) -> bool:
         return self.available(1) == 0
@@ -214,35 +230,53 @@ class Stream:
     def head(self) -> Any:
         return first_batch(self)
 
-    # ---- Stateful (per rank: each rank's streams are its own) -------------------------------------
+    def coverage(self) -> dict[int, torch.Tensor]:
+        """This rank's trainings per origin stream and offset in the open epoch, one entry per sample
+        read (trained or not): the coverage ledger's share from this rank."""
+        out = {}
+        for origin, seen in self.seen.items():
+            counts = torch.zeros(seen, dtype=torch.int32)
+            have = self.trained.get(origin)
+            if have is not None:
+                counts[: min(seen, len(have))] = have[:seen]
+            out[origin] = counts
+        return out
+
+    # ---- Stateful: the world's position (a collective: every rank calls state_dict) ----------------
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch_now, "position": dict(self.position), "workers": self.workers,
-                "world_size": self.dist.world_size}
+        ranks = all_gather_object({"position": self.position, "last": self.last, "rank": self.dist.rank})
+        return {"epoch": self.epoch_now, "streams": self.streams, "world_size": self.dist.world_size,
+                "workers": self.workers, "layers": [[n, list(p)] for n, p in self.layers],
+                "position": merge_positions([r["position"] for r in ranks]), "last": {r["rank"]: r["last"] for r in ranks}}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        if (sd["workers"], sd["world_size"]) != (self.workers, self.dist.world_size):
-            # other streams: the saved positions mean other samples. The epoch starts over, said once
-            log.warning("data: the stream was saved at %d ranks x %d workers, resumed at %d x %d: its streams "
-                        "differ, so epoch %d starts over", sd["world_size"], sd["workers"], self.dist.world_size,
-                        self.workers, sd["epoch"] + 1, extra={"file_only": not self.dist.is_main})
-            self.epoch_now, self.position = sd["epoch"], {}
+        self.epoch_now = int(sd["epoch"])
+        self.layers = [(int(n), [int(x) for x in p]) for n, p in sd.get("layers", [])]
+        position = {int(k): int(v) for k, v in sd["position"].items()}
+        streams = int(sd.get("streams", int(sd["world_size"]) * int(sd["workers"])))
+        self.last = None
+        if streams == self.streams:
+            self.position = {s: v for s, v in position.items() if s // self.workers == self.dist.rank}
+            self.last = (sd.get("last") or {}).get(self.dist.rank)
             return
-        self.epoch_now, self.position = sd["epoch"], {int(k): int(v) for k, v in sd["position"].items()}
-
-
-def _samples(tagged: Tagged) -> int:
-    """A collated batch's samples (its first tensor's rows)."""
-    return batch_size_of(tagged.batch)
+        if any(position.values()):
+            # the saved layout's streams are not this one's: freeze it, and read what it left (shard.py)
+            self.layers.append(frozen(streams, position))
+            log.warning("data: the stream was saved at %d ranks x %d workers, resumed at %d x %d inside epoch %d: "
+                        "the rest of the epoch is what the saved streams had left, each sample once; each new "
+                        "stream reads the whole epoch to find its share (the next epoch reads only its own)",
+                        sd["world_size"], sd["workers"], self.dist.world_size, self.workers, self.epoch_now + 1,
+                        extra={"file_only": not self.dist.is_main})
+        self.position = {}
 
 
 def first_batch(stream: Stream) -> Any:
     """The first batch of epoch 0 of this rank's first stream, read apart (the preflight's, the summary's)."""
-    shard = _Shard(stream.data, stream.dist.rank, stream.dist.world_size, stream.workers, 0, {})
-    items = list(itertools.islice(iter(shard), stream.batch_size))
+    items = first_items(stream.data, stream.dist.rank, stream.workers, stream.streams, stream.batch_size)
     if not items:
-        raise UserError(f"data: the stream yields nothing on rank {stream.dist.rank}; valid: a dataset with at "
-                        "least one sample per rank and worker")
+        raise UserError(f"data: the stream yields nothing on rank {stream.dist.rank} (its first stream, "
+                        f"{stream._mine()}); valid: a dataset with at least one sample per rank and worker")
     return stream.collate(items).batch
 
 
-__all__ = ["Stream", "Tagged", "first_batch"]
+__all__ = ["Stream", "Tagged", "first_batch", "from_data", "is_stream"]
