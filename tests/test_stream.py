@@ -148,6 +148,25 @@ class EpochAware(IterableDataset):
 def test_a_stream_that_yields_nothing_on_a_rank_is_named() -> None:
     with pytest.raises(UserError, match="yields nothing on rank 1"):
         first_batch(Stream(Counting(1), Dist(rank=1, world_size=2), batch_size=4))
+    later = Stream(EmptyLater(), Dist(), batch_size=4, num_workers=2)
+    later.epoch(0)
+    assert later.done(0) is False
+    later.epoch(1)
+    with pytest.raises(UserError, match=r"epoch 2 of the stream yields nothing on rank 0 \(streams 0-1 of 2\)"):
+        later.done(0)
+
+
+class EmptyLater(IterableDataset):
+    """8 samples in epoch 0, none after."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.arange(8 if self.epoch == 0 else 0).unbind())
 
 
 def test_the_api_trains_on_a_stream_with_accumulation(tmp_path: Path) -> None:

@@ -206,15 +206,15 @@ class Stream:
         it at once, each epoch, without a step. The same line on every rank (one more collective,
         on this path only, to name the ranks)."""
         held = all_gather_object(len(self._ahead))
-        empty = [r for r, n in enumerate(held) if n == 0]
-        raise UserError(f"data: epoch {self.epoch_now + 1} of the stream yields nothing on rank(s) "
-                        f"{', '.join(map(str, empty))} (streams rank x {self.workers} .. + {self.workers - 1} of "
-                        f"{self.streams}); valid: a dataset with samples for every rank and loader worker in every "
-                        "epoch (fewer workers, or more shards)")
+        empty = ", ".join(f"{r} ({self._streams_of(r)})" for r, n in enumerate(held) if n == 0)
+        raise UserError(f"data: epoch {self.epoch_now + 1} of the stream yields nothing on rank {empty}; valid: a "
+                        "dataset with samples for every rank and loader worker in every epoch (fewer workers, or "
+                        "more shards)")
 
-    def _mine(self) -> str:
-        first = self.dist.rank * self.workers
-        return f"{first}..{first + self.workers - 1} of {self.streams}"
+    def _streams_of(self, rank: int) -> str:
+        first = rank * self.workers
+        return f"stream {first} of {self.streams}" if self.workers == 1 else \
+            f"streams {first}-{first + self.workers - 1} of {self.streams}"
 
     def done(self, batch_in_epoch: int) -> bool:
         return self.available(1) == 0
@@ -274,8 +274,8 @@ def first_batch(stream: Stream) -> Any:
     """The first batch of epoch 0 of this rank's first stream, read apart (the preflight's, the summary's)."""
     items = first_items(stream.data, stream.dist.rank, stream.workers, stream.streams, stream.batch_size)
     if not items:
-        raise UserError(f"data: the stream yields nothing on rank {stream.dist.rank} (its first stream, "
-                        f"{stream._mine()}); valid: a dataset with at least one sample per rank and worker")
+        raise UserError(f"data: the stream yields nothing on rank {stream.dist.rank} (its first of "
+                        f"{stream._streams_of(stream.dist.rank)}); valid: a dataset with at least one sample per rank and worker")
     return stream.collate(items).batch
 
 
