@@ -20,6 +20,7 @@ import collections
 import logging
 from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
@@ -76,7 +77,7 @@ class Stream:
         self.last: Optional[int] = None  # the stream of the last batch taken in the open epoch (this rank's)
         # the coverage ledger's (fit/ledger.py), this rank's in the open epoch since this process began it:
         # per origin stream, how often each offset was trained; and how many of its samples were read
-        self.trained: dict[int, torch.Tensor] = {}
+        self.trained: dict[int, np.ndarray] = {}
         self.seen: dict[int, int] = {}
         how = sharding(data, self.streams)
         if how == "stride" and self.streams > 1:
@@ -139,10 +140,10 @@ class Stream:
             self._agreed = None if self._agreed is None else max(self._agreed - 1, 0)
             self.position[tagged.stream] = tagged.end  # taken by the loop: what a checkpoint now holds
             self.last = tagged.stream
-            for origin, lo, hi in tagged.origins:
+            for origin, lo, hi in tagged.origins:  # (numpy: ~2 us a batch here; a torch slice add ~6)
                 counts = self.trained.get(origin)
                 if counts is None or len(counts) < hi:  # grown by doubling: amortised O(1) per sample
-                    grown = torch.zeros(max(hi, 2 * len(counts) if counts is not None else hi), dtype=torch.int32)
+                    grown = np.zeros(max(hi, 2 * len(counts) if counts is not None else hi), dtype=np.int32)
                     if counts is not None:
                         grown[: len(counts)] = counts
                     counts = self.trained[origin] = grown
@@ -235,11 +236,11 @@ class Stream:
         read (trained or not): the coverage ledger's share from this rank."""
         out = {}
         for origin, seen in self.seen.items():
-            counts = torch.zeros(seen, dtype=torch.int32)
+            counts = np.zeros(seen, dtype=np.int32)
             have = self.trained.get(origin)
             if have is not None:
                 counts[: min(seen, len(have))] = have[:seen]
-            out[origin] = counts
+            out[origin] = torch.from_numpy(counts)  # (tensors: gathered and saved with weights_only loads)
         return out
 
     # ---- Stateful: the world's position (a collective: every rank calls state_dict) ----------------
