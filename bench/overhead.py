@@ -16,9 +16,10 @@ from pathlib import Path
 
 from common import REPO, copy_env, median, run, table
 
-CONTENDERS = ["limit", "dataloader", "launcher", "lightning", "torchkeras"]
+CONTENDERS = ["limit", "dataloader", "launcher", "launcher-callbacks", "lightning", "torchkeras"]
 LABELS = {"limit": "limit: in-memory tensors, shuffled index", "dataloader": "hand-written loop + DataLoader",
-          "launcher": "launcher Trainer.fit (defaults)", "lightning": "Lightning Trainer (defaults)",
+          "launcher": "launcher Trainer.fit (defaults)", "launcher-callbacks": "launcher, 10 no-op callbacks",
+          "lightning": "Lightning Trainer (defaults)",
           "torchkeras": "torchkeras KerasModel.fit"}
 
 

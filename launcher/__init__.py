@@ -16,7 +16,8 @@ from typing import Any
 # Set before torch's first BLAS call; a user's own MKL_DYNAMIC wins.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
-__all__ = ["Trainer", "History", "Config", "seed_everything", "StepOutput", "Supervised", "DictBatch", "ModelLoss"]
+__all__ = ["Trainer", "History", "Config", "seed_everything", "StepOutput", "Supervised", "DictBatch", "ModelLoss",
+           "Callback", "rank_zero"]
 __version__ = "0.1.0"
 
 
@@ -33,6 +34,10 @@ def __getattr__(name: str) -> Any:  # lazy: `python -m launcher --help` must not
         from .fit import steps
 
         return getattr(steps, name)
+    if name in ("Callback", "rank_zero"):  # the loop's extension points (docs/callbacks.md)
+        from .fit import callbacks
+
+        return getattr(callbacks, name)
     if name == "Config":
         from .config import Config
 

@@ -32,13 +32,14 @@ from .config import keywords
 from .device import dist as D
 from .device.world import world_for
 from .fit import ledger, parts
+from .fit.callbacks import Callbacks, RunView
 from .fit.evaluation import evaluate, outside_fit, predict
 from .fit.metrics import Accumulator
 from .fit.seeding import seed_everything
 from .fit.state import History, TrainProgress
 from .fit.validation import Validation
 from .launch.recipe import check_monitor
-from .observe.loggers import NullLogger, open_logger, setup_logging
+from .observe.loggers import NullLogger, open_logger, report_epoch, setup_logging
 from .observe.progress import Progress
 from .observe.summary import print_summary
 from .rundir import drift
@@ -88,7 +89,7 @@ class Trainer:
         return self.dist
 
     def _setup(self, model: nn.Module, loss_fn: Optional[Callable], optimizer: Any, train_data: Any, val_data: Any,
-               metrics: dict[str, Any], scheduler: Any, batch_size: Optional[int], step: Any) -> None:
+               metrics: dict[str, Any], scheduler: Any, batch_size: Optional[int], step: Any, callbacks: Any) -> None:
         t, cfg = self.cfg.trainer, self.cfg
         d = self._dist()
         self.progress, self.preempted = TrainProgress(), False  # a second fit() starts over (or resumes)
@@ -105,11 +106,12 @@ class Trainer:
         self.validation = Validation(t, fp, d.device)
         self.stopper = self.validation.stopper
         self.ledger = ledger.Ledger(t, d, fp.train, self.progress, run.path)  # which samples each epoch trained
+        self.callbacks = cbs = Callbacks(callbacks, RunView(self))
         states = run_states(fp, self.progress, self.stopper, d, self.ledger,
-                            reseed=lambda: seed_everything(t.seed + d.rank + self.progress.step))
+                            reseed=lambda: seed_everything(t.seed + d.rank + self.progress.step), callbacks=cbs.stateful())
         self.ckpt = CheckpointManager(run.path / "checkpoints", cfg.checkpoint, mode=t.mode, dist=d, states=states,
                                       sharded=fp.sharded, xla=fp.xla, info={"run_id": run.id, "config": run.config},
-                                      before_save=fp.stepper.check)
+                                      before_save=lambda folder: (fp.stepper.check(), cbs.fire("on_checkpoint", folder)))
         point = restore(self.ckpt, d, lambda below: run.resume_point(d, cfg.resume, below), cfg.resume, restarted())
         if point is not None:  # (at another world size: the rest of the epoch is the samples not yet seen)
             p = self.progress
@@ -132,18 +134,19 @@ class Trainer:
         self.ckpt.retire_after(self.progress.step)
         self.bar = Progress(d.is_main and t.progress, t.progress_refresh_s, fp.speed)
         self._epoch: Optional[Iterator[Any]] = None  # the batches left in the epoch in progress
+        cbs.start(point)  # on_checkpoint_restored (a resumed run), on_fit_start
 
     # ---- fit: set-up, one loop, teardown -------------------------------------------------------------
     def fit(self, model: nn.Module, loss_fn: Optional[Callable] = None, optimizer: Any = None, train_data: Any = None,
             val_data: Any = None, metrics: Optional[dict[str, Any]] = None, scheduler: Any = None,
-            batch_size: Optional[int] = None, step: Any = None) -> History:
-        """Train; returns the history (also self.history). Resumes per `resume` (default: auto). `step`:
-        what one micro-batch makes (launcher.StepOutput; "supervised" by default, "dict_batch",
-        "model_loss" or a callable step(model, batch)); loss_fn only where the step uses one."""
-        self.run = None
+            batch_size: Optional[int] = None, step: Any = None, callbacks: Optional[list[Any]] = None) -> History:
+        """Train; returns the history (also self.history). Resumes per `resume` (default: auto). `step`: what
+        one micro-batch makes (launcher.StepOutput; "supervised" by default, "dict_batch", "model_loss" or a
+        callable step(model, batch)); loss_fn only where the step uses one; `callbacks`: launcher.Callback."""
+        self.run, self.callbacks = None, Callbacks(None, RunView(self))
         try:
             self._setup(model, loss_fn, optimizer, train_data, val_data, dict(metrics or {}), scheduler, batch_size,
-                        step)
+                        step, callbacks)
             with D.RollCall().naming_late_ranks(lambda: self.progress.step, self.cfg.trainer.dist_timeout_s):
                 while self.should_continue():
                     if self._epoch is None:
@@ -161,6 +164,7 @@ class Trainer:
                         self._end_epoch(partial=not epoch_done, last=run_ends)
                 self._teardown()
         except BaseException as e:  # an error, or a signal (faults.Interrupted): close what is open
+            self.callbacks.fire("on_error", e)
             self._abandon()
             user = faults.io_error(e)  # a full disk, a read-only run dir: the user's, one line
             if (isinstance(e, C.UserError) or user) and self.run is not None:
@@ -228,6 +232,7 @@ class Trainer:
         epoch's last step (or the run's) is validated and saved once, by _end_epoch."""
         p, t, fp = self.progress, self.cfg.trainer, self.parts
         assert fp is not None and self.ckpt is not None
+        self.callbacks.fire("on_step_end")
         if t.log_every_n_steps and p.step % t.log_every_n_steps == 0:
             self.logger.log_step(p.step, {"train_loss_step": fp.train_acc.running_loss(),
                                           "lr": fp.optimizer.param_groups[0]["lr"],
@@ -239,6 +244,7 @@ class Trainer:
             log.info("validation at step %d: %s", p.step, "  ".join(f"{k}={v:.4g}" for k, v in values.items()
                                                                     if isinstance(v, float)), extra={"file_only": True})
             self._monitor(values)
+            self.callbacks.fire("on_validation_end", values)
         if mid_epoch:
             fp.speed.exclude(self.ckpt.maybe_save(p.step, p.epoch, "step"))
         # agreed() is a collective on every rank every step; a stop request at the run's last step
@@ -267,24 +273,17 @@ class Trainer:
         row: dict[str, Any] = {"epoch": p.epoch + 1, "step": p.step, "lr": fp.optimizer.param_groups[0]["lr"]}
         row.update(fp.train_acc.compute("train"))
         if fp.val is not None and ((p.epoch + 1) % t.val_every_n_epochs == 0 or last):
-            row.update(self.validation.run())
+            row.update(values := self.validation.run())
+            self.callbacks.fire("on_validation_end", values)
         # a partial epoch's validation reaches neither early stopping nor the scheduler (their state
         # would differ from a run that never stopped there); it may still rank the checkpoint
         score = (row.get(t.monitor) if partial else self._monitor(row)) if t.monitor in row else None
         if t.scheduler_interval == "epoch" and not partial:
             fp.epoch_scheduler_step(score)
-        if p.history and p.history[-1]["epoch"] == row["epoch"]:
-            p.history[-1] = row  # this epoch's partial row, from the run that stopped inside it
-        else:
-            p.history.append(row)
-        self.logger.log_epoch(p.history)
-        # the epoch's steady rate, beside (not instead of) the recent rate the step rows carry
-        self.logger.log_step(p.step, {f"epoch_{k}": v for k, v in speed.items()})  # not in the (deterministic) history
-        if self.dist.is_main:  # type: ignore[union-attr]
-            text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in {**row, **speed}.items() if k != "epoch")
-            log.info("epoch %d%s: %s", row["epoch"], " (so far)" if partial else "", text,
-                     extra={"file_only": t.progress})
+        p.record(row)
+        report_epoch(self.logger, p, row, speed, self.dist.is_main, partial, t.progress)  # type: ignore[union-attr]
+        if not partial:  # (a run ending inside the epoch reports its row so far, but the epoch goes on)
+            self.callbacks.fire("on_epoch_end", row)
         self.ledger.end_epoch(p.step, partial)  # before the position moves on: the epoch's counts
         self._epoch = None
         score = score if isinstance(score, float) and not math.isnan(score) else None
@@ -313,6 +312,7 @@ class Trainer:
         self.logger.finish(p.history, trained=trained, requeued=self.preempted)
         if not self.preempted:  # what ended the run; the Python API also says where its results are
             log.info(p.complete(self.cfg.trainer, self.stopper, trained, results(self.run.path) if self.api else ""))
+        self.callbacks.fire("on_fit_end")
 
     # ---- what fit() leaves behind, and evaluation / predictions with or without it -------------------
     history = property(lambda self: History(self.progress.history))

@@ -90,6 +90,41 @@ class PerRank:
             p.load_state_dict(mine[k])
 
 
+class CallbackStates:
+    """The resumable callbacks (fit/callbacks.py), by name. A callback's state is its rank's
+    (gathered: a collective) unless it says `state_scope = "world"` (the same on every rank: rank
+    0's is saved once). At another world size each rank gets rank 0's per-rank state."""
+
+    absent_ok = True  # checkpoints from before callbacks: every callback starts afresh
+
+    def __init__(self, callbacks: dict[str, Any], dist: Dist) -> None:
+        self.d = dist
+        self.rank = {k: cb for k, cb in callbacks.items() if getattr(cb, "state_scope", "rank") != "world"}
+        self.world = {k: cb for k, cb in callbacks.items() if k not in self.rank}
+
+    def state_dict(self) -> dict[str, Any]:
+        ranks = all_gather_object({k: cb.state_dict() for k, cb in self.rank.items()}) if self.rank else []
+        return {"ranks": ranks, "world": {k: cb.state_dict() for k, cb in self.world.items()}}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        ranks, world = sd.get("ranks") or [], sd.get("world") or {}
+        missing = sorted((set(self.rank) | set(self.world)) - (set(ranks[0]) if ranks else set()) - set(world))
+        if missing:  # a callback added since: it starts afresh (said once); a removed one's state is ignored
+            log.warning("callbacks %s have no state in the checkpoint: they start afresh", ", ".join(missing),
+                        extra={"file_only": not self.d.is_main})
+        if ranks:
+            if len(ranks) != self.d.world_size:
+                log.warning("callbacks' per-rank state from world size %d resumed at %d: every rank gets rank 0's",
+                            len(ranks), self.d.world_size, extra={"file_only": not self.d.is_main})
+            mine = ranks[self.d.rank] if len(ranks) == self.d.world_size else ranks[0]
+            for k, cb in self.rank.items():
+                if k in mine:
+                    cb.load_state_dict(mine[k])
+        for k, cb in self.world.items():
+            if k in world:
+                cb.load_state_dict(world[k])
+
+
 class Maybe:
     """A part a run may not have (no scheduler): None in the checkpoint, and loads only into one."""
 
@@ -149,7 +184,7 @@ def _tuple(v: Any) -> Any:
 
 
 def run_states(fp: Any, progress: Any, stopper: Any, d: Dist, ledger: Any,
-               reseed: Callable[[], None]) -> dict[str, Any]:
+               reseed: Callable[[], None], callbacks: dict[str, Any]) -> dict[str, Any]:
     """Everything of one fit() that must survive a restart, registered once (fp: fit.parts.FitParts);
     the manager adds its own retention. Order matters on load: the model before its optimizer, the
     hyperparameters after both (see its docstring), the progress before the per-rank part (which
@@ -167,4 +202,5 @@ def run_states(fp: Any, progress: Any, stopper: Any, d: Dist, ledger: Any,
         # the world's: map-style data's order, or a stream's positions (gathered from every rank)
         "data": Maybe(fp.train),
         "ledger": ledger,
+        "callbacks": CallbackStates(callbacks, d),
     }

@@ -96,9 +96,10 @@ class CheckpointManager:
 
     def __init__(self, ckpt_dir: Path, cfg: CheckpointConfig, *, mode: str, dist: D.Dist,
                  states: dict[str, Stateful], sharded: bool, info: dict[str, Any], xla: Any = None,
-                 before_save: Callable[[], None] = lambda: None) -> None:
+                 before_save: Callable[[Path], None] = lambda folder: None) -> None:
         self.dir, self.cfg, self.d, self.sharded, self.info, self.xla = ckpt_dir, cfg, dist, sharded, info, xla
-        self.before_save = before_save  # e.g. the guard's read: a skipped step is heard of before its checkpoint
+        # the guard's read (a skipped step is heard of before its checkpoint), the callbacks' on_checkpoint
+        self.before_save = before_save
         self.retention = Retention(ckpt_dir, save_top_k=cfg.save_top_k, mode=mode, keep_last=cfg.keep_last)
         self.states: dict[str, Stateful] = {**states, "checkpointer": self.retention}
         # XLA tensors are written through xm.save, a rendezvous of all ranks: no background thread
@@ -146,7 +147,7 @@ class CheckpointManager:
         if not due:
             return 0.0
         started = time.perf_counter()
-        self.before_save()
+        self.before_save(self.dir / F.step_name(step))
         self.save(step, epoch, score)
         return time.perf_counter() - started
 

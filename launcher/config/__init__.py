@@ -119,6 +119,7 @@ class Config:
     metrics: Any = None  # name -> torchmetrics.Metric; logged as train_<name> and val_<name>
     optimizer: Any = None  # a partial (_partial_: true) taking the model's parameters
     scheduler: Any = None  # optional partial taking the optimizer
+    callbacks: Any = None  # a list of _target_ nodes building launcher.Callback objects (docs/callbacks.md)
 
 
 SECTIONS = {"trainer": TrainerConfig, "checkpoint": CheckpointConfig, "logger": LoggerConfig, "run": RunConfig}
@@ -128,7 +129,7 @@ def section_schemas(launcher: str) -> dict[str, type]:
             "launcher": LAUNCHER_SCHEMAS.get(launcher, LocalLauncherConfig)}
 
 
-RECIPE_KEYS = ("model", "data", "loss", "step", "metrics", "optimizer", "scheduler")
+RECIPE_KEYS = ("model", "data", "loss", "step", "metrics", "optimizer", "scheduler", "callbacks")
 
 
 def register() -> None:

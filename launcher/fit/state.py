@@ -58,6 +58,13 @@ class TrainProgress:
             text += f"; raise trainer.{limit} to continue it, or start over in a new run.dir"
         return f"{text}; results: {results}" if results else text
 
+    def record(self, row: dict[str, Any]) -> None:
+        """An epoch's row: it replaces the epoch's partial row from a run that stopped inside it."""
+        if self.history and self.history[-1]["epoch"] == row["epoch"]:
+            self.history[-1] = row
+        else:
+            self.history.append(row)
+
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.epoch, self.step, self.batch_in_epoch = sd["epoch"], sd["step"], sd["batch_in_epoch"]
         self.history = [dict(r) for r in sd["history"]]

@@ -55,6 +55,7 @@ def build(cfg: Config) -> dict[str, Any]:
         "val_data": val,
         "metrics": {k: _built(f"metrics.{k}", v) for k, v in metrics.items()},
         "scheduler": _built("scheduler", cfg.scheduler) if cfg.scheduler else None,
+        "callbacks": [_built(f"callbacks[{i}]", c) for i, c in enumerate(cfg.callbacks or [])],
     }
 
 
@@ -80,6 +81,9 @@ def check(cfg: Config) -> None:
     metrics = cfg.metrics or {}
     if not isinstance(metrics, dict):
         raise ConfigError("metrics", metrics, "must map names to torchmetrics _target_ nodes")
+    if cfg.callbacks is not None and not isinstance(cfg.callbacks, list):
+        raise ConfigError("callbacks", cfg.callbacks, "must be a list", "a list of _target_ nodes building "
+                          "launcher.Callback objects")
     for key in RECIPE_KEYS:
         _check_targets(key, getattr(cfg, key))
     _check_step(cfg.step, has_loss=cfg.loss is not None)
@@ -118,6 +122,9 @@ def _check_step(step: Any, has_loss: bool) -> None:
 
 def _check_targets(key: str, node: Any) -> None:
     """Every _target_ must import."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_targets(f"{key}[{i}]", item)
     if isinstance(node, dict):
         target = node.get("_target_")
         if isinstance(target, str):

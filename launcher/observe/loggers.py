@@ -49,6 +49,19 @@ def setup_logging(run_dir: Optional[Path], rank: int) -> None:
     root.propagate = False
 
 
+def report_epoch(logger: Any, progress: Any, row: dict[str, Any], speed: dict[str, Any], is_main: bool,
+                 partial: bool, bar: bool) -> None:
+    """An epoch's row to the trackers, its steady rate beside the recent rate the step rows carry (not
+    in the deterministic history), and one line on rank 0: on the console only without a progress bar."""
+    logger.log_epoch(progress.history)
+    logger.log_step(progress.step, {f"epoch_{k}": v for k, v in speed.items()})
+    if is_main:
+        text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in {**row, **speed}.items() if k != "epoch")
+        logging.getLogger("launcher").info("epoch %d%s: %s", row["epoch"], " (so far)" if partial else "", text,
+                                           extra={"file_only": bar})
+
+
 class _LogFile(logging.FileHandler):
     """A rank's log file that, once its disk is full, stops quietly: the run's error line says why
     (logging's default prints a traceback to stderr for every record that could not be written)."""

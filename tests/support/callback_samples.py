@@ -1,0 +1,74 @@
+"""Callbacks for tests/test_callbacks.py: one that counts every hook and draws from the RNG (its state
+must survive a SIGKILL exactly), one that writes on rank 0 only, and a model with dropout (so the
+training RNG stream matters)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import launcher
+from launcher.fit.callbacks import HOOKS
+
+
+class Counter(launcher.Callback):
+    """Counts each hook and, after every optimizer step, draws one number from torch's RNG (the training
+    stream: dropout's) and adds it up. At the fit's end it writes what it holds to the run dir."""
+
+    def __init__(self) -> None:
+        self.counts = {h: 0 for h in HOOKS}
+        self.draws = 0.0
+        self.steps: list[int] = []
+
+    def on_fit_start(self, run) -> None:
+        self.counts["on_fit_start"] += 1
+        torch.rand(3)  # an attempt hook: its draw is put back, the training does not see it
+
+    def on_checkpoint_restored(self, run, path: Path) -> None:
+        self.counts["on_checkpoint_restored"] += 1
+
+    def on_step_end(self, run) -> None:
+        self.counts["on_step_end"] += 1
+        self.draws += float(torch.rand(()))
+        self.steps.append(run.step)
+
+    def on_validation_end(self, run, metrics: dict[str, float]) -> None:
+        self.counts["on_validation_end"] += 1
+
+    def on_epoch_end(self, run, row: dict[str, Any]) -> None:
+        self.counts["on_epoch_end"] += 1
+
+    def on_checkpoint(self, run, path: Path) -> None:
+        self.counts["on_checkpoint"] += 1
+
+    def on_fit_end(self, run) -> None:
+        self.counts["on_fit_end"] += 1
+        out = {"counts": self.counts, "draws": self.draws, "steps": self.steps, "world_size": run.world_size}
+        (run.run_dir / f"counter-rank{run.rank}.json").write_text(json.dumps(out, sort_keys=True))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "draws": self.draws, "steps": list(self.steps)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.counts, self.draws, self.steps = dict(sd["counts"]), sd["draws"], list(sd["steps"])
+
+
+class MainOnly(launcher.Callback):
+    @launcher.rank_zero
+    def on_epoch_end(self, run, row: dict[str, Any]) -> None:
+        with open(run.run_dir / "epochs.txt", "a") as f:
+            f.write(f"{row['epoch']} rank {run.rank}\n")
+
+
+class Dropped(torch.nn.Module):
+    """Linear(2, 1) after dropout: the training draws from the RNG every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop, self.lin = torch.nn.Dropout(0.2), torch.nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.drop(x))

@@ -1,0 +1,137 @@
+"""Callbacks (launcher/fit/callbacks.py, issue 27): the hooks in order, a resumable callback's state across a
+SIGKILL exactly as an uninterrupted run's, attempt hooks that leave the training RNG alone, a raising hook
+in one line, rank 0 only as a helper."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import launcher
+from conftest import QUIET, SUPPORT, cli_env, run_cli, wait_for_file
+from launcher import Trainer
+from launcher.config import UserError
+
+
+def _data(n: int = 64) -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 2, generator=g)
+    return torch.utils.data.TensorDataset(x, x @ torch.tensor([[2.0], [-3.0]]) + 1)
+
+
+class Events(launcher.Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def on_fit_start(self, run) -> None:
+        self.seen.append(("fit_start", run.step))
+
+    def on_step_end(self, run) -> None:
+        self.seen.append(("step_end", run.step))
+
+    def on_validation_end(self, run, metrics) -> None:
+        self.seen.append((f"validation_end {sorted(metrics)}", run.step))
+
+    def on_epoch_end(self, run, row) -> None:
+        self.seen.append((f"epoch_end {row['epoch']} {run.metrics is not None}", run.step))
+
+    def on_checkpoint(self, run, path) -> None:
+        self.seen.append((f"checkpoint {path.name}", run.step))
+
+    def on_fit_end(self, run) -> None:
+        self.seen.append(("fit_end", run.step))
+
+
+def _fit(tmp_path: Path, callbacks: list, **kw) -> Trainer:
+    import callback_samples
+
+    torch.manual_seed(0)
+    tr = Trainer(run_dir=tmp_path / "run", progress=False, logger="none", gpus=0, batch_size=16,
+                 **{"max_epochs": 2, **kw})
+    tr.fit(callback_samples.Dropped(), torch.nn.MSELoss(), functools.partial(torch.optim.SGD, lr=0.01), _data(),
+           _data(32), callbacks=callbacks)
+    return tr
+
+
+def test_the_hooks_in_order(tmp_path: Path) -> None:
+    events = Events()
+    _fit(tmp_path, [events], checkpoint_every_n_steps=3)
+    # 64 samples, batch 16: 4 steps an epoch; checkpoints at steps 3, 4 (epoch end), 6, 8 (epoch end and the run's)
+    val = "validation_end ['val_loss']"
+    assert events.seen == [
+        ("fit_start", 0), ("step_end", 1), ("step_end", 2), ("step_end", 3), ("checkpoint step-0000003", 3),
+        ("step_end", 4), (val, 4), ("epoch_end 1 True", 4), ("checkpoint step-0000004", 4),
+        ("step_end", 5), ("step_end", 6), ("checkpoint step-0000006", 6), ("step_end", 7), ("step_end", 8),
+        (val, 8), ("epoch_end 2 True", 8), ("checkpoint step-0000008", 8), ("fit_end", 8)]
+
+
+def test_attempt_hooks_leave_the_training_rng_alone(tmp_path: Path) -> None:
+    """Counter draws from torch's RNG in on_fit_start (an attempt hook: put back) and after every step (a
+    training hook: part of the stream, as a user's own code in the loop would be)."""
+    import callback_samples
+
+    plain = _fit(tmp_path / "a", [], max_epochs=1).state_dict()
+    drawn = _fit(tmp_path / "b", [callback_samples.Counter()], max_epochs=1).state_dict()
+
+    class FitStartOnly(launcher.Callback):
+        def on_fit_start(self, run) -> None:
+            torch.rand(10)
+
+    started = _fit(tmp_path / "c", [FitStartOnly()], max_epochs=1).state_dict()
+    assert all(torch.equal(plain[k], started[k]) for k in plain), "on_fit_start's draws reached the training"
+    assert not all(torch.equal(plain[k], drawn[k]) for k in plain), "on_step_end's draws are in the stream"
+
+
+def test_a_raising_hook_is_one_line_naming_it(tmp_path: Path) -> None:
+    class Boom(launcher.Callback):
+        def on_step_end(self, run) -> None:
+            if run.step == 3:
+                raise ValueError("no good")
+
+    with pytest.raises(UserError, match=r"^callbacks\[1\] \(Boom\)\.on_step_end raised at step 3: ValueError: no good$"):
+        _fit(tmp_path, [Events(), Boom()])
+    assert "Traceback" in (tmp_path / "run" / "logs" / "rank-0.log").read_text()
+    with pytest.raises(UserError, match=r"callbacks\[0\] \(int\): defines none of the hooks"):
+        _fit(tmp_path / "b", [3])
+
+
+@pytest.mark.slow
+def test_a_callbacks_state_survives_a_sigkill_as_if_never_stopped(tmp_path: Path) -> None:
+    """2 ranks, a recipe's callbacks: SIGKILL after the checkpoint of step 12 (epoch 2 of 4), then the same
+    command. Each rank's Counter ends with the counts of the training hooks and the sum of its RNG draws of
+    the uninterrupted run; the weights are bitwise equal; MainOnly wrote on rank 0 only."""
+    args = ["--config-dir", str(SUPPORT / "callback_conf"), "recipe=counted", "trainer.gpus=0", "trainer.nproc=2",
+            "checkpoint.every_n_steps=4", *QUIET]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    p = run_cli([*args, f"run.dir={ref}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args, f"run.dir={cut}"], cwd=tmp_path, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_file(cut / "checkpoints" / "step-0000012" / "manifest.json", proc)  # 280 samples / 2 ranks / 8: 18 a epoch
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (cut / "model.pt").exists()
+    again = run_cli([*args, f"run.dir={cut}"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for rank in (0, 1):
+        a, b = (json.loads((r / f"counter-rank{rank}.json").read_text()) for r in (ref, cut))
+        assert a["steps"] == b["steps"] == list(range(1, 73))
+        assert a["draws"] == b["draws"] and a["counts"]["on_step_end"] == 72
+        for hook in ("on_step_end", "on_validation_end", "on_epoch_end", "on_checkpoint"):
+            assert a["counts"][hook] == b["counts"][hook], hook
+        # attempt hooks: once per process that ran the fit
+        assert (a["counts"]["on_fit_start"], b["counts"]["on_fit_start"]) == (1, 2)
+        assert (a["counts"]["on_checkpoint_restored"], b["counts"]["on_checkpoint_restored"]) == (0, 1)
+    draws = [json.loads((ref / f"counter-rank{r}.json").read_text())["draws"] for r in (0, 1)]
+    assert draws[0] != draws[1], "each rank's own stream"
+    w = [torch.load(r / "model.pt", weights_only=True) for r in (ref, cut)]
+    assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
+    assert (ref / "epochs.txt").read_text() == "1 rank 0\n2 rank 0\n3 rank 0\n4 rank 0\n"
