@@ -154,13 +154,18 @@ class Stream:
         return self._take()
 
     def _take(self) -> Iterator[Any]:
-        while True:
-            if not self._ahead and not self._fetch():
-                return
-            tagged = self._ahead.popleft()
-            self._agreed = None if self._agreed is None else max(self._agreed - 1, 0)
-            self.position[tagged.stream] = tagged.end  # taken by the loop: what a checkpoint now holds
-            yield tagged.batch
+        source = self._source
+        try:
+            while True:
+                if not self._ahead and not self._fetch():
+                    return
+                tagged = self._ahead.popleft()
+                self._agreed = None if self._agreed is None else max(self._agreed - 1, 0)
+                self.position[tagged.stream] = tagged.end  # taken by the loop: what a checkpoint now holds
+                yield tagged.batch
+        finally:  # left (a run ending inside the epoch): its workers end now, not when a GC pass finds the
+            if self._source is source:  # Stream (they hold the run dir's lock, forked with it)
+                self._source = iter(())
 
     def _fetch(self) -> bool:
         tagged = next(self._source, None)
