@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, IterableDataset
 
 from launcher import Trainer
 from launcher.config import UserError
@@ -19,6 +20,7 @@ from launcher.fit.stream import Stream
 datasets = pytest.importorskip("datasets")
 pq = pytest.importorskip("pyarrow.parquet")
 pa = pytest.importorskip("pyarrow")
+stateful = pytest.importorskip("torchdata.stateful_dataloader")
 
 ROWS = 12  # per parquet file
 
@@ -109,3 +111,138 @@ def test_hf_parquet_trains_through_the_api_and_continues_mid_epoch_bitwise(tmp_p
     cut, _ = _fit(tmp_path / "cut", data)
     assert all(torch.equal(ref[k], cut[k]) for k in ref)
 
+
+# ---- torchdata's StatefulDataLoader: a DataLoader, taken as one --------------------------------------
+
+
+class Rows(torch.utils.data.Dataset):
+    """Map-style, read through __getitem__ (not sliced as in-memory tensors): x = [id, feature]."""
+
+    def __init__(self, n: int = 96) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.features = torch.randn(n, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int):
+        f = self.features[i]
+        return torch.stack([torch.tensor(float(i)), f]), (3 * f - 1).reshape(1)
+
+
+def _fit_api(run: Path, data, **kw) -> tuple[dict, list]:
+    import stream_samples
+
+    torch.manual_seed(0)
+    tr = Trainer(max_epochs=2, run_dir=run, progress=False, logger="none", precision="32", gpus=0, **kw)
+    history = tr.fit(stream_samples.Probe(), torch.nn.MSELoss(), functools.partial(torch.optim.SGD, lr=0.05), data)
+    return torch.load(run / "model.pt", weights_only=True), history
+
+
+def test_stateful_dataloader_over_an_iterable_dataset_is_a_stream_with_its_settings(tmp_path: Path) -> None:
+    """Its batch size, collate_fn and workers are kept; each sample once at 2 ranks x 2 workers; a run
+    stopped inside an epoch and continued gives the weights of one that never stopped."""
+    import stream_samples
+    from launcher.fit import stream
+
+    loader = stateful.StatefulDataLoader(stream_samples.ShardFiles(files=4, base=20, step=0), batch_size=5,
+                                         num_workers=2, collate_fn=torch.utils.data.default_collate)
+    assert stream.is_stream(loader)
+    ranks = [list(stream.from_data(loader, Dist(rank=r, world_size=2), 99, 0, False).epoch(0)) for r in (0, 1)]
+    assert {len(x) for r in ranks for x, _ in r} == {5}, "its batch size, not the trainer's"
+    assert sorted(int(i) for r in ranks for x, _ in r for i in x[:, 0]) == list(range(80))
+    ref, hist = _fit_api(tmp_path / "ref", loader)
+    assert [h["step"] for h in hist] == [16, 32]
+    _fit_api(tmp_path / "cut", loader, max_steps=6)
+    cut, _ = _fit_api(tmp_path / "cut", loader)
+    assert all(torch.equal(ref[k], cut[k]) for k in ref)
+
+
+def test_stateful_dataloader_over_map_style_data_is_sharded_and_resumed_by_the_launcher(tmp_path: Path) -> None:
+    """shuffle=True gives it a RandomSampler of torchdata's own (once refused as 'a custom sampler'):
+    the launcher's seeded sampler stands in for it, its state_dict is not used; a run stopped at step 5
+    of 12 and continued gives the weights of one that never stopped."""
+    from launcher.fit.data import Batches
+
+    loader = stateful.StatefulDataLoader(Rows(), batch_size=8, shuffle=True, num_workers=2)
+    batches = Batches(loader, Dist(rank=0, world_size=1), train=True, seed=0)
+    assert batches.shuffle and batches.batch_size == 8 and batches.loader_kw["num_workers"] == 2
+    ref, hist = _fit_api(tmp_path / "ref", loader)
+    assert [h["step"] for h in hist] == [12, 24] and hist[1]["train_loss"] < hist[0]["train_loss"]
+    _fit_api(tmp_path / "cut", loader, max_steps=5)
+    cut, _ = _fit_api(tmp_path / "cut", loader)
+    assert all(torch.equal(ref[k], cut[k]) for k in ref)
+
+
+# ---- what a user passes (issue 25's table, item 6): trains, or one line saying what is supported -----
+
+class WithLen(IterableDataset):
+    """An iterable dataset that also has a __len__ (once 'expected unspecified sampler option')."""
+
+    def __init__(self, n: int = 40) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return ((torch.tensor([float(i), i / self.n]), torch.tensor([1.0])) for i in range(self.n))
+
+
+class Shrinking(WithLen):
+    """Empty in its second epoch."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(()) if self.epoch == 1 else super().__iter__()
+
+
+class Reiterable:
+    """Has __iter__, is no torch IterableDataset."""
+
+    def __iter__(self):
+        return iter([(torch.zeros(2), torch.zeros(1))])
+
+
+@pytest.mark.parametrize("make", [lambda: WithLen(), lambda: DataLoader(WithLen(), batch_size=8)],
+                         ids=["iterable-with-len", "dataloader-over-iterable"])
+def test_an_iterable_dataset_with_a_len_or_in_a_dataloader_trains(tmp_path: Path, make) -> None:
+    _, hist = _fit_api(tmp_path / "r", make(), batch_size=8)
+    assert [h["step"] for h in hist] == [5, 10]
+
+
+@pytest.mark.parametrize("data, said", [
+    ((s for s in [(torch.zeros(2), torch.zeros(1))]), "data: a generator can be read once only"),
+    (iter([(torch.zeros(2), torch.zeros(1))]), "data: a list_iterator can be read once only"),
+    (Reiterable(), "data: a Reiterable has __iter__ but is no torch IterableDataset (subclass it)"),
+    (DataLoader(iter([1, 2]), batch_size=2), "data: a list_iterator can be read once only"),  # type: ignore[arg-type]
+], ids=["generator", "iterator", "not-an-IterableDataset", "dataloader-over-an-iterator"])
+def test_data_the_launcher_cannot_shard_or_resume_is_one_line(tmp_path: Path, data, said: str) -> None:
+    with pytest.raises(UserError) as e:
+        _fit_api(tmp_path / "r", data, batch_size=8)
+    assert said in str(e.value) and "valid: a torch Dataset (__len__, __getitem__), a torch IterableDataset" \
+        in str(e.value) and "\n" not in str(e.value) and "pass the Dataset" not in str(e.value)
+
+
+def test_a_stream_that_yields_nothing_in_a_later_epoch_is_named(tmp_path: Path) -> None:
+    """Once an epoch of 0 steps and train_loss=nan, said nowhere."""
+    with pytest.raises(UserError, match=r"^data: the stream yields nothing on rank 0 in epoch 2; valid: "):
+        _fit_api(tmp_path / "r", Shrinking(), batch_size=8)
+
+
+@pytest.mark.slow
+def test_a_rank_whose_stream_is_empty_is_named_and_no_rank_waits(tmp_path: Path) -> None:
+    """One shard file over 2 ranks: rank 1's stream is empty. Every rank stops at the epoch's first
+    agreement (the least count and its rank in one number), exit 2, the line printed once."""
+    from conftest import QUIET, SUPPORT, run_cli
+
+    p = run_cli(["--config-dir", str(SUPPORT / "stream_conf"), "recipe=stream", "+data.files=1", "trainer.gpus=0",
+                 "trainer.nproc=2", f"run.dir={tmp_path / 'run'}", *QUIET], cwd=tmp_path, timeout=120)
+    assert p.returncode == 2, p.stderr[-3000:]
+    said = [ln for ln in p.stderr.splitlines() if "yields nothing" in ln]
+    assert len(said) == 1 and said[0].startswith("launcher: error: data: the stream yields nothing on rank 1 in "
+                                                 "epoch 1; valid: "), p.stderr[-3000:]

@@ -11,11 +11,12 @@ relies on stream.py's numbering of streams, rank * workers + worker (checked whe
 
 from __future__ import annotations
 
+import collections.abc
 import itertools
 import sys
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
-from torch.utils.data import get_worker_info
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler, get_worker_info
 
 from ..config import UserError
 
@@ -81,3 +82,33 @@ def _open_hf(data: Any, index: int, count: int, how: str) -> Iterable[Any]:
         part.set_epoch(data.epoch)  # a shard starts at epoch 0: set_epoch(data) above would be lost
     return part
 
+
+SUPPORTED = ("valid: a torch Dataset (__len__, __getitem__), a torch IterableDataset (its __iter__ starting over on "
+             "every call), a datasets.IterableDataset, or a DataLoader or torchdata StatefulDataLoader over one")
+
+
+def check_readable(data: Any) -> None:
+    """Map-style data (or a DataLoader) passes; anything else that is not a stream is one line saying
+    what is supported: the launcher must read the data once per epoch, each rank its share, and read
+    it again from the start on a resume, which a generator or an iterator cannot do."""
+    if isinstance(data, DataLoader) or (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        return
+    if isinstance(data, collections.abc.Iterator):  # generators too
+        what = f"a {type(data).__name__} can be read once only: it cannot be split over ranks, read each epoch or resumed"
+    elif callable(getattr(data, "__iter__", None)):
+        what = f"a {type(data).__name__} has __iter__ but is no torch IterableDataset (subclass it)"
+    else:
+        what = f"a {type(data).__name__} is neither a map-style dataset nor an iterable one"
+    raise UserError(f"data: {what}; {SUPPORTED}")
+
+
+def shuffles(sampler: Sampler) -> Optional[bool]:
+    """Whether a DataLoader's sampler shuffles (the launcher's own sampler then does, seeded), or None
+    for a sampler the launcher cannot stand in for. torchdata's StatefulDataLoader(shuffle=True) has
+    a RandomSampler of its own, no subclass of torch's."""
+    stateful = sys.modules.get("torchdata.stateful_dataloader.sampler")
+    if isinstance(sampler, RandomSampler) or (stateful is not None and isinstance(sampler, stateful.RandomSampler)):
+        return True
+    if isinstance(sampler, DistributedSampler):
+        return sampler.shuffle
+    return False if isinstance(sampler, SequentialSampler) else None

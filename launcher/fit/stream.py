@@ -187,8 +187,14 @@ class Stream:
         self._window = min(self._window * 2, self.LOOKAHEAD)
         while len(self._ahead) < want and self._fetch():
             pass
-        mine = torch.tensor([min(len(self._ahead), want)], dtype=torch.int64, device=self.dist.device)
-        self._agreed = int(all_reduce_min(mine).item())
+        world = self.dist.world_size  # the least any rank holds and, in the same number, which rank that is
+        mine = torch.tensor([min(len(self._ahead), want) * world + self.dist.rank], dtype=torch.int64,
+                            device=self.dist.device)
+        least = int(all_reduce_min(mine).item())
+        self._agreed = least // world
+        if self._agreed == 0 and not any(self.position.values()):  # every rank raises: none waits in a collective
+            raise UserError(f"data: the stream yields nothing on rank {least % world} in epoch {self.epoch_now + 1}; "
+                            "valid: a dataset with at least one sample per rank in every epoch")
         if self._agreed < want:  # some rank's stream ends within this window: the epoch ends there for all
             self._ended = True
             self._count_rest(keep=self._agreed)
