@@ -44,7 +44,7 @@ def _epoch_ids(data, world: int, workers: int, epoch: int = 0) -> list[list[int]
                                     num_workers=workers).epoch(epoch) for i in b["id"]] for r in range(world)]
 
 
-@pytest.mark.parametrize("files", [8, 3], ids=["hf-shards", "stride"])  # >= and < 2 ranks x 2 workers
+@pytest.mark.parametrize("files", [8, 3, 1], ids=["hf-shards", "stride", "fewer-files-than-workers"])
 @pytest.mark.parametrize("world, workers", [(1, 0), (2, 2)])
 def test_hf_parquet_every_sample_once_per_epoch(tmp_path: Path, files: int, world: int, workers: int) -> None:
     """A datasets.IterableDataset splits itself by loader worker: the launcher splits it by rank only
@@ -55,6 +55,17 @@ def test_hf_parquet_every_sample_once_per_epoch(tmp_path: Path, files: int, worl
         assert sorted(i for r in ranks for i in r) == list(range(files * ROWS)), f"epoch {epoch}"
     if world > 1:
         assert len(ranks[0]) == len(ranks[1]), "ranks even (the stride keeps every world-th sample)"
+
+
+def test_hf_in_a_stateful_dataloader_as_its_docs_show_is_split_once(tmp_path: Path) -> None:
+    """StatefulDataLoader(ds, batch_size, num_workers) over a datasets stream (how datasets documents
+    checkpointing): a stream with the loader's settings, each sample once at 2 ranks x 2 workers."""
+    from launcher.fit import stream
+
+    loader = stateful.StatefulDataLoader(parquet(tmp_path, 4), batch_size=5, num_workers=2)
+    ranks = [[int(i) for b in stream.from_data(loader, Dist(rank=r, world_size=2), 99, 0, False).epoch(0)
+              for i in b["id"]] for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == list(range(4 * ROWS))
 
 
 def test_hf_shuffle_buffer_reshuffles_per_epoch_and_resumes_in_the_same_order(tmp_path: Path, monkeypatch) -> None:

@@ -28,8 +28,9 @@ def _hf(data: Any) -> bool:
 
 
 def sharding(data: Any, count: int) -> str:
-    """How a dataset is split into `count` streams: "own" (shard_stream), "hf" (datasets' shard) or
-    "stride" (every count-th sample, each stream reading the whole dataset)."""
+    """How a dataset is split into `count` streams: "own" (shard_stream), "hf" (datasets' shard, or for
+    a datasets.IterableDataset its own split) or "stride" (every count-th sample, each stream reading
+    the whole dataset)."""
     # a private attribute, read because the split it records would compose with the launcher's (each
     # rank would read a 1/world of its own 1/world): refused rather than silently training on less
     if _hf(data) and getattr(data, "_distributed", None) is not None:
@@ -37,6 +38,8 @@ def sharding(data: Any, count: int) -> str:
                         "dataset before the split (the launcher splits it over ranks and loader workers)")
     if callable(getattr(data, "shard_stream", None)):
         return "own"
+    if _hf(data):  # split by datasets itself, however many shards it has (see _open_hf)
+        return "hf"
     if callable(getattr(data, "shard", None)) and isinstance(getattr(data, "n_shards", None), int) \
             and data.n_shards >= count:
         return "hf"
@@ -55,13 +58,13 @@ def open_shard(data: Any, index: int, count: int) -> Iterable[Any]:
     if how == "own":
         return data.shard_stream(index, count)
     if _hf(data):
-        return _open_hf(data, index, count, how)
+        return _open_hf(data, index, count)
     if how == "hf":
         return data.shard(num_shards=count, index=index)
     return itertools.islice(iter(data), index, None, count)
 
 
-def _open_hf(data: Any, index: int, count: int, how: str) -> Iterable[Any]:
+def _open_hf(data: Any, index: int, count: int) -> Iterable[Any]:
     """This rank's part of a datasets.IterableDataset; inside a loader worker the dataset then keeps
     the worker's shards of it itself (see the module's docstring)."""
     info = get_worker_info()
@@ -70,8 +73,8 @@ def _open_hf(data: Any, index: int, count: int, how: str) -> Iterable[Any]:
         raise RuntimeError(f"stream {index} of {count} opened in loader worker {worker} of {workers}: the "
                            "streams are no longer numbered rank * workers + worker (launcher/fit/stream.py)")
     rank, world = index // workers, count // workers
-    if how == "hf":
-        # at least `workers` shards per rank (n_shards >= count): every worker has files of its own
+    if data.n_shards >= count:
+        # at least `workers` shards per rank: every worker has files of its own
         part = data.shard(num_shards=world, index=rank, contiguous=False) if world > 1 else data
     else:
         # fewer shards than streams: each rank keeps every world-th sample (so ranks stay even) and its
@@ -79,7 +82,7 @@ def _open_hf(data: Any, index: int, count: int, how: str) -> Iterable[Any]:
         from datasets.distributed import split_dataset_by_node
         part = split_dataset_by_node(data, rank=rank, world_size=world, strategy="examples") if world > 1 else data
     if part is not data:
-        part.set_epoch(data.epoch)  # a shard starts at epoch 0: set_epoch(data) above would be lost
+        part.set_epoch(data.epoch)  # a shard starts at epoch 0: the set_epoch(data) before this would be lost
     return part
 
 
@@ -94,7 +97,8 @@ def check_readable(data: Any) -> None:
     if isinstance(data, DataLoader) or (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         return
     if isinstance(data, collections.abc.Iterator):  # generators too
-        what = f"a {type(data).__name__} can be read once only: it cannot be split over ranks, read each epoch or resumed"
+        what = (f"a {type(data).__name__} can be read once only: it cannot be split over ranks, read each epoch "
+                "or resumed")
     elif callable(getattr(data, "__iter__", None)):
         what = f"a {type(data).__name__} has __iter__ but is no torch IterableDataset (subclass it)"
     else:
