@@ -24,11 +24,12 @@ import math
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import UserError
 from ..device.dist import Dist
 from .seeding import SeededSamples
+from .sources import check_readable, shuffles
 
 log = logging.getLogger("launcher")
 
@@ -49,19 +50,20 @@ class _Slice(torch.utils.data.Sampler):
 def _loader_settings(data: Any, batch_size: Optional[int]) -> tuple[Dataset, int, dict, Optional[bool]]:
     """(dataset, batch size, DataLoader kwargs, shuffle-or-None) of a Dataset or a user DataLoader."""
     if isinstance(data, DataLoader):
+        check_readable(data.dataset)
         if data.batch_size is None:
             raise UserError("a DataLoader with a custom batch_sampler cannot be re-sharded across ranks; "
                              "pass the Dataset and batch_size= instead")
-        if not isinstance(data.sampler, (RandomSampler, SequentialSampler, DistributedSampler)):
+        shuffle = shuffles(data.sampler)
+        if shuffle is None:
             raise UserError(f"a DataLoader with a custom sampler ({type(data.sampler).__name__}) cannot be "
                              "re-sharded across ranks; pass the Dataset instead")
-        shuffle = isinstance(data.sampler, RandomSampler) or (
-            isinstance(data.sampler, DistributedSampler) and data.sampler.shuffle)
         kw = dict(collate_fn=data.collate_fn, num_workers=data.num_workers, pin_memory=data.pin_memory,
                   drop_last=data.drop_last, persistent_workers=data.persistent_workers,
                   worker_init_fn=data.worker_init_fn)
         custom_collate = data.collate_fn is not torch.utils.data.default_collate
         return data.dataset, data.batch_size, {**kw, "_custom": custom_collate}, shuffle
+    check_readable(data)
     if batch_size is None:
         raise UserError("a Dataset needs batch_size= (or pass a DataLoader)")
     return data, batch_size, {"_custom": False}, None

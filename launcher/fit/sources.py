@@ -1,22 +1,56 @@
 """Where a stream's samples come from: how an iterable dataset is split into `count` streams, and
 stream `index`'s share of it for one epoch (fit/stream.py deals the streams out to ranks x workers,
-tags, positions and resumes them; this module knows the kinds of dataset)."""
+tags, positions and resumes them; this module knows the kinds of dataset).
+
+Hugging Face `datasets.IterableDataset` splits itself when iterated inside a torch loader worker: it
+keeps the shards (files) worker::num_workers of whatever it is asked to read (and a worker with no
+shard yields nothing). Asking it for stream `index` of `count` there would split twice, and the
+stride fallback would stride over one worker's files only: both lost samples (at 2 ranks x 2 workers
+half of them). So for it the launcher splits by rank only and leaves the split by worker to it; that
+relies on stream.py's numbering of streams, rank * workers + worker (checked where it is used)."""
 
 from __future__ import annotations
 
+import collections.abc
 import itertools
-from typing import Any, Iterable
+import sys
+from typing import Any, Iterable, Optional
+
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler, get_worker_info
+
+from ..config import UserError
+
+
+def _hf(data: Any) -> bool:
+    """A Hugging Face datasets.IterableDataset (datasets is only looked at when the user imported it)."""
+    module = sys.modules.get("datasets")
+    return module is not None and isinstance(data, getattr(module, "IterableDataset", ()))
 
 
 def sharding(data: Any, count: int) -> str:
-    """How a dataset is split into `count` streams: "own" (shard_stream), "hf" (datasets' shard) or
-    "stride" (every count-th sample, each stream reading the whole dataset)."""
+    """How a dataset is split into `count` streams: "own" (shard_stream), "hf" (datasets' shard, or for
+    a datasets.IterableDataset its own split) or "stride" (every count-th sample, each stream reading
+    the whole dataset)."""
+    # a private attribute, read because the split it records would compose with the launcher's (each
+    # rank would read a 1/world of its own 1/world): refused rather than silently training on less
+    if _hf(data) and getattr(data, "_distributed", None) is not None:
+        raise UserError("data: a datasets.IterableDataset already split by split_dataset_by_node; valid: the "
+                        "dataset before the split (the launcher splits it over ranks and loader workers)")
     if callable(getattr(data, "shard_stream", None)):
         return "own"
+    if _hf(data):  # split by datasets itself, however many shards it has (see _open_hf)
+        return "hf"
     if callable(getattr(data, "shard", None)) and isinstance(getattr(data, "n_shards", None), int) \
             and data.n_shards >= count:
         return "hf"
     return "stride"
+
+
+def resizable(data: Any) -> bool:
+    """Whether one layout's stream can be read again inside another layout's loader worker (a resume at
+    another world size or worker count, fit/shard.py). Not a datasets.IterableDataset: what one of its
+    streams holds depends on the worker that reads it (datasets splits by the reading worker)."""
+    return not _hf(data)
 
 
 def set_epoch(data: Any, epoch: int) -> None:
@@ -30,6 +64,62 @@ def open_shard(data: Any, index: int, count: int) -> Iterable[Any]:
     how = sharding(data, count)
     if how == "own":
         return data.shard_stream(index, count)
+    if _hf(data):
+        return _open_hf(data, index, count)
     if how == "hf":
         return data.shard(num_shards=count, index=index)
     return itertools.islice(iter(data), index, None, count)
+
+
+def _open_hf(data: Any, index: int, count: int) -> Iterable[Any]:
+    """This rank's part of a datasets.IterableDataset; inside a loader worker the dataset then keeps
+    the worker's shards of it itself (see the module's docstring)."""
+    info = get_worker_info()
+    workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+    if count % workers or index % workers != worker:
+        raise RuntimeError(f"stream {index} of {count} opened in loader worker {worker} of {workers}: the "
+                           "streams are no longer numbered rank * workers + worker (launcher/fit/stream.py)")
+    rank, world = index // workers, count // workers
+    if data.n_shards >= count:
+        # at least `workers` shards per rank: every worker has files of its own
+        part = data.shard(num_shards=world, index=rank, contiguous=False) if world > 1 else data
+    else:
+        # fewer shards than streams: each rank keeps every world-th sample (so ranks stay even) and its
+        # workers split the files among them (with fewer files than workers some read nothing)
+        from datasets.distributed import split_dataset_by_node
+        part = split_dataset_by_node(data, rank=rank, world_size=world, strategy="examples") if world > 1 else data
+    if part is not data:
+        part.set_epoch(data.epoch)  # a shard starts at epoch 0: the set_epoch(data) before this would be lost
+    return part
+
+
+SUPPORTED = ("valid: a torch Dataset (__len__, __getitem__), a torch IterableDataset (its __iter__ starting over on "
+             "every call), a datasets.IterableDataset, or a DataLoader or torchdata StatefulDataLoader over one")
+
+
+def check_readable(data: Any) -> None:
+    """Map-style data (or a DataLoader) passes; anything else that is not a stream is one line saying
+    what is supported: the launcher must read the data once per epoch, each rank its share, and read
+    it again from the start on a resume, which a generator or an iterator cannot do."""
+    if isinstance(data, DataLoader) or (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        return
+    if isinstance(data, collections.abc.Iterator):  # generators too
+        what = (f"a {type(data).__name__} can be read once only: it cannot be split over ranks, read each epoch "
+                "or resumed")
+    elif callable(getattr(data, "__iter__", None)):
+        what = f"a {type(data).__name__} has __iter__ but is no torch IterableDataset (subclass it)"
+    else:
+        what = f"a {type(data).__name__} is neither a map-style dataset nor an iterable one"
+    raise UserError(f"data: {what}; {SUPPORTED}")
+
+
+def shuffles(sampler: Sampler) -> Optional[bool]:
+    """Whether a DataLoader's sampler shuffles (the launcher's own sampler then does, seeded), or None
+    for a sampler the launcher cannot stand in for. torchdata's StatefulDataLoader(shuffle=True) has
+    a RandomSampler of its own, no subclass of torch's."""
+    stateful = sys.modules.get("torchdata.stateful_dataloader.sampler")
+    if isinstance(sampler, RandomSampler) or (stateful is not None and isinstance(sampler, stateful.RandomSampler)):
+        return True
+    if isinstance(sampler, DistributedSampler):
+        return sampler.shuffle
+    return False if isinstance(sampler, SequentialSampler) else None

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate
 from ..config import UserError
 from ..device.dist import Dist, all_gather_object, all_reduce_min
 from .shard import Collate, Shard, Tagged, first_items, frozen, merge_positions
-from .sources import sharding
+from .sources import resizable, sharding
 
 log = logging.getLogger("launcher")
 
@@ -133,22 +133,27 @@ class Stream:
         return loader
 
     def _take(self) -> Iterator[Any]:
-        while True:
-            if not self._ahead and not self._fetch():
-                return
-            tagged = self._ahead.popleft()
-            self._agreed = None if self._agreed is None else max(self._agreed - 1, 0)
-            self.position[tagged.stream] = tagged.end  # taken by the loop: what a checkpoint now holds
-            self.last = tagged.stream
-            for origin, lo, hi in tagged.origins:  # (numpy: ~2 us a batch here; a torch slice add ~6)
-                counts = self.trained.get(origin)
-                if counts is None or len(counts) < hi:  # grown by doubling: amortised O(1) per sample
-                    grown = np.zeros(max(hi, 2 * len(counts) if counts is not None else hi), dtype=np.int32)
-                    if counts is not None:
-                        grown[: len(counts)] = counts
-                    counts = self.trained[origin] = grown
-                counts[lo:hi] += 1
-            yield tagged.batch
+        source = self._source
+        try:
+            while True:
+                if not self._ahead and not self._fetch():
+                    return
+                tagged = self._ahead.popleft()
+                self._agreed = None if self._agreed is None else max(self._agreed - 1, 0)
+                self.position[tagged.stream] = tagged.end  # taken by the loop: what a checkpoint now holds
+                self.last = tagged.stream
+                for origin, lo, hi in tagged.origins:  # (numpy: ~2 us a batch here; a torch slice add ~6)
+                    counts = self.trained.get(origin)
+                    if counts is None or len(counts) < hi:  # grown by doubling: amortised O(1) per sample
+                        grown = np.zeros(max(hi, 2 * len(counts) if counts is not None else hi), dtype=np.int32)
+                        if counts is not None:
+                            grown[: len(counts)] = counts
+                        counts = self.trained[origin] = grown
+                    counts[lo:hi] += 1
+                yield tagged.batch
+        finally:  # left (a run ending inside the epoch): its workers end now, not when a GC pass finds the
+            if self._source is source:  # Stream (they hold the run dir's lock, forked with it)
+                self._source = iter(())
 
     def _fetch(self) -> bool:
         tagged = next(self._source, None)
@@ -256,11 +261,21 @@ class Stream:
         position = {int(k): int(v) for k, v in sd["position"].items()}
         streams = int(sd.get("streams", int(sd["world_size"]) * int(sd["workers"])))
         self.last = None
-        if streams == self.streams:
+        same = (int(sd["world_size"]), int(sd["workers"])) == (self.dist.world_size, self.workers)
+        # stream s of S is the same whichever rank and worker read it (2 x 1 -> 1 x 2 keeps them), except
+        # for a datasets.IterableDataset, which splits by the reading worker
+        if streams == self.streams and (same or resizable(self.data)):
             self.position = {s: v for s, v in position.items() if s // self.workers == self.dist.rank}
-            self.last = (sd.get("last") or {}).get(self.dist.rank)
+            self.last = (sd.get("last") or {}).get(self.dist.rank) if same else None  # (the workers' turns)
             return
-        if any(position.values()):
+        if any(position.values()) and not resizable(self.data):
+            log.warning("data: the stream was saved at %d ranks x %d workers, resumed at %d x %d inside epoch %d: "
+                        "a datasets.IterableDataset's streams cannot be read again at another layout, so the epoch "
+                        "starts over (its samples trained before the resume are trained again: the ledger counts "
+                        "them twice)", sd["world_size"], sd["workers"], self.dist.world_size, self.workers,
+                        self.epoch_now + 1, extra={"file_only": not self.dist.is_main})
+            self.layers = []
+        elif any(position.values()):
             # the saved layout's streams are not this one's: freeze it, and read what it left (shard.py)
             self.layers.append(frozen(streams, position))
             log.warning("data: the stream was saved at %d ranks x %d workers, resumed at %d x %d inside epoch %d: "
@@ -276,7 +291,8 @@ def first_batch(stream: Stream) -> Any:
     items = first_items(stream.data, stream.dist.rank, stream.workers, stream.streams, stream.batch_size)
     if not items:
         raise UserError(f"data: the stream yields nothing on rank {stream.dist.rank} (its first of "
-                        f"{stream._streams_of(stream.dist.rank)}); valid: a dataset with at least one sample per rank and worker")
+                        f"{stream._streams_of(stream.dist.rank)}); valid: a dataset with at least one sample per "
+                        "rank and worker")
     return stream.collate(items).batch
 
 

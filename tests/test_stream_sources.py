@@ -1,0 +1,274 @@
+"""Streaming datasets of other libraries (launcher/fit/sources.py): Hugging Face `datasets` streaming
+from local parquet files and torchdata's StatefulDataLoader, sharded over ranks x loader workers, each
+sample once per epoch, resumed exactly (the `stream` extra; skipped where it is not installed)."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from launcher import Trainer
+from launcher.config import UserError
+from launcher.device.dist import Dist
+from launcher.fit.stream import Stream
+
+datasets = pytest.importorskip("datasets")
+pq = pytest.importorskip("pyarrow.parquet")
+pa = pytest.importorskip("pyarrow")
+stateful = pytest.importorskip("torchdata.stateful_dataloader")
+
+ROWS = 12  # per parquet file
+
+
+def parquet(tmp_path: Path, files: int):
+    """`files` parquet files of ROWS rows (id, x: [feature], labels: [3 * feature - 1]), streamed."""
+    paths = []
+    g = torch.Generator().manual_seed(0)
+    for f in range(files):
+        ids = list(range(f * ROWS, (f + 1) * ROWS))
+        x = torch.randn(ROWS, generator=g).tolist()
+        path = tmp_path / f"part-{f:03d}.parquet"
+        pq.write_table(pa.table({"id": ids, "x": [[v] for v in x], "labels": [[3 * v - 1] for v in x]}), path)
+        paths.append(str(path))
+    return datasets.load_dataset("parquet", data_files=paths, split="train", streaming=True).with_format("torch")
+
+
+def _epoch_ids(data, world: int, workers: int, epoch: int = 0) -> list[list[int]]:
+    """Each rank's ids in the order its loop takes them."""
+    return [[int(i) for b in Stream(data, Dist(rank=r, world_size=world), batch_size=4,
+                                    num_workers=workers).epoch(epoch) for i in b["id"]] for r in range(world)]
+
+
+@pytest.mark.parametrize("files", [8, 3, 1], ids=["hf-shards", "stride", "fewer-files-than-workers"])
+@pytest.mark.parametrize("world, workers", [(1, 0), (2, 2)])
+def test_hf_parquet_every_sample_once_per_epoch(tmp_path: Path, files: int, world: int, workers: int) -> None:
+    """A datasets.IterableDataset splits itself by loader worker: the launcher splits it by rank only
+    (before, at 2 x 2 a worker kept half of its shard's files: half the samples were never read)."""
+    data = parquet(tmp_path, files)
+    for epoch in (0, 1):
+        ranks = _epoch_ids(data, world, workers, epoch)
+        assert sorted(i for r in ranks for i in r) == list(range(files * ROWS)), f"epoch {epoch}"
+    if world > 1:
+        assert len(ranks[0]) == len(ranks[1]), "ranks even (the stride keeps every world-th sample)"
+
+
+def test_hf_in_a_stateful_dataloader_as_its_docs_show_is_split_once(tmp_path: Path) -> None:
+    """StatefulDataLoader(ds, batch_size, num_workers) over a datasets stream (how datasets documents
+    checkpointing): a stream with the loader's settings, each sample once at 2 ranks x 2 workers."""
+    from launcher.fit import stream
+
+    loader = stateful.StatefulDataLoader(parquet(tmp_path, 4), batch_size=5, num_workers=2)
+    ranks = [[int(i) for b in stream.from_data(loader, Dist(rank=r, world_size=2), 99, 0, False).epoch(0)
+              for i in b["id"]] for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == list(range(4 * ROWS))
+
+
+def test_hf_shuffle_buffer_reshuffles_per_epoch_and_resumes_in_the_same_order(tmp_path: Path, monkeypatch) -> None:
+    # datasets waits 5 s at the end of each read of a shuffle over several parquet files (pyarrow's
+    # threads): a pause, not a part of the order; left out here, in this process (no workers)
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    data = parquet(tmp_path, 4).shuffle(seed=3, buffer_size=16)
+    d = Dist(rank=1, world_size=2)
+    whole = [_epoch_ids(data, 2, 0, e)[1] for e in (0, 1)]
+    assert whole[0] != whole[1] and sorted(whole[0]) == sorted(whole[1]), "set_epoch reaches the shard read"
+    first = Stream(data, d, batch_size=4)
+    taken = [int(i) for b in itertools.islice(first.epoch(1), 3) for i in b["id"]]
+    again = Stream(data, d, batch_size=4)
+    again.load_state_dict(first.state_dict())
+    rest = [int(i) for b in again.epoch(1) for i in b["id"]]
+    assert taken + rest == whole[1]
+
+
+def test_hf_already_split_by_node_is_one_line(tmp_path: Path) -> None:
+    from datasets.distributed import split_dataset_by_node
+
+    data = split_dataset_by_node(parquet(tmp_path, 4), rank=0, world_size=2)
+    with pytest.raises(UserError, match="already split by split_dataset_by_node; valid: the dataset before"):
+        Stream(data, Dist(rank=0, world_size=2), batch_size=4)
+
+
+class Probe(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(1, 1)
+
+    def forward(self, x: torch.Tensor, id: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the dataset's column
+        return self.lin(x)
+
+
+def _fit(run: Path, data, **kw) -> tuple[dict, list]:
+    torch.manual_seed(0)
+    tr = Trainer(max_epochs=2, batch_size=8, num_workers=2, run_dir=run, progress=False, logger="none",
+                 precision="32", gpus=0, checkpoint_every_n_steps=2, **kw)
+    history = tr.fit(Probe(), torch.nn.MSELoss(), functools.partial(torch.optim.SGD, lr=0.1), data, step="dict_batch")
+    return torch.load(run / "model.pt", weights_only=True), history
+
+
+def test_hf_parquet_trains_through_the_api_and_continues_mid_epoch_bitwise(tmp_path: Path) -> None:
+    """8 files x 12 rows, batch 8, 2 loader workers: 12 steps an epoch. A run stopped inside epoch 1
+    (max_steps=6) and continued in the same process gives the weights of one that never stopped (and
+    the first run's loader workers are gone: they held the run dir's lock). At a stop that is not a
+    multiple of the worker count the samples are exact but their order is not yet: the resumed loader
+    starts at worker 0 (stream.py, the lead's rewrite)."""
+    data = parquet(tmp_path, 8)
+    ref, hist = _fit(tmp_path / "ref", data)
+    assert [h["step"] for h in hist] == [12, 24] and hist[1]["train_loss"] < hist[0]["train_loss"]
+    _fit(tmp_path / "cut", data, max_steps=6)
+    cut, _ = _fit(tmp_path / "cut", data)
+    assert all(torch.equal(ref[k], cut[k]) for k in ref)
+
+
+# ---- torchdata's StatefulDataLoader: a DataLoader, taken as one --------------------------------------
+
+
+class Rows(torch.utils.data.Dataset):
+    """Map-style, read through __getitem__ (not sliced as in-memory tensors): x = [id, feature]."""
+
+    def __init__(self, n: int = 96) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.features = torch.randn(n, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int):
+        f = self.features[i]
+        return torch.stack([torch.tensor(float(i)), f]), (3 * f - 1).reshape(1)
+
+
+def _fit_api(run: Path, data, **kw) -> tuple[dict, list]:
+    import stream_samples
+
+    torch.manual_seed(0)
+    tr = Trainer(max_epochs=2, run_dir=run, progress=False, logger="none", precision="32", gpus=0, **kw)
+    history = tr.fit(stream_samples.Probe(), torch.nn.MSELoss(), functools.partial(torch.optim.SGD, lr=0.05), data)
+    return torch.load(run / "model.pt", weights_only=True), history
+
+
+def test_stateful_dataloader_over_an_iterable_dataset_is_a_stream_with_its_settings(tmp_path: Path) -> None:
+    """Its batch size, collate_fn and workers are kept; each sample once at 2 ranks x 2 workers; a run
+    stopped inside an epoch and continued gives the weights of one that never stopped."""
+    import stream_samples
+    from launcher.fit import stream
+
+    loader = stateful.StatefulDataLoader(stream_samples.ShardFiles(files=4, base=20, step=0), batch_size=5,
+                                         num_workers=2, collate_fn=torch.utils.data.default_collate)
+    assert stream.is_stream(loader)
+    ranks = [list(stream.from_data(loader, Dist(rank=r, world_size=2), 99, 0, False).epoch(0)) for r in (0, 1)]
+    assert {len(x) for r in ranks for x, _ in r} == {5}, "its batch size, not the trainer's"
+    assert sorted(int(i) for r in ranks for x, _ in r for i in x[:, 0]) == list(range(80))
+    ref, hist = _fit_api(tmp_path / "ref", loader)
+    assert [h["step"] for h in hist] == [16, 32]
+    _fit_api(tmp_path / "cut", loader, max_steps=6)
+    cut, _ = _fit_api(tmp_path / "cut", loader)
+    assert all(torch.equal(ref[k], cut[k]) for k in ref)
+
+
+def test_stateful_dataloader_over_map_style_data_is_sharded_and_resumed_by_the_launcher(tmp_path: Path) -> None:
+    """shuffle=True gives it a RandomSampler of torchdata's own (once refused as 'a custom sampler'):
+    the launcher's seeded sampler stands in for it, its state_dict is not used; a run stopped at step 5
+    of 12 and continued gives the weights of one that never stopped."""
+    from launcher.fit.data import Batches
+
+    loader = stateful.StatefulDataLoader(Rows(), batch_size=8, shuffle=True, num_workers=2)
+    batches = Batches(loader, Dist(rank=0, world_size=1), train=True, seed=0)
+    assert batches.shuffle and batches.batch_size == 8 and batches.loader_kw["num_workers"] == 2
+    ref, hist = _fit_api(tmp_path / "ref", loader)
+    assert [h["step"] for h in hist] == [12, 24] and hist[1]["train_loss"] < hist[0]["train_loss"]
+    _fit_api(tmp_path / "cut", loader, max_steps=5)
+    cut, _ = _fit_api(tmp_path / "cut", loader)
+    assert all(torch.equal(ref[k], cut[k]) for k in ref)
+
+
+# ---- what a user passes (issue 25's table, item 6): trains, or one line saying what is supported -----
+
+class WithLen(IterableDataset):
+    """An iterable dataset that also has a __len__ (once 'expected unspecified sampler option')."""
+
+    def __init__(self, n: int = 40) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return ((torch.tensor([float(i), i / self.n]), torch.tensor([1.0])) for i in range(self.n))
+
+
+class Shrinking(WithLen):
+    """Empty in its second epoch."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(()) if self.epoch == 1 else super().__iter__()
+
+
+class Reiterable:
+    """Has __iter__, is no torch IterableDataset."""
+
+    def __iter__(self):
+        return iter([(torch.zeros(2), torch.zeros(1))])
+
+
+@pytest.mark.parametrize("make", [lambda: WithLen(), lambda: DataLoader(WithLen(), batch_size=8)],
+                         ids=["iterable-with-len", "dataloader-over-iterable"])
+def test_an_iterable_dataset_with_a_len_or_in_a_dataloader_trains(tmp_path: Path, make) -> None:
+    _, hist = _fit_api(tmp_path / "r", make(), batch_size=8)
+    assert [h["step"] for h in hist] == [5, 10]
+
+
+@pytest.mark.parametrize("data, said", [
+    ((s for s in [(torch.zeros(2), torch.zeros(1))]), "data: a generator can be read once only"),
+    (iter([(torch.zeros(2), torch.zeros(1))]), "data: a list_iterator can be read once only"),
+    (Reiterable(), "data: a Reiterable has __iter__ but is no torch IterableDataset (subclass it)"),
+    (DataLoader(iter([1, 2]), batch_size=2), "data: a list_iterator can be read once only"),  # type: ignore[arg-type]
+], ids=["generator", "iterator", "not-an-IterableDataset", "dataloader-over-an-iterator"])
+def test_data_the_launcher_cannot_shard_or_resume_is_one_line(tmp_path: Path, data, said: str) -> None:
+    with pytest.raises(UserError) as e:
+        _fit_api(tmp_path / "r", data, batch_size=8)
+    assert said in str(e.value) and "valid: a torch Dataset (__len__, __getitem__), a torch IterableDataset" \
+        in str(e.value) and "\n" not in str(e.value) and "pass the Dataset" not in str(e.value)
+
+
+def test_a_stream_that_yields_nothing_in_a_later_epoch_is_named(tmp_path: Path) -> None:
+    """Once an epoch of 0 steps and train_loss=nan, said nowhere."""
+    with pytest.raises(UserError, match=r"^data: epoch 2 of the stream yields nothing on rank 0 \(stream 0 of 1\); valid: "):
+        _fit_api(tmp_path / "r", Shrinking(), batch_size=8)
+
+
+@pytest.mark.slow
+def test_a_rank_whose_stream_is_empty_is_named_and_no_rank_waits(tmp_path: Path) -> None:
+    """One shard file over 2 ranks: rank 1's stream is empty. Every rank stops at the epoch's first
+    agreement (the least count and its rank in one number), exit 2, the line printed once."""
+    from conftest import QUIET, SUPPORT, run_cli
+
+    p = run_cli(["--config-dir", str(SUPPORT / "stream_conf"), "recipe=stream", "+data.files=1", "trainer.gpus=0",
+                 "trainer.nproc=2", f"run.dir={tmp_path / 'run'}", *QUIET], cwd=tmp_path, timeout=120)
+    assert p.returncode == 2, p.stderr[-3000:]
+    said = [ln for ln in p.stderr.splitlines() if "yields nothing" in ln]
+    assert len(said) == 1 and said[0].startswith("launcher: error: data: epoch 1 of the stream yields nothing on rank "
+                                                 "1 (stream 1 of 2); valid: "), p.stderr[-3000:]
+
+
+def test_hf_resumed_at_another_layout_inside_an_epoch_starts_it_over(tmp_path: Path, caplog) -> None:
+    """What one of its streams holds depends on the loader worker that reads it, so the launcher cannot
+    read the saved layout's rest in another layout: the epoch starts over, said (not a traceback)."""
+    data = parquet(tmp_path, 4)
+    ranks = [Stream(data, Dist(rank=r, world_size=2), batch_size=4) for r in (0, 1)]
+    for s in ranks:
+        list(itertools.islice(s.epoch(0), 2))
+    sd = ranks[0].state_dict()
+    sd["position"] = {**sd["position"], **ranks[1].state_dict()["position"]}
+    one = Stream(data, Dist(), batch_size=4, num_workers=2)
+    one.load_state_dict(sd)
+    assert sorted(int(i) for b in one.epoch(0) for i in b["id"]) == list(range(4 * ROWS))
+    assert "cannot be read again at another layout, so the epoch starts over" in caplog.text
