@@ -93,6 +93,35 @@ def test_a_resumed_epoch_takes_exactly_the_samples_not_yet_taken(workers: int) -
         "the same batches in the same order (the workers' turns too) as the uninterrupted epoch"
 
 
+class Seeking(IterableDataset):
+    """Like Files, but its shard_stream starts at an offset without reading what comes before (as a
+    memory-mapped token file can); every sample it produces is noted."""
+
+    def __init__(self, files: int, per: int, log: Path) -> None:
+        self.files, self.per, self.log = files, per, log
+
+    def __iter__(self):
+        return self.shard_stream(0, 1)
+
+    def shard_stream(self, index: int, count: int, start: int = 0):
+        ids = [f * self.per + i for f in range(index, self.files, count) for i in range(self.per)][start:]
+        with open(self.log, "a") as out:
+            out.write("".join(f"{i}\n" for i in ids))
+        return (torch.tensor(i) for i in ids)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_dataset_that_seeks_is_resumed_without_reading_twice(tmp_path: Path, workers: int) -> None:
+    d = Dist(rank=0, world_size=1)
+    first = Stream(Seeking(4, 10, tmp_path / "x"), d, batch_size=4, num_workers=workers)
+    taken = list(itertools.islice(first.epoch(0), 3))
+    again = Stream(Seeking(4, 10, tmp_path / "read"), d, batch_size=4, num_workers=workers)
+    again.load_state_dict(first.state_dict())
+    rest = list(again.epoch(0))
+    assert _ids(taken + rest) == list(range(40))
+    assert sorted(int(i) for i in (tmp_path / "read").read_text().split()) == _ids(rest), "nothing read twice"
+
+
 def _world_state(streams: list[Stream]) -> dict:
     """What a checkpoint of these ranks holds (in-process there is no process group to gather with)."""
     sd = streams[0].state_dict()

@@ -41,18 +41,23 @@ class Tagged:
         return sum(hi - lo for _, lo, hi in self.origins)
 
 
-def _layer(data: Any, layers: list[tuple[int, list[int]]], k: int, j: int) -> Iterator[tuple[int, int, Any]]:
-    """Stream j of layer k: (origin stream, origin offset, sample). Layer 0 is the dataset's own split
-    into layers[0][0] streams; layer k > 0 strides what layer k-1's streams had left after their
-    positions (layers[k-1][1])."""
+def _layer(data: Any, layers: list[tuple[int, list[int]]], k: int, j: int,
+           start: int = 0) -> Iterator[tuple[int, int, int, Any]]:
+    """Stream j of layer k from its offset `start`: (offset, origin stream, origin offset, sample).
+    Layer 0 is the dataset's own split into layers[0][0] streams (a dataset whose shard_stream takes
+    `start` seeks there; any other is read from its beginning and the samples before `start` dropped);
+    layer k > 0 strides what layer k-1's streams had left after their positions (layers[k-1][1])."""
     if k == 0:
-        for offset, sample in enumerate(open_shard(data, j, layers[0][0])):
-            yield j, offset, sample
+        source, begun = open_shard(data, j, layers[0][0], start)
+        for offset, sample in enumerate(source, begun):
+            if offset >= start:
+                yield offset, j, offset, sample
         return
     count, taken = layers[k - 1]
-    rest = itertools.chain.from_iterable(itertools.islice(_layer(data, layers, k - 1, i), taken[i], None)
-                                         for i in range(count))
-    yield from itertools.islice(rest, j, None, layers[k][0])
+    rest = itertools.chain.from_iterable(_layer(data, layers, k - 1, i, taken[i]) for i in range(count))
+    for offset, (_, origin, at, sample) in enumerate(itertools.islice(rest, j, None, layers[k][0])):
+        if offset >= start:
+            yield offset, origin, at, sample
 
 
 class Shard(IterableDataset):
@@ -81,10 +86,8 @@ class Shard(IterableDataset):
             # worker `lead` in its round, the workers up to it had their turn in that round already:
             # one empty batch from each puts the turns where the uninterrupted run has them.
             yield from [(stream, -1, -1, -1, None)] * self.batch_size
-        source = _layer(self.data, self.layers, len(self.layers) - 1, stream)
-        for offset, (origin, at, sample) in enumerate(source):
-            if offset >= skip:
-                yield stream, offset, origin, at, sample
+        for offset, origin, at, sample in _layer(self.data, self.layers, len(self.layers) - 1, stream, skip):
+            yield stream, offset, origin, at, sample
 
 
 class Collate:

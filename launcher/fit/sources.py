@@ -12,6 +12,7 @@ relies on stream.py's numbering of streams, rank * workers + worker (checked whe
 from __future__ import annotations
 
 import collections.abc
+import inspect
 import itertools
 import sys
 from typing import Any, Iterable, Optional
@@ -59,16 +60,30 @@ def set_epoch(data: Any, epoch: int) -> None:
         data.set_epoch(epoch)
 
 
-def open_shard(data: Any, index: int, count: int) -> Iterable[Any]:
-    """Stream `index` of `count`: its samples in order (deterministic for a given epoch)."""
+def open_shard(data: Any, index: int, count: int, start: int = 0) -> tuple[Iterable[Any], int]:
+    """Stream `index` of `count` (its samples in order, deterministic for a given epoch) and the offset
+    its first sample has: `start` where the dataset's `shard_stream(index, count, start)` seeks there
+    itself (a resume then reads nothing twice), else 0 (the caller drops what comes before `start`)."""
     how = sharding(data, count)
     if how == "own":
-        return data.shard_stream(index, count)
+        return (data.shard_stream(index, count, start=start), start) if start and seeks(data) else \
+            (data.shard_stream(index, count), 0)
     if _hf(data):
-        return _open_hf(data, index, count)
+        return _open_hf(data, index, count), 0
     if how == "hf":
-        return data.shard(num_shards=count, index=index)
-    return itertools.islice(iter(data), index, None, count)
+        return data.shard(num_shards=count, index=index), 0
+    return itertools.islice(iter(data), index, None, count), 0
+
+
+def seeks(data: Any) -> bool:
+    """A dataset whose shard_stream takes `start` (the offset to begin its stream at)."""
+    fn = getattr(data, "shard_stream", None)
+    if not callable(fn):
+        return False
+    try:
+        return "start" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: it does not
+        return False
 
 
 def _open_hf(data: Any, index: int, count: int) -> Iterable[Any]:

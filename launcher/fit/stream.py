@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate
 from ..config import UserError
 from ..device.dist import Dist, all_gather_object, all_reduce_min
 from .shard import Collate, Shard, Tagged, first_items, frozen, merge_positions
-from .sources import resizable, sharding
+from .sources import resizable, seeks, sharding
 
 log = logging.getLogger("launcher")
 
@@ -107,9 +107,11 @@ class Stream:
             self.epoch_now, self.position, self.layers, self.last = epoch, {}, [], None
             self.trained, self.seen = {}, {}
         if any(self.position.values()) or self.layers:
-            log.info("data: resuming the stream inside epoch %d: %d samples of the streams read again and skipped%s",
-                     epoch + 1, sum(self.position.values()), f" ({len(self.layers)} earlier layout(s): each stream "
-                     "reads the whole epoch to find its share of what they left)" if self.layers else "",
+            how = "skipped where shard_stream starts them" if seeks(self.data) and not self.layers else \
+                "read again and skipped"
+            log.info("data: resuming the stream inside epoch %d: %d samples of the streams %s%s", epoch + 1,
+                     sum(self.position.values()), how, f" ({len(self.layers)} earlier layout(s): each stream reads "
+                     "the whole epoch to find its share of what they left)" if self.layers else "",
                      extra={"file_only": True})
         self._source: Iterator[Tagged] = iter(self._loader_for(epoch))
         self._ahead: collections.deque[Tagged] = collections.deque()
