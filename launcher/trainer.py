@@ -33,6 +33,7 @@ from .device import dist as D
 from .device.world import world_for
 from .fit import ledger, parts
 from .fit.callbacks import Callbacks, RunView
+from .fit.ema import with_ema
 from .fit.evaluation import evaluate, outside_fit, predict
 from .fit.metrics import Accumulator
 from .fit.seeding import seed_everything
@@ -103,10 +104,10 @@ class Trainer:
         self.parts = fp = parts.build(t, d, model, loss_fn, optimizer, train_data, val_data, metrics, scheduler,
                                       batch_size, step)
         self.model = fp.model
-        self.validation = Validation(t, fp, d.device)
+        self.callbacks = cbs = Callbacks(with_ema(callbacks, t), RunView(self))
+        self.validation = Validation(t, fp, d.device, cbs)
         self.stopper = self.validation.stopper
         self.ledger = ledger.Ledger(t, d, fp.train, self.progress, run.path)  # which samples each epoch trained
-        self.callbacks = cbs = Callbacks(callbacks, RunView(self))
         states = run_states(fp, self.progress, self.stopper, d, self.ledger,
                             reseed=lambda: seed_everything(t.seed + d.rank + self.progress.step), callbacks=cbs.stateful())
         self.ckpt = CheckpointManager(run.path / "checkpoints", cfg.checkpoint, mode=t.mode, dist=d, states=states,
@@ -244,7 +245,6 @@ class Trainer:
             log.info("validation at step %d: %s", p.step, "  ".join(f"{k}={v:.4g}" for k, v in values.items()
                                                                     if isinstance(v, float)), extra={"file_only": True})
             self._monitor(values)
-            self.callbacks.fire("on_validation_end", values)
         if mid_epoch:
             fp.speed.exclude(self.ckpt.maybe_save(p.step, p.epoch, "step"))
         # agreed() is a collective on every rank every step; a stop request at the run's last step
@@ -273,8 +273,7 @@ class Trainer:
         row: dict[str, Any] = {"epoch": p.epoch + 1, "step": p.step, "lr": fp.optimizer.param_groups[0]["lr"]}
         row.update(fp.train_acc.compute("train"))
         if fp.val is not None and ((p.epoch + 1) % t.val_every_n_epochs == 0 or last):
-            row.update(values := self.validation.run())
-            self.callbacks.fire("on_validation_end", values)
+            row.update(self.validation.run())
         # a partial epoch's validation reaches neither early stopping nor the scheduler (their state
         # would differ from a run that never stopped there); it may still rank the checkpoint
         score = (row.get(t.monitor) if partial else self._monitor(row)) if t.monitor in row else None

@@ -107,9 +107,9 @@ def test_a_raising_hook_is_one_line_naming_it(tmp_path: Path) -> None:
 def test_a_callbacks_state_survives_a_sigkill_as_if_never_stopped(tmp_path: Path) -> None:
     """2 ranks, a recipe's callbacks: SIGKILL after the checkpoint of step 12 (epoch 2 of 4), then the same
     command. Each rank's Counter ends with the counts of the training hooks and the sum of its RNG draws of
-    the uninterrupted run; the weights are bitwise equal; MainOnly wrote on rank 0 only."""
+    the uninterrupted run; the weights and their EMA are bitwise equal; MainOnly wrote on rank 0 only."""
     args = ["--config-dir", str(SUPPORT / "callback_conf"), "recipe=counted", "trainer.gpus=0", "trainer.nproc=2",
-            "checkpoint.every_n_steps=4", *QUIET]
+            "checkpoint.every_n_steps=4", "trainer.ema_decay=0.9", *QUIET]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     p = run_cli([*args, f"run.dir={ref}"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -132,6 +132,7 @@ def test_a_callbacks_state_survives_a_sigkill_as_if_never_stopped(tmp_path: Path
         assert (a["counts"]["on_checkpoint_restored"], b["counts"]["on_checkpoint_restored"]) == (0, 1)
     draws = [json.loads((ref / f"counter-rank{r}.json").read_text())["draws"] for r in (0, 1)]
     assert draws[0] != draws[1], "each rank's own stream"
-    w = [torch.load(r / "model.pt", weights_only=True) for r in (ref, cut)]
-    assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
+    for name in ("model.pt", "model-ema.pt"):  # the EMA (trainer.ema_decay, a callback) resumes bitwise too
+        w = [torch.load(r / name, weights_only=True) for r in (ref, cut)]
+        assert all(torch.equal(w[0][k], w[1][k]) for k in w[0]), name
     assert (ref / "epochs.txt").read_text() == "1 rank 0\n2 rank 0\n3 rank 0\n4 rank 0\n"

@@ -98,31 +98,32 @@ class CallbackStates:
     absent_ok = True  # checkpoints from before callbacks: every callback starts afresh
 
     def __init__(self, callbacks: dict[str, Any], dist: Dist) -> None:
-        self.d = dist
-        self.rank = {k: cb for k, cb in callbacks.items() if getattr(cb, "state_scope", "rank") != "world"}
-        self.world = {k: cb for k, cb in callbacks.items() if k not in self.rank}
+        self.d, self.callbacks = dist, callbacks
 
     def state_dict(self) -> dict[str, Any]:
-        ranks = all_gather_object({k: cb.state_dict() for k, cb in self.rank.items()}) if self.rank else []
-        return {"ranks": ranks, "world": {k: cb.state_dict() for k, cb in self.world.items()}}
+        # the scope is asked at each save: a callback may learn it from the model (fit/ema.py)
+        world = {k for k, cb in self.callbacks.items() if getattr(cb, "state_scope", "rank") == "world"}
+        mine = {k: cb.state_dict() for k, cb in self.callbacks.items() if k not in world}
+        return {"ranks": all_gather_object(mine) if mine else [],
+                "world": {k: self.callbacks[k].state_dict() for k in world}}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         ranks, world = sd.get("ranks") or [], sd.get("world") or {}
-        missing = sorted((set(self.rank) | set(self.world)) - (set(ranks[0]) if ranks else set()) - set(world))
+        missing = sorted(set(self.callbacks) - (set(ranks[0]) if ranks else set()) - set(world))
         if missing:  # a callback added since: it starts afresh (said once); a removed one's state is ignored
             log.warning("callbacks %s have no state in the checkpoint: they start afresh", ", ".join(missing),
                         extra={"file_only": not self.d.is_main})
-        if ranks:
-            if len(ranks) != self.d.world_size:
-                log.warning("callbacks' per-rank state from world size %d resumed at %d: every rank gets rank 0's",
-                            len(ranks), self.d.world_size, extra={"file_only": not self.d.is_main})
-            mine = ranks[self.d.rank] if len(ranks) == self.d.world_size else ranks[0]
-            for k, cb in self.rank.items():
-                if k in mine:
-                    cb.load_state_dict(mine[k])
-        for k, cb in self.world.items():
+        resized = bool(ranks) and len(ranks) != self.d.world_size
+        for k, cb in self.callbacks.items():
             if k in world:
                 cb.load_state_dict(world[k])
+            elif ranks and k in ranks[0] and callable(getattr(cb, "load_rank_states", None)):
+                cb.load_rank_states([r[k] for r in ranks])  # it puts the ranks' states together itself
+            elif ranks and k in ranks[0]:
+                if resized:
+                    log.warning("%s: per-rank state from world size %d resumed at %d: every rank gets rank 0's", k,
+                                len(ranks), self.d.world_size, extra={"file_only": not self.d.is_main})
+                cb.load_state_dict(ranks[0 if resized else self.d.rank][k])
 
 
 class Maybe:

@@ -78,6 +78,10 @@ class TrainerConfig:
     gradient_clip_val: float = 0.0  # clip the total gradient norm to this (over all ranks' shards); 0 = off
     nonfinite: str = "error"  # non-finite loss or gradient norm: error (stop, naming step and rank), skip the step, off
     compile: bool = False  # torch.compile the model (in place; checkpoints keep plain parameter names)
+    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights (e.g. 0.999; docs/callbacks.md); 0 = off
+    ema_every_n_steps: int = 1  # update the average every N optimizer steps
+    ema_validate: bool = False  # validation measures the average (swapped in for it, and back)
+    ema_export: bool = False  # RUN_DIR/model.pt holds the average (it is always in model-ema.pt; the raw weights stay in the last checkpoint)
     channels_last: Any = "auto"  # channels_last memory format, only where the inputs are 4-D (conv nets): auto, true, false
     peak_tflops: float = 0.0  # per-device peak TFLOP/s for MFU; 0 = from the GPU's name (observe/progress.py), none on CPU
     summary: bool = True  # print the model summary (layers, output shapes, parameters) on rank 0 when fit starts
@@ -213,6 +217,9 @@ def check_trainer(t: TrainerConfig) -> None:
         raise ConfigError("trainer.dist_timeout_s", t.dist_timeout_s, "must be > 0 seconds")
     if t.join_timeout_s <= 0:
         raise ConfigError("trainer.join_timeout_s", t.join_timeout_s, "must be > 0 seconds")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError("trainer.ema_decay", t.ema_decay, "an EMA's decay", "0 (off), or 0 < decay < 1 (e.g. 0.999)")
+    positive("trainer.ema_every_n_steps", t.ema_every_n_steps)
 
 
 def check_checkpoint(c: CheckpointConfig) -> None:

@@ -10,7 +10,7 @@ Every hook runs on every rank (`run.is_main` says which is rank 0; `launcher.ran
 rank 0's only). Two kinds of hook:
 
 - **Training hooks** follow the training and are replayed exactly by a resumed run: on_step_end (after
-  each optimizer step), on_validation_end (its metrics), on_epoch_end (the epoch's row), on_checkpoint
+  each optimizer step), on_validation_start, on_validation_end (its metrics), on_epoch_end (the epoch's row), on_checkpoint
   (a checkpoint of this step is being saved to `path`: what a callback changes then is in it, so a run
   resumed from it continues as the uninterrupted one). Each is called before the step's checkpoint is
   taken, so a callback's state (and what it drew from the RNG) is in it.
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("launcher")
 
-TRAINING_HOOKS = ("on_step_end", "on_validation_end", "on_epoch_end", "on_checkpoint")
+TRAINING_HOOKS = ("on_step_end", "on_validation_start", "on_validation_end", "on_epoch_end", "on_checkpoint")
 ATTEMPT_HOOKS = ("on_fit_start", "on_checkpoint_restored", "on_fit_end", "on_error")
 HOOKS = ATTEMPT_HOOKS[:2] + TRAINING_HOOKS + ATTEMPT_HOOKS[2:]
 
@@ -52,6 +52,7 @@ class Callback:
     def on_fit_start(self, run: "RunView") -> None: ...
     def on_checkpoint_restored(self, run: "RunView", path: Path) -> None: ...
     def on_step_end(self, run: "RunView") -> None: ...
+    def on_validation_start(self, run: "RunView") -> None: ...
     def on_validation_end(self, run: "RunView", metrics: dict[str, float]) -> None: ...
     def on_epoch_end(self, run: "RunView", row: dict[str, Any]) -> None: ...
     def on_checkpoint(self, run: "RunView", path: Path) -> None: ...

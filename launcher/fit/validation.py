@@ -16,16 +16,20 @@ class Validation:
     """Runs fit's validation (every rank: a collective) and judges trainer.monitor with early stopping.
     The EarlyStopping it owns is a resumable part of the run (registered by the Trainer)."""
 
-    def __init__(self, t: TrainerConfig, fp: Any, device: Any) -> None:
-        self.t, self.fp, self.device = t, fp, device  # fp: fit.parts.FitParts
+    def __init__(self, t: TrainerConfig, fp: Any, device: Any, callbacks: Any) -> None:
+        self.t, self.fp, self.device, self.callbacks = t, fp, device, callbacks  # fp: fit.parts.FitParts
         self.stopper = EarlyStopping(t.mode, t.patience, t.min_delta)
         if fp.val is None:  # what the monitor judges then (the Python API's default switched to it)
             log.info("no validation data: trainer.monitor=%s (early stopping, the best checkpoint and "
                      "ReduceLROnPlateau follow it)", t.monitor)
 
     def run(self) -> dict[str, float]:
+        """val_* over every rank's shard, between the callbacks' on_validation_start and _end."""
         fp = self.fp
-        return evaluate(fp.model, fp.step, fp.val, fp.val_acc, self.device, fp.prec, lockstep=fp.sharded)
+        self.callbacks.fire("on_validation_start")
+        values = evaluate(fp.model, fp.step, fp.val, fp.val_acc, self.device, fp.prec, lockstep=fp.sharded)
+        self.callbacks.fire("on_validation_end", values)
+        return values
 
     def judge(self, values: dict[str, float]) -> tuple[Optional[float], bool]:
         """(the monitored value, or None where `values` lacks it; whether early stopping says stop)."""

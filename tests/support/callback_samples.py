@@ -72,3 +72,14 @@ class Dropped(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin(self.drop(x))
+
+
+class Wide(torch.nn.Module):
+    """Linear(2, 16) -> ReLU -> Linear(16, 1): rows enough that FSDP gives every rank a shard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
