@@ -34,6 +34,7 @@ from .device.world import world_for
 from .fit import ledger, parts
 from .fit.callbacks import Callbacks, RunView
 from .fit.ema import with_ema
+from .fit.spike import SpikeGuard
 from .fit.evaluation import evaluate, outside_fit, predict
 from .fit.metrics import Accumulator
 from .fit.seeding import seed_everything
@@ -108,8 +109,9 @@ class Trainer:
         self.validation = Validation(t, fp, d.device, cbs)
         self.stopper = self.validation.stopper
         self.ledger = ledger.Ledger(t, d, fp.train, self.progress, run.path)  # which samples each epoch trained
-        states = run_states(fp, self.progress, self.stopper, d, self.ledger,
-                            reseed=lambda: seed_everything(t.seed + d.rank + self.progress.step), callbacks=cbs.stateful())
+        self.spikes = SpikeGuard(t, d, fp.train_acc, fp.train)  # loss-spike rollback (trainer.spike_factor)
+        states = run_states(fp, self.progress, self.stopper, d, self.ledger, lambda: seed_everything(
+            t.seed + d.rank + self.progress.step), cbs.stateful(), self.spikes)
         self.ckpt = CheckpointManager(run.path / "checkpoints", cfg.checkpoint, mode=t.mode, dist=d, states=states,
                                       sharded=fp.sharded, xla=fp.xla, info={"run_id": run.id, "config": run.config},
                                       before_save=lambda folder: (fp.stepper.check(), cbs.fire("on_checkpoint", folder)))
@@ -152,16 +154,14 @@ class Trainer:
                 while self.should_continue():
                     if self._epoch is None:
                         self._start_epoch()
-                    trained = not self._epoch_done()  # resumed at an epoch's end, or an empty epoch: no step
-                    if trained:
-                        self._train_step()
+                    # no step: resumed at an epoch's end, an empty epoch; or a loss spike rolled the run back
+                    trained = not self._epoch_done() and self._train_step()
                     # the end rule, once per step: are the epoch's batches done, does the run end here?
                     epoch_done = self._epoch_done()
                     run_ends = self.progress.ends(self.cfg.trainer, self.progress.epoch + epoch_done)
                     if trained:
                         self._after_step(mid_epoch=not (epoch_done or run_ends), run_ends=run_ends)
-                    # (a requeue stop inside an epoch: the requeued job finishes the epoch)
-                    if not self.preempted and (epoch_done or run_ends):
+                    if not self.preempted and (epoch_done or run_ends):  # (requeued: the next job ends it)
                         self._end_epoch(partial=not epoch_done, last=run_ends)
                 self._teardown()
         except BaseException as e:  # an error, or a signal (faults.Interrupted): close what is open
@@ -200,11 +200,7 @@ class Trainer:
 
     def _start_epoch(self) -> None:
         p, t, fp = self.progress, self.cfg.trainer, self.parts
-        done = p.batch_in_epoch // t.accumulate_grad_batches
-        per_epoch = fp.train.steps_in_epoch(t.accumulate_grad_batches)  # type: ignore[union-attr]
-        left = [per_epoch - done] if per_epoch is not None else []  # (a stream has no length)
-        left += [t.max_steps - p.step] if t.max_steps >= 0 else []
-        total = done + min(left) if left else None  # None: a stream (no length) without max_steps
+        done, total = p.steps_total(t, fp.train.steps_in_epoch(t.accumulate_grad_batches))  # type: ignore
         self.bar.start(f"epoch {p.epoch + 1}/{t.max_epochs}", total, done)  # type: ignore[union-attr]
         fp.speed.start_epoch(p.step, None if total is None else total - done)  # type: ignore[union-attr]
         batches: Any = fp.train.epoch(p.epoch, start=p.batch_in_epoch)  # type: ignore[union-attr]
@@ -212,9 +208,10 @@ class Trainer:
             batches = fp.xla.loader(batches, self.dist.device)  # type: ignore[union-attr]
         self._epoch = iter(batches)
 
-    def _train_step(self) -> None:
-        """One optimizer step: the micro-batches of one accumulation group (shorter at the epoch's end)."""
+    def _train_step(self) -> bool:
+        """One optimizer step (an accumulation group's micro-batches); False: its loss spiked (fit/spike.py)."""
         p, t, fp = self.progress, self.cfg.trainer, self.parts
+        self.spikes.begin(p.batch_in_epoch)
         end = fp.train.group_end(p.batch_in_epoch, t.accumulate_grad_batches)  # type: ignore[union-attr]
         group = end - p.batch_in_epoch  # a world-size change may resume between group boundaries
         loss = None
@@ -225,8 +222,12 @@ class Trainer:
         p.step += 1
         if stepped and fp.scheduler is not None and t.scheduler_interval == "step":  # type: ignore[union-attr]
             fp.scheduler.step()  # type: ignore[union-attr]
+        if self.spikes.rolled_back(p, self.run, self.ckpt):  # back to a checkpoint, without the spike's batches
+            self._epoch = None
+            return False
         fp.speed.tick(p.step)  # type: ignore[union-attr]
         self.bar.update(fp.train_acc.running_loss_lagged)  # type: ignore
+        return True
 
     def _after_step(self, mid_epoch: bool, run_ends: bool) -> None:
         """Step-boundary work: per-step logging, step validation, step checkpoints, stop requests. The

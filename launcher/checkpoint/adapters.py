@@ -185,7 +185,7 @@ def _tuple(v: Any) -> Any:
 
 
 def run_states(fp: Any, progress: Any, stopper: Any, d: Dist, ledger: Any,
-               reseed: Callable[[], None], callbacks: dict[str, Any]) -> dict[str, Any]:
+               reseed: Callable[[], None], callbacks: dict[str, Any], spikes: Any) -> dict[str, Any]:
     """Everything of one fit() that must survive a restart, registered once (fp: fit.parts.FitParts);
     the manager adds its own retention. Order matters on load: the model before its optimizer, the
     hyperparameters after both (see its docstring), the progress before the per-rank part (which
@@ -204,4 +204,5 @@ def run_states(fp: Any, progress: Any, stopper: Any, d: Dist, ledger: Any,
         "data": Maybe(fp.train),
         "ledger": ledger,
         "callbacks": CallbackStates(callbacks, d),
+        "spikes": spikes,  # (fit/spike.py: after "data", whose exclusions it sets)
     }

@@ -81,6 +81,10 @@ class TrainerConfig:
     ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights (e.g. 0.999; docs/callbacks.md); 0 = off
     ema_every_n_steps: int = 1  # update the average every N optimizer steps
     ema_validate: bool = False  # validation measures the average (swapped in for it, and back)
+    spike_factor: float = 0.0  # > 1: a step whose loss passes this x the recent median goes back to the last checkpoint without its batches (docs/callbacks.md); 0 = off
+    spike_window: int = 50  # the recent steps whose median loss a step is judged against
+    spike_skip_steps: int = 1  # the spike's step and the N-1 before it: the batches left out
+    spike_max_rollbacks: int = 3  # spikes again before passing the last one: one more and the run stops
     ema_export: bool = False  # RUN_DIR/model.pt holds the average (it is always in model-ema.pt; the raw weights stay in the last checkpoint)
     channels_last: Any = "auto"  # channels_last memory format, only where the inputs are 4-D (conv nets): auto, true, false
     peak_tflops: float = 0.0  # per-device peak TFLOP/s for MFU; 0 = from the GPU's name (observe/progress.py), none on CPU
@@ -220,6 +224,12 @@ def check_trainer(t: TrainerConfig) -> None:
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError("trainer.ema_decay", t.ema_decay, "an EMA's decay", "0 (off), or 0 < decay < 1 (e.g. 0.999)")
     positive("trainer.ema_every_n_steps", t.ema_every_n_steps)
+    if t.spike_factor and t.spike_factor <= 1:
+        raise ConfigError("trainer.spike_factor", t.spike_factor, "a spike is a loss this many times the recent "
+                          "median", "0 (off), or a factor > 1 (e.g. 3)")
+    positive("trainer.spike_window", t.spike_window)
+    positive("trainer.spike_skip_steps", t.spike_skip_steps)
+    non_negative("trainer.spike_max_rollbacks", t.spike_max_rollbacks)
 
 
 def check_checkpoint(c: CheckpointConfig) -> None:

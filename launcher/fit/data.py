@@ -131,6 +131,11 @@ class Batches:
         self._share: Optional[torch.Tensor] = None
         # (epoch, start, indices) of the last epoch(): batch b of it holds indices[b*bs:(b+1)*bs] (fit/ledger.py)
         self.served: Optional[tuple[int, int, list[int]]] = None
+        # epoch -> samples left out of it (a loss spike's window, fit/spike.py): the rest of the epoch is
+        # as if the dataset lacked them, in the same order
+        self.excluded: dict[int, set[int]] = {}
+        self._epoch_now = 0
+        self._len_cache: tuple[Any, int] = (None, 0)
 
     # ---- Stateful: the position lives in TrainProgress; this is what decides the order ----------------
     def state_dict(self) -> dict[str, Any]:
@@ -236,8 +241,29 @@ class Batches:
         sampler.set_epoch(epoch)
         return list(sampler)
 
+    def exclude(self, excluded: dict[int, Any]) -> None:
+        self.excluded = {int(e): set(ids) for e, ids in excluded.items()}
+
+    def samples_of(self, epoch: int, lo: int, hi: int) -> list[int]:
+        """This rank's samples in batches lo..hi-1 of `epoch` (as it has them now)."""
+        if self.served is not None and self.served[0] == epoch and lo >= self.served[1]:
+            _, start, idx = self.served
+            return idx[(lo - start) * self.batch_size: (hi - start) * self.batch_size]
+        return self._kept(epoch, self.indices(epoch))[lo * self.batch_size: hi * self.batch_size]
+
+    def _kept(self, epoch: int, idx: list[int]) -> list[int]:
+        gone = self.excluded.get(epoch)
+        return [i for i in idx if i not in gone] if gone else idx
+
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank when training)."""
+        gone = self.excluded.get(self._epoch_now) if self.train else None
+        if gone:  # a loss spike's samples left out (fit/spike.py); counted once, not at every done()
+            key = (self._epoch_now, len(gone))
+            if self._len_cache[0] != key:
+                left = len(self._kept(self._epoch_now, self.indices(self._epoch_now)))
+                self._len_cache = (key, left // self.batch_size if self.drop_last else math.ceil(left / self.batch_size))
+            return self._len_cache[1]
         if self.train:
             per_rank = (self.n // self.dist.world_size if self.drop_last
                         else math.ceil(self.n / self.dist.world_size))
@@ -249,14 +275,15 @@ class Batches:
         """This rank's batches of `epoch`, skipping the first `start` (already trained) batches."""
         if self._plan is not None and int(self._plan["epoch"]) != epoch:
             self._plan = self._share = None  # the continued epoch is over: back to the normal order
+        self._epoch_now = epoch
         if self._plan is not None and self._share is not None:
             skip = start - int(self._plan["offset"])
             if skip < 0:
                 raise ValueError(f"epoch {epoch} was continued at batch {self._plan['offset']}; start={start} "
                                  "is before it")
-            idx = self._share[skip * self.batch_size:].tolist()
+            idx = self._kept(epoch, self._share.tolist())[skip * self.batch_size:]
         else:
-            idx = self.indices(epoch)[start * self.batch_size:]
+            idx = self._kept(epoch, self.indices(epoch))[start * self.batch_size:]
         if self.drop_last:
             idx = idx[: len(idx) - len(idx) % self.batch_size]
         self.served = (epoch, start, idx)

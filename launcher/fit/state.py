@@ -58,6 +58,14 @@ class TrainProgress:
             text += f"; raise trainer.{limit} to continue it, or start over in a new run.dir"
         return f"{text}; results: {results}" if results else text
 
+    def steps_total(self, t: TrainerConfig, per_epoch: Optional[int]) -> tuple[int, Optional[int]]:
+        """(steps done in this epoch, the steps it will have: its own, or fewer where max_steps ends the
+        run inside it; None for a stream without max_steps: no length)."""
+        done = self.batch_in_epoch // t.accumulate_grad_batches
+        left = ([per_epoch - done] if per_epoch is not None else []) + ([t.max_steps - self.step] if t.max_steps >= 0
+                                                                       else [])
+        return done, (done + min(left) if left else None)
+
     def record(self, row: dict[str, Any]) -> None:
         """An epoch's row: it replaces the epoch's partial row from a run that stopped inside it."""
         if self.history and self.history[-1]["epoch"] == row["epoch"]:

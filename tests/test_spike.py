@@ -1,0 +1,56 @@
+"""Loss-spike rollback (launcher/fit/spike.py, issue 27 item 3): a poisoned batch makes the loss spike;
+the run goes back to the checkpoint before it and trains on without that batch, ending with the weights
+of a run whose data simply lacked those samples; spikes.jsonl and the ledger say what was left out."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from launcher import Trainer
+from launcher.config import UserError
+
+POISONED = range(96, 112)  # batch 6 of 10 (batch 16): the 7th optimizer step
+
+
+def _data(drop: range = range(0)) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(160, 2, generator=g)
+    y = x @ torch.tensor([[2.0], [-3.0]]) + 1
+    y[POISONED.start:POISONED.stop] = 1e4  # a corrupt shard's labels
+    keep = [i for i in range(160) if i not in drop]
+    return TensorDataset(x[keep], y[keep])
+
+
+def _fit(run_dir: Path, data: TensorDataset, **kw) -> Trainer:
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 1)
+    tr = Trainer(run_dir=run_dir, progress=False, logger="none", gpus=0, max_epochs=1, checkpoint_every_n_steps=2,
+                 **kw)
+    tr.fit(net, torch.nn.MSELoss(), functools.partial(torch.optim.SGD, lr=0.01),
+           DataLoader(data, batch_size=16, shuffle=False))
+    return tr
+
+
+def test_a_spike_rolls_back_and_the_run_ends_as_if_the_samples_were_never_there(tmp_path: Path) -> None:
+    rolled = _fit(tmp_path / "rolled", _data(), spike_factor=5)
+    clean = _fit(tmp_path / "clean", _data(drop=POISONED))
+    a, b = rolled.state_dict(), clean.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "not the weights of the run without those samples"
+    assert rolled.history[-1]["step"] == clean.history[-1]["step"] == 9
+    line = json.loads((tmp_path / "rolled" / "spikes.jsonl").read_text())
+    assert (line["step"], line["skipped_steps"], line["samples"]) == (7, [7], list(POISONED))
+    assert line["rolled_back_to"].endswith("step-0000006") and line["loss"] > 5 * line["median"]
+    ledger = json.loads((tmp_path / "rolled" / "ledger.jsonl").read_text())
+    assert ledger["times"] == {"0": 16, "1": 144, "2+": 0}, "the window's samples trained 0 times"
+    # a spike the guard is not allowed to roll back stops the run in one line
+    with pytest.raises(UserError, match=r"^trainer.spike_factor: the loss spiked at step 7 .* after 0 rollbacks in "
+                                        r"a row; valid: "):
+        _fit(tmp_path / "stop", _data(), spike_factor=5, spike_max_rollbacks=0)
+    with pytest.raises(UserError, match=r"trainer.spike_factor=0.5: .*valid: 0 \(off\), or a factor > 1"):
+        Trainer(spike_factor=0.5)
