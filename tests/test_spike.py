@@ -54,3 +54,23 @@ def test_a_spike_rolls_back_and_the_run_ends_as_if_the_samples_were_never_there(
         _fit(tmp_path / "stop", _data(), spike_factor=5, spike_max_rollbacks=0)
     with pytest.raises(UserError, match=r"trainer.spike_factor=0.5: .*valid: 0 \(off\), or a factor > 1"):
         Trainer(spike_factor=0.5)
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_the_spike_and_end_as_without_the_samples(tmp_path: Path) -> None:
+    """2 ranks, 8 samples each a step, in order: step 7 holds the corrupt samples on both ranks. Both
+    roll back together (the line once), and the weights are those of the same command on the data
+    without them."""
+    from conftest import QUIET, SUPPORT, run_cli
+
+    args = ["--config-dir", str(SUPPORT / "spike_conf"), "recipe=poisoned", "trainer.gpus=0", "trainer.nproc=2",
+            "checkpoint.every_n_steps=2", *QUIET]
+    rolled = run_cli([*args, "trainer.spike_factor=5", f"run.dir={tmp_path / 'rolled'}"], cwd=tmp_path)
+    assert rolled.returncode == 0, rolled.stderr[-3000:]
+    assert rolled.stderr.count("loss spike at step 7") == 1, rolled.stderr[-3000:]
+    clean = run_cli([*args, "+data.drop=true", f"run.dir={tmp_path / 'clean'}"], cwd=tmp_path)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    a, b = (torch.load(tmp_path / r / "model.pt", weights_only=True) for r in ("rolled", "clean"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    line = json.loads((tmp_path / "rolled" / "spikes.jsonl").read_text())
+    assert line["samples"] == list(range(96, 112)), "every rank's samples of the window"
