@@ -16,7 +16,8 @@ from typing import Any
 # Set before torch's first BLAS call; a user's own MKL_DYNAMIC wins.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
-__all__ = ["Trainer", "History", "Config", "seed_everything", "StepOutput", "Supervised", "DictBatch", "ModelLoss"]
+__all__ = ["Trainer", "History", "Config", "seed_everything", "StepOutput", "Supervised", "DictBatch", "ModelLoss",
+           "stop_requested", "EXIT_REQUEUE"]
 __version__ = "0.1.0"
 
 
@@ -33,6 +34,14 @@ def __getattr__(name: str) -> Any:  # lazy: `python -m launcher --help` must not
         from .fit import steps
 
         return getattr(steps, name)
+    if name == "stop_requested":  # a `launcher run` script's requeue signal, agreed by every rank
+        from .launch.preempt import stop_requested
+
+        return stop_requested
+    if name == "EXIT_REQUEUE":  # ... and the exit code that asks for the requeue (docs/your-script.md)
+        from .launch.script import EXIT_REQUEUE
+
+        return EXIT_REQUEUE
     if name == "Config":
         from .config import Config
 

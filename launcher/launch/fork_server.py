@@ -55,7 +55,7 @@ def cpu_ranks_likely(cfg: Any) -> bool:
         return False
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return False  # under torchrun (or the like) this process is a rank itself (dist.env_rank)
-    if t.nproc * t.nodes == 1 and cfg.launcher.max_restarts == 0:
+    if t.nproc * t.nodes == 1 and cfg.launcher.max_restarts == 0 and not cfg.script.given():
         return False  # one rank runs in the launcher's own process
     if t.gpus == 0 or t.accelerator == "cpu":
         return True
