@@ -38,7 +38,8 @@ args = p.parse_args()
 out = os.environ.get("LAUNCHER_RUN_DIR") or args.out
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 attempt = int(os.environ.get("LAUNCHER_ATTEMPT", "0"))
-print(f"rank {rank} of {world}, attempt {attempt}, args {sys.argv[1:]}", flush=True)
+node = os.environ.get("SLURMD_NODENAME", "")
+print(f"rank {rank} of {world}, attempt {attempt}, args {sys.argv[1:]}{' on node ' + node if node else ''}", flush=True)
 with open(os.path.join(out, f"pid-{rank}"), "w") as f:
     f.write(str(os.getpid()))
 stop = []

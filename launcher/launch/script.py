@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config.faults import lost_peer
+
 # The exit code by which a script that stopped on request (launcher.stop_requested(), or its own
 # handler of LAUNCHER_STOP_SIGNAL) asks to run again: requeued on SLURM, restarted by elastic locally
 # and by the Ray launcher (within launcher.max_restarts). 75 is sysexits.h's EX_TEMPFAIL ("try again").
@@ -74,3 +76,17 @@ def _signal_name(n: int) -> str:
         return signal.Signals(n).name
     except ValueError:
         return f"signal {n}"
+
+
+_FAILED = re.compile(r"(?m)^launcher\.launch\.script_rank\.ScriptFailed: (.*(?:\n    \| .*)*)")
+
+
+def failure_in_job_logs(folder: Path, job_id: str) -> str:
+    """A SLURM job's failed script rank, as its line (and log tail) from the tasks' stderr files
+    (submitit writes the ScriptFailed there); the first that is not just a lost peer, else ""."""
+    found = []
+    for path in sorted(folder.glob(f"{job_id}_*_log.err")):
+        m = _FAILED.search(path.read_text(errors="replace"))
+        if m:
+            found.append(m.group(1))
+    return next((f for f in found if not lost_peer(f)), found[0] if found else "")
