@@ -33,7 +33,8 @@ p.add_argument("--sleep", type=float, default=0.0)
 p.add_argument("--kill-at", type=int, default=-1)
 p.add_argument("--exit", type=int, default=0)
 p.add_argument("--no-init", action="store_true")
-p.add_argument("--helper", action="store_true")  # launcher.stop_requested() instead of its own agreement
+p.add_argument("--helper", action="store_true")
+p.add_argument("--stop-at", type=int, default=-1)  # as if the stop signal came before this step (first attempt)  # launcher.stop_requested() instead of its own agreement
 args = p.parse_args()
 out = os.environ.get("LAUNCHER_RUN_DIR") or args.out
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -70,7 +71,7 @@ for step in range(start, args.steps):
         flag = torch.tensor([len(stop)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         stopping = bool(flag.item())
-    if stopping:
+    if stopping or (step == args.stop_at and attempt == 0):
         print(f"stopped at step {step}", flush=True)
         sys.exit(75)
     if step == args.kill_at and rank == 1 and attempt == 0:

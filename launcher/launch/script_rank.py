@@ -39,8 +39,11 @@ class ScriptFailed(Exception):
     """The script ended with a non-zero code (or raised: code 1); str() is the launcher's line."""
 
     def __init__(self, line: str, code: int) -> None:
-        super().__init__(line)
+        super().__init__(line, code)  # both in args: a pickled copy (Ray, submitit) is made from them
         self.code = code
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def run(cfg: C.Config) -> None:
