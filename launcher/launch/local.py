@@ -67,7 +67,8 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
             # CPU ranks: forked by the fork server, which has torch and the worker imported (~1.3 s
             # saved per rank on a 2-core machine) and no other thread; never by this process, whose
             # threads' locks a fork would copy held (fork_server.py, issue 22)
-            server_env = fork_server.ensure_running()
+            script = cfg.script.given()
+            server_env = fork_server.ensure_running(dynamo=not script, recipe=not script)
             lc.start_method = fork_server.START_METHOD
             elastic_launch(lc, fork_server.rank_main)(str(config_path), dict(os.environ), server_env)
     except ChildFailedError as e:
