@@ -34,7 +34,8 @@ p.add_argument("--kill-at", type=int, default=-1)
 p.add_argument("--exit", type=int, default=0)
 p.add_argument("--no-init", action="store_true")
 p.add_argument("--helper", action="store_true")
-p.add_argument("--stop-at", type=int, default=-1)  # as if the stop signal came before this step (first attempt)  # launcher.stop_requested() instead of its own agreement
+p.add_argument("--stop-at", type=int, default=-1)
+p.add_argument("--ignore-stop", action="store_true")  # no handler of its own, no stop_requested(): the signal ignored  # as if the stop signal came before this step (first attempt)  # launcher.stop_requested() instead of its own agreement
 args = p.parse_args()
 out = os.environ.get("LAUNCHER_RUN_DIR") or args.out
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -44,7 +45,7 @@ print(f"rank {rank} of {world}, attempt {attempt}, args {sys.argv[1:]}{' on node
 with open(os.path.join(out, f"pid-{rank}"), "w") as f:
     f.write(str(os.getpid()))
 stop = []
-if os.environ.get("LAUNCHER_STOP_SIGNAL") and not args.helper:
+if os.environ.get("LAUNCHER_STOP_SIGNAL") and not args.helper and not args.ignore_stop:
     signal.signal(getattr(signal, "SIG" + os.environ["LAUNCHER_STOP_SIGNAL"]), lambda *a: stop.append(1))
 if args.exit and rank == 1:
     print("rank 1 gives up", flush=True)
@@ -64,7 +65,9 @@ if os.path.exists(ckpt):
     print(f"resumed from step {start}", flush=True)
 data = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
 for step in range(start, args.steps):
-    if args.helper:
+    if args.ignore_stop:
+        stopping = False
+    elif args.helper:
         import launcher
         stopping = launcher.stop_requested()
     else:

@@ -60,8 +60,9 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 _script_stop: list[StopRequest] = []
 
 
-def watch_for_script(signame: str) -> None:
+def watch_for_script(signame: str) -> StopRequest:
     _script_stop[:] = [StopRequest(signame, 1)]
+    return _script_stop[0]
 
 
 def stop_requested() -> bool:

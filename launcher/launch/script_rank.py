@@ -53,7 +53,7 @@ def run(cfg: C.Config) -> None:
     attempt = int(os.environ.get("SLURM_RESTART_COUNT" if slurm else "TORCHELASTIC_RESTART_COUNT", "0") or 0)
     signame = cfg.launcher.signal if slurm else "USR1"
     # first: a requeue signal from now on is a flag, not the default action's death
-    preempt.watch_for_script(signame)
+    stop = preempt.watch_for_script(signame)
     if slurm:
         faults.default_sigterm()  # SLURM's SIGTERM comes ahead of its SIGKILL: the job's report says why
     if cfg.launcher.name == "local":
@@ -69,11 +69,16 @@ def run(cfg: C.Config) -> None:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # trainer.gpus=0: the script sees no GPU
     log = rank_log(run_dir, rank)
     tee = _Tee(log)
+    ended_ = threading.Event()
     try:
         if world > 1:
             _watch_init(rank, world, cfg.trainer.join_timeout_s, run_dir, attempt)
+        if slurm:  # the grace deadline: SLURM's time limit comes signal_delay_s after the signal
+            threading.Thread(target=_deadline, args=(stop, cfg.launcher.signal_delay_s, ended_, rank),
+                             daemon=True, name="launcher-stop-deadline").start()
         code = _execute(cfg.script)
     finally:
+        ended_.set()
         tee.close()
     try:
         if code == 0:
@@ -120,6 +125,20 @@ def _execute(script: C.ScriptConfig) -> int:
         traceback.print_exc()
         return 1
     return 0
+
+
+def _deadline(stop: preempt.StopRequest, grace_s: float, ended_: threading.Event, rank: int) -> None:
+    """A script that ignores the stop signal is killed grace_s after it, as SLURM ends a job at its
+    time limit (that limit is launcher.signal_delay_s after the signal; a preemption has none, and a
+    script that never stops would keep its nodes): the job fails, and is not requeued."""
+    while not stop.local:
+        if ended_.wait(0.2):
+            return
+    if ended_.wait(grace_s):
+        return
+    print(f"launcher: rank {rank} did not stop within launcher.signal_delay_s={grace_s:g} s of SIG{stop.signame}: "
+          "killed, as SLURM ends a job at its time limit", file=sys.__stderr__, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _requeue(cfg: C.Config, rank: int) -> None:
