@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -157,6 +158,13 @@ def test_a_rank_exiting_nonzero_is_named_with_its_code_and_log(tmp_path: Path, s
     assert f"launcher: error: rank 1 exited with code 3 (its log: {run_dir}/logs/rank-1.log); its last lines:" in line
     assert "    | rank 1 gives up" in p.stderr  # the log's tail, under the one line
     assert "rank 1 gives up" in (run_dir / "logs" / "rank-1.log").read_text()
+
+
+def test_a_stop_with_no_restart_left_says_so(tmp_path: Path, script: Path) -> None:
+    line = error_line(launcher_run([str(script), *LOCAL, f"run.dir={tmp_path / 'run'}", "--", "--stop-at", "0"],
+                                   tmp_path))
+    assert re.match(r"launcher: error: rank [01] exited with code 75 \(it asked to run again, and "
+                    r"launcher.max_restarts=0 allows no more restarts\) \(its log: ", line), line
 
 
 def test_a_rank_that_never_joins_is_named_after_the_join_timeout(tmp_path: Path, script: Path) -> None:

@@ -77,23 +77,30 @@ def run(cfg: C.Config) -> None:
             threading.Thread(target=_deadline, args=(stop, cfg.launcher.signal_delay_s, ended_, rank),
                              daemon=True, name="launcher-stop-deadline").start()
         code = _execute(cfg.script)
+        ended_.set()
+        if code == EXIT_REQUEUE and slurm:
+            _requeue(cfg, rank)  # returns only where the requeue failed (why: logged, into the rank log too)
     finally:
         ended_.set()
         tee.close()
     try:
         if code == 0:
             return
-        if code == EXIT_REQUEUE and slurm:
-            _requeue(cfg, rank)  # returns only where the requeue failed
-        left = cfg.launcher.max_restarts - attempt if cfg.launcher.name != "slurm" else 0
-        note = ""
-        if code == EXIT_REQUEUE:
-            note = (" (it asked to run again, and launcher.max_restarts="
-                    f"{cfg.launcher.max_restarts} allows no more restarts)" if left <= 0 else " (it asks to run again)")
-        raise ScriptFailed(ended(rank, code, run_dir, note), code)
+        raise ScriptFailed(ended(rank, code, run_dir, _again(cfg, attempt) if code == EXIT_REQUEUE else ""), code)
     finally:
         if claim is not None:
             claim.release()
+
+
+def _again(cfg: C.Config, attempt: int) -> str:
+    """What follows a script's exit 75, for its line."""
+    lc = cfg.launcher
+    if lc.name == "slurm":
+        return (f" (it asked to be requeued, and was not: launcher.max_requeues={lc.max_requeues} used up, or "
+                "scontrol failed; the log says which)")
+    if attempt >= lc.max_restarts:
+        return f" (it asked to run again, and launcher.max_restarts={lc.max_restarts} allows no more restarts)"
+    return " (it asks to run again)"
 
 
 def _claim(cfg: C.Config, run_dir: Path) -> Any:
