@@ -147,6 +147,7 @@ def test_script_arguments_before_the_separator_are_refused_with_the_fix(tmp_path
     line = error_line(launcher_run([str(script), "--lr", "3e-4"], tmp_path))
     assert "override='--lr': not KEY=VALUE: the script's own arguments go after `--`" in line
     assert f"launcher run {script} [KEY=VALUE ...] -- --lr ..." in line
+    assert "script='': missing; valid: launcher run train.py" in error_line(launcher_run([], tmp_path))
     p = launcher_run(["--help"], tmp_path)
     assert p.returncode == 0 and "After `--`: the script's arguments, exactly as given" in p.stdout
 

@@ -41,7 +41,10 @@ def parse(argv: list[str]) -> Optional[tuple[C.ScriptConfig, list[str]]]:
     """argv after `run` -> (the script, Hydra's overrides); None after printing the usage (--help).
     A malformed command line is a ConfigError naming the token."""
     head, args = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    if not head or head[0] in ("-h", "--help") or any(a in ("-h", "--help") for a in head[1:]):
+    if not head:
+        raise C.ConfigError("script", "", "missing", "launcher run train.py [KEY=VALUE ...] [-- ARGS], or "
+                            "launcher run -m MODULE; launcher run --help")
+    if head[0] in ("-h", "--help") or any(a in ("-h", "--help") for a in head[1:]):
         print(USAGE)
         return None
     if head[0] == "-m":
