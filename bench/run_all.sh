@@ -20,6 +20,8 @@ t0=$(date +%s)
   python mnist_wall.py --rounds 3; echo
   echo "## 3. Start-up: command start to first optimizer step (MNIST CNN, fp32, batch 128 per rank)"; echo
   python startup.py --rounds 3; echo
+  echo "## launcher run SCRIPT vs torchrun, start-up"
+  python script_startup.py --rounds 5; echo
   echo "## 4. DDP: 2 CPU ranks vs 1 (MNIST CNN, 1 epoch)"; echo
   python ddp.py --target 0.93; echo
   echo "## 5. Checkpoints, sync vs async (1 CPU rank)"; echo

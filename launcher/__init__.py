@@ -17,7 +17,7 @@ from typing import Any
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 __all__ = ["Trainer", "History", "Config", "seed_everything", "StepOutput", "Supervised", "DictBatch", "ModelLoss",
-           "Callback", "rank_zero"]
+           "Callback", "rank_zero", "stop_requested", "EXIT_REQUEUE"]
 __version__ = "0.1.0"
 
 
@@ -38,6 +38,14 @@ def __getattr__(name: str) -> Any:  # lazy: `python -m launcher --help` must not
         from .fit import callbacks
 
         return getattr(callbacks, name)
+    if name == "stop_requested":  # a `launcher run` script's requeue signal, agreed by every rank
+        from .launch.preempt import stop_requested
+
+        return stop_requested
+    if name == "EXIT_REQUEUE":  # ... and the exit code that asks for the requeue (docs/your-script.md)
+        from .launch.script import EXIT_REQUEUE
+
+        return EXIT_REQUEUE
     if name == "Config":
         from .config import Config
 

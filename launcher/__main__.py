@@ -11,6 +11,8 @@
     python -m launcher export runs/exp1 model.pt                     # the bare model's weights, one file
     python -m launcher export runs/gpt2 gpt2-hf --format hf         # a Hugging Face model: save_pretrained
     torchrun --nproc-per-node 2 -m launcher recipe=mnist              # an outside launcher: no second spawn
+    python -m launcher run train.py trainer.gpus=0 trainer.nproc=2 -- --lr 3e-4   # your own torchrun-style script
+    python -m launcher run -m mypkg.train launcher=slurm trainer.nodes=2 trainer.gpus=4   # ... on SLURM, requeued
 
 Bad input (unknown option or key, wrong type, impossible value) is one line on stderr and exit 2,
 before any process starts or any file is written. A failed rank: its traceback and exit 1.
@@ -18,9 +20,14 @@ before any process starts or any file is written. A failed rank: its traceback a
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from .config import ScriptConfig
 
 # Two phases (cli/overlap.py runs the first in a forked child while this process imports torch):
 # Hydra composes and the fields are checked, without torch (cli/compose.py); then the checks that
@@ -36,11 +43,30 @@ def main() -> None:
         from .export import main as export
 
         run_then_exit(lambda: sys.exit(export(sys.argv[2:])))
+    if sys.argv[1:2] == ["run"]:  # `launcher run SCRIPT [KEY=VALUE ...] [-- ARGS]` (cli/script_args.py)
+        run_then_exit(script_run)
     run_then_exit(recipe_run)
 
 
-def recipe_run() -> None:
-    """`python -m launcher [recipe=...] key=value ...`: compose, check, start; the exit code is the run's."""
+def script_run() -> None:
+    """`python -m launcher run SCRIPT ...`: the user's script on the ranks, backends and run dir of a
+    recipe run; the script and its arguments are split off before Hydra reads the overrides."""
+    from .cli import script_args
+    from .config import UserError
+
+    try:
+        parsed = script_args.parse(sys.argv[2:])
+    except UserError as e:
+        script_args.usage_error(e)
+        return
+    if parsed is not None:
+        sys.argv[1:] = parsed[1]
+        recipe_run(parsed[0])
+
+
+def recipe_run(script: Optional["ScriptConfig"] = None) -> None:
+    """`python -m launcher [recipe=...] key=value ...`: compose, check, start; the exit code is the run's.
+    `script`: a `launcher run` (the same steps, the script in place of the recipe)."""
     from .cli import overlap
     from .cli.compose import compose
     from .launch import fork_server  # the standard library only: no torch before the config is composed
@@ -51,7 +77,7 @@ def recipe_run() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     faults.raise_on_sigterm()  # SIGTERM ends a run as Ctrl-C does, its cleanup done: exit 143
     # CPU ranks' fork server (launch/fork_server.py) starts as soon as the composed config wants it
-    composed = overlap.compose_beside(compose, torch_imports, early=fork_server.prestart)
+    composed = overlap.compose_beside(functools.partial(compose, script), torch_imports, early=fork_server.prestart)
     if not composed:  # --help, --cfg, --info: Hydra has printed what was asked
         return
     from .cli.checks import checked

@@ -172,6 +172,30 @@ def test_without_an_address_the_run_starts_its_own_ray_instance_and_stops_it(clu
     _same_run(reference, run_dir)
 
 
+@pytest.mark.slow
+def test_a_script_on_two_ray_nodes_equals_two_local_ranks_and_its_stop_restarts_it(cluster: Any,
+                                                                                    tmp_path: Path) -> None:
+    """`launcher run train.py` (tests/test_script.py's plain DDP script) as 2 Ray actors on 2 nodes,
+    with a stop on the first attempt (the script exits 75 after step 4, as on its stop signal): the
+    group restarts (launcher.max_restarts=1), attempt 1 resumes from the script's own checkpoint, and
+    the weights equal 2 local ranks' uninterrupted."""
+    from test_script import LOCAL, TRAIN, launcher_run, same_weights
+
+    script, ref, run_dir = tmp_path / "train.py", tmp_path / "ref", tmp_path / "ray"
+    script.write_text(TRAIN)
+    p = launcher_run([str(script), *LOCAL, f"run.dir={ref}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = subprocess.run([sys.executable, "-m", "launcher", "run", str(script), *RAY, f"launcher.address={cluster.address}",
+                        "trainer.gpus=0", "trainer.nodes=2", "trainer.nproc=1", "launcher.max_restarts=1",
+                        f"run.dir={run_dir}", "--", "--stop-at", "4"], cwd=tmp_path, env=_env(), capture_output=True,
+                       text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = (run_dir / "logs" / "rank-1.log").read_text()
+    assert "rank 1 of 2, attempt 0" in log and "stopped at step 4" in log and "rank 1 of 2, attempt 1" in log, log
+    assert "resumed from step 4" in (run_dir / "logs" / "rank-0.log").read_text()
+    same_weights(ref / "final.pt", run_dir / "final.pt")
+
+
 def test_a_cluster_too_small_is_one_line_exit_2_and_writes_nothing(cluster: Any, tmp_path: Path) -> None:
     # address=auto: the cluster `ray start` (here: the fixture's Cluster) recorded on this machine
     p = _cli([*COMMON, *RAY, "launcher.address=auto", "trainer.nodes=2", "trainer.nproc=1", "launcher.cpus_per_rank=2",

@@ -297,3 +297,57 @@ def test_a_users_error_in_a_job_is_one_line_exit_2(cluster, tmp_path: Path) -> N
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("launcher: error:")]
     assert len(errors) == 1 and "optimizer (Adam): ValueError: Invalid learning rate: -1 (traceback: " in errors[0]
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_a_script_on_two_nodes_stops_on_usr1_is_requeued_and_resumes(cluster, tmp_path: Path) -> None:
+    """`launcher run train.py` (tests/test_script.py's plain DDP script, which handles the signal named
+    in LAUNCHER_STOP_SIGNAL itself) across the 2 fake nodes, waited for: USR1 mid-run, the script saves
+    and exits 75, rank 0 requeues the job, the second attempt resumes from the script's own checkpoint
+    in the same run dir and ends with the weights of an uninterrupted 2-rank run. Beside it, a one-rank
+    job of the same script that ignores the signal is killed launcher.signal_delay_s after it."""
+    from test_script import LOCAL, TRAIN, launcher_run, same_weights
+
+    script, ref, cut = tmp_path / "train.py", tmp_path / "ref", tmp_path / "cut"
+    script.write_text(TRAIN)
+    p = launcher_run([str(script), *LOCAL, f"run.dir={ref}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    deaf = tmp_path / "deaf"
+    p = launcher_run([str(script), *SLURM, "launcher.signal_delay_s=3", "trainer.gpus=0", "trainer.nproc=1",
+                      f"run.dir={deaf}", "--", "--sleep", "0.5", "--steps", "400", "--ignore-stop"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cmd = [sys.executable, "-m", "launcher", "run", str(script), *SLURM, "launcher.wait=true", "trainer.gpus=0",
+           "trainer.nproc=1", "trainer.nodes=2", f"run.dir={cut}", "--", "--sleep", "0.5"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (cut / "progress").exists() or int((cut / "progress").read_text() or 0) < 3:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    job, deaf_job = _job_id_of(cut), _job_id_of(deaf)
+    while not (deaf / "progress").exists():
+        assert time.monotonic() < deadline, _sacct_states(deaf_job)
+        time.sleep(0.2)
+    for j in (job, deaf_job):
+        subprocess.run(["scancel", "--signal=USR1", j], check=True)  # what SLURM does before the time limit
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"job {job} completed" in err
+    assert _sacct_states(job)[0] == "REQUEUED"
+    logs = [(cut / "logs" / f"rank-{r}.log").read_text() for r in (0, 1)]
+    assert "attempt 0, args ['--sleep', '0.5'] on node n1" in logs[0] and "on node n2" in logs[1], logs
+    stops = [[ln for ln in log.splitlines() if ln.startswith("stopped at step")] for log in logs]
+    assert stops[0] and stops[0] == stops[1], logs
+    assert "attempt 1" in logs[0] and "resumed from step" in logs[0], logs[0]
+    same_weights(ref / "final.pt", cut / "final.pt")
+    while "FAILED" not in _sacct_states(deaf_job):
+        assert time.monotonic() < deadline + 120, _sacct_states(deaf_job)
+        time.sleep(0.5)
+    assert ("launcher: rank 0 did not stop within launcher.signal_delay_s=3 s of SIGUSR1: killed, as SLURM ends a "
+            "job at its time limit") in (deaf / "logs" / "rank-0.log").read_text()
+    assert not (deaf / "final.pt").exists() and "REQUEUED" not in _sacct_states(deaf_job)
+
+
+def _job_id_of(run_dir: Path) -> str:
+    """The job of a `launcher run` on SLURM, from its submission folder (RUN_DIR/slurm/<job id>/)."""
+    return next(d.name for d in (run_dir / "slurm").iterdir() if d.name.isdigit())

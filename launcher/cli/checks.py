@@ -34,7 +34,8 @@ def checked(cfg: Any) -> Any:
 
         ray_cluster.check_installed()  # (without importing ray: launch/ray.py does, when it starts the ranks)
     C.check(cfg, local=local and not inside)
-    recipe.check(cfg)
+    if not cfg.script.given():  # `launcher run SCRIPT`: no recipe (its script was found by config.check_script)
+        recipe.check(cfg)
     run_dir = Path(cfg.run.dir).expanduser().absolute()
     check_resume(run_dir, cfg.resume)  # the same checks the claim makes, before anything is written
     check_identity(run_dir, cfg.run.id)

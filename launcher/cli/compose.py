@@ -17,6 +17,7 @@ from .report import reported
 _errors: list[BaseException] = []  # raised in the task: reported by compose(), not by Hydra's job runner
 _composed: list[Any] = []  # (field-checked config, hydra.job.env_set) of the run (-m: of every sweep point)
 _sweep_parents: dict[str, str] = {}  # -m: run.dir as written -> as resolved at the sweep's first point
+_script: list[C.ScriptConfig] = []  # `launcher run`: the script each composed config runs (cli/script_args.py)
 
 
 def _task(dcfg: Any) -> None:
@@ -47,6 +48,8 @@ def fieldschecked(dcfg: Any, hc: Any) -> Any:
         shared = template if re.fullmatch(r"[^$]*(\$\{now:[^}]*\}[^$]*)+", template) else None
         cfg.run.dir = str(Path(_sweep_parents.setdefault(shared, cfg.run.dir) if shared else cfg.run.dir)
                           / str(hc.job.num))
+    if _script:  # checked with the rest (config.check_script), in this torch-free child
+        cfg.script = _script[0]
     C.check_fields(cfg)
     return cfg
 
@@ -72,12 +75,16 @@ def field_alias(arg: str) -> str:
     return arg
 
 
-def compose() -> Optional[list[Any]]:
+def compose(script: Optional[C.ScriptConfig] = None) -> Optional[list[Any]]:
     """Hydra's composition of the command line and the field checks: (config, env_set) to run, or None
-    when Hydra only had something to show (--help, --cfg). Errors: one line, exit 2."""
+    when Hydra only had something to show (--help, --cfg). Errors: one line, exit 2. `script`: a
+    `launcher run`, whose config has no recipe (`~recipe`: the default one is dropped)."""
     import hydra
 
     C.register()
+    if script is not None:
+        _script.append(script)
+        sys.argv[1:1] = ["~recipe"]
     sys.argv[1:] = [field_alias(a) for a in sys.argv[1:]]
     entry = hydra.main(config_path=str(C.CONF_DIR), config_name="config", version_base="1.3")(_task)
     with reported(composing=True):

@@ -162,7 +162,7 @@ def _join(backend: str, rank: int, world: int, device: torch.device, timeout: da
     if arrived is not None:  # at the rendezvous: from here this rank waits for the others
         arrived()
     join = datetime.timedelta(seconds=join_s)
-    store = _store(rank, world, join)
+    store = attempt_store(rank, world, join)
     _roll_call(store, rank, world, join_s)
     # private in torch 2.13: without it, init_process_group waits as long as a collective would
     set_timeout = getattr(td.distributed_c10d, "_set_pg_timeout", None)
@@ -179,7 +179,7 @@ def _join(backend: str, rank: int, world: int, device: torch.device, timeout: da
     store.set_timeout(timeout)
 
 
-def _store(rank: int, world: int, timeout: datetime.timedelta) -> td.Store:
+def attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> td.Store:
     """The store the process group is built on, as torch's env:// would make it, but reached within
     the join's bound and with each elastic attempt's keys under a prefix of its own.
 

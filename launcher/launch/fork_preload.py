@@ -1,6 +1,6 @@
 """Imported by the fork server (fork_server.py), once, before its first fork: what every CPU rank
-would otherwise import itself (torch, the worker and the trainer, torchmetrics, elastic's rank-side
-wrapper: ~1.5 s of one core each on a 2-core EPYC). Not meant to be imported anywhere else.
+would otherwise import itself (torch, the worker and the trainer, elastic's rank-side wrapper: ~1.5 s
+of one core each on a 2-core EPYC); a recipe run's server also fork_preload_recipe.py (torchmetrics). Not meant to be imported anywhere else.
 """
 
 from __future__ import annotations
@@ -18,12 +18,8 @@ try:
     import torch  # noqa: F401
     import torch.distributed.elastic.multiprocessing.api  # noqa: F401  # its _wrap runs every rank
 
-    from . import recipe, worker  # noqa: F401
+    from . import worker  # noqa: F401
     from . import fork_server, rank  # noqa: F401  # the ranks' entry
-
-    # every recipe's metrics: torchmetrics, without pyplot (slim_imports.py), as the launcher's own
-    # recipe check imported it before ranks were forked from the launcher
-    recipe.locate("torchmetrics.Metric")
 except BaseException:  # noqa: BLE001 - a rank imports it again and reports the error where it is seen
     pass
 

@@ -38,6 +38,8 @@ PRELOAD = ["launcher.launch.fork_preload"]
 # reaches this process only after the server has started, so a run whose env_set names a variable
 # of dynamo, inductor or what they import (sympy, mpmath, triton) leaves the import to each rank
 PRELOAD_DYNAMO = "launcher.launch.fork_preload_dynamo"
+# a recipe run's metrics (torchmetrics); a `launcher run` script's ranks need neither this nor dynamo
+PRELOAD_RECIPE = "launcher.launch.fork_preload_recipe"
 READ_AT_IMPORT = ("TORCH", "PYTORCH", "TRITON", "SYMPY", "MPMATH")
 START_METHOD = "forkserver"
 
@@ -55,7 +57,7 @@ def cpu_ranks_likely(cfg: Any) -> bool:
         return False
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return False  # under torchrun (or the like) this process is a rank itself (dist.env_rank)
-    if t.nproc * t.nodes == 1 and cfg.launcher.max_restarts == 0:
+    if t.nproc * t.nodes == 1 and cfg.launcher.max_restarts == 0 and not cfg.script.given():
         return False  # one rank runs in the launcher's own process
     if t.gpus == 0 or t.accelerator == "cpu":
         return True
@@ -69,19 +71,21 @@ def prestart(composed: Optional[list[Any]]) -> None:
         return
     late = [k for _, env in composed for k in env if k.upper().startswith(READ_AT_IMPORT)]
     try:
-        ensure_running(dynamo=not late)
+        script = any(cfg.script.given() for cfg, _ in composed)
+        ensure_running(dynamo=not late and not script, recipe=not script)
     except OSError:  # tried again when the ranks start, and reported there if it fails again
         pass
 
 
-def ensure_running(dynamo: bool = True) -> dict[str, str]:
+def ensure_running(dynamo: bool = True, recipe: bool = True) -> dict[str, str]:
     """The server running (started now if it is not, preloading torch._dynamo too if `dynamo`: this
-    process's environment is the ranks' already); returns the environment it was started with."""
+    process's environment is the ranks' already; a recipe's imports if `recipe`); returns the
+    environment it was started with."""
     from multiprocessing import forkserver
 
     with _lock:
         _start_quiet_tracker()
-        forkserver.set_forkserver_preload(PRELOAD + [PRELOAD_DYNAMO] * dynamo)
+        forkserver.set_forkserver_preload(PRELOAD + [PRELOAD_RECIPE] * recipe + [PRELOAD_DYNAMO] * dynamo)
         env = dict(os.environ)  # what the server inherits, if it is started now
         forkserver.ensure_running()  # starts it, or again if it died; a no-op while it runs
         pid = forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]  # which server runs

@@ -23,8 +23,11 @@ from typing import Any
 from .. import config as C
 from ..config import faults
 from . import fork_server, worker
+from .error_file import SCRIPT_KEY, USER_ERROR_KEY
+from .script import ended
 
 log = logging.getLogger("launcher")
+EXIT_USER = 2  # the CLI's code for the user's error: a script's failure is its own
 
 
 def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
@@ -64,11 +67,12 @@ def launch(cfg: C.Config, config_path: Path, nproc: int) -> int:
             # CPU ranks: forked by the fork server, which has torch and the worker imported (~1.3 s
             # saved per rank on a 2-core machine) and no other thread; never by this process, whose
             # threads' locks a fork would copy held (fork_server.py, issue 22)
-            server_env = fork_server.ensure_running()
+            script = cfg.script.given()
+            server_env = fork_server.ensure_running(dynamo=not script, recipe=not script)
             lc.start_method = fork_server.START_METHOD
             elastic_launch(lc, fork_server.rank_main)(str(config_path), dict(os.environ), server_env)
     except ChildFailedError as e:
-        return _report(e, run_dir)
+        return _script_report(e, run_dir) if cfg.script.given() else _report(e, run_dir)
     except SignalException as e:  # elastic's own handler (it stopped the ranks): as on one rank
         raise faults.Interrupted(int(e.sigval)) from None
     finally:
@@ -95,10 +99,10 @@ def _error_dir() -> Path:
 def _report(error: Any, run_dir: Path) -> int:
     """What the failed ranks say, once: the user's error as one line (exit 2); ranks that did not
     join as one line (exit 1); else the root cause's traceback (exit 1)."""
-    mine = sorted((r, f) for r, f in error.failures.items() if worker.USER_ERROR_KEY in (f.error_file_data or {}))
+    mine = sorted((r, f) for r, f in error.failures.items() if USER_ERROR_KEY in (f.error_file_data or {}))
     if mine:  # the user's (recipe, data, run dir, tracker): one line, printed once, not N tracebacks
         rank, failure = mine[0]
-        raise C.UserError(f"{failure.error_file_data[worker.USER_ERROR_KEY]} "
+        raise C.UserError(f"{failure.error_file_data[USER_ERROR_KEY]} "
                           f"(traceback: {run_dir / 'logs' / f'rank-{rank}.log'})") from None
     joins = sorted((r, f) for r, f in error.failures.items() if worker.JOIN_KEY in (f.error_file_data or {}))
     if joins:  # ranks that never joined: named by their peers (or by themselves), where they were stuck
@@ -114,6 +118,17 @@ def _report(error: Any, run_dir: Path) -> int:
     print(f"launcher: rank {rank} failed (exit code {failure.exitcode}); its error:\n"
           f"{_traceback(failure)}", file=sys.stderr)
     return 1
+
+
+def _script_report(error: Any, run_dir: Path) -> int:
+    """A `launcher run` that failed: the earliest rank's end that is not just a lost peer, one line
+    (with its log's tail), exit 2. A rank's own line (script_rank.py) where it wrote one, else (killed
+    by a signal, or gone before it could) its exit code as elastic saw it."""
+    failures = sorted(error.failures.items(), key=lambda kv: kv[1].timestamp)
+    said = [f.error_file_data[USER_ERROR_KEY] for _, f in failures if USER_ERROR_KEY in (f.error_file_data or {})]
+    lines = said or [(f.error_file_data or {}).get(SCRIPT_KEY) or ended(r, f.exitcode, run_dir) for r, f in failures]
+    print(f"launcher: error: {next((ln for ln in lines if not faults.lost_peer(ln)), lines[0])}", file=sys.stderr)
+    return EXIT_USER
 
 
 # elastic's agent, signalled (SIGTERM, Ctrl-C), warns "Received 15 death signal, shutting down

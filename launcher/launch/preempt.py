@@ -45,10 +45,37 @@ class StopRequest:
             return self.local
         if step % self.every_n_steps:
             return False
-        flag = torch.tensor([1 if self.local else 0], dtype=torch.int32,
-                            device=D.current().device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.local, D.current().device)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank of the default process group when `flag` is on any (one MAX all-reduce)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# A `launcher run` script's stop request (script_rank.py installs it before the script runs); the
+# script asks through launcher.stop_requested(). One per process: a rank runs one script.
+_script_stop: list[StopRequest] = []
+
+
+def watch_for_script(signame: str) -> StopRequest:
+    _script_stop[:] = [StopRequest(signame, 1)]
+    return _script_stop[0]
+
+
+def stop_requested() -> bool:
+    """Has any rank been asked to stop (the requeue signal, LAUNCHER_STOP_SIGNAL)? The same answer on
+    every rank: a collective (one tiny all-reduce) once the script's process group is up, so every
+    rank calls it at the same point (between steps); the script then saves and exits with code 75
+    (launcher.EXIT_REQUEUE) to be requeued (SLURM) or restarted (local, launcher.max_restarts)."""
+    local = bool(_script_stop) and _script_stop[0].local
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    nccl = dist.get_backend() == "nccl"  # its collectives take CUDA tensors only
+    return any_rank(local, torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"))
 
 
 def requeue(max_requeues: int) -> bool:

@@ -48,6 +48,7 @@ from .ray_cluster import Topology, join_error, misfit, native_stderr_held, probe
 
 # after a rank's error that only says it lost a peer: how long the others get to report the cause
 LOST_PEER_GRACE_S = 3.0
+SCRIPT_MARK = "launcher-script: "  # before a script rank's failure line, as an actor returns it
 
 
 class Session:
@@ -139,11 +140,15 @@ def _attempts(cfg: C.Config, t: Topology, pg: Any, env: Optional[dict[str, str]]
         if cause.user:
             log = Path(cfg.run.dir) / "logs" / f"rank-{cause.rank}.log"
             raise C.UserError(f"{cause.text} (traceback: {log})")
-        what = f"rank {cause.rank} was lost ({cause.text})" if cause.died else f"rank {cause.rank} failed"
+        what = f"rank {cause.rank} was lost ({cause.text})" if cause.died else \
+            cause.text.split(" (its log")[0] if cause.script else f"rank {cause.rank} failed"
         if attempt < lc.max_restarts:
             print(f"launcher: {what}; restarting the ranks from the latest checkpoint (restart {attempt + 1} "
                   f"of launcher.max_restarts={lc.max_restarts})", file=sys.stderr)
             continue
+        if cause.script:
+            print(f"launcher: error: {cause.text}", file=sys.stderr)
+            return 2
         print(f"launcher: {what}" + ("" if cause.died else f"; its error:\n{cause.text}"), file=sys.stderr)
         return 1
     return 1
@@ -227,6 +232,7 @@ class _Failure:
     text: str  # the rank's traceback, a user's error line, or why its actor died
     died: bool = False  # the actor is gone (its process killed, its node lost)
     user: bool = False  # a UserError: the same on every attempt, so never restarted
+    script: bool = False  # a `launcher run` script's end (text: its line): restarted as a failure, said as the user's
 
 
 def _run(cfg: C.Config, t: Topology, started: Started, attempt: int) -> list[_Failure]:
@@ -273,7 +279,8 @@ def _watch(refs: dict[Any, int]) -> list[_Failure]:
                 failures.append(_Failure(refs[ref], C.one_line(e), died=True))
             else:
                 if error:
-                    failures.append(_Failure(refs[ref], error, user=True))
+                    script = error.startswith(SCRIPT_MARK)
+                    failures.append(_Failure(refs[ref], error.removeprefix(SCRIPT_MARK), user=not script, script=script))
         if failures and deadline == float("inf"):
             known = any(f.died or f.user or not faults.lost_peer(f.text) for f in failures)
             deadline = time.monotonic() + (0.0 if known else LOST_PEER_GRACE_S)
@@ -327,6 +334,7 @@ class _Rank:
 
         from . import worker
         from .local import _interface_of
+        from .script_rank import ScriptFailed
 
         os.environ.update(torch_env)
         # gloo and NCCL on the interface of the address Ray reaches this node by (left to themselves they
@@ -340,6 +348,8 @@ class _Rank:
             worker.run(C.from_dict(config))
         except C.UserError as e:
             return str(e) or type(e).__name__
+        except ScriptFailed as e:  # returned, not raised: a line for the launcher, not Ray's traceback
+            return SCRIPT_MARK + str(e)
         finally:  # the rank's handler (SIGTERM as an exception) would print a traceback when Ray ends the
             signal.signal(signal.SIGTERM, ray_sigterm)  # finished actor's process with SIGTERM
         return ""

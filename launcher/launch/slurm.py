@@ -29,6 +29,7 @@ from typing import Any
 from .. import config as C
 from ..config import faults
 from . import worker
+from .script import failure_in_job_logs
 
 log = logging.getLogger("launcher")
 # every task's first code (see that file): the requeue signal is caught before seconds of imports
@@ -333,6 +334,10 @@ def wait(jobs: list[Any], poll_s: float) -> int:
             job.results()
         except (FailedJobError, UncompletedJobError) as e:
             folder = Path(job.paths.folder)
+            if said := failure_in_job_logs(folder, str(job.job_id)):  # a `launcher run` script's end
+                print(f"launcher: error: job {job.job_id}: {said}", file=sys.stderr)
+                code = code or 2
+                continue
             tracebacks = _rank_tracebacks(folder, str(job.job_id))
             mine = [(path, m.group(1)) for _, path, tb in tracebacks
                     if (m := re.search(r"(?m)^launcher\.config(?:\.errors)?\.(?:User|Config)Error: (.*)$", tb))]

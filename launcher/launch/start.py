@@ -38,6 +38,7 @@ def start(cfgs: list[Any]) -> list[int]:
             # the job's rank 0 holds the lock while it runs (its ranks read config.yaml, id included);
             # a run dir in use is refused here already
             RunDir.claim(Path(cfg.run.dir), cfg.run.id, C.to_dict(cfg)).release()
+            _record(cfg)
             print(f"launcher: asking SLURM for {S.describe(cfg)}", file=sys.stderr)
         folder = Path(cfgs[0].run.dir) / "slurm" if len(cfgs) == 1 else Path(cfgs[0].run.dir).parent / "slurm"
         _submit(cfgs, folder, failures)
@@ -82,6 +83,7 @@ def _start_local(cfg: Any, failures: list[int], ray_session: Optional["Session"]
         if one_node:  # claimed here, for the ranks this process starts (they inherit LOCK_ENV)
             run = RunDir.claim(path, cfg.run.id, C.to_dict(cfg), before_ranks=ray_session is None)  # in use: one line
             os.environ[LOCK_ENV] = str(path)
+        _record(cfg)
         failed = len(failures)
         if ray_session is None:
             _launch_local(cfg, path, failures)
@@ -94,7 +96,7 @@ def _start_local(cfg: Any, failures: list[int], ray_session: Optional["Session"]
     except C.UserError as e:
         # nothing half-written: a new run that failed before its first checkpoint keeps only the
         # logs its error line points to; a sweep goes on with its next point
-        if run is not None:
+        if run is not None and not cfg.script.given():  # (a script's own files there are not ours to remove)
             run.abandon()
         log = path / "logs" / "rank-0.log"
         logged = run is not None and log.is_file() and "run failed: " in log.read_text(errors="replace")
@@ -126,12 +128,23 @@ def _launch_local(cfg: Any, run_dir: Path, failures: list[int]) -> None:
         if cfg.trainer.accelerator == "xla":
             pjrt.launch(str(run_dir / CONFIG_FILE))  # one process per local XLA device (PJRT)
             return
-        if nproc == 1 and cfg.launcher.max_restarts == 0:
+        if nproc == 1 and cfg.launcher.max_restarts == 0 and not cfg.script.given():
             worker.run(cfg)  # one rank: no spawn, no process group, fastest start
             return
         code = local_launch.launch(cfg, run_dir / CONFIG_FILE, nproc)
     if code:
         failures.append(code)
+
+
+def _record(cfg: Any) -> None:
+    """A script run's command and environment in its run dir (launch/script.py)."""
+    if cfg.script.given():
+        from .script import record_command
+
+        try:
+            record_command(Path(cfg.run.dir), cfg)
+        except OSError as e:
+            raise faults.io_error(e, cfg.run.dir) or C.UserError(f"{cfg.run.dir}: cannot write {e}") from None
 
 
 def _submit(cfgs: list[Any], folder: Path, failures: list[int]) -> None:

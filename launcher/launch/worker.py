@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
-import json
 import logging
 import os
 import signal
@@ -27,7 +26,11 @@ from .. import config as C
 from ..device import dist
 from ..config import faults
 from . import recipe
+from .error_file import JOIN_KEY, SCRIPT_KEY, USER_ERROR_KEY
+from .error_file import report as _report, reserve as _reserve_error_file, write as _write_error_file
 from .preempt import StopRequest, requeue
+from .script_rank import ScriptFailed
+from .script_rank import run as run_script
 from ..device.hardware import cpu_threads
 from ..fit.seeding import make_deterministic, seed_everything
 from ..trainer import Trainer
@@ -37,11 +40,12 @@ from ..device.xla import init as xla_init
 
 log = logging.getLogger("launcher")
 EXIT_USER_ERROR = 2  # as the CLI's own for bad input
-USER_ERROR_KEY = "launcher_user_error"  # in a rank's elastic error file: the failure is the user's
-JOIN_KEY = "launcher_not_joined"  # ... the failure is a rank that did not join (dist.JoinTimeout, JoinWatch)
 
 
 def run(cfg: C.Config) -> None:
+    if cfg.script.given():  # `launcher run SCRIPT`: the user's script in place of init dist + recipe + fit
+        run_script(cfg)
+        return
     stop = None
     if cfg.launcher.name == "slurm" and os.environ.get("SLURM_JOB_ID"):
         # installed before anything slow, so an early signal is not lost (its default action kills);
@@ -209,6 +213,9 @@ def _main(argv: list[str]) -> None:
     except C.UserError as e:
         _report(str(e), USER_ERROR_KEY)
         sys.exit(EXIT_USER_ERROR)
+    except ScriptFailed as e:  # the script's own exit code, for elastic's restart; its line for the launcher
+        _report(str(e), SCRIPT_KEY)
+        sys.exit(e.code)
     except dist.JoinTimeout as e:  # one line, naming the ranks that did not join and where their stacks are
         logs = [str(_rank_log(cfg, r)) for r in e.missing]
         _report(f"{e}; {'its stack' if len(logs) == 1 else 'their stacks'}: {', '.join(logs[:3])}" if logs else str(e),
@@ -223,50 +230,3 @@ def _main(argv: list[str]) -> None:
         _write_error_file({"message": {"message": f"{type(e).__name__}: {e}", "extraInfo": {
             "py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}}})
         sys.exit(1)
-
-
-# Room for a rank's report in its error file, taken when the rank starts: the temp dir that holds the
-# error files may share a disk with the run dir, which the run can fill (its first checkpoint), and
-# the report of that ENOSPC must still fit. A longer report is written as a new file.
-ERROR_FILE_RESERVE = 4096
-
-
-def _reserve_error_file() -> None:
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    try:
-        with open(f"{path}.reserve", "wb") as f:
-            f.write(b" " * ERROR_FILE_RESERVE)
-    except OSError:  # a disk full already: _write_error_file tries a new file, or leaves none
-        with contextlib.suppress(OSError):
-            os.unlink(f"{path}.reserve")
-
-
-def _report(line: str, key: str) -> None:
-    """The one line for the parent to print (once, whichever rank failed), marked with `key` (the
-    user's error, or a rank that did not join) so that no traceback is shown."""
-    _write_error_file({"message": line, "timestamp": int(time.time()), key: line})
-
-
-def _write_error_file(data: dict) -> None:
-    """`data` where elastic reads a failed rank's error (TORCHELASTIC_ERROR_FILE), whole or not at all.
-
-    The agent fails with a JSONDecodeError traceback on a file that is there but empty or cut short
-    (a full disk), and reports a missing one as a failure without a message: the text goes into the
-    reserved room (no new blocks needed), then takes the error file's name."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    raw = json.dumps(data).encode()
-    reserve = f"{path}.reserve"
-    fits = len(raw) <= ERROR_FILE_RESERVE and os.path.isfile(reserve)
-    staged = reserve if fits else f"{path}.tmp{os.getpid()}"
-    try:
-        with open(staged, "r+b" if fits else "wb") as f:
-            f.write(raw)
-            f.truncate()
-        os.replace(staged, path)
-    except OSError:  # nothing readable to leave: the launcher reports the exit code without it
-        with contextlib.suppress(OSError):
-            os.unlink(staged)

@@ -93,10 +93,10 @@ def tables() -> dict[str, Callable[[], str]]:
     from launcher import config as C
     from launcher.config import launchers as L
 
-    sections = ("trainer", "checkpoint", "logger", "launcher", "run")
+    sections = ("trainer", "checkpoint", "logger", "launcher", "run", "script")
     out: dict[str, Callable[[], str]] = {"groups": groups,
                                          "top": lambda: table(C.Config, skip=sections)}
-    for name in ("trainer", "checkpoint", "run"):
+    for name in ("trainer", "checkpoint", "run", "script"):
         out[name] = lambda cls=C.SECTIONS[name]: table(cls)
     for name, cls in C.LOGGER_SCHEMAS.items():
         out[f"logger.{name}"] = lambda cls=cls: table(cls)
