@@ -222,7 +222,7 @@ class Trainer:
         p.step += 1
         if stepped and fp.scheduler is not None and t.scheduler_interval == "step":  # type: ignore[union-attr]
             fp.scheduler.step()  # type: ignore[union-attr]
-        if self.spikes.rolled_back(p, self.run, self.ckpt):  # back to a checkpoint, without the spike's batches
+        if self.spikes.rolled_back(p, self.run, self.ckpt, self.callbacks):  # (without the spike's batches)
             self._epoch = None
             return False
         fp.speed.tick(p.step)  # type: ignore[union-attr]

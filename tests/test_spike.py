@@ -38,10 +38,12 @@ def _fit(run_dir: Path, data: TensorDataset, **kw) -> Trainer:
 
 
 def test_a_spike_rolls_back_and_the_run_ends_as_if_the_samples_were_never_there(tmp_path: Path) -> None:
-    rolled = _fit(tmp_path / "rolled", _data(), spike_factor=5)
-    clean = _fit(tmp_path / "clean", _data(drop=POISONED))
+    rolled = _fit(tmp_path / "rolled", _data(), spike_factor=5, ema_decay=0.9)
+    clean = _fit(tmp_path / "clean", _data(drop=POISONED), ema_decay=0.9)
     a, b = rolled.state_dict(), clean.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), "not the weights of the run without those samples"
+    a, b = (torch.load(tmp_path / r / "model-ema.pt", weights_only=True) for r in ("rolled", "clean"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the EMA (a callback) was not rolled back with the run"
     assert rolled.history[-1]["step"] == clean.history[-1]["step"] == 9
     line = json.loads((tmp_path / "rolled" / "spikes.jsonl").read_text())
     assert (line["step"], line["skipped_steps"], line["samples"]) == (7, [7], list(POISONED))

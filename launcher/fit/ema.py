@@ -46,6 +46,7 @@ class EMA(Callback):
         self.average: list[torch.Tensor] = []  # local, one per parameter
         self.updates = 0
         self._pending: Optional[dict[str, Any]] = None  # a checkpoint's state, until the model is known
+        self._run: Optional[RunView] = None
         self._raw: Optional[list[torch.Tensor]] = None  # the weights while validation measures the average
 
     # the replicated average is the same on every rank: saved once; shards are each rank's own
@@ -60,6 +61,7 @@ class EMA(Callback):
         named = [(n, p) for n, p in run.model.named_parameters() if p.is_floating_point()]
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.average = [_local(p).detach().clone() for p in self.params]
+        self._run = run
         if self._pending is not None:
             self._restore(self._pending, run)
             self._pending = None
@@ -116,11 +118,19 @@ class EMA(Callback):
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """A replicated average (saved once)."""
-        self._pending = {"ranks": [sd]}  # restored before on_fit_start: applied there
+        self._load({"ranks": [sd]})
 
     def load_rank_states(self, ranks: list[dict[str, Any]]) -> None:
         """Every rank's saved state (checkpoint/adapters.CallbackStates gives a per-rank state whole)."""
-        self._pending = {"ranks": ranks}
+        self._load({"ranks": ranks})
+
+    def _load(self, pending: dict[str, Any]) -> None:
+        """A resume restores before on_fit_start (applied there, once the model is known); a loss-spike
+        rollback (fit/spike.py) restores during the fit: applied now."""
+        if self._run is None:
+            self._pending = pending
+        else:
+            self._restore(pending, self._run)
 
     def _restore(self, pending: dict[str, Any], run: RunView) -> None:
         ranks = pending["ranks"]

@@ -78,17 +78,18 @@ class SpikeGuard:
             self.in_a_row = 0  # past the last spike's step without another
         return None
 
-    def rolled_back(self, progress: Any, run: Any, ckpt: Any) -> bool:
-        """After a step: judge it; a spike rolls the run back (True). Every rank calls it."""
+    def rolled_back(self, progress: Any, run: Any, ckpt: Any, callbacks: Any) -> bool:
+        """After a step: judge it; a spike rolls the run back (True; the callbacks hear of the restore).
+        Every rank calls it."""
         spike = self.judge(progress.step, progress.epoch, progress.batch_in_epoch)
         if spike is None:
             return False
-        self.rollback(spike, run, ckpt, run.path)
+        callbacks.fire("on_checkpoint_restored", self.rollback(spike, run, ckpt, run.path))
         return True
 
-    def rollback(self, spike: dict[str, Any], run: Any, ckpt: Any, run_dir: Path) -> int:
-        """Back to the last checkpoint before the window, without the window's samples; the step it
-        resumes from. Every rank calls it (restoring is a collective)."""
+    def rollback(self, spike: dict[str, Any], run: Any, ckpt: Any, run_dir: Path) -> Path:
+        """Back to the last checkpoint before the window, without the window's samples; the checkpoint
+        it went back to. Every rank calls it (restoring is a collective)."""
         self.in_a_row += 1
         first = spike["step"] - len(self.recent) + 1
         if self.in_a_row > self.t.spike_max_rollbacks:
@@ -114,8 +115,7 @@ class SpikeGuard:
         self.excluded, self.in_a_row, self.last_spike = excluded, in_a_row, spike["step"]
         self.data.exclude(self.excluded)
         self.recent.clear()
-        back = int(folder.name.split("-")[-1]) if folder.name.startswith("step-") else -1
-        ckpt.retire_after(back)
+        ckpt.retire_after(int(folder.name.split("-")[-1]))  # (the run's own checkpoints: step-NNNNNNN)
         record = {**spike, "rolled_back_to": str(folder), "skipped_steps": list(range(first, spike["step"] + 1)),
                   "samples": left_out, "in_a_row": self.in_a_row}
         if self.d.is_main:
@@ -124,7 +124,7 @@ class SpikeGuard:
         log.warning("loss spike at step %d (%.4g, %s x the median %.4g): back to %s without the %d samples of steps "
                     "%d-%d (%s)", spike["step"], spike["loss"], self.t.spike_factor, spike["median"], folder.name,
                     len(left_out), first, spike["step"], FILE, extra={"file_only": not self.d.is_main})
-        return back
+        return folder
 
     # ---- Stateful (the world's: every rank decides the same) ---------------------------------------
     def state_dict(self) -> dict[str, Any]:
