@@ -40,6 +40,7 @@ from .fit.metrics import Accumulator
 from .fit.seeding import seed_everything
 from .fit.state import History, TrainProgress
 from .fit.validation import Validation
+from .launch.api_world import form as form_world
 from .launch.recipe import check_monitor
 from .observe.loggers import NullLogger, open_logger, report_epoch, setup_logging
 from .observe.progress import Progress
@@ -87,7 +88,7 @@ class Trainer:
     # ---- set-up ------------------------------------------------------------------------------------
     def _dist(self) -> D.Dist:
         if self.dist is None:
-            self.dist = world_for(self.cfg.trainer)
+            self.dist = world_for(form_world(self.cfg.trainer))  # torchrun's, srun's, or ranks it starts
         return self.dist
 
     def _setup(self, model: nn.Module, loss_fn: Optional[Callable], optimizer: Any, train_data: Any, val_data: Any,
@@ -338,8 +339,7 @@ class Trainer:
 
     def predict(self, data: Any, model: Optional[nn.Module] = None, batch_size: Optional[int] = None,
                 step: Any = None) -> Optional[torch.Tensor]:
-        """The step's outputs (the model's, by default) for every sample, in dataset order, on rank 0
-        (None on other ranks)."""
+        """The step's outputs (the model's by default) for every sample, in dataset order, on rank 0 (else None)."""
         d = self._dist()
         o = outside_fit(self.cfg.trainer, d, self.parts, data, batch_size, model, None, step, "predict")
         return predict(o.model, o.step, o.batches, d, o.prec, o.lockstep)

@@ -70,9 +70,8 @@ def check(cfg: Config) -> None:
     C.check_logger(cfg.logger)
     C.check_resume(cfg.resume)
     t = cfg.trainer
-    if "RANK" not in os.environ:  # outside torchrun the world is the one process that called it
-        for key, value in (("nproc", t.nproc), ("nodes", t.nodes), ("gpus", t.gpus)):
-            if isinstance(value, int) and (value > 1 or (key == "gpus" and value == -1)):
-                raise C.ConfigError(f"trainer.{key}", value, "Trainer(...) trains in the process that calls it",
-                                    f"1; for more ranks run the script under `torchrun --nproc-per-node N`, "
-                                    f"or the CLI: python -m launcher ... trainer.{key}=N")
+    # more ranks than this process: it starts them itself (launch/api_world.py), on this node only
+    if "RANK" not in os.environ and "SLURM_STEP_NUM_TASKS" not in os.environ and t.nodes > 1:
+        raise C.ConfigError("trainer.nodes", t.nodes, "Trainer(...) starts its other ranks on this node only",
+                            "1; for more nodes run the script under srun or torchrun on each, or "
+                            "`launcher run train.py trainer.nodes=N launcher=slurm`")
