@@ -138,7 +138,7 @@ def _watch(peers: list[tuple[int, subprocess.Popen, Path]]) -> None:
             log.error("%s", FAILED)
             # rank 0's collective with it fails at once over gloo (the error reaches the caller); NCCL
             # would wait for trainer.dist_timeout_s: this process ends after a grace instead
-            threading.Timer(10.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
 
 def _wait(peers: list[tuple[int, subprocess.Popen, Path]]) -> None:
