@@ -317,13 +317,15 @@ def test_channels_last_accepts_auto_true_false_only() -> None:
         C.check_trainer(C.TrainerConfig(channels_last="yes"))
 
 
-def test_the_python_api_refuses_more_ranks_than_its_process(monkeypatch) -> None:
+def test_the_python_api_refuses_more_nodes_than_its_own(monkeypatch) -> None:
+    """More ranks on this node it starts itself (tests/test_api_world.py); other nodes it cannot."""
     from launcher import Trainer
 
     monkeypatch.delenv("RANK", raising=False)
-    for kw, key in (({"nproc": 2}, "trainer.nproc=2"), ({"nodes": 2}, "trainer.nodes=2"), ({"gpus": -1}, "trainer.gpus=-1")):
-        with pytest.raises(C.ConfigError, match=f"{key}: Trainer.*torchrun --nproc-per-node N"):
-            Trainer(**kw)
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    with pytest.raises(C.ConfigError, match="trainer.nodes=2: Trainer.* starts its other ranks on this node only"):
+        Trainer(nodes=2)
+    Trainer(nproc=2)  # (its ranks start when fit() needs them)
     with pytest.raises(TypeError, match="unknown argument 'epochs' \\(did you mean 'max_epochs'\\?\\)"):
         Trainer(epochs=5)
 
