@@ -112,6 +112,15 @@ def test_persistent_workers_live_across_epochs_and_read_the_same_batches() -> No
                        for (xa, ya), (xb, yb) in zip(a, b)), f"{workers} workers: other batches"
     assert kept.served == (2, 0, kept.indices(2)), "the ledger's record of the epoch"
 
+    saved = Batches(_Pids(24), Dist(rank=0, world_size=3), num_workers=0, **kw).state_dict()
+    resized = []  # 3 ranks -> 2 after 1 batch of epoch 2: the rest of it, then epoch 3, on one loader
+    for persistent in (True, False):
+        b = Batches(_Pids(24), Dist(rank=1, world_size=2), num_workers=2, persistent_workers=persistent, **kw)
+        b.load_state_dict(saved)
+        resized.append([x[:, :-1] for x, _ in b.epoch(1, start=b.continue_epoch(1, 1))] +
+                       [x[:, :-1] for x, _ in b.epoch(2)])
+    assert len(resized[0]) == 5 and all(torch.equal(a, b) for a, b in zip(*resized)), "resized: other batches"
+
 
 def test_a_loaders_own_worker_settings_are_kept_and_the_trainer_keys_are_checked() -> None:
     from torch.utils.data import DataLoader
