@@ -147,7 +147,7 @@ def _default_set(n_chars: int, seed: int) -> Path:
     return out
 
 
-def datasets(path: Optional[str] = None, block_size: int = 64, n_chars: int = 2_000_000,
+def datasets(path: Optional[str] = None, block_size: int = 64, n_chars: int = 1_000_000,
              seed: int = 0) -> tuple[TokenWindows, Optional[TokenWindows]]:
     """(train, val) windows over `path`'s shards (val None when it has no val-*.bin); without a path,
     charlm's grammar text of `n_chars` characters, prepared once."""
