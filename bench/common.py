@@ -109,6 +109,20 @@ def machine() -> str:
             f"{platform.system()} {platform.release()}")
 
 
+def cpu_flags() -> str:
+    """The vector and matrix units this CPU has, read at run time, and the kernels torch picked."""
+    import torch
+
+    flags: set[str] = set()
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"]
+    units = " ".join(f for f in wanted if f in flags) or "no AVX2"
+    return f"{units}; torch kernels {torch.backends.cpu.get_cpu_capability()}"
+
+
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -29,22 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
-from common import machine, table  # noqa: E402
+from common import cpu_flags, machine, table  # noqa: E402
 from launcher.recipes import hf_causal_lm as R  # noqa: E402
 
 BATCH, SEED = 32, 0
-
-
-def cpu_flags() -> str:
-    """The vector and matrix units this CPU has, read at run time, and the kernels torch picked."""
-    flags: set[str] = set()
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"]
-    units = " ".join(f for f in wanted if f in flags) or "no AVX2"
-    return f"{units}; torch kernels {torch.backends.cpu.get_cpu_capability()}"
 
 
 def order(n: int) -> list[int]:

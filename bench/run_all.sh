@@ -30,6 +30,8 @@ t0=$(date +%s)
   python startup.py --rounds 3 --ranks 8 --contenders launcher,raw,env_set; echo
   echo "## 7. A Hugging Face model (recipe hf_causal_lm, 1 CPU rank, fp32): tokens/s vs a hand-written loop"; echo
   python hf_causal_lm.py --rounds 5; echo
+  echo "## 8. Input throughput (issue 25): a stream and memory-mapped shards, 2 loader workers, vs a hand-written DataLoader loop"; echo
+  python stream.py --rounds 5; echo
   echo "Total benchmark time: $(( $(date +%s) - t0 )) s"
 } > "$out.tmp"
 mv "$out.tmp" "$out"

@@ -70,8 +70,7 @@ class Trainer:
         return self
 
     def _init(self, dist: Optional[D.Dist], stop: Optional[Any]) -> None:
-        self.dist = dist
-        self.stop = stop  # a launch.preempt.StopRequest: stop at an agreed step and checkpoint (SLURM requeue)
+        self.dist, self.stop = dist, stop  # stop: launch.preempt.StopRequest (stop at an agreed step, checkpoint)
         self.preempted = False  # fit() returned early because of a stop request
         self.model: Optional[nn.Module] = None  # the bare module (never the DDP wrapper)
         self.run: Optional[RunDir] = None  # claimed (or joined) by each fit(); its lock held while fit() runs
@@ -175,6 +174,7 @@ class Trainer:
                 raise user from e
             raise
         finally:
+            parts.close(self.parts)  # persistent loader workers end with fit(), before the lock they share goes
             if self.run is not None:
                 self.run.release(keep_record=self.preempted)  # requeued: the next attempt is this owner
         return self.history

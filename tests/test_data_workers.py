@@ -82,3 +82,57 @@ def test_two_ranks_with_workers_killed_mid_epoch_resume_bitwise(tmp_path: Path) 
     resumed = [ln for ln in (cut / "logs" / "rank-0.log").read_text().splitlines() if "resumed from" in ln]
     assert resumed and "epoch 2 at batch" in resumed[-1] and "at batch 0" not in resumed[-1], resumed
     same_weights(ref / "model.pt", cut / "model.pt")
+
+
+class _Pids(Augmented):
+    """Augmented, with the pid of the process that read each sample as its last feature."""
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = super().__getitem__(i)
+        return torch.cat([x.double(), torch.tensor([float(os.getpid())], dtype=torch.float64)]), y
+
+
+def _epochs(b: Batches, plan: list[tuple[int, int]]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    return [list(b.epoch(e, start=s)) for e, s in plan]
+
+
+def test_persistent_workers_live_across_epochs_and_read_the_same_batches() -> None:
+    plan = [(0, 0), (1, 0), (1, 2), (2, 0)]  # (1, 2): epoch 2 resumed at batch 2 by the same loader
+    kw = dict(train=True, batch_size=4, seed=3)
+    kept = Batches(_Pids(24), Dist(rank=1, world_size=2), num_workers=2, persistent_workers=True, **kw)
+    got = _epochs(kept, plan)
+    pids = [{int(x[-1]) for xb, _ in ep for x in xb} for ep in got]
+    assert len(pids[0]) == 2 and os.getpid() not in pids[0], pids
+    assert all(p and p <= pids[0] for p in pids), f"workers restarted between epochs: {pids}"
+    for workers in (0, 2):  # a loader per epoch, in the rank or in fresh workers: the same batches
+        fresh = _epochs(Batches(_Pids(24), Dist(rank=1, world_size=2), num_workers=workers, **kw), plan)
+        assert [len(ep) for ep in fresh] == [len(ep) for ep in got] == [3, 3, 1, 3]
+        for a, b in zip(got, fresh):
+            assert all(torch.equal(xa[:, :-1], xb[:, :-1]) and torch.equal(ya, yb)
+                       for (xa, ya), (xb, yb) in zip(a, b)), f"{workers} workers: other batches"
+    assert kept.served == (2, 0, kept.indices(2)), "the ledger's record of the epoch"
+
+    saved = Batches(_Pids(24), Dist(rank=0, world_size=3), num_workers=0, **kw).state_dict()
+    resized = []  # 3 ranks -> 2 after 1 batch of epoch 2: the rest of it, then epoch 3, on one loader
+    for persistent in (True, False):
+        b = Batches(_Pids(24), Dist(rank=1, world_size=2), num_workers=2, persistent_workers=persistent, **kw)
+        b.load_state_dict(saved)
+        resized.append([x[:, :-1] for x, _ in b.epoch(1, start=b.continue_epoch(1, 1))] +
+                       [x[:, :-1] for x, _ in b.epoch(2)])
+    assert len(resized[0]) == 5 and all(torch.equal(a, b) for a, b in zip(*resized)), "resized: other batches"
+
+
+def test_a_loaders_own_worker_settings_are_kept_and_the_trainer_keys_are_checked() -> None:
+    from torch.utils.data import DataLoader
+
+    from launcher.config import ConfigError, TrainerConfig, check_trainer
+
+    b = Batches(DataLoader(Augmented(8), batch_size=4, num_workers=2, persistent_workers=True, prefetch_factor=5),
+                Dist(), train=True, prefetch_factor=3)
+    assert (b.loader_kw["persistent_workers"], b.loader_kw["prefetch_factor"]) == (True, 5)
+    b = Batches(Augmented(8), Dist(), train=True, batch_size=4, num_workers=1, prefetch_factor=3)
+    assert (b.loader_kw["persistent_workers"], b.loader_kw["prefetch_factor"]) == (False, 3)
+    for key, value in (("persistent_workers", True), ("prefetch_factor", 4)):
+        with pytest.raises(ConfigError, match=rf"trainer.{key}=.*num_workers"):
+            check_trainer(TrainerConfig(**{key: value}))
+    check_trainer(TrainerConfig(num_workers=2, persistent_workers=True, prefetch_factor=4))

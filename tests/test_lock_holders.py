@@ -116,3 +116,25 @@ def test_a_refusal_names_the_processes_that_hold_the_lock_and_how_to_end_them(tm
         if first.poll() is None:
             first.kill()
             first.wait()
+
+
+def test_a_released_lock_is_free_though_a_child_forked_while_it_was_held_lives_on(tmp_path: Path) -> None:
+    """Loader workers are forked from a rank holding the run dir's lock and share its open file: a
+    release that only closed its descriptor left the flock with them (fit() in the Python API with
+    workers still alive, then a second fit() on the same run dir, was refused)."""
+    from launcher.rundir.lock import RunLock
+
+    lock = RunLock.acquire(tmp_path)
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # a worker: holds the inherited descriptor until told to go
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        lock.release()
+        RunLock.acquire(tmp_path).release()  # refused ("in use by the processes of another run") before
+    finally:
+        os.close(w)
+        os.waitpid(child, 0)

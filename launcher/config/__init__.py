@@ -66,6 +66,8 @@ class TrainerConfig:
     progress_refresh_s: float = 0.5  # seconds between progress-bar updates; each costs one host sync
     log_every_n_steps: int = 50  # per-step tracker rows (train_loss_step, lr, rates) every N steps; 0 = epoch rows only
     num_workers: int = 0  # DataLoader worker processes per rank (0 = load in the training process)
+    persistent_workers: bool = False  # map-style data: keep the loader workers alive across epochs (needs num_workers >= 1)
+    prefetch_factor: int = 0  # batches each loader worker reads ahead; 0 = torch's default (2); needs num_workers >= 1
     seed_per_sample: bool = True  # seed python/numpy/torch per sample in Dataset.__getitem__ from (seed, epoch, index): augmentation independent of workers, ranks, resume
     ledger: bool = True  # per epoch, how often each sample was trained (all ranks): RUN_DIR/ledger.jsonl
     ledger_counts: bool = False  # also each epoch's counts per sample id as RUN_DIR/ledger/epoch-NNNNN.npy
@@ -210,6 +212,12 @@ def check_trainer(t: TrainerConfig) -> None:
     non_negative("trainer.patience", t.patience)
     non_negative("trainer.log_every_n_steps", t.log_every_n_steps)
     non_negative("trainer.num_workers", t.num_workers)
+    non_negative("trainer.prefetch_factor", t.prefetch_factor)
+    if t.num_workers == 0 and (t.persistent_workers or t.prefetch_factor):  # torch would raise at the first epoch
+        key, value = ("trainer.persistent_workers", True) if t.persistent_workers else (
+            "trainer.prefetch_factor", t.prefetch_factor)
+        raise ConfigError(key, value, "needs loader workers (trainer.num_workers=0)",
+                          "trainer.num_workers >= 1, or the default (false, 0)")
     choice("trainer.mode", t.mode, MODES)
     choice("trainer.scheduler_interval", t.scheduler_interval, INTERVALS)
     choice("trainer.accelerator", t.accelerator, ACCELERATORS)

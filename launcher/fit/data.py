@@ -21,64 +21,16 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..config import UserError
 from ..device.dist import Dist
-from .seeding import SeededSamples
-from .sources import check_readable, shuffles
+from .loader import Slice, loader_settings, tensors_of
+from .seeding import EpochSamples, SeededSamples
 
 log = logging.getLogger("launcher")
-
-
-class _Slice(torch.utils.data.Sampler):
-    """Indices from a list, starting at an offset (the resumed position inside an epoch)."""
-
-    def __init__(self, indices: Sequence[int]) -> None:
-        self.indices = indices
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def _loader_settings(data: Any, batch_size: Optional[int]) -> tuple[Dataset, int, dict, Optional[bool]]:
-    """(dataset, batch size, DataLoader kwargs, shuffle-or-None) of a Dataset or a user DataLoader."""
-    if isinstance(data, DataLoader):
-        check_readable(data.dataset)
-        if data.batch_size is None:
-            raise UserError("a DataLoader with a custom batch_sampler cannot be re-sharded across ranks; "
-                             "pass the Dataset and batch_size= instead")
-        shuffle = shuffles(data.sampler)
-        if shuffle is None:
-            raise UserError(f"a DataLoader with a custom sampler ({type(data.sampler).__name__}) cannot be "
-                             "re-sharded across ranks; pass the Dataset instead")
-        kw = dict(collate_fn=data.collate_fn, num_workers=data.num_workers, pin_memory=data.pin_memory,
-                  drop_last=data.drop_last, persistent_workers=data.persistent_workers,
-                  worker_init_fn=data.worker_init_fn)
-        custom_collate = data.collate_fn is not torch.utils.data.default_collate
-        return data.dataset, data.batch_size, {**kw, "_custom": custom_collate}, shuffle
-    check_readable(data)
-    if batch_size is None:
-        raise UserError("a Dataset needs batch_size= (or pass a DataLoader)")
-    return data, batch_size, {"_custom": False}, None
-
-
-def _tensors(dataset: Dataset, custom_collate: bool) -> Optional[tuple[torch.Tensor, ...]]:
-    """The dataset's tensors when it is a plain in-memory tensor dataset we can slice directly."""
-    tensors = getattr(dataset, "tensors", None)
-    if custom_collate or not isinstance(tensors, tuple) or not tensors:
-        return None
-    if not all(isinstance(t, torch.Tensor) and len(t) == len(tensors[0]) for t in tensors):
-        return None
-    if type(dataset).__getitem__ is not torch.utils.data.TensorDataset.__getitem__:
-        return None  # a subclass with its own __getitem__ (e.g. transforms) must go through it
-    return tensors
 
 
 def _spread(order: torch.Tensor, world: int, batch: int, drop_last: bool) -> tuple[torch.Tensor, int]:
@@ -109,19 +61,29 @@ class Batches:
     """One split's batches on this rank: `for batch in batches.epoch(e, start=b)`."""
 
     def __init__(self, data: Any, dist: Dist, *, train: bool, batch_size: Optional[int] = None,
-                 seed: int = 0, num_workers: int = 0, pin_memory: bool = False, seed_per_sample: bool = True) -> None:
-        dataset, self.batch_size, kw, shuffle = _loader_settings(data, batch_size)
+                 seed: int = 0, num_workers: int = 0, pin_memory: bool = False, seed_per_sample: bool = True,
+                 persistent_workers: bool = False, prefetch_factor: int = 0) -> None:
+        dataset, self.batch_size, kw, shuffle = loader_settings(data, batch_size)
         self.dataset, self.dist, self.train, self.seed = dataset, dist, train, seed
         self.seed_per_sample = seed_per_sample
         self.shuffle = train if shuffle is None else shuffle
         self.drop_last = bool(kw.pop("drop_last", False)) and train
         custom = kw.pop("_custom")
         self.collate_fn: Callable = kw.pop("collate_fn", None) or torch.utils.data.default_collate
+        # a DataLoader's own settings win over the trainer's keys (which are for Datasets)
         self.loader_kw = {**kw, "num_workers": kw.get("num_workers", num_workers),
-                          "pin_memory": kw.get("pin_memory", pin_memory)}
+                          "pin_memory": kw.get("pin_memory", pin_memory),
+                          "persistent_workers": kw.get("persistent_workers", persistent_workers)}
         if not self.loader_kw["num_workers"]:
             self.loader_kw.pop("persistent_workers", None)
-        self.tensors = _tensors(dataset, custom)
+            self.loader_kw.pop("prefetch_factor", None)
+        elif prefetch_factor and "prefetch_factor" not in kw:
+            self.loader_kw["prefetch_factor"] = prefetch_factor
+        # persistent workers: one loader for every epoch, made at the first (epoch(): its sampler's
+        # indices and epoch change, its workers stay)
+        self._loader: Optional[DataLoader] = None
+        self._keys = Slice([], epoch=0)
+        self.tensors = tensors_of(dataset, custom)
         self.n = len(dataset)  # type: ignore[arg-type]
         self._restored: Optional[dict[str, Any]] = None  # the checkpoint's layout, for continue_epoch
         # an epoch continued at another layout: {"epoch", "at", "offset", "from"} (saved with every
@@ -289,20 +251,43 @@ class Batches:
         self.served = (epoch, start, idx)
         if self.tensors is not None:
             return self._sliced(idx)
+        if self.loader_kw.get("persistent_workers"):
+            return self._persistent(epoch, idx)
         # A DataLoader iterator draws its workers' base seed from the global RNG unless given a
         # generator: one of its own keeps the training RNG stream (dropout...) exactly resumable. The
         # samples' augmentation does not come from it (it depends on rank and start): SeededSamples.
         gen = torch.Generator().manual_seed(hash((self.seed, epoch, self.dist.rank, start)) % 2**63)
-        loader = DataLoader(self._samples(epoch), batch_size=self.batch_size, sampler=_Slice(idx), generator=gen,
+        loader = DataLoader(self._samples(epoch), batch_size=self.batch_size, sampler=Slice(idx), generator=gen,
                             collate_fn=self.collate_fn, drop_last=self.drop_last, **self.loader_kw)
         return iter(loader)
+
+    def _persistent(self, epoch: int, idx: list[int]) -> Iterator[Any]:
+        """The epoch from the one loader whose workers live across epochs: the sampler (in this process)
+        takes the epoch's indices, each with the epoch, so SeededSamples' seeds are those a fresh loader's
+        would be. Its workers' base seed is drawn once (seed, rank): nothing seeded per sample reads it."""
+        self._keys.indices, self._keys.epoch = idx, epoch
+        if self._loader is None:
+            gen = torch.Generator().manual_seed(hash((self.seed, self.dist.rank)) % 2**63)
+            samples = EpochSamples(self.dataset, self.seed, self.seed_per_sample)
+            self._loader = DataLoader(samples, batch_size=self.batch_size, sampler=self._keys, generator=gen,
+                                      collate_fn=self.collate_fn, drop_last=self.drop_last, **self.loader_kw)
+        # a loader with persistent workers starts its next pass on the same workers; batches they had
+        # prefetched for an unfinished pass are thrown away first (DataLoader's own _reset)
+        return iter(self._loader)
+
+    def close(self) -> None:
+        """End the persistent workers (fit's end); a later epoch() starts new ones."""
+        loader, self._loader = self._loader, None
+        it = getattr(loader, "_iterator", None)  # torch's own shutdown: what its __del__ would call
+        if it is not None:
+            it._shutdown_workers()
 
     def head(self) -> Any:
         """A batch of the dataset's first samples (a stand-in forward for a rank with no eval data)."""
         idx = list(range(min(self.batch_size, self.n)))
         if self.tensors is not None:
             return next(self._sliced(idx))
-        return next(iter(DataLoader(self._samples(0), batch_size=self.batch_size, sampler=_Slice(idx),
+        return next(iter(DataLoader(self._samples(0), batch_size=self.batch_size, sampler=Slice(idx),
                                     collate_fn=self.collate_fn)))
 
     # ---- the loop's questions (a stream answers them by agreement: fit/stream.py) ----------------------

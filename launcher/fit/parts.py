@@ -96,6 +96,14 @@ def _fused(make: Any, params: list[nn.Parameter], device: torch.device,
         return None
 
 
+def close(fp: Optional[FitParts]) -> None:
+    """fit()'s end: the loaders' persistent workers end now, not whenever the parts are collected (a
+    collected cycle can close their queues before the workers hear to stop: 5 s each)."""
+    if fp is not None:
+        for batches in (fp.train, fp.val):
+            getattr(batches, "close", lambda: None)()
+
+
 def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Optional[Callable], optimizer: Any, train_data: Any,
           val_data: Any, metrics: dict[str, Any], scheduler: Any, batch_size: Optional[int], step: Any) -> FitParts:
     if not isinstance(model, nn.Module):
@@ -105,15 +113,17 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Optional[Callabl
         if value is None:
             raise UserError(f"fit(): {key} is missing; valid: {valid}")
     bs = batch_size or t.batch_size
-    train: Any = stream.from_data(train_data, d, bs, t.num_workers, d.device.type == "cuda") if stream.is_stream(
-        train_data) else Batches(train_data, d, train=True, batch_size=bs, seed=t.seed, num_workers=t.num_workers,
-                    pin_memory=d.device.type == "cuda", seed_per_sample=t.seed_per_sample)
+    train: Any = stream.from_data(train_data, d, bs, t.num_workers, d.device.type == "cuda", True, t.persistent_workers,
+                                  t.prefetch_factor) if stream.is_stream(train_data) else Batches(train_data, d, train=True, batch_size=bs, seed=t.seed, num_workers=t.num_workers,
+                    pin_memory=d.device.type == "cuda", seed_per_sample=t.seed_per_sample,
+                    persistent_workers=t.persistent_workers, prefetch_factor=t.prefetch_factor)
     val: Any = None
     if stream.is_stream(val_data):  # every rank reads its streams whole: every sample once across ranks
         val = stream.from_data(val_data, d, t.eval_batch_size or bs, t.num_workers, False, train=False)
     elif val_data is not None:
         val = Batches(val_data, d, train=False, batch_size=t.eval_batch_size or bs, seed=t.seed,
-                      num_workers=t.num_workers, seed_per_sample=t.seed_per_sample)
+                      num_workers=t.num_workers, seed_per_sample=t.seed_per_sample,
+                      persistent_workers=t.persistent_workers, prefetch_factor=t.prefetch_factor)
     xla = XLA() if t.accelerator == "xla" else None
     precision, why_precision = resolve_precision(t.precision, d.device)
     channels_last, why_cl = resolve_channels_last(t.channels_last, d.device, precision)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -116,3 +116,31 @@ class SeededSamples(Dataset):
             random.setstate(saved[0])
             np.random.set_state(saved[1])
             torch.default_generator.set_state(saved[2])
+
+
+class EpochSamples(Dataset):
+    """A dataset read by (epoch, index) keys (fit/data.py's persistent loader): its workers outlive the
+    epoch, so the epoch that seeds each sample (SeededSamples) comes with the index from the sampler
+    in the training process. One batch is one epoch's samples."""
+
+    def __init__(self, dataset: Dataset, seed: int, seeded: bool) -> None:
+        self.dataset, self.seed, self.seeded = dataset, seed, seeded
+        self._epoch: Optional[int] = None
+        self._samples: Dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def _of(self, epoch: int) -> Dataset:
+        if self.seeded and epoch != self._epoch:
+            self._epoch, self._samples = epoch, SeededSamples(self.dataset, self.seed, epoch)
+        return self._samples
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        samples = self._of(keys[0][0])
+        indices = [i for _, i in keys]
+        many = getattr(samples, "__getitems__", None)  # what the DataLoader itself would call
+        return many(indices) if callable(many) else [samples[i] for i in indices]

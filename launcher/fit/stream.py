@@ -39,7 +39,8 @@ def is_stream(data: Any) -> bool:
 
 
 def from_data(data: Any, dist: Dist, batch_size: int, num_workers: int, pin_memory: bool,
-              train: bool = True) -> "Stream":
+              train: bool = True, persistent_workers: bool = False, prefetch_factor: int = 0) -> "Stream":
+    """A DataLoader's own settings, else the trainer's (prefetch_factor 0: torch's default)."""
     if isinstance(data, DataLoader):
         if data.batch_size is None:
             raise UserError("data: a DataLoader over an iterable dataset without a batch_size; valid: "
@@ -47,7 +48,8 @@ def from_data(data: Any, dist: Dist, batch_size: int, num_workers: int, pin_memo
         return Stream(data.dataset, dist, batch_size=data.batch_size, num_workers=data.num_workers,
                       collate_fn=data.collate_fn, pin_memory=data.pin_memory,
                       persistent_workers=data.persistent_workers, prefetch_factor=data.prefetch_factor, train=train)
-    return Stream(data, dist, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, train=train)
+    return Stream(data, dist, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, train=train,
+                  persistent_workers=persistent_workers, prefetch_factor=prefetch_factor or None)
 
 
 class Stream:
@@ -133,6 +135,14 @@ class Stream:
         loader = DataLoader(shard, batch_size=self.batch_size, collate_fn=self.collate, **self.loader_kw)
         self._loader = (loader, shard) if self.loader_kw.get("persistent_workers") else None
         return loader
+
+    def close(self) -> None:
+        """End the loader's workers now (fit's end: fit/parts.close), not when a GC pass finds them."""
+        self._source = iter(())
+        loader, self._loader = self._loader, None
+        it = getattr(loader[0], "_iterator", None) if loader is not None else None
+        if it is not None:
+            it._shutdown_workers()  # torch's own shutdown: what its __del__ would call
 
     def _take(self) -> Iterator[Any]:
         source = self._source

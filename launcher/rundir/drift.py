@@ -32,7 +32,7 @@ _FREE_TRAINER = {
     "ledger", "ledger_counts",  # what it records (an epoch resumed without counts is marked incomplete)
     "val_every_n_epochs", "val_every_n_steps", "eval_batch_size",  # when and how it validates
     "gpus", "nproc", "nodes", "accelerator", "strategy", "fsdp_wrap",  # where it runs, how many ranks
-    "num_workers", "dist_timeout_s", "join_timeout_s", "compile", "channels_last",  # speed and patience, same maths
+    "num_workers", "persistent_workers", "prefetch_factor", "dist_timeout_s", "join_timeout_s", "compile", "channels_last",  # speed and patience, same maths
     "gradient_clip_val", "nonfinite",  # read at every step from the config: applied as they are
 }
 _OPTIMIZER_FIXED = {"_target_", "_partial_"}

@@ -19,6 +19,7 @@ keeps its job id and is the same owner.
 from __future__ import annotations
 
 import errno
+import contextlib
 import fcntl
 import json
 import logging
@@ -149,6 +150,10 @@ class RunLock:
         except OSError:
             pass  # the flock still goes with the descriptor; an old record is taken over next time
         finally:
+            # unlocked, not just closed: loader workers forked while it was held (persistent ones outlive
+            # fit() in the Python API) share the open file, and a close would leave the flock with them
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     def __enter__(self) -> "RunLock":
