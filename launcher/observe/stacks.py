@@ -4,9 +4,9 @@ not where the others are (issue 28, item 3; the watchdog that calls these is obs
 Each rank writes its own file alone (no collective: the point is that a collective is stuck):
 
     RUN_DIR/logs/stacks-<attempt>/rank-<r>.txt     every thread's stack, the loop's thread first
-    RUN_DIR/logs/stacks-<attempt>/fr-rank-<r>.pkl   NCCL's flight recorder (CUDA process groups only)
+    RUN_DIR/logs/stacks-<attempt>/nccl_trace_rank_<r>   NCCL's flight recorder (CUDA process groups only)
 
-A file's first line says where the rank's loop thread is, parsed back by `odd_ranks`:
+Each section of a file (one per hang) starts with where the rank's loop thread is, read back by `last_where`:
 
     where: collective|elsewhere <site> | <innermost>
 
@@ -70,9 +70,9 @@ def where(frame: FrameType) -> str:
 
 
 def write(path: Path, loop_thread: int, header: str) -> None:
-    """Append every thread's stack to `path`, the loop thread's first, under `header` (a second hang in one
-    attempt, or a run started again in the same run dir, adds a section; the first line stays the newest's
-    `where:` only for a new file, so `odd_ranks` reads the last section's)."""
+    """Append every thread's stack to `path`, the loop thread's first, under its `where:` line and `header`:
+    a second hang in one attempt, or a run started again in the same run dir, adds a section (nothing is
+    overwritten; `last_where` reads the newest)."""
     frames = sys._current_frames()
     names = {t.ident: t.name for t in threading.enumerate()}
     order = sorted(frames, key=lambda ident: ident != loop_thread)
@@ -146,7 +146,8 @@ def report(out: Path, world_size: int, since: float, wait_s: float) -> str:
 
 def dump_flight_recorder(out: Path, rank: int) -> Optional[Path]:
     """NCCL's flight recorder (the collectives each rank has issued and their state) as a pickle beside
-    the stacks, read with `python -m torch.distributed.flight_recorder.fr_trace`. Only for a CUDA process
+    the stacks, named as torch names its own dumps (the rank last: the reader takes it from the name), read
+    with `python -m torch.distributed.flight_recorder.fr_trace DIR -p nccl_trace_rank_`. Only for a CUDA process
     group (a no-op on CPU); it records only with TORCH_FR_BUFFER_SIZE (or TORCH_NCCL_TRACE_BUFFER_SIZE) > 0
     set before the process group starts. Pending a GPU: written to the documented private API."""
     import torch.distributed as dist
@@ -159,6 +160,6 @@ def dump_flight_recorder(out: Path, rank: int) -> Optional[Path]:
     dump = getattr(c10d, "_dump_nccl_trace", None) or getattr(c10d, "_dump_fr_trace", None)
     if dump is None:
         return None
-    path = out / f"fr-rank-{rank}.pkl"
+    path = out / f"nccl_trace_rank_{rank}"
     path.write_bytes(dump())
     return path
