@@ -5,8 +5,8 @@ stacks when no optimizer step has ended for hang_timeout_s, shorter than the col
 Per step it costs one float store (on_step_end); the thread wakes a few times per timeout. Once per hang:
 a hang that ends (the late rank arrives) re-arms it. Every rank dumps alone (observe/stacks.py); rank 0's
 watchdog then waits for the others' files and names, in one log line, the rank that is not where the
-others are. A validation or a checkpoint longer than hang_timeout_s looks like a hang too: it writes the
-stacks and warns, nothing more (the run goes on; dist_timeout_s is what ends it).
+others are. A first step that compiles, a validation or a checkpoint longer than hang_timeout_s looks
+like a hang too: it writes the stacks and warns, nothing more (the run goes on; dist_timeout_s ends it).
 """
 
 from __future__ import annotations
