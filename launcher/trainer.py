@@ -33,7 +33,7 @@ from .device import dist as D
 from .device.world import world_for
 from .fit import ledger, parts
 from .fit.callbacks import Callbacks, RunView
-from .fit.ema import with_ema
+from .observe.built_ins import built_ins
 from .fit.spike import SpikeGuard
 from .fit.evaluation import evaluate, outside_fit, predict
 from .fit.metrics import Accumulator
@@ -105,7 +105,7 @@ class Trainer:
         self.parts = fp = parts.build(t, d, model, loss_fn, optimizer, train_data, val_data, metrics, scheduler,
                                       batch_size, step)
         self.model = fp.model
-        self.callbacks = cbs = Callbacks(with_ema(callbacks, t), RunView(self))
+        self.callbacks = cbs = Callbacks(built_ins(callbacks, t), RunView(self))
         self.validation = Validation(t, fp, d.device, cbs)
         self.stopper = self.validation.stopper
         self.ledger = ledger.Ledger(t, d, fp.train, self.progress, run.path)  # which samples each epoch trained

@@ -129,6 +129,9 @@ def test_a_hung_rank_ends_the_run_naming_it(tmp_path: Path) -> None:
         assert p.returncode == 1, p.stderr[-2000:]
         assert "a collective timed out after trainer.dist_timeout_s=4 s" in p.stderr
         assert f"rank {victim} did not arrive (the other {ranks - 1} waited there)" in p.stderr, p.stderr[-2000:]
+        # before that, at trainer.hang_timeout_s (null: half of dist_timeout_s), the stacks named it (docs/observing.md)
+        hang = (tmp_path / str(trial) / "logs" / "rank-0.log").read_text()
+        assert f"rank {victim} is not in a collective" in hang and f"stacks-0/rank-{victim}.txt" in hang, hang[-2000:]
         assert elapsed < 60, f"trial {trial} (hang of rank {victim} at forward {step}) took {elapsed:.0f} s"
 
 

@@ -93,6 +93,8 @@ class TrainerConfig:
     peak_tflops: float = 0.0  # per-device peak TFLOP/s for MFU; 0 = from the GPU's name (observe/progress.py), none on CPU
     summary: bool = True  # print the model summary (layers, output shapes, parameters) on rank 0 when fit starts
     deterministic: bool = False  # deterministic kernels (torch, cuBLAS, cuDNN): GPU resume bitwise by contract; slower
+    hang_timeout_s: Optional[float] = None  # no step ended for this long: each rank writes its stacks to RUN_DIR/logs/stacks-N/ (docs/observing.md); null = min(300, dist_timeout_s / 2); 0 = off
+    profile: str = ""  # "START:END": a torch.profiler trace of optimizer steps START..END per rank in RUN_DIR/profile/ (docs/observing.md); "" = off
 
 
 @dataclass
@@ -252,6 +254,22 @@ def check_trainer(t: TrainerConfig) -> None:
     positive("trainer.spike_window", t.spike_window)
     positive("trainer.spike_skip_steps", t.spike_skip_steps)
     non_negative("trainer.spike_max_rollbacks", t.spike_max_rollbacks)
+    if t.hang_timeout_s is not None and not 0 <= t.hang_timeout_s < t.dist_timeout_s:
+        raise ConfigError("trainer.hang_timeout_s", t.hang_timeout_s, "the stacks must be written before the "
+                          f"collective timeout (trainer.dist_timeout_s={t.dist_timeout_s:g}) ends the run",
+                          "null (auto), 0 (off), 0 < seconds < trainer.dist_timeout_s")
+    profile_window(t.profile)
+
+
+def profile_window(profile: Any) -> Optional[tuple[int, int]]:
+    """trainer.profile "START:END" as (START, END), 1 <= START <= END; None for "" (off)."""
+    if profile in ("", None):
+        return None
+    start, sep, end = str(profile).partition(":")
+    if not (sep and start.strip().isdigit() and end.strip().isdigit() and 1 <= int(start) <= int(end)):
+        raise ConfigError("trainer.profile", profile, "a window of optimizer steps", '"" (off), or "START:END" with '
+                          '1 <= START <= END (e.g. "10:15")')
+    return int(start), int(end)
 
 
 def check_checkpoint(c: CheckpointConfig) -> None:

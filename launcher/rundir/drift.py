@@ -30,6 +30,7 @@ _FREE_TRAINER = {
     "max_epochs", "max_steps", "patience", "min_delta",  # limits: how long it runs
     "progress", "progress_refresh_s", "log_every_n_steps", "summary", "peak_tflops",  # what it reports
     "ledger", "ledger_counts",  # what it records (an epoch resumed without counts is marked incomplete)
+    "hang_timeout_s", "profile",  # what it observes (docs/observing.md): no effect on the training
     "val_every_n_epochs", "val_every_n_steps", "eval_batch_size",  # when and how it validates
     "gpus", "nproc", "nodes", "accelerator", "strategy", "fsdp_wrap",  # where it runs, how many ranks
     "num_workers", "persistent_workers", "prefetch_factor", "dist_timeout_s", "join_timeout_s", "compile", "channels_last",  # speed and patience, same maths

@@ -1,0 +1,104 @@
+"""Seeing inside a run (docs/observing.md, issue 28): the hang watchdog's stacks and the rank it names
+(launcher/observe/hang.py, stacks.py), the profiler window (launcher/observe/profile.py)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import QUIET, SUPPORT, run_cli
+from launcher import Trainer
+from launcher.config import ConfigError, TrainerConfig, check_trainer
+from launcher.observe import stacks
+
+
+def _data(n: int = 64) -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 2, generator=g)
+    return torch.utils.data.TensorDataset(x, x @ torch.tensor([[2.0], [-3.0]]) + 1)
+
+
+def test_the_keys_are_checked_once_with_their_schema() -> None:
+    for bad in ({"hang_timeout_s": 600.0}, {"hang_timeout_s": -1.0}, {"profile": "5:2"}, {"profile": "3"},
+                {"profile": "0:2"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            check_trainer(TrainerConfig(**bad))  # type: ignore[arg-type]
+    check_trainer(TrainerConfig(hang_timeout_s=0.0, profile="2:2"))
+
+
+def _spin_here(stop: list[bool]) -> None:
+    while not stop[0]:  # pure Python: its innermost frame is this function
+        pass
+
+
+def test_a_stacks_file_has_every_thread_and_says_where_the_loop_is(tmp_path: Path) -> None:
+    stop = [False]
+    t = threading.Thread(target=_spin_here, args=(stop,), name="spinner")
+    t.start()
+    try:
+        time.sleep(0.1)
+        path = tmp_path / "rank-1.txt"
+        stacks.write(path, t.ident or 0, "test")
+        stacks.write(path, t.ident or 0, "again")  # a second hang appends; the last section is read
+    finally:
+        stop[0] = True
+        t.join()
+    text = path.read_text()
+    assert "-- thread spinner" in text and "(the training loop)" in text and "-- thread MainThread" in text
+    assert text.count("== ") == 2
+    kind, site, innermost = stacks.last_where(path) or ("", "", "")
+    # the spinner's innermost frame is this file's; its innermost torch/launcher frame: none (a bare thread)
+    assert (kind, site) == ("elsewhere", "-") and innermost.startswith("test_observing.py:") and "_spin_here" in innermost
+
+
+def test_the_rank_outside_the_collective_is_named() -> None:
+    coll = ("collective", "torch/autograd/graph.py:_engine_run_backward", "graph.py:1 _engine_run_backward")
+    user = ("elsewhere", "launcher/fit/callbacks.py:fire", "mine.py:3 spin")
+    assert stacks.odd_ranks({0: coll, 1: user})[0] == [1]
+    assert stacks.odd_ranks({0: user, 1: coll, 2: coll})[0] == [0]
+    loader = ("elsewhere", "torch/utils/data/dataloader.py:_next_data", "dataloader.py:1 _next_data")
+    assert stacks.odd_ranks({0: user, 1: user, 2: loader})[0] == [2]  # no collective: the majority's place
+    assert stacks.odd_ranks({0: user, 1: loader})[0] == []  # one each, no collective: nobody to blame
+    assert stacks.odd_ranks({0: coll, 1: coll})[0] == []
+
+
+def test_the_flight_recorder_is_a_no_op_without_nccl(tmp_path: Path) -> None:
+    assert stacks.dump_flight_recorder(tmp_path, 0) is None and not list(tmp_path.iterdir())
+
+
+def test_a_profile_window_writes_a_chrome_trace_of_its_steps(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    tr = Trainer(run_dir=tmp_path / "run", progress=False, logger="none", gpus=0, batch_size=16, max_epochs=2,
+                 profile="2:3", checkpoint_enabled=False, summary=False)
+    tr.fit(torch.nn.Linear(2, 1), torch.nn.MSELoss(), functools.partial(torch.optim.SGD, lr=0.01), _data())
+    files = list((tmp_path / "run" / "profile").iterdir())
+    assert [f.name for f in files] == ["rank-0.steps-2-3.pt.trace.json"]
+    events = json.loads(files[0].read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"ProfilerStep#2", "ProfilerStep#3"} <= names and not {"ProfilerStep#1", "ProfilerStep#4"} & names
+    assert any(str(n).startswith("aten::") for n in names)  # the ops themselves, not only the step marks
+
+
+def test_a_rank_spinning_outside_a_collective_is_named_with_its_stacks(tmp_path: Path) -> None:
+    """2 gloo ranks; rank 1 spins in a callback at step 3 while rank 0 waits in step 4's gradient all-reduce:
+    within trainer.hang_timeout_s both write their stacks and rank 0's log names rank 1 and its file."""
+    run = tmp_path / "run"
+    start = time.monotonic()
+    p = run_cli(["--config-dir", str(SUPPORT / "hang_conf"), "recipe=spin", "trainer.gpus=0", "trainer.nproc=2",
+                 "trainer.hang_timeout_s=3", "checkpoint.enabled=false", "trainer.summary=false", *QUIET,
+                 f"run.dir={run}"], cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert time.monotonic() - start < 60
+    out = run / "logs" / "stacks-0"
+    assert sorted(f.name for f in out.iterdir()) == ["rank-0.txt", "rank-1.txt"]
+    assert "spin_until_named" in (out / "rank-1.txt").read_text()
+    assert (stacks.last_where(out / "rank-0.txt") or ("",))[0] == "collective"
+    named = [ln for ln in (run / "logs" / "rank-0.log").read_text().splitlines() if "hang at step" in ln]
+    assert len(named) == 1, named
+    assert "rank 1 is not in a collective" in named[0] and str(out / "rank-1.txt") in named[0], named[0]
