@@ -107,7 +107,8 @@ class CallbackStates:
         return {"ranks": all_gather_object(mine) if mine else [],
                 "world": {k: self.callbacks[k].state_dict() for k in world}}
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
+    def load_state_dict(self, sd: Optional[dict[str, Any]]) -> None:
+        sd = sd or {}  # None: a checkpoint from before callbacks (absent_ok)
         ranks, world = sd.get("ranks") or [], sd.get("world") or {}
         missing = sorted(set(self.callbacks) - (set(ranks[0]) if ranks else set()) - set(world))
         if missing:  # a callback added since: it starts afresh (said once); a removed one's state is ignored

@@ -131,7 +131,9 @@ class SpikeGuard:
         return {"losses": list(self.losses), "excluded": {int(k): list(v) for k, v in self.excluded.items()},
                 "in_a_row": self.in_a_row, "last_spike": self.last_spike}
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
+    def load_state_dict(self, sd: Optional[dict[str, Any]]) -> None:
+        if sd is None:  # a checkpoint from before the guard (absent_ok): it starts afresh
+            return
         self.losses = collections.deque(sd["losses"], maxlen=self.t.spike_window)
         self.excluded = {int(k): [int(i) for i in v] for k, v in sd["excluded"].items()}
         self.in_a_row, self.last_spike = int(sd["in_a_row"]), int(sd["last_spike"])
