@@ -74,7 +74,7 @@ def run(cfg: C.Config) -> None:
         if world > 1:
             _watch_init(rank, world, cfg.trainer.join_timeout_s, run_dir, attempt)
         if slurm:  # the grace deadline: SLURM's time limit comes signal_delay_s after the signal
-            threading.Thread(target=_deadline, args=(stop, cfg.launcher.signal_delay_s, ended_, rank),
+            threading.Thread(target=_deadline, args=(stop, cfg.launcher.signal_delay_s, ended_, rank, tee),
                              daemon=True, name="launcher-stop-deadline").start()
         code = _execute(cfg.script)
         ended_.set()
@@ -134,7 +134,7 @@ def _execute(script: C.ScriptConfig) -> int:
     return 0
 
 
-def _deadline(stop: preempt.StopRequest, grace_s: float, ended_: threading.Event, rank: int) -> None:
+def _deadline(stop: preempt.StopRequest, grace_s: float, ended_: threading.Event, rank: int, tee: "_Tee") -> None:
     """A script that ignores the stop signal is killed grace_s after it, as SLURM ends a job at its
     time limit (that limit is launcher.signal_delay_s after the signal; a preemption has none, and a
     script that never stops would keep its nodes): the job fails, and is not requeued."""
@@ -143,8 +143,10 @@ def _deadline(stop: preempt.StopRequest, grace_s: float, ended_: threading.Event
             return
     if ended_.wait(grace_s):
         return
-    print(f"launcher: rank {rank} did not stop within launcher.signal_delay_s={grace_s:g} s of SIG{stop.signame}: "
-          "killed, as SLURM ends a job at its time limit", file=sys.__stderr__, flush=True)
+    # written by this thread itself, not through the tee's pipe: the SIGKILL below would end the tee's
+    # copying thread before it took the line (a race lost under load)
+    tee.say(f"launcher: rank {rank} did not stop within launcher.signal_delay_s={grace_s:g} s of SIG{stop.signame}: "
+            "killed, as SLURM ends a job at its time limit\n")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -223,6 +225,7 @@ class _Tee:
     def __init__(self, log: Path) -> None:
         self.threads: list[threading.Thread] = []
         self.saved: list[int] = []
+        self.lock = threading.Lock()
         try:
             log.parent.mkdir(parents=True, exist_ok=True)
             self.file: Optional[Any] = open(log, "ab", buffering=0)
@@ -231,7 +234,7 @@ class _Tee:
             return
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        lock = threading.Lock()
+        lock = self.lock
         for fd in (1, 2):
             read, write = os.pipe()
             self.saved.append(os.dup(fd))
@@ -254,6 +257,17 @@ class _Tee:
                     except (OSError, ValueError):  # a full disk: the console still has it
                         pass
         os.close(read)
+
+    def say(self, text: str) -> None:
+        """A line straight to the original stderr and the rank log (not through the pipe)."""
+        data = text.encode()
+        _write_all(self.saved[1] if len(self.saved) > 1 else 2, data)
+        with self.lock:
+            if self.file is not None:
+                try:
+                    self.file.write(data)
+                except (OSError, ValueError):
+                    pass
 
     def close(self) -> None:
         if self.file is None:
