@@ -84,10 +84,10 @@ class SpikeGuard:
         spike = self.judge(progress.step, progress.epoch, progress.batch_in_epoch)
         if spike is None:
             return False
-        callbacks.fire("on_checkpoint_restored", self.rollback(spike, run, ckpt, run.path))
+        callbacks.fire("on_checkpoint_restored", self.rollback(spike, run, ckpt))
         return True
 
-    def rollback(self, spike: dict[str, Any], run: Any, ckpt: Any, run_dir: Path) -> Path:
+    def rollback(self, spike: dict[str, Any], run: Any, ckpt: Any) -> Path:
         """Back to the last checkpoint before the window, without the window's samples; the checkpoint
         it went back to. Every rank calls it (restoring is a collective)."""
         self.in_a_row += 1
@@ -119,7 +119,7 @@ class SpikeGuard:
         record = {**spike, "rolled_back_to": str(folder), "skipped_steps": list(range(first, spike["step"] + 1)),
                   "samples": left_out, "in_a_row": self.in_a_row}
         if self.d.is_main:
-            with open(run_dir / FILE, "a") as f:
+            with open(run.path / FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
         log.warning("loss spike at step %d (%.4g, %s x the median %.4g): back to %s without the %d samples of steps "
                     "%d-%d (%s)", spike["step"], spike["loss"], self.t.spike_factor, spike["median"], folder.name,
