@@ -25,8 +25,9 @@ LINREG = ["recipe=linreg", *QUIET]  # 280 training samples, batch 20: 14 steps p
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    # a session of its own, so a test can pause the launcher and its ranks together (os.killpg)
     return subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=cwd, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def _wait_for(what: Callable[[], Any], timeout: float = 60.0) -> Any:
@@ -60,13 +61,15 @@ def test_a_second_start_into_a_run_in_use_is_refused_naming_its_owner_and_touche
     first = _start(args, tmp_path)
     try:
         _wait_for(lambda: (run_dir / "checkpoints" / "last").exists())
+        # the owner is paused while the others try, so every change seen is theirs: a running owner
+        # writes its own checkpoints (.tmp-step-*) in between, which would hide or fake one
+        os.killpg(first.pid, signal.SIGSTOP)
         before = _snapshot(run_dir)
         second = run_cli([*args, "trainer.seed=7"], cwd=tmp_path)  # another seed: would replace the results
         assert second.returncode == 2
         line = _one_line(second.stderr)
         assert f"run.dir='{run_dir}': in use by another run (pid {first.pid} on host" in line, line
-        changed = {k for k, v in _snapshot(run_dir).items() if before.get(k) != v}
-        assert not changed & {"config.yaml", "run.json"} and not any(".tmp-" in k for k in changed)
+        assert _snapshot(run_dir) == before, "the refused start touched the run dir"
         assert "seed: 7" not in (run_dir / "config.yaml").read_text()
         # the Python API's rank 0 takes the lock itself: refused the same way, and deletes nothing
         from launcher import Trainer
@@ -77,8 +80,9 @@ def test_a_second_start_into_a_run_in_use_is_refused_naming_its_owner_and_touche
         with pytest.raises(UserError, match="in use by another run"):
             Trainer(run_dir=str(run_dir), max_epochs=1, batch_size=20, monitor="train_loss", progress=False,
                     logger="none").fit(net, torch.nn.MSELoss(), torch.optim.SGD(net.parameters(), lr=0.1), data)
-        assert (run_dir / "run.json").exists() and (run_dir / "checkpoints" / "last").exists()
+        assert _snapshot(run_dir) == before, "the refused Trainer touched the run dir"
     finally:
+        os.killpg(first.pid, signal.SIGCONT)
         out, err = first.communicate(timeout=240)
     assert first.returncode == 0, err[-3000:]
     assert (run_dir / ".lock").read_text() == "", "released on exit: an empty record is a free run dir"
