@@ -86,10 +86,10 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*choices)]
 
 
-def compose_and_check(args: list[str], recipe_run: bool = True) -> list[Any]:
+def compose_and_check(args: list[str], script: Any = None) -> list[Any]:
     """What the CLI's parent checks before anything starts, for each point of the command: Hydra's
-    composition, unknown keys, every field, the recipe's targets and monitor (recipe_run: False for
-    `launcher run`, which has no recipe)."""
+    composition, unknown keys, every field, the recipe's targets and monitor (script: the parsed
+    `launcher run` script, which has no recipe, its arguments filled with each point's sweep values)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -106,8 +106,10 @@ def compose_and_check(args: list[str], recipe_run: bool = True) -> list[Any]:
             dcfg = compose(config_name="config", overrides=point)
         refuse_unknown_keys(dcfg)
         cfg = OmegaConf.to_object(dcfg)
+        if script is not None:
+            cfg.script = C.with_sweep(script, cfg.sweep)
         C.check_fields(cfg)
-        if recipe_run:
+        if script is None:
             recipe.check(cfg)
         checked.append(cfg)
     return checked
@@ -178,11 +180,18 @@ def test_every_launcher_command_in_the_docs_composes(page: Path) -> None:
 
                 parsed = script_args.parse(args[1:])
                 assert parsed is not None, line
-                assert compose_and_check(["~recipe", *parsed[1]], recipe_run=False), line
+                assert compose_and_check(["~recipe", *parsed[1]], script=stand_in(parsed[0])), line
                 continue
             assert compose_and_check(args), line
         except Exception as e:  # noqa: BLE001 - named with the line it came from
             pytest.fail(f"{page.name}: `{line}`: {type(e).__name__}: {e}")
+
+
+def stand_in(script: Any) -> Any:
+    """The docs' train.py and mypkg.train are examples: a file and a module that exist stand in."""
+    import dataclasses
+
+    return dataclasses.replace(script, path=__file__ if script.path else "", module="json" if script.module else "")
 
 
 def test_readme_examples_of_bad_input_print_what_readme_says(tmp_path: Path) -> None:

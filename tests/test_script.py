@@ -152,6 +152,29 @@ def test_script_arguments_before_the_separator_are_refused_with_the_fix(tmp_path
     assert p.returncode == 0 and "After `--`: the script's arguments, exactly as given" in p.stdout
 
 
+def test_sweep_values_fill_the_script_arguments_and_every_mistake_is_one_line(tmp_path: Path, script: Path) -> None:
+    from launcher.cli.script_args import parse
+    from launcher.config import ConfigError, ScriptConfig, check_script, with_sweep
+
+    s = ScriptConfig(path=str(script), args=["--lr", "${sweep.lr}", "--tag=${sweep.tag}-x", "--keep", "$HOME"])
+    assert with_sweep(s, {"lr": 0.001, "tag": True}).args == ["--lr", "0.001", "--tag=true-x", "--keep", "$HOME"]
+    with pytest.raises(ConfigError, match=r"^--='--tag=\$\{sweep\.tag\}-x': names sweep.tag, which is not given; valid: "
+                       r"sweep.tag=A,B before `--` \(with launcher run --multirun\); the sweep's placeholders: "):
+        with_sweep(s, {"lr": 1})
+    with pytest.raises(ConfigError, match=r"^sweep.wd=0.1: no script argument takes it; valid: '\$\{sweep.wd\}' in"):
+        with_sweep(s, {"lr": 1, "tag": "a", "wd": 0.1})
+    with pytest.raises(ConfigError, match=r"^sweep.lr=1: a recipe run has no script arguments to fill"):
+        check_script(ScriptConfig(), {"lr": 1})
+    assert parse(["--multirun", str(script), "sweep.lr=1,2", "--", "--lr", "${sweep.lr}"]) == (
+        ScriptConfig(path=str(script), args=["--lr", "${sweep.lr}"]), ["--multirun", "sweep.lr=1,2"])
+    with pytest.raises(ConfigError, match=r"^-m='train.py': names a module here, not a script or a sweep; valid: "):
+        parse(["-m", "train.py", "sweep.lr=1,2"])
+    line = error_line(launcher_run([str(script), "sweep.lr=1,2", f"run.dir={tmp_path / 'r'}", "--", "${sweep.lr}"],
+                                   tmp_path))
+    assert line.startswith("launcher: error: sweep.lr=1,2: several values outside a sweep; valid: a sweep, with -m")
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_rank_exiting_nonzero_is_named_with_its_code_and_log(tmp_path: Path, script: Path) -> None:
     run_dir = tmp_path / "run"
     p = launcher_run([str(script), *LOCAL, f"run.dir={run_dir}", "--", "--exit", "3"], tmp_path)

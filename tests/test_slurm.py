@@ -233,6 +233,26 @@ def test_sweep_is_one_job_array(cluster, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_script_sweep_is_one_job_array_each_point_with_its_arguments(cluster, tmp_path: Path) -> None:
+    """`launcher run --multirun`: sweep.NAME values fill '${sweep.NAME}' in the script's arguments,
+    one job of one array per point, each point its own run dir (the script: tests/test_script.py's)."""
+    from test_script import TRAIN, launcher_run
+
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN)
+    p = launcher_run(["--multirun", str(script), *SLURM, "launcher.wait=true", "trainer.gpus=0", "trainer.nproc=1",
+                      "sweep.steps=2,3", f"run.dir={tmp_path / 'sweep'}", "--", "--steps", "${sweep.steps}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ids = [ln.split("submitted job ")[1].split(";")[0] for ln in p.stderr.splitlines() if "submitted job" in ln]
+    assert sorted(i.rpartition("_")[2] for i in ids) == ["0", "1"] and len({i.split("_")[0] for i in ids}) == 1, ids
+    for point, steps in ((0, 2), (1, 3)):
+        d = tmp_path / "sweep" / str(point)
+        assert (d / "progress").read_text() == str(steps) and (d / "final.pt").is_file()
+        assert f"args ['--steps', '{steps}']" in (d / "logs" / "rank-0.log").read_text()
+        assert json.loads((d / "command.json").read_text())["args"] == ["--steps", str(steps)]
+
+
+@pytest.mark.slow
 def test_sweep_over_resources_is_one_submission_per_resource_set(cluster, tmp_path: Path) -> None:
     p = run_cli(["-m", "recipe=linreg", "trainer.nproc=1,2", *SLURM, "launcher.wait=true", "trainer.gpus=0",
                  "trainer.max_epochs=1", *QUIET, f"run.dir={tmp_path / 'sweep'}"], cwd=tmp_path)

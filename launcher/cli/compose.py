@@ -48,8 +48,8 @@ def fieldschecked(dcfg: Any, hc: Any) -> Any:
         shared = template if re.fullmatch(r"[^$]*(\$\{now:[^}]*\}[^$]*)+", template) else None
         cfg.run.dir = str(Path(_sweep_parents.setdefault(shared, cfg.run.dir) if shared else cfg.run.dir)
                           / str(hc.job.num))
-    if _script:  # checked with the rest (config.check_script), in this torch-free child
-        cfg.script = _script[0]
+    if _script:  # checked with the rest (config.check_script), in this torch-free child; each sweep
+        cfg.script = C.with_sweep(_script[0], cfg.sweep)  # point with its own values in the arguments
     C.check_fields(cfg)
     return cfg
 
@@ -69,10 +69,12 @@ def refuse_unknown_keys(dcfg: Any) -> None:
 
 
 def field_alias(arg: str) -> str:
-    """checkpoint.async=true -> checkpoint.async_save=true (config.FIELD_ALIASES: a keyword can't be a field)."""
+    """checkpoint.async=true -> checkpoint.async_save=true (config.FIELD_ALIASES: a keyword can't be a field);
+    sweep.lr=... -> +sweep.lr=..."""
     for (section, alias), name in C.FIELD_ALIASES.items():
         arg = re.sub(rf"^(\+*{section}\.){alias}=", rf"\g<1>{name}=", arg)
-    return arg
+    # sweep.NAME=...: a key of the user's own naming, which Hydra takes only as an addition (+)
+    return re.sub(r"^sweep\.", "+sweep.", arg)
 
 
 def compose(script: Optional[C.ScriptConfig] = None) -> Optional[list[Any]]:
@@ -84,7 +86,7 @@ def compose(script: Optional[C.ScriptConfig] = None) -> Optional[list[Any]]:
     C.register()
     if script is not None:
         _script.append(script)
-        sys.argv[1:1] = ["~recipe"]
+        sys.argv.append("~recipe")  # after the overrides: Hydra's flags (--multirun) come first
     sys.argv[1:] = [field_alias(a) for a in sys.argv[1:]]
     entry = hydra.main(config_path=str(C.CONF_DIR), config_name="config", version_base="1.3")(_task)
     with reported(composing=True):

@@ -36,6 +36,11 @@ def one_line(e: BaseException) -> str:
         value = getattr(cause, "value", None)
         return f"{key}={value!r}: {first}" if value is not None else f"{key}: {first}"
     text = str(e)
+    ambiguous = re.match(r"Ambiguous value for argument '\+?(sweep\.)?([^']*)'", text)
+    if ambiguous:  # Hydra's two numbered choices, in one line; sweep.* is ours (given Hydra as +sweep.*)
+        arg = f"{ambiguous.group(1) or ''}{ambiguous.group(2)}"
+        return (f"{arg}: several values outside a sweep; valid: a sweep, with -m (python -m launcher -m ...) "
+                f"or --multirun (launcher run --multirun SCRIPT ...), or one list value: {arg.split('=')[0]}=[...]")
     key = re.search(r"full_key: (\S+)", text)
     where = re.match(r"In '([^']+)'", text)
     if key and re.search(r"Key '[^']+' not in", text):  # an unknown key inside a config file

@@ -18,6 +18,7 @@ from .. import config as C
 USAGE = """\
 usage: launcher run SCRIPT [KEY=VALUE ...] [-- SCRIPT ARGS ...]
        launcher run -m MODULE [KEY=VALUE ...] [-- SCRIPT ARGS ...]
+       launcher run --multirun SCRIPT [KEY=A,B ...] [sweep.NAME=A,B ...] [-- ... '${sweep.NAME}' ...]
 
 Runs an unmodified torchrun-style script (it reads RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT and calls init_process_group itself) on the ranks a recipe run would get:
@@ -26,14 +27,18 @@ MASTER_PORT and calls init_process_group itself) on the ranks a recipe run would
   launcher run train.py trainer.gpus=8 launcher.max_restarts=2            # 8 GPU ranks, 2 restarts
   launcher run train.py launcher=slurm trainer.nodes=2 trainer.gpus=4 launcher.wait=true
   launcher run -m mypkg.train launcher=ray trainer.gpus=0 trainer.nproc=4 run.dir=runs/a
+  launcher run --multirun train.py launcher=slurm sweep.lr=1e-4,3e-4 -- --lr '${sweep.lr}'   # a job array
 
 Before `--`: the launcher's overrides (trainer.*, launcher.*, run.*; `launcher run --help` is this
 text). After `--`: the script's arguments, exactly as given. Each rank finds LAUNCHER_RUN_DIR (its run
 directory: logs/rank-N.log holds its output), LAUNCHER_ATTEMPT (0, then 1 after a restart or requeue)
 and LAUNCHER_STOP_SIGNAL (the signal that asks it to save and exit with code 75 to be requeued);
-launcher.stop_requested() is the same as one agreed answer of all ranks. docs/your-script.md."""
+launcher.stop_requested() is the same as one agreed answer of all ranks. A sweep (--multirun) runs
+one point per combination of the comma-separated values, each in RUN_DIR/<n> (on SLURM: one job
+array); '${sweep.NAME}' in an argument is that point's value. docs/your-script.md."""
 
 # what may stand before `--`: Hydra's key=value, +key=value, ++key=value and ~key
+MULTIRUN = "--multirun"
 _OVERRIDE = re.compile(r"^(~|\+\+|\+)?[A-Za-z_][\w.\-@/]*(=.*)?$", re.S)
 
 
@@ -41,6 +46,9 @@ def parse(argv: list[str]) -> Optional[tuple[C.ScriptConfig, list[str]]]:
     """argv after `run` -> (the script, Hydra's overrides); None after printing the usage (--help).
     A malformed command line is a ConfigError naming the token."""
     head, args = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    # Hydra's sweep flag, anywhere before `--`; its short form `-m` is taken: it names a module here
+    sweep = [a for a in head if a == MULTIRUN]
+    head = [a for a in head if a != MULTIRUN]
     if not head:
         raise C.ConfigError("script", "", "missing", "launcher run train.py [KEY=VALUE ...] [-- ARGS], or "
                             "launcher run -m MODULE; launcher run --help")
@@ -48,7 +56,11 @@ def parse(argv: list[str]) -> Optional[tuple[C.ScriptConfig, list[str]]]:
         print(USAGE)
         return None
     if head[0] == "-m":
-        if len(head) < 2 or "=" in head[1] or head[1].startswith("-"):
+        if len(head) > 1 and (head[1].endswith(".py") or "/" in head[1] or "=" in head[1]):
+            raise C.ConfigError("-m", head[1], "names a module here, not a script or a sweep",
+                                f"launcher run -m package.module, launcher run {head[1]} (a script), or "
+                                f"launcher run {MULTIRUN} SCRIPT KEY=A,B (a sweep)")
+        if len(head) < 2 or head[1].startswith("-"):
             raise C.ConfigError("-m", head[1] if len(head) > 1 else "", "needs a module name",
                                 "launcher run -m package.module [KEY=VALUE ...] [-- ARGS]")
         script, overrides = C.ScriptConfig(module=head[1], args=args), head[2:]
@@ -65,7 +77,7 @@ def parse(argv: list[str]) -> Optional[tuple[C.ScriptConfig, list[str]]]:
         if re.match(r"^(\+\+|\+)?(recipe|script)\b", token):
             raise C.ConfigError("override", token, "a script run has no recipe and takes its script from "
                                 "the command line", "trainer.*, launcher.*, run.*, checkpoint.* keys")
-    return script, overrides
+    return script, sweep + overrides
 
 
 def usage_error(e: C.UserError) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args
@@ -22,6 +21,7 @@ from .errors import ConfigError, UserError, choice, non_negative, one_line, posi
 from .launchers import LAUNCHER_SCHEMAS, LAUNCHERS, SIGNALS, LocalLauncherConfig, SlurmLauncherConfig, check_launcher
 from .loggers import LOGGER_SCHEMAS, LOGGERS, WANDB_MODES, LoggerConfig, check_logger, logger_from_dict
 from .loggers import select as select_loggers
+from .script import ScriptConfig, check_script, with_sweep
 
 # The closed choices, as types for the code that consumes them and as tuples for the checks. Schema
 # fields stay `str` (OmegaConf rejects Literal annotations): check_trainer checks them once.
@@ -115,17 +115,6 @@ class RunConfig:
 
 
 @dataclass
-class ScriptConfig:
-    # filled from `launcher run SCRIPT ... -- ARGS` (cli/script_args.py), never a recipe's key
-    path: str = ""  # the user's torchrun-style script, run as __main__ on every rank
-    module: str = ""  # `launcher run -m MODULE`: the module run as __main__ instead
-    args: list[str] = field(default_factory=list)  # the script's own arguments (after `--`), untouched
-
-    def given(self) -> bool:
-        return bool(self.path or self.module)
-
-
-@dataclass
 class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -133,6 +122,7 @@ class Config:
     launcher: Any = field(default_factory=LocalLauncherConfig)  # local, slurm or ray (its group option brings its schema)
     run: RunConfig = field(default_factory=RunConfig)
     script: ScriptConfig = field(default_factory=ScriptConfig)  # `launcher run`: the user's script instead of a recipe
+    sweep: dict[str, Any] = field(default_factory=dict)  # `launcher run --multirun`: sweep.NAME=a,b fills ${sweep.NAME} in the args
     resume: str = "auto"  # "auto" (latest complete checkpoint in run.dir, else fresh), "never", or a checkpoint path
     # The recipe: _target_ nodes that the worker instantiates (see conf/recipe/*.yaml).
     model: Any = None  # the nn.Module
@@ -325,26 +315,7 @@ def check_fields(cfg: Config) -> None:
     choice("launcher.name", cfg.launcher.name, LAUNCHERS)
     check_launcher(cfg.launcher, cfg.trainer.nodes)
     check_resume(cfg.resume)
-    check_script(cfg.script)
-
-
-def check_script(s: ScriptConfig) -> None:
-    """The script exists, or the module can be found (from the working directory, as `python -m`
-    looks); nothing of it is run here: its own import errors are its ranks' (one line each)."""
-    if s.path and not os.path.isfile(s.path):
-        raise ConfigError("script", s.path, "no such file" if not os.path.exists(s.path) else "not a file",
-                          "a Python file (launcher run train.py), or launcher run -m MODULE")
-    if s.module:
-        if "" not in sys.path and os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            found = importlib.util.find_spec(s.module)
-        except Exception as e:  # noqa: BLE001 - a parent package that fails to import is the user's
-            raise ConfigError("-m", s.module, f"does not import: {type(e).__name__}: {e}",
-                              "a module importable from this directory or the PYTHONPATH") from None
-        if found is None:
-            raise ConfigError("-m", s.module, "no such module", "a module importable from this directory "
-                              "or the PYTHONPATH (python -m MODULE finds the same)")
+    check_script(cfg.script, cfg.sweep)
 
 
 def check(cfg: Config, local: bool = True) -> None:
