@@ -77,7 +77,8 @@ def recipe_run(script: Optional["ScriptConfig"] = None) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     faults.raise_on_sigterm()  # SIGTERM ends a run as Ctrl-C does, its cleanup done: exit 143
     # CPU ranks' fork server (launch/fork_server.py) starts as soon as the composed config wants it
-    composed = overlap.compose_beside(functools.partial(compose, script), torch_imports, early=fork_server.prestart)
+    composed = overlap.compose_beside(functools.partial(compose, script),
+                                      functools.partial(torch_imports, fit=script is None), early=fork_server.prestart)
     if not composed:  # --help, --cfg, --info: Hydra has printed what was asked
         return
     from .cli.checks import checked
@@ -93,10 +94,11 @@ def recipe_run(script: Optional["ScriptConfig"] = None) -> None:
             sys.exit(failures[0])  # a sweep goes on after a failed point and exits with the first
 
 
-def torch_imports() -> None:
-    """What every run imports once its config is composed (cli/overlap.py: while Hydra composes)."""
+def torch_imports(fit: bool = True) -> None:
+    """What every run imports once its config is composed (cli/overlap.py: while Hydra composes);
+    `fit`: the fit loop too (a one-rank recipe run trains in this process), not for `launcher run`."""
     for name in ("torch", "device.dist", "launch.recipe", "rundir.run_dir", "launch.worker", "checkpoint.format",
-                 "launch.slurm", "launch.start", "cli.checks"):
+                 "launch.slurm", "launch.start", "cli.checks", *["trainer"] * fit):
         importlib.import_module(name if name == "torch" else f"{__package__}.{name}")
 
 

@@ -1,6 +1,7 @@
 """Imported by the fork server (fork_server.py), once, before its first fork: what every CPU rank
-would otherwise import itself (torch, the worker and the trainer, elastic's rank-side wrapper: ~1.5 s
-of one core each on a 2-core EPYC); a recipe run's server also fork_preload_recipe.py (torchmetrics). Not meant to be imported anywhere else.
+would otherwise import itself (torch, the worker, elastic's rank-side wrapper: ~1.3 s of one core each
+on a 2-core EPYC); a recipe run's server also fork_preload_recipe.py (the fit loop, torchmetrics), which
+a `launcher run` script's ranks never use. Not meant to be imported anywhere else.
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ from .script_rank import ScriptFailed
 from .script_rank import run as run_script
 from ..device.hardware import cpu_threads
 from ..fit.seeding import make_deterministic, seed_everything
-from ..trainer import Trainer
 from ..observe.loggers import setup_logging
 from ..rundir.lock import hold_as_rank
 from ..device.xla import init as xla_init
@@ -71,6 +70,8 @@ def run(cfg: C.Config) -> None:
     try:
         seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
         objects = recipe.build(cfg)
+        from ..trainer import Trainer  # here: a `launcher run` script's rank never needs the fit loop
+
         trainer = Trainer.for_rank(cfg, d, stop)
         trainer.fit(**objects)
         if trainer.preempted:
