@@ -23,7 +23,7 @@ lines of its error output. They die with this process (PR_SET_PDEATHSIG), and ar
 from __future__ import annotations
 
 import atexit
-import ctypes
+import functools
 import logging
 import os
 import signal
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import TrainerConfig, UserError, resolve_gpus
+from .rank import die_with_parent
 
 log = logging.getLogger("launcher")
 
@@ -94,14 +95,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the process that started it dies (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except OSError:
-        pass  # not Linux: the atexit wait below still ends them with a normal exit
-
-
 def _start_peers(ranks: int, gpus: bool) -> None:
     command = _command()
     port = _free_port()
@@ -115,7 +108,7 @@ def _start_peers(ranks: int, gpus: bool) -> None:
         with open(err, "w") as stderr:
             proc = subprocess.Popen(command, env={**os.environ, **base, "RANK": str(rank), "LOCAL_RANK": str(rank),
                                                   CHILD_ENV: "1"}, stdout=subprocess.DEVNULL, stderr=stderr,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=functools.partial(die_with_parent, signal.SIGKILL))
         peers.append((rank, proc, err))
     log.info("started ranks 1..%d by running `%s` again (%s)", ranks - 1, " ".join(command[1:]),
              "one GPU each" if gpus else "CPU", extra={"file_only": True})
