@@ -44,6 +44,11 @@ class Accumulator:
         return self.summed + self.count if self.summed is not None else \
             torch.tensor(float(self.count), dtype=torch.float64, device=self.device)
 
+    def totals(self) -> torch.Tensor:
+        """[loss sum, count] on this rank (float64, on the device: no host sync), a new tensor: what
+        compute() reduces over ranks, and what the spike guard takes the difference of around a step."""
+        return torch.stack([self.loss_sum.double(), self._count()])
+
     def running_loss(self) -> float:
         """This rank's mean loss so far (one host sync: for the per-step logs)."""
         return (self.loss_sum / self._count().clamp(min=1)).item()
@@ -67,7 +72,7 @@ class Accumulator:
 
     def compute(self, prefix: str) -> dict[str, float]:
         """Mean loss and metrics over every rank's samples (collective: all ranks must call)."""
-        totals = torch.stack([self.loss_sum.double(), self._count()])
+        totals = self.totals()
         dist.all_reduce_sum(totals)
         out = {f"{prefix}_loss": (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")}
         for name, m in self.metrics.items():

@@ -53,21 +53,21 @@ class SpikeGuard:
         self.recent: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=t.spike_skip_steps)
         self.excluded: dict[int, list[int]] = {}  # epoch -> the samples left out of it (the world's)
         self.in_a_row, self.last_spike = 0, -1
-        self._before: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._before: Optional[torch.Tensor] = None  # the accumulator's totals before this step
         self._start = 0
 
     def begin(self, batch_in_epoch: int) -> None:
         """Before a step: where its batches start, and the running loss sum so far."""
         if self.on:
             self._start = batch_in_epoch
-            self._before = (self.acc.loss_sum.clone(), self.acc._count().clone())
+            self._before = self.acc.totals()
 
     def judge(self, step: int, epoch: int, batch_in_epoch: int) -> Optional[dict[str, Any]]:
         """After the step: None, or the spike (every rank the same)."""
         if not self.on or self._before is None:
             return None
         self.recent.append((epoch, self._start, batch_in_epoch))
-        both = torch.stack([self.acc.loss_sum - self._before[0], self.acc._count() - self._before[1]]).double()
+        both = self.acc.totals() - self._before
         total, count = all_reduce_sum(both.to(self.d.device)).tolist()
         loss = total / max(count, 1.0)
         median = statistics.median(self.losses) if len(self.losses) >= min(WARMUP, self.t.spike_window) else None
