@@ -21,16 +21,9 @@ from torch import nn
 from ..config import UserError, one_line
 from ..device.modes import inference
 from ..device.precision import Precision
-from .steps import Step, StepOutput, Supervised
+from .steps import Step, StepOutput, Supervised, name_of
 
 log = logging.getLogger("launcher")
-
-
-def _name(obj: Any) -> str:
-    cls = obj if isinstance(obj, type) else type(obj)
-    if cls.__name__ in ("function", "partial", "method"):
-        return getattr(obj, "__qualname__", None) or getattr(getattr(obj, "func", None), "__qualname__", "?")
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def shapes(x: Any) -> str:
@@ -84,7 +77,7 @@ def _check(model: nn.Module, step: Step, metrics: dict[str, Any], batches: list[
         stage = ""
         try:
             for name, metric in metrics.items():
-                stage = f"metrics.{name} ({_name(metric)})"
+                stage = f"metrics.{name} ({name_of(metric)})"
                 if out.outputs is None:  # type: ignore[union-attr]
                     return (f"preflight: {stage}: step ({step.name}) returns no outputs to measure; valid: a step "
                             "returning StepOutput(loss, outputs, targets), or no metrics")
@@ -106,11 +99,11 @@ def _supervised(model: nn.Module, step: Supervised, split: str, batch: Any,
                 prec: Precision) -> tuple[Optional[StepOutput], str]:
     """The default step in its two stages (the forward, then the loss), so a failure names which."""
     x, y = step.split(batch)
-    stage, out = f"the forward of model ({_name(model)})", None
+    stage, out = f"the forward of model ({name_of(model)})", None
     try:
         with inference(model), prec.autocast():
             out = model(step.prepare(x))
-            stage = f"loss ({_name(step.loss_fn)})"
+            stage = f"loss ({name_of(step.loss_fn)})"
             return StepOutput(step.loss_fn(out, y), out, y), ""  # type: ignore[misc]
     except Exception as e:  # noqa: BLE001 - the user's code on the user's data: named, traceback logged
         log.error("preflight: %s failed on the first %s batch", stage, split, exc_info=True, extra={"file_only": True})
@@ -135,7 +128,7 @@ def _custom(model: nn.Module, step: Step, split: str, batch: Any, prec: Precisio
 
 def _loss(step: Step, out: StepOutput, split: str, batch: Any) -> str:
     """What the step returned as its loss: one number per micro-batch (and a count with a sum)."""
-    loss, name = out.loss, (f"loss ({_name(step.loss_fn)})" if isinstance(step, Supervised) else f"step ({step.name})")
+    loss, name = out.loss, (f"loss ({name_of(step.loss_fn)})" if isinstance(step, Supervised) else f"step ({step.name})")
     labels = getattr(step, "labels", None)  # the built-in dict steps name their targets' key
     if loss is None and isinstance(labels, str) and isinstance(batch, dict) and labels not in batch:
         return (f"preflight: step ({step.name}) found no {labels!r} key in the first {split} batch (keys "
