@@ -68,6 +68,38 @@ def test_without_a_script_to_run_again_it_is_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_in_a_jupyter_notebook_one_rank_trains_as_the_script_does_and_two_are_one_line(tmp_path: Path) -> None:
+    """A real kernel (nbclient, offline): Trainer.fit on one rank gives the weights the same code gives
+    as a script; nproc=2 has no script to run again: the cell's error is the one line, no traceback."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    script = _script(tmp_path)
+    (tmp_path / "script").mkdir()
+    (tmp_path / "nb").mkdir()
+    p = subprocess.run([sys.executable, str(script), str(tmp_path / "script"), "1"], cwd=tmp_path, env=cli_env(),
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one = TRAIN.replace("out, nproc = sys.argv[1], int(sys.argv[2])", f"out, nproc = {str(tmp_path / 'nb')!r}, 1")
+    two = "tr = Trainer(nproc=2, gpus=0, max_epochs=1, run_dir=out + '/two', progress=False, logger='none')\n" \
+          "tr.fit(net, torch.nn.MSELoss(), functools.partial(torch.optim.SGD, lr=0.05), data)"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(one), nbformat.v4.new_code_cell(two)])
+    NotebookClient(nb, timeout=180, kernel_name="python3", allow_errors=True,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute(env=cli_env(PYTHONUNBUFFERED="1"))
+    first, second = ([o for o in c.outputs] for c in nb.cells)
+    assert [o.get("text", "").strip() for o in first if o.output_type == "stream" and o.name == "stdout"] == \
+        ["world 1 steps 32"], first
+    a, b = (torch.load(tmp_path / r / "w.pt", weights_only=True) for r in ("script", "nb"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    error = [o for o in second if o.output_type == "error"]
+    assert len(error) == 1 and error[0].ename == "UserError", second
+    assert len(error[0].traceback) == 1 and error[0].traceback[0].startswith(
+        "UserError: trainer.nproc / trainer.gpus > 1: Trainer(...) forms its ranks by running this command again, "
+        "and this interpreter has no script to run (a notebook"), error[0].traceback
+    assert not (tmp_path / "nb" / "two").exists(), "refused before the run dir is touched"
+
+
+@pytest.mark.slow
 def test_under_srun_the_script_joins_the_world_slurm_describes(tmp_path: Path) -> None:
     if not shutil.which("srun") or subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
         pytest.skip("no SLURM cluster")

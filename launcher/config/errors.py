@@ -9,6 +9,11 @@ class UserError(ValueError):
     """A failure the user caused (config, recipe code, data, run dir, tracker), at config or run
     time: str() is the one line the CLI prints, exit 2. Anything else is a bug: it keeps its traceback."""
 
+    def _render_traceback_(self) -> list[str]:
+        # IPython's hook (Jupyter, the IPython shell): the one line in place of the traceback, as the
+        # CLI prints it; a plain `python` script keeps Python's own report
+        return [f"{type(self).__name__}: {self}"]
+
 
 def one_line(e: BaseException) -> str:
     """An exception as one line: its type and the first line of its message."""
