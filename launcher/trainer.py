@@ -72,6 +72,7 @@ class Trainer:
     def _init(self, dist: Optional[D.Dist], stop: Optional[Any]) -> None:
         self.dist, self.stop = dist, stop  # stop: launch.preempt.StopRequest (stop at an agreed step, checkpoint)
         self.preempted = False  # fit() returned early because of a stop request
+        self.monitor_given = self.cfg.trainer.monitor  # "" follows the data: each fit() resolves it anew
         self.model: Optional[nn.Module] = None  # the bare module (never the DDP wrapper)
         self.run: Optional[RunDir] = None  # claimed (or joined) by each fit(); its lock held while fit() runs
         self.progress = TrainProgress()
@@ -95,7 +96,7 @@ class Trainer:
         t, cfg = self.cfg.trainer, self.cfg
         d = self._dist()
         self.progress, self.preempted = TrainProgress(), False  # a second fit() starts over (or resumes)
-        t.monitor = check_monitor(t.monitor, list(metrics), has_val=val_data is not None)  # only fit() knows the data
+        t.monitor = check_monitor(self.monitor_given, list(metrics), has_val=val_data is not None)  # only fit() knows the data
         run = self.run = RunDir.join(d, self.run_dir, self.cfg.run.id, C.to_dict(self.cfg))
         # a finished run on a read-only filesystem may still be asked whether it is finished
         setup_logging(run.path if run.unwritable is None else None, d.rank)

@@ -208,6 +208,9 @@ def test_fit_without_validation_data_monitors_the_training_loss_and_says_so(tmp_
     assert tr.cfg.trainer.monitor == "train_loss"
     assert tr.best_score == min(r["train_loss"] for r in h), "the best checkpoint is ranked by train_loss"
     assert "no validation data: trainer.monitor=train_loss" in capsys.readouterr().err
+    tr.cfg.run.dir = str(tmp_path / "v")  # the same Trainer fits again, now with validation data: val_loss
+    h = tr.fit(circles.Net(), nn.BCEWithLogitsLoss(), lambda p: torch.optim.Adam(p, lr=0.01), train, train)
+    assert tr.cfg.trainer.monitor == "val_loss" and "val_loss" in h[-1], "resolved anew, not the first fit's"
     with pytest.raises(C.ConfigError, match="trainer.monitor='val_loss': not a metric this run produces"):
         Trainer(monitor="val_loss", run_dir=tmp_path / "s", progress=False, logger="none").fit(
             circles.Net(), nn.BCEWithLogitsLoss(), lambda p: torch.optim.Adam(p), train)  # asked for: still refused
