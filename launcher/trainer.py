@@ -27,8 +27,7 @@ from .checkpoint import format as F
 from .checkpoint.adapters import run_states
 from .checkpoint.manager import CheckpointManager
 from .checkpoint.restore import restore
-from .config import faults
-from .config import keywords
+from .config import faults, keywords
 from .device import dist as D
 from .device.world import world_for
 from .fit import ledger, parts

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import TrainerConfig, UserError, resolve_gpus
-from .rank import die_with_parent
+from .parent import die_with_parent
 
 log = logging.getLogger("launcher")
 

@@ -10,35 +10,20 @@ which ends with the launcher.)
 from __future__ import annotations
 
 import atexit
-import ctypes
 import os
 import signal
 import sys
 import threading
 from typing import Any, Callable
 
+from .parent import die_with_parent
+
 
 def prepare() -> None:
     # elastic stops ranks with SIGTERM; as an exit (not a kill) it runs finally blocks and atexit
     # hooks, so W&B flushes its buffered rows instead of losing the last seconds.
     signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
-    die_with_parent(signal.SIGTERM)
-
-
-def die_with_parent(sig: int) -> None:
-    """`sig` to this process when its parent dies (even by SIGKILL); Linux only, elsewhere nothing.
-
-    elastic starts each rank in its own session, so killing the launcher's process group does not
-    reach them; orphaned ranks would go on training and writing into the run directory. (The Python
-    API's own peers, api_world.py, call it between fork and exec, with SIGKILL.)
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        sys.exit(1)
+    die_with_parent(signal.SIGTERM)  # elastic starts each rank in a session of its own
 
 
 def exit_now(code: Any) -> None:
