@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args
@@ -22,6 +21,8 @@ from .errors import ConfigError, UserError, choice, non_negative, one_line, posi
 from .launchers import LAUNCHER_SCHEMAS, LAUNCHERS, SIGNALS, LocalLauncherConfig, SlurmLauncherConfig, check_launcher
 from .loggers import LOGGER_SCHEMAS, LOGGERS, WANDB_MODES, LoggerConfig, check_logger, logger_from_dict
 from .loggers import select as select_loggers
+from .memory import check_memory, check_reshard_world
+from .script import check_script
 
 # The closed choices, as types for the code that consumes them and as tuples for the checks. Schema
 # fields stay `str` (OmegaConf rejects Literal annotations): check_trainer checks them once.
@@ -76,6 +77,11 @@ class TrainerConfig:
     accelerator: str = "auto"  # auto (CUDA if gpus > 0, else CPU), cpu, cuda, xla (torch-xla: TPUs)
     strategy: str = "auto"  # auto (ddp when > 1 rank), ddp, fsdp (FSDP2 fully_shard), none
     fsdp_wrap: list[str] = field(default_factory=list)  # module class names sharded as FSDP units (e.g. [Block])
+    fsdp_reshard_after_forward: Any = True  # FSDP: free each unit's gathered parameters after its forward (true), keep them for backward (false: more memory, one all-gather less), or N: reshard over groups of N ranks, e.g. a node, so backward gathers inside them (docs/big-models.md)
+    fsdp_cpu_offload: bool = False  # FSDP: sharded parameters, gradients and optimizer state live in CPU memory; each unit is copied to the device for its compute (CPUOffloadPolicy)
+    fsdp_param_dtype: str = "auto"  # FSDP: dtype the parameters are gathered and computed in (auto = their own, as trainer.precision made them; bfloat16 needs precision bf16-mixed)
+    fsdp_reduce_dtype: str = "auto"  # FSDP: dtype of the gradient reduce-scatter (auto = fsdp_param_dtype's; float32 sums bf16 gradients without bf16 rounding)
+    activation_checkpointing: Any = "off"  # recompute these blocks' activations in backward instead of keeping them: off, [Block] (every Block), {Block: 2} (every 2nd) (docs/big-models.md)
     precision: str = "auto"  # auto (bf16-mixed where bf16 is native, else 32: launcher/device/hardware.py), 32, bf16-mixed, 16-mixed, bf16-true
     accumulate_grad_batches: int = 1  # micro-batches per optimizer step (no gradient all-reduce until the last)
     gradient_clip_val: float = 0.0  # clip the total gradient norm to this (over all ranks' shards); 0 = off
@@ -259,6 +265,7 @@ def check_trainer(t: TrainerConfig) -> None:
                           f"collective timeout (trainer.dist_timeout_s={t.dist_timeout_s:g}) ends the run",
                           "null (auto), 0 (off), 0 < seconds < trainer.dist_timeout_s")
     profile_window(t.profile)
+    check_memory(t)
 
 
 def profile_window(profile: Any) -> Optional[tuple[int, int]]:
@@ -328,25 +335,6 @@ def check_fields(cfg: Config) -> None:
     check_script(cfg.script)
 
 
-def check_script(s: ScriptConfig) -> None:
-    """The script exists, or the module can be found (from the working directory, as `python -m`
-    looks); nothing of it is run here: its own import errors are its ranks' (one line each)."""
-    if s.path and not os.path.isfile(s.path):
-        raise ConfigError("script", s.path, "no such file" if not os.path.exists(s.path) else "not a file",
-                          "a Python file (launcher run train.py), or launcher run -m MODULE")
-    if s.module:
-        if "" not in sys.path and os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            found = importlib.util.find_spec(s.module)
-        except Exception as e:  # noqa: BLE001 - a parent package that fails to import is the user's
-            raise ConfigError("-m", s.module, f"does not import: {type(e).__name__}: {e}",
-                              "a module importable from this directory or the PYTHONPATH") from None
-        if found is None:
-            raise ConfigError("-m", s.module, "no such module", "a module importable from this directory "
-                              "or the PYTHONPATH (python -m MODULE finds the same)")
-
-
 def check(cfg: Config, local: bool = True) -> None:
     """The parent's checks of every section but the recipe (recipe.check: it imports the targets)."""
     check_fields(cfg)
@@ -354,3 +342,4 @@ def check(cfg: Config, local: bool = True) -> None:
     if cfg.trainer.strategy == "none" and ranks > 1 and cfg.trainer.accelerator != "xla":
         raise ConfigError("trainer.strategy", "none", f"{ranks} ranks would train unsynchronised copies",
                           "auto, ddp, fsdp")
+    check_reshard_world(cfg.trainer.fsdp_reshard_after_forward, ranks)
