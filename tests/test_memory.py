@@ -4,7 +4,7 @@ Fast: checkpointing the charlm, GPT-2 and Llama blocks gives gradients bitwise t
 dropout: the RNG is replayed), really recomputes the chosen blocks and keeps the state_dict's names;
 the keys' checks are one line naming field and value; strategy.wrap in a gloo group of one hands
 the knobs to fully_shard (read back from FSDP's own state, and seen in the forward). Slow (the CLI, 2 gloo ranks):
-every knob together with checkpointing trains, is SIGKILLed mid-epoch and the same command resumes
+every knob together with checkpointing (and an EMA of the weights) trains, is SIGKILLed mid-epoch and the same command resumes
 bitwise where an uninterrupted run ends. (DDP and compile with checkpointing: tests/test_scale.py's
 ddp and compile runs.)
 """
@@ -195,7 +195,7 @@ def _knobs_args(run_dir: Path) -> list[str]:
             "trainer.gpus=0", "trainer.nproc=2", "trainer.strategy=fsdp", "trainer.precision=bf16-mixed",
             "trainer.fsdp_param_dtype=bfloat16", "trainer.fsdp_reduce_dtype=float32", "trainer.fsdp_cpu_offload=true",
             "trainer.fsdp_reshard_after_forward=false", "trainer.activation_checkpointing={Block:2}",
-            "trainer.log_every_n_steps=0", "trainer.progress=false", "checkpoint.every_n_steps=2", f"run.dir={run_dir}"]
+            "trainer.ema_decay=0.9", "trainer.log_every_n_steps=0", "trainer.progress=false", "checkpoint.every_n_steps=2", f"run.dir={run_dir}"]
 
 
 @pytest.mark.slow
@@ -215,4 +215,6 @@ def test_every_knob_with_checkpointing_trains_killed_then_resumed_bitwise(tmp_pa
     a, b = torch.load(ref / "model.pt", weights_only=True), torch.load(cut / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after the resume"
     assert "_checkpoint_wrapped_module" not in "".join(a) and a["blocks.0.qkv.weight"].dtype == torch.float32
+    ema = [torch.load(r / "model-ema.pt", weights_only=True) for r in (ref, cut)]  # its names are the model's too
+    assert ema[0].keys() == a.keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in a)
     assert (ref / "metrics.csv").read_text() == (cut / "metrics.csv").read_text()

@@ -21,6 +21,13 @@ from ..config import TrainerConfig, UserError
 from ..config.memory import ac_rule, param_dtype_fits
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# checkpoint_wrapper's child name (torch's _CHECKPOINT_PREFIX), which state_dict hooks and DCP drop
+WRAPPED = "_checkpoint_wrapped_module."
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name (named_parameters) as the bare model's state_dict has it."""
+    return name.replace(WRAPPED, "")
 
 
 def checkpoint_blocks(model: nn.Module, spec: Any) -> dict[nn.Module, nn.Module]:
