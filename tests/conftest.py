@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -50,6 +51,22 @@ def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120) -> N
         assert proc.poll() is None, f"run ended before {path} appeared:\n{proc.stderr.read()[-3000:]}"
         assert time.monotonic() < deadline, f"{path} did not appear"
         time.sleep(0.005)
+
+
+def killed_then_resumed(args: list[str], run_dir: Path, step: int, cwd: Path, **env: str) -> str:
+    """Run `python -m launcher ARGS`, SIGKILL it (launcher and ranks) once checkpoint `step` is
+    committed in `run_dir`, run the same command again; the resumed run's "resumed from" line."""
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=cwd, env=cli_env(**env),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_file(run_dir / "checkpoints" / f"step-{step:07d}" / "manifest.json", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (run_dir / "model.pt").exists(), "the run must really have been cut short"
+    again = run_cli(args, cwd=cwd, **env)  # the same command resumes
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = [ln for ln in (run_dir / "logs" / "rank-0.log").read_text().splitlines() if "resumed from" in ln]
+    assert resumed, "the second run did not resume"
+    return resumed[-1]
 
 
 def mnist_small(root: Path, train: int = 2560, val: int = 1000) -> list[str]:

@@ -219,10 +219,17 @@ def test_compile_trains_like_eager(tmp_path: Path) -> None:
 # ---- FSDP, checkpoints, resume ----------------------------------------------------------------------------
 
 
-def test_fsdp_on_one_gpu_resumes_its_sharded_checkpoint(tmp_path: Path) -> None:
+# FSDP2's memory knobs with activation checkpointing (docs/big-models.md): the CPU-offloaded shards'
+# collectives go over gloo beside nccl (dist.init cpu_collectives)
+KNOBS = ["trainer.fsdp_cpu_offload=true", "trainer.fsdp_reshard_after_forward=false",
+         "trainer.fsdp_reduce_dtype=bfloat16", "trainer.activation_checkpointing=[Block]"]
+
+
+@pytest.mark.parametrize("knobs", [[], KNOBS], ids=["plain", "memory-knobs"])
+def test_fsdp_on_one_gpu_resumes_its_sharded_checkpoint(tmp_path: Path, knobs: list[str]) -> None:
     """strategy=fsdp with gpus=1: a process group of one on cuda:0, sharded (DCP) checkpoints, and a
     run stopped at step 12 continues from step-12/sharded to end bitwise where 30 straight steps do."""
-    extra = ["trainer.strategy=fsdp"]
+    extra = ["trainer.strategy=fsdp", *knobs]
     straight, extended = _straight_and_extended(tmp_path, extra)
     assert (extended / "checkpoints" / "step-0000012" / "sharded" / ".metadata").is_file()
     _extend(tmp_path, extended, extra)

@@ -38,8 +38,10 @@ def fsdp_and_ddp(tmp_path_factory) -> dict[str, Path]:
     dirs = {}
     for strategy in ("ddp", "fsdp"):
         dirs[strategy] = root / strategy
-        p = run_cli([*CHARLM, *TWO, "trainer.max_epochs=3", f"trainer.strategy={strategy}", f"run.dir={dirs[strategy]}"],
-                    cwd=root)
+        # DDP with every block checkpointed (docs/big-models.md): the same curve, the same weight names
+        ac = ["trainer.activation_checkpointing=[Block]"] if strategy == "ddp" else []
+        p = run_cli([*CHARLM, *TWO, "trainer.max_epochs=3", f"trainer.strategy={strategy}", *ac,
+                     f"run.dir={dirs[strategy]}"], cwd=root)
         assert p.returncode == 0, p.stderr[-3000:]
     return dirs
 
@@ -215,6 +217,7 @@ def test_compile_and_channels_last_train(tmp_path: Path, mnist_root: Path) -> No
     # dynamo compile a dynamic-shape graph for every later batch); validation's own partial batch too
     p = run_cli(["recipe=mnist", f"data.root={mnist_root}", "data.train_limit=1290", "data.val_limit=300",
                  "trainer.max_epochs=2", "trainer.compile=true", "trainer.channels_last=true", *QUIET,
+                 "trainer.activation_checkpointing={Conv2d:2}",  # the 2nd conv recomputed, inside the compiled graph
                  f"run.dir={d}"], cwd=tmp_path, timeout=600, TORCH_LOGS="recompiles")
     assert p.returncode == 0, p.stderr[-3000:]
     assert [r["step"] for r in _rows(d)] == ["11", "22"]
@@ -223,3 +226,5 @@ def test_compile_and_channels_last_train(tmp_path: Path, mnist_root: Path) -> No
     assert len([ln for ln in recompiles if "Recompiling" in ln]) <= 1, "at most validation's (grad mode)"
     names = list(_weights(d / "model.pt"))
     assert names and all(k.startswith("net.") for k in names), "compile keeps plain parameter names"
+    assert "_checkpoint_wrapped_module" not in "".join(names), "so does activation checkpointing"
+    assert "activation checkpointing on 1 block(s)" in (d / "logs" / "rank-0.log").read_text()

@@ -21,6 +21,7 @@ from .errors import ConfigError, UserError, choice, non_negative, one_line, posi
 from .launchers import LAUNCHER_SCHEMAS, LAUNCHERS, SIGNALS, LocalLauncherConfig, SlurmLauncherConfig, check_launcher
 from .loggers import LOGGER_SCHEMAS, LOGGERS, WANDB_MODES, LoggerConfig, check_logger, logger_from_dict
 from .loggers import select as select_loggers
+from .memory import check_memory, check_reshard_world
 from .script import ScriptConfig, check_script, with_sweep
 
 # The closed choices, as types for the code that consumes them and as tuples for the checks. Schema
@@ -76,6 +77,11 @@ class TrainerConfig:
     accelerator: str = "auto"  # auto (CUDA if gpus > 0, else CPU), cpu, cuda, xla (torch-xla: TPUs)
     strategy: str = "auto"  # auto (ddp when > 1 rank), ddp, fsdp (FSDP2 fully_shard), none
     fsdp_wrap: list[str] = field(default_factory=list)  # module class names sharded as FSDP units (e.g. [Block])
+    fsdp_reshard_after_forward: Any = True  # FSDP: free each unit's gathered parameters after its forward (true), keep them for backward (false: more memory, one all-gather less), or N: reshard over groups of N ranks, e.g. a node, so backward gathers inside them (docs/big-models.md)
+    fsdp_cpu_offload: bool = False  # FSDP: sharded parameters, gradients and optimizer state live in CPU memory; each unit is copied to the device for its compute (CPUOffloadPolicy)
+    fsdp_param_dtype: str = "auto"  # FSDP: dtype the parameters are gathered and computed in (auto = their own, as trainer.precision made them; bfloat16 needs precision bf16-mixed)
+    fsdp_reduce_dtype: str = "auto"  # FSDP: dtype of the gradient reduce-scatter (auto = fsdp_param_dtype's; float32 sums bf16 gradients without bf16 rounding)
+    activation_checkpointing: Any = "off"  # recompute these blocks' activations in backward instead of keeping them: off, [Block] (every Block), {Block: 2} (every 2nd) (docs/big-models.md)
     precision: str = "auto"  # auto (bf16-mixed where bf16 is native, else 32: launcher/device/hardware.py), 32, bf16-mixed, 16-mixed, bf16-true
     accumulate_grad_batches: int = 1  # micro-batches per optimizer step (no gradient all-reduce until the last)
     gradient_clip_val: float = 0.0  # clip the total gradient norm to this (over all ranks' shards); 0 = off
@@ -249,6 +255,7 @@ def check_trainer(t: TrainerConfig) -> None:
                           f"collective timeout (trainer.dist_timeout_s={t.dist_timeout_s:g}) ends the run",
                           "null (auto), 0 (off), 0 < seconds < trainer.dist_timeout_s")
     profile_window(t.profile)
+    check_memory(t)
 
 
 def profile_window(profile: Any) -> Optional[tuple[int, int]]:
@@ -325,3 +332,4 @@ def check(cfg: Config, local: bool = True) -> None:
     if cfg.trainer.strategy == "none" and ranks > 1 and cfg.trainer.accelerator != "xla":
         raise ConfigError("trainer.strategy", "none", f"{ranks} ranks would train unsynchronised copies",
                           "auto, ddp, fsdp")
+    check_reshard_world(cfg.trainer.fsdp_reshard_after_forward, ranks)

@@ -118,12 +118,15 @@ SHARE_GPU_ENV = "LAUNCHER_TEST_SHARE_GPU"
 
 
 def init(gpus: int = 0, timeout_s: float = 600.0, group_of_one: bool = False,
-         join_timeout_s: Optional[float] = None, arrived: Optional[Callable[[], None]] = None) -> Dist:
+         join_timeout_s: Optional[float] = None, arrived: Optional[Callable[[], None]] = None,
+         cpu_collectives: bool = False) -> Dist:
     """Join the process group the env describes (gloo on CPU, nccl on CUDA), or a world of one.
     group_of_one: a world of one gets a process group too (FSDP shards over one, and its DCP
     checkpoints are collectives): in memory, no rendezvous, no port. join_timeout_s: the bound on
     joining (JoinTimeout naming the ranks that did not), timeout_s the collectives' after it;
-    arrived() is called when this rank reaches the rendezvous (what follows is a wait for the others)."""
+    arrived() is called when this rank reaches the rendezvous (what follows is a wait for the others);
+    cpu_collectives: on CUDA, collectives of CPU tensors go over gloo beside nccl (FSDP's CPU offload:
+    its shards' grad norm and full weights are CPU DTensors, which nccl refuses; torchtitan does the same)."""
     env = env_rank()
     rank, local, world, local_world = env or (0, 0, 1, 1)
     if gpus > 0:
@@ -133,6 +136,8 @@ def init(gpus: int = 0, timeout_s: float = 600.0, group_of_one: bool = False,
         device = torch.device("cpu")
     if (world > 1 or group_of_one) and not td.is_initialized():
         backend = "nccl" if device.type == "cuda" and not os.environ.get(SHARE_GPU_ENV) else "gloo"
+        if backend == "nccl" and cpu_collectives:
+            backend = "cpu:gloo,cuda:nccl"
         timeout = datetime.timedelta(seconds=timeout_s)
         if world == 1:
             td.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout,
@@ -234,7 +239,8 @@ def current() -> Dist:
     if not td.is_initialized():
         return Dist()
     env = env_rank() or (td.get_rank(), td.get_rank(), td.get_world_size(), td.get_world_size())
-    device = torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else torch.device("cpu")
+    nccl = "nccl" in str(td.get_backend())  # "cpu:gloo,cuda:nccl" too (init's cpu_collectives)
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     return Dist(td.get_rank(), env[1], td.get_world_size(), env[3], device)
 
 

@@ -3,6 +3,8 @@
 Mixed precision is autocast on the device's own type (cpu, cuda, xla); the weights stay float32 and
 the optimizer steps in float32. 16-mixed scales the loss (GradScaler) so small float16 gradients do
 not flush to zero; the scaler's state is part of the checkpoint. bf16-true casts the model itself.
+This is the one truth of the compute dtype: under FSDP, trainer.fsdp_param_dtype / fsdp_reduce_dtype
+(FSDP2's MixedPrecisionPolicy, device/memory.py) may carry bf16-mixed out, never contradict it.
 """
 
 from __future__ import annotations

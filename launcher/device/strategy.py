@@ -8,13 +8,14 @@ gradient all-reduce on all but the last micro-batch (DDP no_sync; FSDP2 set_requ
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Iterable
+from typing import Any, ContextManager, Iterable, Optional
 
 import torch
 from torch import nn
 
 from ..config import Strategy, UserError
 from .dist import Dist
+from .memory import checkpoint_blocks, root_options
 
 
 def dcp_api() -> Any:
@@ -41,10 +42,12 @@ def full_weights(model: nn.Module, sharded: bool, is_main: bool) -> dict[str, to
 
 
 def wrap(model: nn.Module, strategy: Strategy, d: Dist, fsdp_wrap: Iterable[str], compile: bool,
-         channels_last: bool) -> nn.Module:
-    """The module to train through; `model` itself stays the bare module (FSDP2 shards it in place)."""
+         channels_last: bool, checkpointing: Any = "off", fsdp_options: Optional[dict] = None) -> nn.Module:
+    """The module to train through; `model` itself stays the bare module (FSDP2 shards it in place).
+    checkpointing: trainer.activation_checkpointing; fsdp_options: fully_shard's (device/memory.py)."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    checkpointed = checkpoint_blocks(model, checkpointing)  # first: fully_shard, compile, DDP take the wrappers
     if strategy == "fsdp":
         try:  # FSDP runs only
             from torch.distributed.fsdp import fully_shard
@@ -58,8 +61,8 @@ def wrap(model: nn.Module, strategy: Strategy, d: Dist, fsdp_wrap: Iterable[str]
             raise UserError(f"trainer.fsdp_wrap={sorted(names)}: no such module class in the model; "
                              f"valid: {', '.join(found)}")
         for unit in units:
-            fully_shard(unit)
-        fully_shard(model)
+            fully_shard(checkpointed.get(unit, unit), **(fsdp_options or {}))
+        fully_shard(model, **root_options(fsdp_options or {}))
     if compile:
         model.compile()  # in place: state_dict keys keep their names (torch.compile(m) would prefix them)
     if strategy == "ddp" and d.distributed:

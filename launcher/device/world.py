@@ -16,4 +16,6 @@ def world_for(t: TrainerConfig) -> D.Dist:
     gpus = resolve_gpus(t, local=True)
     fsdp = t.strategy == "fsdp"  # shards over a group, of one rank if need be
     make_deterministic(t.deterministic)
-    return D.init(gpus, t.dist_timeout_s, group_of_one=fsdp) if D.env_rank() or gpus or fsdp else D.current()
+    if D.env_rank() or gpus or fsdp:
+        return D.init(gpus, t.dist_timeout_s, group_of_one=fsdp, cpu_collectives=t.fsdp_cpu_offload)
+    return D.current()

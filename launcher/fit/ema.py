@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..device.memory import plain_name
 from .callbacks import Callback, RunView
 
 
@@ -59,7 +60,8 @@ class EMA(Callback):
 
     def on_fit_start(self, run: RunView) -> None:
         named = [(n, p) for n, p in run.model.named_parameters() if p.is_floating_point()]
-        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        # the state_dict's names (checkpointed blocks' wrappers left out): model-ema.pt loads into the bare model
+        self.names, self.params = [plain_name(n) for n, _ in named], [p for _, p in named]
         self.average = [_local(p).detach().clone() for p in self.params]
         self._run = run
         if self._pending is not None:

@@ -23,6 +23,7 @@ from .data import Batches
 from ..device.dist import Dist, broadcast_object
 from ..device.hardware import channels_last_fits, resolve_channels_last, resolve_precision
 from .metrics import Accumulator
+from ..device.memory import describe, fsdp_options
 from ..device.precision import Precision
 from ..observe.progress import Speed
 from .step import Stepper
@@ -151,7 +152,9 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Optional[Callabl
     chosen = f"precision {precision} ({why_precision}), channels_last {'on' if channels_last else 'off'} ({why_cl})"
     summary = _summary(model, lambda: step(model, batch)) if t.summary and batch is not None else ""
     # the optimizer must see the parameters as they will be trained: after FSDP sharding
-    net = S.wrap(model, strategy, d, t.fsdp_wrap, t.compile, channels_last)
+    fsdp = fsdp_options(t, precision, d.device) if strategy == "fsdp" else {}  # trainer.fsdp_* (device/memory.py)
+    net = S.wrap(model, strategy, d, t.fsdp_wrap, t.compile, channels_last, t.activation_checkpointing, fsdp)
+    chosen += describe(model, fsdp)
     if not isinstance(optimizer, torch.optim.Optimizer):
         fused = _fused(optimizer, list(model.parameters()), d.device, strategy == "fsdp") if xla is None else None
         optimizer = fused or _called("optimizer", optimizer, model.parameters())  # a partial from the recipe

@@ -103,7 +103,7 @@ def _join(cfg: C.Config, watch: Optional["JoinWatch"]) -> dist.Dist:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     return dist.init(int(cfg.trainer.gpus or 0), cfg.trainer.dist_timeout_s,
                      group_of_one=cfg.trainer.strategy == "fsdp", join_timeout_s=cfg.trainer.join_timeout_s,
-                     arrived=watch.arrive if watch else None)
+                     arrived=watch.arrive if watch else None, cpu_collectives=cfg.trainer.fsdp_cpu_offload)
 
 
 def _join_watch(cfg: C.Config) -> contextlib.AbstractContextManager[Any]:

@@ -153,7 +153,7 @@ def dump_flight_recorder(out: Path, rank: int) -> Optional[Path]:
     import torch.distributed as dist
 
     if not (torch.cuda.is_available() and dist.is_available() and dist.is_initialized()
-            and dist.get_backend() == "nccl"):
+            and "nccl" in str(dist.get_backend())):  # "cpu:gloo,cuda:nccl" too (dist.init cpu_collectives)
         return None
     from torch._C import _distributed_c10d as c10d
 

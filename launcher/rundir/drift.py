@@ -35,6 +35,7 @@ _FREE_TRAINER = {
     "gpus", "nproc", "nodes", "accelerator", "strategy", "fsdp_wrap",  # where it runs, how many ranks
     "num_workers", "persistent_workers", "prefetch_factor", "dist_timeout_s", "join_timeout_s", "compile", "channels_last",  # speed and patience, same maths
     "gradient_clip_val", "nonfinite",  # read at every step from the config: applied as they are
+    "activation_checkpointing", "fsdp_reshard_after_forward", "fsdp_cpu_offload",  # memory for time, same maths
 }
 _OPTIMIZER_FIXED = {"_target_", "_partial_"}
 
