@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import Strategy, UserError
 from .dist import Dist
+from .mesh import grad_norm_over_meshes, meshes_of
 
 
 def dcp_api() -> Any:
@@ -25,7 +26,10 @@ def dcp_api() -> Any:
     return sd
 
 
-def resolve(strategy: Strategy, d: Dist) -> Strategy:
+def resolve(strategy: Strategy, d: Dist, tp: int = 1) -> Strategy:
+    """What runs: hsdp is FSDP2 over a 2-D mesh (device/mesh.py), and TP's data dimension shards with it."""
+    if strategy == "hsdp" or (strategy == "auto" and tp > 1):
+        return "fsdp"
     if strategy == "auto":
         return "ddp" if d.distributed else "none"
     return strategy
@@ -41,8 +45,9 @@ def full_weights(model: nn.Module, sharded: bool, is_main: bool) -> dict[str, to
 
 
 def wrap(model: nn.Module, strategy: Strategy, d: Dist, fsdp_wrap: Iterable[str], compile: bool,
-         channels_last: bool) -> nn.Module:
-    """The module to train through; `model` itself stays the bare module (FSDP2 shards it in place)."""
+         channels_last: bool, mesh: Any = None) -> nn.Module:
+    """The module to train through; `model` itself stays the bare module (FSDP2 shards it in place over
+    `mesh`: device/mesh.py's data-parallel mesh; None = the whole world, flat)."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if strategy == "fsdp":
@@ -58,8 +63,8 @@ def wrap(model: nn.Module, strategy: Strategy, d: Dist, fsdp_wrap: Iterable[str]
             raise UserError(f"trainer.fsdp_wrap={sorted(names)}: no such module class in the model; "
                              f"valid: {', '.join(found)}")
         for unit in units:
-            fully_shard(unit)
-        fully_shard(model)
+            fully_shard(unit, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     if compile:
         model.compile()  # in place: state_dict keys keep their names (torch.compile(m) would prefix them)
     if strategy == "ddp" and d.distributed:
@@ -89,6 +94,8 @@ def _fsdp_no_sync(net: nn.Module):
 
 def grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Total gradient norm over all ranks' shards; clips to max_norm when > 0. A plain tensor."""
+    if meshes_of(params) > 1:  # tensor parallel: 1-D and 2-D DTensors (device/mesh.py)
+        return grad_norm_over_meshes(params, max_norm)
     if max_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     else:
