@@ -52,8 +52,8 @@ class OptimizerState:
         return self.opt.state_dict()
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        if self.sharded:
-            dcp_api().set_optimizer_state_dict(self.model, self.opt, sd,
+        if self.sharded:  # (DCP wants the state by parameter name: an unsharded run's is by index)
+            dcp_api().set_optimizer_state_dict(self.model, self.opt, by_name(self.model, sd),
                                             options=dcp_api().StateDictOptions(full_state_dict=True))
         else:
             self.opt.load_state_dict(sd)
@@ -63,6 +63,17 @@ class OptimizerState:
 
     def load_dcp_state_dict(self, sd: dict[str, Any]) -> None:
         dcp_api().set_optimizer_state_dict(self.model, self.opt, sd)
+
+
+def by_name(model: nn.Module, sd: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state_dict keyed by parameter index (optimizer.state_dict() of a run built over
+    model.parameters(), in that order) keyed by parameter name, as DCP's set_optimizer_state_dict
+    reads a full one; one already keyed by name is returned as it is."""
+    names = [n for n, _ in model.named_parameters()]
+    if not all(isinstance(k, int) for k in sd.get("state", {})):
+        return sd
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": {names[i]: v for i, v in sd["state"].items()}, "param_groups": groups}
 
 
 class PerRank:
