@@ -25,6 +25,7 @@ from ..device.dist import Dist, broadcast_object
 from ..device.hardware import channels_last_fits, resolve_channels_last, resolve_precision
 from .metrics import Accumulator
 from ..device.precision import Precision
+from ..observe.holdings import for_run
 from ..observe.progress import Speed
 from .step import Stepper
 from .steps import Step, Supervised, preparer, resolve
@@ -161,6 +162,7 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Optional[Callabl
     elif strategy == "fsdp":
         raise UserError("trainer.strategy=fsdp needs the optimizer as a callable taking the parameters "
                          "(e.g. functools.partial(torch.optim.AdamW, lr=1e-3)): FSDP replaces them")
+    held = for_run(model, optimizer, t, d.world_size, strategy) if t.summary and xla is None else ""
     if scheduler is not None and not hasattr(scheduler, "step"):
         scheduler = _called("scheduler", scheduler, optimizer)
     if t.scheduler_interval == "step" and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -173,8 +175,9 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Optional[Callabl
     speed = Speed.of(model, samples_per_step=train.batch_size * t.accumulate_grad_batches * dd.world_size,
                      world_size=d.world_size, device=d.device, peak_tflops=t.peak_tflops)
     log.info(chosen)  # printed once all is built: a user's error above stays the run's only line
-    if summary:
-        log.info(summary)
+    for text in (summary, held):
+        if text:
+            log.info(text)
     return FitParts(model, optimizer, scheduler, loss_fn, step, metrics, train, val, prec, strategy, xla, train_acc,
                     val_acc, stepper, speed, chosen, channels_last)
 
