@@ -176,3 +176,14 @@ def test_tp_and_hsdp_meshes_train_like_one_rank_resume_across_meshes_and_after_a
     a, b = (torch.load(r / "model.pt", weights_only=True) for r in (tp, cut))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _rows(tp) == _rows(cut)
+
+
+@pytest.mark.slow
+def test_built_in_tp_plans_split_gpt2_llama_and_charlm_exactly(tmp_path: Path) -> None:
+    """2 gloo ranks: each model split by its built-in plan gives the unsplit model's loss and gradients."""
+    pytest.importorskip("transformers")
+    p = subprocess.run([sys.executable, str(Path(__file__).parent / "support" / "tp_models.py"), str(tmp_path / "init")],
+                       env=cli_env(), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for name, n in (("gpt2", 4), ("llama", 14), ("charlm", 8)):
+        assert p.stdout.count(f"{name}: loss") == 2 and f"{n} modules split" in p.stdout, p.stdout
