@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..device.dist import Dist, all_gather_object
+from ..device.mesh import back, portable
 from ..device.strategy import dcp_api
 from ..fit.seeding import rng_state, set_rng_state
 
@@ -35,10 +36,10 @@ class ModelState:
             self.model.load_state_dict(sd)
 
     def dcp_state_dict(self) -> dict[str, Any]:
-        return dcp_api().get_model_state_dict(self.model)
+        return portable(dcp_api().get_model_state_dict(self.model))  # (portable: a packed q|k|v whole)
 
     def load_dcp_state_dict(self, sd: dict[str, Any]) -> None:
-        dcp_api().set_model_state_dict(self.model, sd)
+        dcp_api().set_model_state_dict(self.model, back(sd, dcp_api().get_model_state_dict(self.model)))
 
 
 class OptimizerState:
@@ -59,10 +60,11 @@ class OptimizerState:
             self.opt.load_state_dict(sd)
 
     def dcp_state_dict(self) -> dict[str, Any]:
-        return dcp_api().get_optimizer_state_dict(self.model, self.opt)
+        return portable(dcp_api().get_optimizer_state_dict(self.model, self.opt))
 
     def load_dcp_state_dict(self, sd: dict[str, Any]) -> None:
-        dcp_api().set_optimizer_state_dict(self.model, self.opt, sd)
+        like = dcp_api().get_optimizer_state_dict(self.model, self.opt)
+        dcp_api().set_optimizer_state_dict(self.model, self.opt, back(sd, like))
 
 
 def by_name(model: nn.Module, sd: dict[str, Any]) -> dict[str, Any]:

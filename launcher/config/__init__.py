@@ -78,7 +78,7 @@ class TrainerConfig:
     strategy: str = "auto"  # auto (ddp when > 1 rank; fsdp with tensor_parallel > 1), ddp, fsdp (FSDP2 fully_shard), hsdp (FSDP inside a node, replicated across nodes), none
     hsdp_replicas: int = 0  # strategy=hsdp: replica groups of the data-parallel ranks (each shards the weights); 0 = one per node
     tensor_parallel: int = 1  # ranks splitting each block's matmuls (neighbouring ranks; data is sharded over the rest); 1 = off
-    tp_plan: Any = None  # tensor_parallel > 1: null = the built-in plan (charlm, GPT-2, Llama), "module:function(model, tp_mesh)", or {module pattern: colwise | rowwise}
+    tp_plan: Any = None  # tensor_parallel > 1: null = the built-in plan (charlm, GPT-2, Llama), "module:function(model, tp_mesh)", or {module pattern: colwise | colwise_qkv | rowwise}
     fsdp_wrap: list[str] = field(default_factory=list)  # module class names sharded as FSDP units (e.g. [Block])
     precision: str = "auto"  # auto (bf16-mixed where bf16 is native, else 32: launcher/device/hardware.py), 32, bf16-mixed, 16-mixed, bf16-true
     accumulate_grad_batches: int = 1  # micro-batches per optimizer step (no gradient all-reduce until the last)

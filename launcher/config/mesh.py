@@ -15,7 +15,7 @@ from typing import Any
 from .errors import ConfigError
 
 # what trainer.tp_plan maps a module name (pattern) to: torch.distributed.tensor.parallel's styles
-TP_STYLES = ("colwise", "rowwise")
+TP_STYLES = ("colwise", "colwise_qkv", "rowwise")
 # the keys under which recipes' model configs name their attention heads (charlm, GPT-2, Llama, ...)
 HEAD_KEYS = ("n_head", "n_heads", "num_heads", "num_attention_heads", "num_key_value_heads", "n_kv_heads")
 
@@ -101,13 +101,13 @@ def check_mesh(t: Any, world: int, model: Any) -> MeshSizes:
 
 def check_plan(plan: Any) -> None:
     """trainer.tp_plan: null (the built-in plan for the model), "module:function" (the user's function
-    taking (model, tp_mesh)), or {module name pattern: colwise | rowwise}."""
+    taking (model, tp_mesh)), or {module name pattern: colwise | colwise_qkv | rowwise}."""
     if plan is None or plan == "":
         return
     if isinstance(plan, str):
         if ":" not in plan:
             raise ConfigError("trainer.tp_plan", plan, "not a function", 'null (built in), "package.module:function", '
-                              "or {module pattern: colwise | rowwise}")
+                              "or {module pattern: colwise | colwise_qkv | rowwise}")
         return
     if not hasattr(plan, "items") or not plan:
         raise ConfigError("trainer.tp_plan", plan, "not a plan", 'null, "package.module:function", or a mapping')

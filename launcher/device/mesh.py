@@ -126,3 +126,101 @@ def grad_norm_over_meshes(params: list[Any], max_norm: float) -> Any:
         for grads in groups.values():
             torch._foreach_mul_(grads, coef)
     return total
+
+
+def _packed(t: Any) -> bool:
+    """A DTensor split over tp as a packed q|k|v (tensor_parallel.py's colwise_qkv): DCP cannot write
+    its non-contiguous chunks, so checkpoints see it replicated over that dimension."""
+    placements = getattr(t, "placements", None)
+    return bool(placements) and type(placements[-1]).__name__ == "_StridedShard" and \
+        getattr(placements[-1], "split_factor", 1) == 3
+
+
+def _mapped(sd: Any, fn: Any) -> Any:
+    if isinstance(sd, dict):
+        return {k: _mapped(v, fn) for k, v in sd.items()}
+    if isinstance(sd, list):
+        return [_mapped(v, fn) for v in sd]
+    return fn(sd)
+
+
+def portable(sd: Any) -> Any:
+    """A DCP state dict with each packed-qkv DTensor made whole (a plain tensor, the same on every
+    rank: DCP writes it once), so the checkpoint loads on any mesh; everything else as it is."""
+    return _mapped(sd, lambda t: whole(t) if _packed(t) else t)
+
+
+def back(loaded: Any, like: Any) -> Any:
+    """`loaded` (portable()'s form, filled by DCP) with each whole packed tensor split as in `like`."""
+    if isinstance(loaded, dict):
+        return {k: back(v, like.get(k) if isinstance(like, dict) else None) for k, v in loaded.items()}
+    if isinstance(loaded, list):
+        return [back(v, like[i] if isinstance(like, list) and i < len(like) else None) for i, v in enumerate(loaded)]
+    return split_like(loaded, like) if _packed(like) else loaded
+
+
+# DTensor's own redistribute / full_tensor mis-order a tensor strided twice (FSDP's _StridedShard over
+# dp on top of colwise_qkv's over tp: checked on torch 2.13), so these two follow the layouts by hand:
+# tp rank j holds [q_j | k_j | v_j] along the split dim, and FSDP gives shard rank i torch.chunk(that,
+# dp_shard)[i] along its own dim (0); replicas hold the same.
+
+
+def whole(t: Any) -> Any:
+    """The full tensor of a packed DTensor, on every rank (a collective over its mesh)."""
+    import torch
+    import torch.distributed as dist
+
+    mesh, placements, local = t.device_mesh, t.placements, t.to_local()
+    for d in range(mesh.ndim - 1):  # the data-parallel dims: gather FSDP's (uneven) chunks
+        if type(placements[d]).__name__ in ("Shard", "_StridedShard"):
+            local = _gather_cat(local, placements[d].dim, mesh.get_group(d))
+    dim = placements[-1].dim
+    parts = [torch.empty_like(local) for _ in range(mesh.size(mesh.ndim - 1))]
+    dist.all_gather(parts, local.contiguous(), group=mesh.get_group(mesh.ndim - 1))
+    thirds = [p.chunk(3, dim=dim) for p in parts]
+    return torch.cat([torch.cat([th[k] for th in thirds], dim=dim) for k in range(3)], dim=dim)
+
+
+def _gather_cat(local: Any, dim: int, group: Any) -> Any:
+    import torch
+    import torch.distributed as dist
+
+    n = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=local.device) for _ in range(n)]
+    dist.all_gather(sizes, torch.tensor([local.shape[dim]], device=local.device), group=group)
+    most = int(max(s.item() for s in sizes))
+    pad = list(local.shape)
+    pad[dim] = most - local.shape[dim]
+    padded = torch.cat([local, local.new_zeros(pad)], dim=dim).contiguous()
+    outs = [torch.empty_like(padded) for _ in range(n)]
+    dist.all_gather(outs, padded, group=group)
+    return torch.cat([o.narrow(dim, 0, int(s.item())) for o, s in zip(outs, sizes)], dim=dim)
+
+
+def split_like(full: Any, like: Any) -> Any:
+    """`full` cut into this rank's shard of `like`'s layout, as a DTensor like it (no communication)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    mesh, placements = like.device_mesh, like.placements
+    coords = mesh.get_coordinate()
+    dim, tp = placements[-1].dim, mesh.size(mesh.ndim - 1)
+    full = full.to(like.to_local().device, like.dtype)
+    local = torch.cat([third.chunk(tp, dim=dim)[coords[-1]] for third in full.chunk(3, dim=dim)], dim=dim)
+    for d in range(mesh.ndim - 1):
+        if type(placements[d]).__name__ in ("Shard", "_StridedShard"):
+            chunks = torch.chunk(local, mesh.size(d), dim=placements[d].dim)
+            local = chunks[coords[d]] if coords[d] < len(chunks) else local.narrow(placements[d].dim, 0, 0)
+    return DTensor.from_local(local.contiguous(), mesh, placements, shape=like.shape, stride=like.stride())
+
+
+def has_packed(model: Any) -> bool:
+    return any(_packed(p) for p in model.parameters())
+
+
+def full_state(model: Any, sd: Any, is_main: bool) -> Any:
+    """The full weights of a model with packed tensors (rank 0, on the CPU): DCP's sharded state dict
+    made whole tensor by tensor (a collective: every rank calls it)."""
+    out = {k: (whole(v) if _packed(v) else v.full_tensor() if hasattr(v, "full_tensor") else v).cpu()
+           for k, v in sd.items()}
+    return out if is_main else None

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import Strategy, UserError
 from .dist import Dist
-from .mesh import grad_norm_over_meshes, meshes_of
+from .mesh import full_state, grad_norm_over_meshes, has_packed, meshes_of
 
 
 def dcp_api() -> Any:
@@ -37,6 +37,8 @@ def resolve(strategy: Strategy, d: Dist, tp: int = 1) -> Strategy:
 
 def full_weights(model: nn.Module, sharded: bool, is_main: bool) -> dict[str, torch.Tensor] | None:
     """The bare model's full state_dict on rank 0 (None elsewhere); a collective under FSDP."""
+    if sharded and has_packed(model):  # a packed q|k|v under TP: DTensor cannot gather it (device/mesh.py)
+        return full_state(model, dcp_api().get_model_state_dict(model), is_main)
     if sharded:
         sd = dcp_api().get_model_state_dict(model, options=dcp_api().StateDictOptions(full_state_dict=True,
                                                                                 cpu_offload=True))

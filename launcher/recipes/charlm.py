@@ -258,9 +258,9 @@ class Block(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         n, t, c = x.shape
-        # (N, T, 3C) -> 3 x (N, H, T, C/H). qkv's outputs are per head [q k v]: a column slice of it (tensor
-        # parallel, launcher/device/tensor_parallel.py) holds whole heads, and H is read from the shape
-        q, k, v = self.qkv(x).view(n, t, -1, 3, c // self.n_head).permute(3, 0, 2, 1, 4)
+        # (N, T, 3C) -> 3 x (N, H, T, C/H); H read from the shape: under tensor parallel a rank's qkv gives
+        # its own heads' q, k and v (launcher/device/tensor_parallel.py: colwise_qkv)
+        q, k, v = self.qkv(x).view(n, t, 3, -1, c // self.n_head).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         return self.attn_proj(out.transpose(1, 2).reshape(n, t, -1))
