@@ -183,10 +183,12 @@ def test_tp_and_hsdp_meshes_train_like_one_rank_resume_across_meshes_and_after_a
 
 @pytest.mark.slow
 def test_built_in_tp_plans_split_gpt2_llama_and_charlm_exactly(tmp_path: Path) -> None:
-    """2 gloo ranks: each model split by its built-in plan gives the unsplit model's loss and gradients."""
+    """2 gloo ranks: each model split by its built-in plan (and charlm by a user's plan function, as
+    trainer.tp_plan="module:function" names it) gives the unsplit model's loss and gradients."""
     pytest.importorskip("transformers")
     p = subprocess.run([sys.executable, str(Path(__file__).parent / "support" / "tp_models.py"), str(tmp_path / "init")],
                        env=cli_env(), capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
-    for name, n in (("gpt2", 8), ("llama", 14), ("charlm", 8)):
-        assert p.stdout.count(f"{name}: loss") == 2 and f"{n} modules split" in p.stdout, p.stdout
+    for name, n in (("gpt2", 8), ("llama", 14), ("charlm", 8), ("charlm, the user's function", 8)):
+        assert p.stdout.count(f"{name}: loss") == 2 and f"{name}: loss" in p.stdout, p.stdout
+        assert re.search(rf"{re.escape(name)}: loss [\d.]+ equal, {n} modules split", p.stdout), p.stdout

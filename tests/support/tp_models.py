@@ -32,6 +32,15 @@ def loss_of(name: str, model: torch.nn.Module, ids: torch.Tensor) -> torch.Tenso
     return model(input_ids=ids, labels=ids).loss
 
 
+def mlp_only(model: torch.nn.Module, tp_mesh: object) -> None:
+    """A user's own plan (trainer.tp_plan="tp_models:mlp_only"): charlm's MLPs only."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {f"blocks.{i}.mlp.{j}": style for i in range(len(model.blocks))  # type: ignore[arg-type]
+            for j, style in ((0, ColwiseParallel()), (2, RowwiseParallel()))}
+    parallelize_module(model, tp_mesh, plan)  # type: ignore[arg-type]
+
+
 def rank(r: int, init: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=r, world_size=2)
     from torch.distributed.device_mesh import init_device_mesh
@@ -40,11 +49,13 @@ def rank(r: int, init: str) -> None:
 
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
     ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
-    for name, plain in models().items():
+    todo = [(name, plain, None) for name, plain in models().items()]
+    todo.append(("charlm, the user's function", models()["charlm"], "tp_models:mlp_only"))
+    for name, plain, user in todo:
         split = copy.deepcopy(plain)
-        plan = apply(split, mesh, None)
+        plan = apply(split, mesh, user) or {n: "theirs" for n, p in split.named_parameters() if hasattr(p, "placements")}
         assert plan, name
-        a, b = loss_of(name, plain, ids), loss_of(name, split, ids)
+        a, b = loss_of(name.split(",")[0], plain, ids), loss_of(name.split(",")[0], split, ids)
         a.backward()
         b.backward()
         assert torch.allclose(a, b, atol=1e-5), (name, a.item(), b.item())
