@@ -9,6 +9,7 @@ bitwise after a SIGKILL.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import signal
@@ -144,6 +145,10 @@ def test_tp_and_hsdp_meshes_train_like_one_rank_resume_across_meshes_and_after_a
     p = run_cli([*tp_args, f"run.dir={tp}"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     _close(_rows(tp), ref, "fsdp x tp 2x2")
+    # tensor-parallel peers read the same batches: the coverage ledger counts each sample once per epoch
+    ledgers = [[{k: v for k, v in json.loads(ln).items() if k != "world_size"}
+                for ln in (r / "ledger.jsonl").read_text().splitlines()] for r in (one, tp)]
+    assert ledgers[0] == ledgers[1] and all(e["complete"] and e["times"]["1"] == 256 for e in ledgers[1]), ledgers
     # the weights made whole from 2x2 shards (the packed qkv too) are one rank's, to float rounding
     w1, w4 = (torch.load(r / "model.pt", weights_only=True) for r in (one, tp))
     assert w1.keys() == w4.keys() and all(torch.allclose(w1[k], w4[k], atol=1e-4) for k in w1)

@@ -94,7 +94,8 @@ class Ledger:
         return counts.numpy()
 
     def _world_streams(self) -> dict[int, np.ndarray]:
-        parts = all_gather_object(self.data.coverage())  # ragged (each rank read its own): objects
+        # ragged (each rank read its own): objects; a tensor-parallel peer read its peer 0's samples
+        parts = all_gather_object(self.data.coverage() if tp_rank(self.data.dist) == 0 else {})
         if self.carried is not None and self.carried[0] == self.progress.epoch:
             parts.append(self.carried[1])
         out: dict[int, np.ndarray] = {}
