@@ -111,7 +111,7 @@ class Trainer:
         self.ledger = ledger.Ledger(t, d, fp.train, self.progress, run.path)  # which samples each epoch trained
         self.spikes = SpikeGuard(t, d, fp.train_acc, fp.train)  # loss-spike rollback (trainer.spike_factor)
         states = run_states(fp, self.progress, self.stopper, d, self.ledger, lambda: seed_everything(
-            t.seed + d.rank + self.progress.step), cbs.stateful(), self.spikes)
+            t.seed + fp.train.dist.rank + self.progress.step), cbs.stateful(), self.spikes)
         self.ckpt = CheckpointManager(run.path / "checkpoints", cfg.checkpoint, mode=t.mode, dist=d, states=states,
                                       sharded=fp.sharded, xla=fp.xla, info={"run_id": run.id, "config": run.config},
                                       before_save=lambda folder: (fp.stepper.check(), cbs.fire("on_checkpoint", folder)))
@@ -122,7 +122,7 @@ class Trainer:
             drift.log_changes(self.ckpt.restored_config, run.config)
             log.info("resumed from %s: step %d, epoch %d at batch %d", point, p.step, p.epoch + 1, p.batch_in_epoch)
         else:
-            seed_everything(t.seed + d.rank)  # per-rank streams (dropout differs per rank, like torchrun)
+            seed_everything(t.seed + fp.train.dist.rank)  # per data rank (dropout differs per rank, not per tp peer)
         # judged by this run's patience as if set from the start: raising it continues a run stopped early
         self.progress.stopped_early = self.stopper.should_stop()
         if run.unwritable is not None and self.should_continue():  # training would write: say why it cannot

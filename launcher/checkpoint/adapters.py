@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..device.dist import Dist, all_gather_object
+from ..device.mesh import back, portable
 from ..device.strategy import dcp_api
 from ..fit.seeding import rng_state, set_rng_state
 
@@ -35,10 +36,10 @@ class ModelState:
             self.model.load_state_dict(sd)
 
     def dcp_state_dict(self) -> dict[str, Any]:
-        return dcp_api().get_model_state_dict(self.model)
+        return portable(dcp_api().get_model_state_dict(self.model))  # (portable: a packed q|k|v whole)
 
     def load_dcp_state_dict(self, sd: dict[str, Any]) -> None:
-        dcp_api().set_model_state_dict(self.model, sd)
+        dcp_api().set_model_state_dict(self.model, back(sd, dcp_api().get_model_state_dict(self.model)))
 
 
 class OptimizerState:
@@ -52,17 +53,29 @@ class OptimizerState:
         return self.opt.state_dict()
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        if self.sharded:
-            dcp_api().set_optimizer_state_dict(self.model, self.opt, sd,
+        if self.sharded:  # (DCP wants the state by parameter name: an unsharded run's is by index)
+            dcp_api().set_optimizer_state_dict(self.model, self.opt, by_name(self.model, sd),
                                             options=dcp_api().StateDictOptions(full_state_dict=True))
         else:
             self.opt.load_state_dict(sd)
 
     def dcp_state_dict(self) -> dict[str, Any]:
-        return dcp_api().get_optimizer_state_dict(self.model, self.opt)
+        return portable(dcp_api().get_optimizer_state_dict(self.model, self.opt))
 
     def load_dcp_state_dict(self, sd: dict[str, Any]) -> None:
-        dcp_api().set_optimizer_state_dict(self.model, self.opt, sd)
+        like = dcp_api().get_optimizer_state_dict(self.model, self.opt)
+        dcp_api().set_optimizer_state_dict(self.model, self.opt, back(sd, like))
+
+
+def by_name(model: nn.Module, sd: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state_dict keyed by parameter index (optimizer.state_dict() of a run built over
+    model.parameters(), in that order) keyed by parameter name, as DCP's set_optimizer_state_dict
+    reads a full one; one already keyed by name is returned as it is."""
+    names = [n for n, _ in model.named_parameters()]
+    if not all(isinstance(k, int) for k in sd.get("state", {})):
+        return sd
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": {names[i]: v for i, v in sd["state"].items()}, "param_groups": groups}
 
 
 class PerRank:

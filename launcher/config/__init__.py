@@ -22,12 +22,13 @@ from .launchers import LAUNCHER_SCHEMAS, LAUNCHERS, SIGNALS, LocalLauncherConfig
 from .loggers import LOGGER_SCHEMAS, LOGGERS, WANDB_MODES, LoggerConfig, check_logger, logger_from_dict
 from .loggers import select as select_loggers
 from .memory import check_memory, check_reshard_world
+from .mesh import check_mesh
 from .script import ScriptConfig, check_script, with_sweep
 
 # The closed choices, as types for the code that consumes them and as tuples for the checks. Schema
 # fields stay `str` (OmegaConf rejects Literal annotations): check_trainer checks them once.
 Accelerator = Literal["auto", "cpu", "cuda", "xla"]
-Strategy = Literal["auto", "ddp", "fsdp", "none"]
+Strategy = Literal["auto", "ddp", "fsdp", "hsdp", "none"]
 PrecisionName = Literal["32", "bf16-mixed", "16-mixed", "bf16-true"]  # what runs; "auto" resolves to one
 NonFinite = Literal["error", "skip", "off"]
 Mode = Literal["min", "max"]
@@ -75,7 +76,10 @@ class TrainerConfig:
     dist_timeout_s: float = 600.0  # collective timeout: a rank that does not arrive ends the run after this
     join_timeout_s: float = 60.0  # start-up: a rank not in the process group after this ends the run, named, its stack in its log
     accelerator: str = "auto"  # auto (CUDA if gpus > 0, else CPU), cpu, cuda, xla (torch-xla: TPUs)
-    strategy: str = "auto"  # auto (ddp when > 1 rank), ddp, fsdp (FSDP2 fully_shard), none
+    strategy: str = "auto"  # auto (ddp when > 1 rank; fsdp with tensor_parallel > 1), ddp, fsdp (FSDP2 fully_shard), hsdp (FSDP inside a node, replicated across nodes), none
+    hsdp_replicas: int = 0  # strategy=hsdp: replica groups of the data-parallel ranks (each shards the weights); 0 = one per node
+    tensor_parallel: int = 1  # ranks splitting each block's matmuls (neighbouring ranks; data is sharded over the rest); 1 = off
+    tp_plan: Any = None  # tensor_parallel > 1: null = the built-in plan (charlm, GPT-2, Llama), "module:function(model, tp_mesh)", or {module pattern: colwise | colwise_qkv | rowwise}
     fsdp_wrap: list[str] = field(default_factory=list)  # module class names sharded as FSDP units (e.g. [Block])
     fsdp_reshard_after_forward: Any = True  # FSDP: free each unit's gathered parameters after its forward (true), keep them for backward (false: more memory, one all-gather less), or N: reshard over groups of N ranks, e.g. a node, so backward gathers inside them (docs/big-models.md)
     fsdp_cpu_offload: bool = False  # FSDP: sharded parameters, gradients and optimizer state live in CPU memory; each unit is copied to the device for its compute (CPUOffloadPolicy)
@@ -230,7 +234,7 @@ def check_trainer(t: TrainerConfig) -> None:
         raise ConfigError("trainer.gradient_clip_val", t.gradient_clip_val, "must be >= 0 (0 = off)")
     if t.accelerator == "xla" and importlib.util.find_spec("torch_xla") is None:
         raise ConfigError("trainer.accelerator", "xla", XLA_INSTALL, "auto, cpu, cuda")
-    if t.strategy == "fsdp" and t.precision == "16-mixed":
+    if t.strategy in ("fsdp", "hsdp") and t.precision == "16-mixed":
         raise ConfigError("trainer.precision", "16-mixed", "with trainer.strategy=fsdp each rank's GradScaler "
                           "would skip steps on its own shard's overflow", "bf16-mixed, 32, bf16-true")
     if t.peak_tflops < 0:
@@ -329,7 +333,5 @@ def check(cfg: Config, local: bool = True) -> None:
     """The parent's checks of every section but the recipe (recipe.check: it imports the targets)."""
     check_fields(cfg)
     ranks = ranks_per_node(dataclasses.replace(cfg.trainer, gpus=resolve_gpus(cfg.trainer, local))) * cfg.trainer.nodes
-    if cfg.trainer.strategy == "none" and ranks > 1 and cfg.trainer.accelerator != "xla":
-        raise ConfigError("trainer.strategy", "none", f"{ranks} ranks would train unsynchronised copies",
-                          "auto, ddp, fsdp")
-    check_reshard_world(cfg.trainer.fsdp_reshard_after_forward, ranks)
+    mesh = check_mesh(cfg.trainer, ranks, cfg.model)  # (and strategy=none with more than one rank)
+    check_reshard_world(cfg.trainer.fsdp_reshard_after_forward, mesh.shard)  # a copy's shard group, not the world

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from .errors import ConfigError
 
-SHARDED = ("fsdp",)  # the strategies that shard with fully_shard, where the fsdp_* knobs apply
+SHARDED = ("fsdp", "hsdp")  # the strategies that shard with fully_shard, where the fsdp_* knobs apply
 FSDP_DTYPES = ("auto", "float32", "bfloat16")  # auto: the dtype the parameters have (trainer.precision's)
 AC_OFF = (None, False, "off", "")
 AC_VALID = "off, a block class name or a list of them ([Block]), or {Block: k} (every k-th Block)"

@@ -16,6 +16,7 @@ from torch import nn
 from ..config import Strategy, UserError
 from .dist import Dist
 from .memory import checkpoint_blocks, root_options
+from .mesh import full_state, grad_norm_over_meshes, has_packed, meshes_of
 
 
 def dcp_api() -> Any:
@@ -26,7 +27,10 @@ def dcp_api() -> Any:
     return sd
 
 
-def resolve(strategy: Strategy, d: Dist) -> Strategy:
+def resolve(strategy: Strategy, d: Dist, tp: int = 1) -> Strategy:
+    """What runs: hsdp is FSDP2 over a 2-D mesh (device/mesh.py), and TP's data dimension shards with it."""
+    if strategy == "hsdp" or (strategy == "auto" and tp > 1):
+        return "fsdp"
     if strategy == "auto":
         return "ddp" if d.distributed else "none"
     return strategy
@@ -34,6 +38,8 @@ def resolve(strategy: Strategy, d: Dist) -> Strategy:
 
 def full_weights(model: nn.Module, sharded: bool, is_main: bool) -> dict[str, torch.Tensor] | None:
     """The bare model's full state_dict on rank 0 (None elsewhere); a collective under FSDP."""
+    if sharded and has_packed(model):  # a packed q|k|v under TP: DTensor cannot gather it (device/mesh.py)
+        return full_state(model, dcp_api().get_model_state_dict(model), is_main)
     if sharded:
         sd = dcp_api().get_model_state_dict(model, options=dcp_api().StateDictOptions(full_state_dict=True,
                                                                                 cpu_offload=True))
@@ -42,9 +48,11 @@ def full_weights(model: nn.Module, sharded: bool, is_main: bool) -> dict[str, to
 
 
 def wrap(model: nn.Module, strategy: Strategy, d: Dist, fsdp_wrap: Iterable[str], compile: bool,
-         channels_last: bool, checkpointing: Any = "off", fsdp_options: Optional[dict] = None) -> nn.Module:
-    """The module to train through; `model` itself stays the bare module (FSDP2 shards it in place).
-    checkpointing: trainer.activation_checkpointing; fsdp_options: fully_shard's (device/memory.py)."""
+         channels_last: bool, checkpointing: Any = "off", fsdp_options: Optional[dict] = None,
+         mesh: Any = None) -> nn.Module:
+    """The module to train through; `model` itself stays the bare module (FSDP2 shards it in place over
+    `mesh`: device/mesh.py's data-parallel mesh; None = the whole world, flat). checkpointing:
+    trainer.activation_checkpointing; fsdp_options: fully_shard's (device/memory.py)."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
     checkpointed = checkpoint_blocks(model, checkpointing)  # first: fully_shard, compile, DDP take the wrappers
@@ -61,8 +69,8 @@ def wrap(model: nn.Module, strategy: Strategy, d: Dist, fsdp_wrap: Iterable[str]
             raise UserError(f"trainer.fsdp_wrap={sorted(names)}: no such module class in the model; "
                              f"valid: {', '.join(found)}")
         for unit in units:
-            fully_shard(checkpointed.get(unit, unit), **(fsdp_options or {}))
-        fully_shard(model, **root_options(fsdp_options or {}))
+            fully_shard(checkpointed.get(unit, unit), mesh=mesh, **(fsdp_options or {}))
+        fully_shard(model, mesh=mesh, **root_options(fsdp_options or {}))
     if compile:
         model.compile()  # in place: state_dict keys keep their names (torch.compile(m) would prefix them)
     if strategy == "ddp" and d.distributed:
@@ -92,6 +100,8 @@ def _fsdp_no_sync(net: nn.Module):
 
 def grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Total gradient norm over all ranks' shards; clips to max_norm when > 0. A plain tensor."""
+    if meshes_of(params) > 1:  # tensor parallel: 1-D and 2-D DTensors (device/mesh.py)
+        return grad_norm_over_meshes(params, max_norm)
     if max_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     else:

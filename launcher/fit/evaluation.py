@@ -109,15 +109,16 @@ def predict(model: nn.Module, step: Step, batches: Batches, d: Dist, prec: Preci
                             + "; valid: a tensor with one row per sample, of one shape (pad to a fixed length; "
                             "a causal LM's step=model_loss gives them for data without labels)")
         outs.append(y.float().cpu())
-    shards = all_gather_object(torch.cat(outs) if outs else None)
+    # one per data-parallel rank: its tensor-parallel peers (neighbouring ranks) computed the same outputs
+    shards = all_gather_object(torch.cat(outs) if outs else None)[::d.world_size // batches.dist.world_size]
     if not d.is_main:
         return None
-    # rank r holds samples r, r+W, ...: interleave back into dataset order
+    # data rank r holds samples r, r+W, ...: interleave back into dataset order
     full = [s for s in shards if s is not None]
     out = torch.empty((batches.n, *full[0].shape[1:]), dtype=full[0].dtype)
     for r, s in enumerate(shards):
         if s is not None:
-            out[r::d.world_size] = s
+            out[r::len(shards)] = s
     return out
 
 
@@ -140,6 +141,7 @@ def outside_fit(t: TrainerConfig, d: Dist, fp: Any, data: Any, batch_size: Optio
         raise UserError(f"{what}() before fit() needs model=")
     model = (model or fp.model).to(d.device)
     bs = batch_size or t.eval_batch_size or t.batch_size
+    d = fp.train.dist if fp is not None else d  # the fit's data-parallel view: tensor-parallel peers read the same
     batches: Any = stream.from_data(data, d, bs, t.num_workers, False, train=False) if stream.is_stream(data) else \
         Batches(data, d, train=False, batch_size=bs)
     if fp is not None:

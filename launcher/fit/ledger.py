@@ -30,6 +30,7 @@ import torch
 
 from ..config import TrainerConfig
 from ..device.dist import Dist, all_gather_object, all_reduce_sum
+from ..device.mesh import tp_rank
 from .state import TrainProgress
 
 log = logging.getLogger("launcher")
@@ -85,7 +86,7 @@ class Ledger:
         the dataset's indices, or for a stream {origin stream: an array over its offsets}."""
         if self.stream:
             return self._world_streams()
-        counts = self._mine()
+        counts = self._mine() * (tp_rank(self.data.dist) == 0)  # a tensor-parallel peer trained the same samples
         if self.carried is not None and self.carried[0] == self.progress.epoch:
             counts += self.carried[1].to(torch.int32)
         if self.d.world_size > 1:  # on the device the process group reduces on (nccl: the GPU)
@@ -93,7 +94,8 @@ class Ledger:
         return counts.numpy()
 
     def _world_streams(self) -> dict[int, np.ndarray]:
-        parts = all_gather_object(self.data.coverage())  # ragged (each rank read its own): objects
+        # ragged (each rank read its own): objects; a tensor-parallel peer read its peer 0's samples
+        parts = all_gather_object(self.data.coverage() if tp_rank(self.data.dist) == 0 else {})
         if self.carried is not None and self.carried[0] == self.progress.epoch:
             parts.append(self.carried[1])
         out: dict[int, np.ndarray] = {}

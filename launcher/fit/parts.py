@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..device import mesh as M
 from ..device import strategy as S
 from ..config import Strategy, TrainerConfig, UserError, one_line
 from . import preflight
@@ -25,6 +26,7 @@ from ..device.hardware import channels_last_fits, resolve_channels_last, resolve
 from .metrics import Accumulator
 from ..device.memory import describe, fsdp_options
 from ..device.precision import Precision
+from ..observe.holdings import for_run
 from ..observe.progress import Speed
 from .step import Stepper
 from .steps import Step, Supervised, preparer, resolve
@@ -114,15 +116,16 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Optional[Callabl
         if value is None:
             raise UserError(f"fit(): {key} is missing; valid: {valid}")
     bs = batch_size or t.batch_size
-    train: Any = stream.from_data(train_data, d, bs, t.num_workers, d.device.type == "cuda", True, t.persistent_workers,
-                                  t.prefetch_factor) if stream.is_stream(train_data) else Batches(train_data, d, train=True, batch_size=bs, seed=t.seed, num_workers=t.num_workers,
+    dd = M.data_dist(t, d)  # data shards over the data-parallel ranks: tensor-parallel peers read the same batches
+    train: Any = stream.from_data(train_data, dd, bs, t.num_workers, d.device.type == "cuda", True, t.persistent_workers,
+                                  t.prefetch_factor) if stream.is_stream(train_data) else Batches(train_data, dd, train=True, batch_size=bs, seed=t.seed, num_workers=t.num_workers,
                     pin_memory=d.device.type == "cuda", seed_per_sample=t.seed_per_sample,
                     persistent_workers=t.persistent_workers, prefetch_factor=t.prefetch_factor)
     val: Any = None
     if stream.is_stream(val_data):  # every rank reads its streams whole: every sample once across ranks
-        val = stream.from_data(val_data, d, t.eval_batch_size or bs, t.num_workers, False, train=False)
+        val = stream.from_data(val_data, dd, t.eval_batch_size or bs, t.num_workers, False, train=False)
     elif val_data is not None:
-        val = Batches(val_data, d, train=False, batch_size=t.eval_batch_size or bs, seed=t.seed,
+        val = Batches(val_data, dd, train=False, batch_size=t.eval_batch_size or bs, seed=t.seed,
                       num_workers=t.num_workers, seed_per_sample=t.seed_per_sample,
                       persistent_workers=t.persistent_workers, prefetch_factor=t.prefetch_factor)
     xla = XLA() if t.accelerator == "xla" else None
@@ -130,7 +133,7 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Optional[Callabl
     channels_last, why_cl = resolve_channels_last(t.channels_last, d.device, precision)
     prec = Precision(precision, d.device)
     # XLA: gradients are all-reduced by xm.reduce_gradients, not by DDP
-    strategy: Strategy = "none" if xla is not None else S.resolve(t.strategy, d)  # type: ignore[arg-type]
+    strategy: Strategy = "none" if xla is not None else S.resolve(t.strategy, d, t.tensor_parallel)  # type: ignore[arg-type]
     if strategy == "none" and d.distributed and xla is None:  # a torchrun world no parent has seen
         raise UserError(f"trainer.strategy=none with {d.world_size} ranks would train unsynchronised copies; "
                          "valid: auto, ddp, fsdp")
@@ -153,7 +156,8 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Optional[Callabl
     summary = _summary(model, lambda: step(model, batch)) if t.summary and batch is not None else ""
     # the optimizer must see the parameters as they will be trained: after FSDP sharding
     fsdp = fsdp_options(t, precision, d.device) if strategy == "fsdp" else {}  # trainer.fsdp_* (device/memory.py)
-    net = S.wrap(model, strategy, d, t.fsdp_wrap, t.compile, channels_last, t.activation_checkpointing, fsdp)
+    dp_mesh, mesh = M.parallelize(model, t, d, strategy)  # HSDP's 2-D mesh; tensor parallel applied
+    net = S.wrap(model, strategy, d, t.fsdp_wrap, t.compile, channels_last, t.activation_checkpointing, fsdp, dp_mesh)
     chosen += describe(model, fsdp)
     if not isinstance(optimizer, torch.optim.Optimizer):
         fused = _fused(optimizer, list(model.parameters()), d.device, strategy == "fsdp") if xla is None else None
@@ -161,6 +165,7 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Optional[Callabl
     elif strategy == "fsdp":
         raise UserError("trainer.strategy=fsdp needs the optimizer as a callable taking the parameters "
                          "(e.g. functools.partial(torch.optim.AdamW, lr=1e-3)): FSDP replaces them")
+    held = for_run(model, optimizer, t, d.world_size, strategy) if t.summary and xla is None else ""
     if scheduler is not None and not hasattr(scheduler, "step"):
         scheduler = _called("scheduler", scheduler, optimizer)
     if t.scheduler_interval == "step" and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -170,11 +175,12 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Optional[Callabl
     val_acc = Accumulator({k: copy.deepcopy(m) for k, m in metrics.items()}, d.device)
     on_device = train.tensors is not None and all(x.device == d.device for x in train.tensors)
     stepper = Stepper(t, model, net, step, optimizer, prec, strategy, d, train_acc, on_device, train.batch_size, xla)
-    speed = Speed.of(model, samples_per_step=train.batch_size * t.accumulate_grad_batches * d.world_size,
+    speed = Speed.of(model, samples_per_step=train.batch_size * t.accumulate_grad_batches * dd.world_size,
                      world_size=d.world_size, device=d.device, peak_tflops=t.peak_tflops)
     log.info(chosen)  # printed once all is built: a user's error above stays the run's only line
-    if summary:
-        log.info(summary)
+    for text in (summary, held):
+        if text:
+            log.info(text)
     return FitParts(model, optimizer, scheduler, loss_fn, step, metrics, train, val, prec, strategy, xla, train_acc,
                     val_acc, stepper, speed, chosen, channels_last)
 

@@ -25,6 +25,7 @@ import torch
 from .. import config as C
 from ..device import dist
 from ..config import faults
+from ..config.mesh import needs_group
 from . import recipe
 from .error_file import JOIN_KEY, SCRIPT_KEY, USER_ERROR_KEY
 from .error_file import report as _report, reserve as _reserve_error_file, write as _write_error_file
@@ -102,7 +103,7 @@ def _join(cfg: C.Config, watch: Optional["JoinWatch"]) -> dist.Dist:
         # trainer.gpus=0: no rank touches a GPU (a library's own CUDA probe included, e.g. Adam's)
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     return dist.init(int(cfg.trainer.gpus or 0), cfg.trainer.dist_timeout_s,
-                     group_of_one=cfg.trainer.strategy == "fsdp", join_timeout_s=cfg.trainer.join_timeout_s,
+                     group_of_one=needs_group(cfg.trainer), join_timeout_s=cfg.trainer.join_timeout_s,
                      arrived=watch.arrive if watch else None, cpu_collectives=cfg.trainer.fsdp_cpu_offload)
 
 

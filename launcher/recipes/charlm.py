@@ -258,11 +258,12 @@ class Block(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         n, t, c = x.shape
-        # (N, T, 3C) -> 3 x (N, H, T, C/H)
-        q, k, v = self.qkv(x).view(n, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
+        # (N, T, 3C) -> 3 x (N, H, T, C/H); H read from the shape: under tensor parallel a rank's qkv gives
+        # its own heads' q, k and v (launcher/device/tensor_parallel.py: colwise_qkv)
+        q, k, v = self.qkv(x).view(n, t, 3, -1, c // self.n_head).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        return self.attn_proj(out.transpose(1, 2).reshape(n, t, c))
+        return self.attn_proj(out.transpose(1, 2).reshape(n, t, -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.resid_drop(self.attention(self.ln1(x)))

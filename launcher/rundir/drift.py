@@ -33,6 +33,7 @@ _FREE_TRAINER = {
     "hang_timeout_s", "profile",  # what it observes (docs/observing.md): no effect on the training
     "val_every_n_epochs", "val_every_n_steps", "eval_batch_size",  # when and how it validates
     "gpus", "nproc", "nodes", "accelerator", "strategy", "fsdp_wrap",  # where it runs, how many ranks
+    "hsdp_replicas", "tensor_parallel", "tp_plan",  # the mesh: checkpoints are DCP's, which reshards on load
     "num_workers", "persistent_workers", "prefetch_factor", "dist_timeout_s", "join_timeout_s", "compile", "channels_last",  # speed and patience, same maths
     "gradient_clip_val", "nonfinite",  # read at every step from the config: applied as they are
     "activation_checkpointing", "fsdp_reshard_after_forward", "fsdp_cpu_offload",  # memory for time, same maths
