@@ -172,3 +172,17 @@ def test_a_rank_that_sleeps_50_ms_per_step_is_named_and_nobody_once_even(tmp_pat
     lag_ms = float(named[0].split(") is ")[1].split(" ms")[0])
     assert 35 < lag_ms < 80, named[0]
     assert "data " in named[0] and "other " in named[0]  # where its own time went
+
+
+def test_the_plots_carry_the_time_split_when_the_epochs_have_one() -> None:
+    pytest.importorskip("matplotlib")
+    from launcher.observe.trackers.csv_files import CsvFiles, figure
+
+    history = [{"epoch": 1, "step": 8, "train_loss": 0.6, "val_loss": 0.5}, {"epoch": 2, "step": 16, "train_loss": 0.4}]
+    csv = CsvFiles(Path("."), plots=True, title="")
+    csv.log_metrics(8, {"epoch_samples_per_s": 10.0, "epoch_phase_data": 0.9, "epoch_phase_compute": 0.1})
+    csv.log_metrics(16, {"epoch_phase_data": 0.5, "epoch_phase_compute": 0.5, "train_loss_step": 0.4})
+    assert csv.phases == {8: {"data": 0.9, "compute": 0.1}, 16: {"data": 0.5, "compute": 0.5}}
+    titles = [ax.get_title() for ax in figure(history, "", csv.phases).axes]
+    assert titles == ["loss", "where the wall time went"]
+    assert [ax.get_title() for ax in figure(history, "").axes] == ["loss"]  # no split: no panel
