@@ -81,7 +81,7 @@ def figure(history: list[dict[str, Any]], title: str = "", phases: Optional[dict
                               if k.startswith(("train_", "val_")) and not k.endswith("_loss")})
     last = max(int(row["epoch"]) for row in history)
     # each epoch's split, by the epoch its step ended (a partial epoch's row shares its epoch's number)
-    shares = {int(row["epoch"]): phases[int(row["step"])] for row in history if int(row["step"]) in (phases or {})}
+    shares = {int(row["epoch"]): phases[row["step"]] for row in history if phases and row.get("step") in phases}
     names += ["time"] if shares else []
     width, height, m = 4.5 * len(names), 3.8, MARGIN_IN
     fig = Figure(figsize=(width, height))
