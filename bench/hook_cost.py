@@ -8,6 +8,11 @@ repeats (robust on a shared machine, where whole-run rates swing 2x), beside the
                        fp32 training step of it at batch 128
   spike guard          SpikeGuard.begin + judge (the loss-sum snapshot and the median; one rank: no
                        all-reduce) on the overhead job's step
+  phase clock          what observe/phases.py adds to every step on a CPU (on by default): the timed
+                       next() of the batch generator (less a bare next()) and the forward, backward and
+                       optimizer laps; plus one tracker row's fractions every log_every_n_steps=50, and
+                       one straggler window's arithmetic every straggler_every=100 (the all_gather
+                       itself exists only at 2 ranks or more)
 Whole-run rates, interleaved: bench/callbacks.py (on an idle machine).
     python bench/hook_cost.py [--repeat 2000]
 """
@@ -48,6 +53,8 @@ def main() -> str:
     from launcher.fit.metrics import Accumulator
     from launcher.fit.spike import SpikeGuard
     from launcher.fit.steps import StepOutput
+    from launcher.observe.phases import Phases
+    from launcher.observe.stragglers import own_times
     from launcher.recipes.mnist import Net
 
     class NoOp(launcher.Callback):
@@ -106,12 +113,37 @@ def main() -> str:
     ema.on_step_end(MnistView())  # type: ignore[arg-type]  # the first update copies; the others lerp
     mnist_s = best(mnist_step, max(args.repeat // 100, 10), inner=2)
     ema_s = best(lambda: ema.on_step_end(MnistView()), args.repeat // 10)  # type: ignore[arg-type]
+    # the phase clock: the timed next() and three laps per step; a row every 50 steps, a straggler window every 100
+    import itertools
+
+    ph = Phases(torch.device("cpu"))
+    batch = (x, y)
+    timed = ph.batches(itertools.repeat(batch))
+    bare = itertools.repeat(batch)
+
+    def clocked() -> None:
+        next(timed)
+        ph.lap("forward")
+        ph.lap("backward")
+        ph.lap("optimizer")
+
+    def windows() -> None:
+        ph.lap("optimizer")  # a window holds a step at least
+        ph.row()
+        own_times(*ph.since("stragglers"))
+
+    phase_s = best(clocked, args.repeat) - best(lambda: next(bare), args.repeat)
+    phase_s += best(windows, args.repeat // 10) / 50
     rows = [["10 no-op callbacks (on_step_end)", f"{fire_s * 1e6:.2f} us", f"{step_s * 1e6:.0f} us (overhead job)",
              f"{fire_s / step_s:.2%}"],
             ["spike guard (1 rank)", f"{spike_s * 1e6:.2f} us", f"{step_s * 1e6:.0f} us (overhead job)",
              f"{spike_s / step_s:.2%}"],
             ["EMA 0.999 update", f"{ema_s * 1e6:.0f} us", f"{mnist_s * 1e3:.1f} ms (MNIST CNN, batch 128)",
-             f"{ema_s / mnist_s:.2%}"]]
+             f"{ema_s / mnist_s:.2%}"],
+            ["phase clock (on by default)", f"{phase_s * 1e6:.2f} us", f"{step_s * 1e6:.0f} us (overhead job)",
+             f"{phase_s / step_s:.2%}"],
+            ["phase clock (on by default)", f"{phase_s * 1e6:.2f} us", f"{mnist_s * 1e3:.1f} ms (MNIST CNN, batch 128)",
+             f"{phase_s / mnist_s:.3%}"]]
     return f"{machine()}, torch threads 1\n\n" + table(["added per step", "cost", "the step", "share"], rows)
 
 

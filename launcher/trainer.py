@@ -207,7 +207,7 @@ class Trainer:
         batches: Any = fp.train.epoch(p.epoch, start=p.batch_in_epoch)  # type: ignore[union-attr]
         if fp.xla is not None:  # type: ignore[union-attr]
             batches = fp.xla.loader(batches, self.dist.device)  # type: ignore[union-attr]
-        self._epoch = iter(batches)
+        self._epoch = fp.phases.batches(iter(batches))  # type: ignore[union-attr]  # its next(): data wait
 
     def _train_step(self) -> bool:
         """One optimizer step (an accumulation group's micro-batches); False: its loss spiked (fit/spike.py)."""
@@ -239,7 +239,7 @@ class Trainer:
         if t.log_every_n_steps and p.step % t.log_every_n_steps == 0:
             self.logger.log_step(p.step, {"train_loss_step": fp.train_acc.running_loss(),
                                           "lr": fp.optimizer.param_groups[0]["lr"],
-                                          **fp.speed.recent()})  # the rate now, not the average
+                                          **fp.speed.recent(), **fp.phases.row()})  # the rate now, not the average
         if t.val_every_n_steps and p.step % t.val_every_n_steps == 0 and mid_epoch and fp.val is not None:
             with fp.speed.paused():
                 values = self.validation.run()
@@ -248,7 +248,7 @@ class Trainer:
                                                                     if isinstance(v, float)), extra={"file_only": True})
             self._monitor(values)
         if mid_epoch:
-            fp.speed.exclude(self.ckpt.maybe_save(p.step, p.epoch, "step"))
+            fp.speed.exclude(fp.phases.add("checkpoint", self.ckpt.maybe_save(p.step, p.epoch, "step")))
         # agreed() is a collective on every rank every step; a stop request at the run's last step
         # is no reason to requeue (every rank agrees: the terms are the same on all of them)
         if self.stop is not None and self.stop.agreed(p.step) and not run_ends:
@@ -282,7 +282,7 @@ class Trainer:
         if t.scheduler_interval == "epoch" and not partial:
             fp.epoch_scheduler_step(score)
         p.record(row)
-        report_epoch(self.logger, p, row, speed, self.dist.is_main, partial, t.progress)  # type: ignore[union-attr]
+        report_epoch(self.logger, p, row, speed, self.dist.is_main, partial, t.progress, fp.phases)  # type: ignore
         if not partial:  # (a run ending inside the epoch reports its row so far, but the epoch goes on)
             self.callbacks.fire("on_epoch_end", row)
         self.ledger.end_epoch(p.step, partial)  # before the position moves on: the epoch's counts
@@ -291,7 +291,7 @@ class Trainer:
         if not partial:  # (partial: the run ends here, and its checkpoint is this exact position)
             p.epoch, p.batch_in_epoch = p.epoch + 1, 0
             fp.train_acc.reset()
-        self.ckpt.maybe_save(p.step, p.epoch, "partial_epoch" if partial else "epoch", score)
+        fp.phases.add("checkpoint", self.ckpt.maybe_save(p.step, p.epoch, "partial_epoch" if partial else "epoch", score))
         self.bar.close({**row, **speed})  # type: ignore[union-attr]
 
     def _teardown(self) -> None:
@@ -301,7 +301,7 @@ class Trainer:
         trained = p.step != self.start_step  # a finished run asked again writes nothing
         fp.stepper.check()  # no bad step unheard of in the last weights
         self.bar.close()  # type: ignore[union-attr]
-        ckpt.maybe_save(p.step, p.epoch, "requeue" if self.preempted else "end")
+        fp.phases.add("checkpoint", ckpt.maybe_save(p.step, p.epoch, "requeue" if self.preempted else "end"))
         ckpt.wait()
         if self.preempted:  # mid-epoch: no epoch row; the requeued job finishes this epoch
             D.barrier()  # every rank leaves only once rank 0's checkpoint is on disk

@@ -313,3 +313,30 @@ def test_data_on_the_gpu_and_the_guard_skip_on_the_device(tmp_path: Path) -> Non
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"]) < 3.97
     log = (run_dir / "logs" / "rank-0.log").read_text()
     assert "(not fused)" not in log, "the recipe's AdamW was built fused: the guard syncs no step"
+
+
+def test_gpu_health_and_device_timed_phases(tmp_path: Path) -> None:
+    """Issue 28 items 1 and 6 on CUDA: the memory fields (allocator counters, no sync) and, for a fit, the
+    phases of forward, backward and the optimizer as device times read late from CUDA events."""
+    import functools
+
+    from launcher import Trainer
+    from launcher.observe import gpu_health
+
+    keep = torch.ones(1 << 20, device="cuda")  # 4 MiB allocated
+    f = gpu_health.fields(torch.device("cuda"))
+    assert f["gpu_mem_allocated_gib"] >= 4 / 1024 and f["gpu_mem_reserved_gib"] >= f["gpu_mem_allocated_gib"]
+    assert f["gpu_mem_peak_gib"] >= f["gpu_mem_allocated_gib"]
+    del keep
+    x = torch.randn(256, 64)
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    tr = Trainer(run_dir=tmp_path / "run", progress=False, gpus=1, batch_size=16, max_epochs=2, summary=False,
+                 log_every_n_steps=4)
+    tr.fit(torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1)),
+           torch.nn.MSELoss(), functools.partial(torch.optim.AdamW, lr=1e-3), data)
+    ph = tr.parts.phases
+    torch.cuda.synchronize()
+    row = ph.row()  # every event is passed now: all of them are read
+    assert ph.cuda and ph.steps == 32 and not ph.pending[1:], ph.pending
+    assert ph.totals["forward"] > 0 and ph.totals["backward"] > 0 and ph.totals["optimizer"] > 0, ph.totals
+    assert {"gpu_mem_allocated_gib", "gpu_mem_reserved_gib", "gpu_mem_peak_gib"} <= set(row), row

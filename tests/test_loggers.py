@@ -64,7 +64,9 @@ def test_a_crash_and_a_resume_log_every_step_once_in_one_run_of_each_tracker(tmp
     assert got.info.status == "FINISHED"
     assert got.data.params["trainer.max_epochs"] == "3" and got.data.params["optimizer._target_"] == "torch.optim.Adam"
     assert got.data.tags["launcher.run_id"] == json.loads((run / "run.json").read_text())["id"]
-    for key in ("train_loss_step", "val_loss", "lr", "epoch_samples_per_s"):  # what TensorBoard holds, once each
+    for key in ("phase_data", "phase_compute", "phase_other", "epoch_phase_compute"):  # where the time went (issue 28)
+        assert acc.Scalars(key) and all(0.0 <= e.value <= 1.0 for e in acc.Scalars(key)), key
+    for key in ("train_loss_step", "val_loss", "lr", "epoch_samples_per_s", "phase_compute", "epoch_phase_data"):
         steps = sorted(m.step for m in client.get_metric_history(first_id, key))
         assert steps == [e.step for e in acc.Scalars(key)] and len(set(steps)) == len(steps), f"{key}: {steps}"
     assert [e.step for e in acc.Scalars("lr")][-1] == last

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, get_args
 import yaml
 
 # the schema modules of this package (the package imports nothing else from launcher: a leaf)
-from .errors import ConfigError, UserError, choice, non_negative, one_line, positive
+from .errors import ConfigError, UserError, choice, non_negative, one_line, positive, positive_number
 from .launchers import LAUNCHER_SCHEMAS, LAUNCHERS, SIGNALS, LocalLauncherConfig, SlurmLauncherConfig, check_launcher
 from .loggers import LOGGER_SCHEMAS, LOGGERS, WANDB_MODES, LoggerConfig, check_logger, logger_from_dict
 from .loggers import select as select_loggers
@@ -105,6 +105,8 @@ class TrainerConfig:
     deterministic: bool = False  # deterministic kernels (torch, cuBLAS, cuDNN): GPU resume bitwise by contract; slower
     hang_timeout_s: Optional[float] = None  # no step ended for this long: each rank writes its stacks to RUN_DIR/logs/stacks-N/ (docs/observing.md); null = min(300, dist_timeout_s / 2); 0 = off
     profile: str = ""  # "START:END": a torch.profiler trace of optimizer steps START..END per rank in RUN_DIR/profile/ (docs/observing.md); "" = off
+    straggler_every: int = 100  # every N steps the ranks compare their step times: one slower than the median by more than straggler_threshold of a step is named (docs/observing.md); 0 = off
+    straggler_threshold: float = 0.2  # how much slower than the median rank, as a fraction of the median step time, names a straggler
 
 
 @dataclass
@@ -259,6 +261,8 @@ def check_trainer(t: TrainerConfig) -> None:
                           f"collective timeout (trainer.dist_timeout_s={t.dist_timeout_s:g}) ends the run",
                           "null (auto), 0 (off), 0 < seconds < trainer.dist_timeout_s")
     profile_window(t.profile)
+    non_negative("trainer.straggler_every", t.straggler_every)
+    positive_number("trainer.straggler_threshold", t.straggler_threshold, "a fraction of the median step time (e.g. 0.2)")
     check_memory(t)
 
 

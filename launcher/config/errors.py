@@ -40,6 +40,11 @@ def non_negative(key: str, value: Any) -> None:
         raise ConfigError(key, value, "must be an integer >= 0")
 
 
+def positive_number(key: str, value: Any, valid: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(key, value, "must be a number > 0", valid)
+
+
 def choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(key, value, "unknown choice", ", ".join(choices))

@@ -100,6 +100,15 @@ class RunView:
         return self._t.parts.optimizer
 
     @property
+    def phases(self) -> Any:
+        """This rank's step-phase clock (launcher/observe/phases.py): seconds per phase since the fit began."""
+        return self._t.parts.phases
+
+    def log_metrics(self, values: dict[str, float]) -> None:
+        """Send numbers to the run's trackers at this step (rank 0's; elsewhere nothing happens)."""
+        self._t.logger.log_step(self._t.progress.step, values)
+
+    @property
     def sharded(self) -> bool:
         """FSDP: each rank holds a shard of every parameter (DTensor)."""
         return bool(self._t.parts.sharded)

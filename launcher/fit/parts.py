@@ -27,6 +27,7 @@ from .metrics import Accumulator
 from ..device.memory import describe, fsdp_options
 from ..device.precision import Precision
 from ..observe.holdings import for_run
+from ..observe.phases import Phases
 from ..observe.progress import Speed
 from .step import Stepper
 from .steps import Step, Supervised, preparer, resolve
@@ -55,6 +56,7 @@ class FitParts:
     speed: Speed
     chosen: str  # what precision=auto / channels_last=auto became on this device, and why (for the log)
     channels_last: bool  # the step's 4-D floating inputs (and the model) in channels_last
+    phases: Phases  # where this rank's step time goes (observe/phases.py); the Stepper laps it
 
     @property
     def sharded(self) -> bool:
@@ -182,7 +184,7 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Optional[Callabl
         if text:
             log.info(text)
     return FitParts(model, optimizer, scheduler, loss_fn, step, metrics, train, val, prec, strategy, xla, train_acc,
-                    val_acc, stepper, speed, chosen, channels_last)
+                    val_acc, stepper, speed, chosen, channels_last, stepper.phases)
 
 
 def _first_batches(train: Batches, val: Optional[Batches], d: Dist) -> list[tuple[str, Any]]:

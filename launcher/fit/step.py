@@ -25,6 +25,7 @@ from ..device.dist import Dist, all_reduce_sum
 from .guard import Guard
 from .metrics import Accumulator
 from ..device.precision import Precision
+from ..observe.phases import Phases
 from .seeding import rng_state, set_rng_state
 from .steps import Step, StepOutput
 
@@ -46,11 +47,13 @@ class Stepper:
         # its reads come every log_every_n_steps (at most 100), where the loss is read for the logs anyway
         self.guard = Guard(t.nonfinite, optimizer, self.params, strategy, d.device,
                            every=min(t.log_every_n_steps or 50, 100))
+        self.phases = Phases(d.device)  # lapped at forward, backward and the optimizer step's ends
 
     def micro(self, batch: Any, last: bool, group: int) -> torch.Tensor:
         """Forward and backward of one micro-batch of a `group`; gradients sync on the `last`."""
         out, n = self._forward_backward(batch, last, group)
         self.acc.add(out, n)
+        self.phases.lap("backward")
         return out.loss  # type: ignore[return-value]
 
     def _forward_backward(self, batch: Any, last: bool, group: int) -> tuple[StepOutput, int]:
@@ -59,6 +62,7 @@ class Stepper:
         with S.no_sync(self.net, self.strategy, skip=not last), S.eager_if_odd(self.model, n, self.full_batch):
             with self.prec.autocast():
                 out = self.step_fn(self.net, batch)
+            self.phases.lap("forward")
             if out.loss is None:
                 raise UserError(f"step ({self.step_fn.name}) returned no loss for a training batch; valid: a loss "
                                 "(is the batch missing its targets?)")
@@ -121,6 +125,11 @@ class Stepper:
     def step(self, loss: torch.Tensor, step: int) -> bool:
         """The optimizer step that makes `step`; False when the guard skipped it and knows so now
         (a fused optimizer skips a bad step on the device: the host hears of it a few steps later)."""
+        stepped = self._step(loss, step)
+        self.phases.lap("optimizer")
+        return stepped
+
+    def _step(self, loss: torch.Tensor, step: int) -> bool:
         t = self.t
         if self.xla is not None:
             self.xla.reduce_gradients(self.opt)  # global gradients before clipping and the guard

@@ -27,7 +27,8 @@ class Validation:
         """val_* over every rank's shard, between the callbacks' on_validation_start and _end."""
         fp = self.fp
         self.callbacks.fire("on_validation_start")
-        values = evaluate(fp.model, fp.step, fp.val, fp.val_acc, self.device, fp.prec, lockstep=fp.sharded)
+        with fp.phases.timing("validation"):
+            values = evaluate(fp.model, fp.step, fp.val, fp.val_acc, self.device, fp.prec, lockstep=fp.sharded)
         self.callbacks.fire("on_validation_end", values)
         return values
 

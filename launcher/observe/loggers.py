@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import LoggerConfig, one_line
+from .phases import describe
 
 log = logging.getLogger("launcher")
 
@@ -50,16 +51,21 @@ def setup_logging(run_dir: Optional[Path], rank: int) -> None:
 
 
 def report_epoch(logger: Any, progress: Any, row: dict[str, Any], speed: dict[str, Any], is_main: bool,
-                 partial: bool, bar: bool) -> None:
-    """An epoch's row to the trackers, its steady rate beside the recent rate the step rows carry (not
-    in the deterministic history), and one line on rank 0: on the console only without a progress bar."""
+                 partial: bool, bar: bool, phases: Any = None) -> None:
+    """An epoch's row to the trackers, its steady rate and where its time went (`phases`: observe/phases.py)
+    beside the recent rate the step rows carry (not in the deterministic history), and one line on rank 0:
+    on the console only without a progress bar. Every other rank logs its own time split to its log file."""
+    split = phases.fractions("epoch") if phases is not None else {}
     logger.log_epoch(progress.history)
-    logger.log_step(progress.step, {f"epoch_{k}": v for k, v in speed.items()})
+    logger.log_step(progress.step, {f"epoch_{k}": v for k, v in {**speed, **split}.items()})
+    text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in {**row, **speed}.items() if k != "epoch")
+    if split:
+        text += f"  time: {describe(split)}"
     if is_main:
-        text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in {**row, **speed}.items() if k != "epoch")
-        logging.getLogger("launcher").info("epoch %d%s: %s", row["epoch"], " (so far)" if partial else "", text,
-                                           extra={"file_only": bar})
+        log.info("epoch %d%s: %s", row["epoch"], " (so far)" if partial else "", text, extra={"file_only": bar})
+    elif split:
+        log.info("epoch %d%s on this rank: time: %s", row["epoch"], " (so far)" if partial else "", describe(split))
 
 
 class _LogFile(logging.FileHandler):

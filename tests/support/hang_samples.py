@@ -22,3 +22,12 @@ class SpinOnRank1(launcher.Callback):
     def on_step_end(self, run) -> None:
         if run.rank == 1 and run.step == 3:
             spin_until_named(run.run_dir / "logs" / "rank-0.log")
+
+
+class SleepOnRank1(launcher.Callback):
+    """A straggler (tests/test_observing.py): rank 1 sleeps 50 ms at the end of each of the first 10 steps,
+    then runs even with rank 0."""
+
+    def on_step_end(self, run) -> None:
+        if run.rank == 1 and run.step <= 10:
+            time.sleep(0.05)
