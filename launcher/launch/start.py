@@ -23,9 +23,11 @@ EXIT_CONFIG = 2  # the CLI's exit code for a user's error
 
 def done(run_dir: Path) -> None:
     """A run's last line: where its results went (the user should not have to `ls runs/`)."""
+    from ..observe.goodput_sums import finish
     from ..rundir.files import results
 
-    print(f"launcher: done: {results(run_dir)}", file=sys.stderr)
+    goodput = finish(run_dir)  # its ranks have ended: the last attempt's exit, RUN_DIR/goodput.json again
+    print(f"launcher: done: {results(run_dir)}" + (f"; {goodput}" if goodput else ""), file=sys.stderr)
 
 
 def start(cfgs: list[Any]) -> list[int]:
