@@ -11,8 +11,8 @@ Checkpoint stalls are the checkpoint manager's own count of the seconds the loop
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -27,14 +27,21 @@ from ..fit.callbacks import Callback, RunView
 from . import goodput_sums as S
 
 log = logging.getLogger("launcher")
+_exiting: dict[str, Any] = {}  # the attempt this process ran last, whose exit its atexit hook records
 
-def _slurm_time(value: str) -> Optional[float]:
-    """scontrol's local time ('2026-12-06T22:47:29'), as wall time; None for 'Unknown' and the like."""
-    try:
-        return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%S").timestamp()
-    except ValueError:
-        return None
 
+def _exited() -> None:
+    """At this process's exit (a launcher's rank, after its teardown: trackers closed, the group left): the
+    attempt's true end, so its shut-down is counted (a killed process runs no atexit: its last record stands),
+    and goodput.json again. Registered when this module is imported, before the trackers' own atexit hooks
+    (W&B's): atexit runs them last-in first-out, so this one runs after them."""
+    if _exiting.get("closed"):
+        with contextlib.suppress(OSError):
+            S.append(_exiting["dir"], {"e": "exit", "a": _exiting["a"], "t": time.time()})
+            S.summarize(_exiting["dir"])
+
+
+atexit.register(_exited)
 
 def slurm_times(env: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """This SLURM job's submit and start times, where SLURM tells them: scontrol (once, rank 0, at the
@@ -51,8 +58,8 @@ def slurm_times(env: Optional[dict[str, str]] = None) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         return out
     fields = dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
-    out["submit"] = _slurm_time(fields.get("SubmitTime", ""))
-    out["sched"] = out["sched"] or _slurm_time(fields.get("StartTime", ""))
+    out["submit"] = S.slurm_time(fields.get("SubmitTime", ""))
+    out["sched"] = out["sched"] or S.slurm_time(fields.get("StartTime", ""))
     return out
 
 
@@ -112,6 +119,10 @@ class Goodput(Callback):
             log.warning("goodput: cannot record in %s: %s", self.dir, e)
             return
         self.on, self._stop = True, threading.Event()
+        # a process the launcher started ends with its attempt (the Python API's goes on after fit(): its
+        # attempt ends with fit); a second fit in one process moves the exit record to its own attempt
+        if os.environ.get(S.STARTED_ENV) or os.environ.get("SLURM_JOB_ID"):
+            _exiting.update(dir=self.dir, a=self.attempt, closed=False)
         self._thread = threading.Thread(target=self._beat, name="launcher-goodput", daemon=True)
         self._thread.start()
 
@@ -144,6 +155,7 @@ class Goodput(Callback):
         try:
             with self._lock:
                 S.append(self.dir, {**self._now(), "e": "end", "how": how})
+            _exiting["closed"] = _exiting.get("a") == self.attempt
             out = S.summarize(self.dir)
         except OSError as e:
             log.warning("goodput: cannot record in %s: %s", self.dir, e)

@@ -21,8 +21,10 @@ lost work: steps trained again, and the training seconds they took (interpolated
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -111,7 +113,34 @@ def _time_at(points: list[tuple[int, float]], step: int) -> float:
     return points[-1][1]
 
 
-def _attempt(records: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+def slurm_time(value: str) -> Optional[float]:
+    """SLURM's local time ('2026-12-06T22:47:29', whole seconds) as wall time; None for 'Unknown' and the like."""
+    try:
+        return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%S").timestamp()
+    except ValueError:
+        return None
+
+
+def job_ends(records: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    """When each run of the attempts' SLURM jobs ended as the scheduler saw it (sacct's End, keyed by the job
+    and its start second): after the process's own last record come its interpreter's exit and srun's end.
+    A job still running has none yet; {} without sacct."""
+    out: dict[tuple[str, int], float] = {}
+    for job in sorted({str(r["job"]) for r in records if r.get("e") == "start" and r.get("job")}):
+        try:
+            text = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", job, "-o", "Start,End"],
+                                  capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        for row in text.split():
+            start, _, end = row.partition("|")
+            s, e = slurm_time(start), slurm_time(end)
+            if s is not None and e is not None:
+                out[(job, int(s))] = e
+    return out
+
+
+def _attempt(records: list[dict[str, Any]], ends: dict[tuple[str, int], float]) -> Optional[dict[str, Any]]:
     start = next((r for r in records if r["e"] == "start"), None)
     if start is None:  # its start record is missing (cut before it): nothing to say about this attempt
         return None
@@ -120,6 +149,8 @@ def _attempt(records: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
     last = progress[-1] if progress else {**start, "ckpt": 0.0, "val": 0.0}
     end = next((r for r in progress if r["e"] == "end"), None)
     exits = [r["t"] for r in records if r["e"] == "exit"]
+    if end is not None and start.get("job") and start.get("sched"):  # (a killed attempt ends at its last record)
+        exits += [ends[k] for k in [(str(start["job"]), int(start["sched"]))] if k in ends]
     points = [(int(start["step"]), 0.0)] + [(int(r["step"]), _train(r, fit)) for r in progress]
     return {"attempt": start["a"], "t0": min(start.get("t0", fit), fit), "fit": fit, "end": last["t"],
             "exit": max([last["t"], *exits]) if end is not None else last["t"], "how": end.get("how") if end else
@@ -129,12 +160,13 @@ def _attempt(records: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
             "job": start.get("job")}
 
 
-def compute(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The buckets (seconds), the attempts and the steps trained again, from a run's records."""
+def compute(records: list[dict[str, Any]], ends: Optional[dict[tuple[str, int], float]] = None) -> dict[str, Any]:
+    """The buckets (seconds), the attempts and the steps trained again, from a run's records (and the SLURM
+    jobs' ends: job_ends)."""
     by: dict[int, list[dict[str, Any]]] = {}
     for r in records:
         by.setdefault(int(r["a"]), []).append(r)
-    attempts = [a for a in (_attempt(by[k]) for k in sorted(by)) if a is not None]
+    attempts = [a for a in (_attempt(by[k], ends or {}) for k in sorted(by)) if a is not None]
     b = dict.fromkeys(BUCKETS, 0.0)
     if not attempts:
         return {"wall_s": 0.0, "goodput": None, "buckets_s": b, "attempts": []}
@@ -185,7 +217,8 @@ def compute(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def summarize(run_dir: Path) -> dict[str, Any]:
     """Recompute RUN_DIR/goodput.json from the records (also `python -m launcher.observe.goodput_sums RUN_DIR`)."""
-    out = compute(read(run_dir))
+    records = read(run_dir)
+    out = compute(records, job_ends(records))
     if out["attempts"]:
         write_atomic(Path(run_dir) / SUMMARY, json.dumps(out, indent=1) + "\n")
     return out
