@@ -37,7 +37,7 @@ def _exited() -> None:
     (W&B's): atexit runs them last-in first-out, so this one runs after them."""
     if _exiting.get("closed"):
         with contextlib.suppress(OSError):
-            S.append(_exiting["dir"], {"e": "exit", "a": _exiting["a"], "t": time.time()})
+            S.append(_exiting["dir"], {"e": "exit", "a": _exiting["a"], "t": time.time()}, create=False)
             S.summarize(_exiting["dir"])
 
 

@@ -80,10 +80,10 @@ def newer_live(run_dir: Path, records: list[dict[str, Any]]) -> Optional[dict[st
     return {**live, "e": "beat"}
 
 
-def append(run_dir: Path, record: dict[str, Any]) -> None:
+def append(run_dir: Path, record: dict[str, Any], create: bool = True) -> None:
     """One line, one write(2) in append mode: it is in the file once the call returns, a SIGKILL after it
-    cannot take it back."""
-    fd = os.open(Path(run_dir) / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    cannot take it back. `create=False`: only to a journal there (not into a run dir a failed start emptied)."""
+    fd = os.open(Path(run_dir) / JOURNAL, os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0), 0o644)
     try:
         os.write(fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
     finally:
@@ -249,7 +249,7 @@ def finish(run_dir: Path) -> str:
     if not records:
         return ""
     try:
-        append(run_dir, {"e": "exit", "a": max(int(r["a"]) for r in records), "t": time.time()})
+        append(run_dir, {"e": "exit", "a": max(int(r["a"]) for r in records), "t": time.time()}, create=False)
         return line(summarize(run_dir))
     except OSError:  # a read-only or full run dir: the run's result stands without its goodput
         return ""
