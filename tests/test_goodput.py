@@ -52,6 +52,9 @@ def test_two_fits_of_one_run_dir_are_two_attempts_of_one_goodput(tmp_path: Path)
     assert kinds.count("start") == kinds.count("end") == 2 and kinds.count("epoch") == 2 and "ckpt" in kinds
     log = (run / "logs" / "rank-0.log").read_text()
     assert "goodput " in log and "2 attempts" in log
+    journal = (run / "goodput.jsonl").read_text()
+    _fit(run, 2)  # the finished run asked again: nothing to train, not an attempt of its training
+    assert (run / "goodput.jsonl").read_text() == journal
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.value for e in acc.Scalars("goodput")][-1] == pytest.approx(g["goodput"], abs=1e-4)

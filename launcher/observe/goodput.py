@@ -93,6 +93,8 @@ class Goodput(Callback):
         self.dir = Path(".")
         self._stop = threading.Event()
         self._lock = threading.Lock()  # the loop's records and the beat thread's live file
+        self.start: Optional[dict[str, Any]] = None  # the attempt's start record until it is written
+        self.live: Optional[dict[str, Any]] = None
         self._thread: Optional[threading.Thread] = None
 
     # ---- the loop's hooks (rank 0 records; the others return at once) ----------------------------------
@@ -100,24 +102,19 @@ class Goodput(Callback):
         if not run.is_main:
             return
         self.run, self.dir = run, Path(run.run_dir)
-        try:
-            records = S.journal(self.dir)
-            live = S.newer_live(self.dir, records)
-            if live is not None:  # a killed attempt's last beat: into the journal before this attempt's replace it
-                S.append(self.dir, live)
-                records.append(live)
-            self.attempt = 1 + max((int(r["a"]) for r in records), default=0)
-            ended = max((r["t"] for r in records), default=0.0)
-            slurm = slurm_times()
-            began = slurm["sched"] if slurm.get("sched") else attempt_began()
-            now = time.time()
-            S.append(self.dir, {"e": "start", "a": self.attempt, "t": now, "t0": min(max(began, ended), now),
-                                "step": run.step, "submit": slurm.get("submit"), "sched": slurm.get("sched"),
-                                "job": slurm.get("job"), "host": socket.gethostname(), "pid": os.getpid(),
-                                "world": run.world_size})
-        except OSError as e:  # a run dir that takes no writes (a finished run on a read-only fs): no goodput
-            log.warning("goodput: cannot record in %s: %s", self.dir, e)
-            return
+        records = S.journal(self.dir)
+        self.live = S.newer_live(self.dir, records)  # a killed attempt's last beat, for the journal
+        records += [self.live] if self.live else []
+        self.attempt = 1 + max((int(r["a"]) for r in records), default=0)
+        ended = max((r["t"] for r in records), default=0.0)
+        slurm = slurm_times()
+        began = slurm["sched"] if slurm.get("sched") else attempt_began()
+        now = time.time()
+        # written with the attempt's first record: a finished run asked again (nothing to train) writes nothing
+        self.start = {
+            "e": "start", "a": self.attempt, "t": now, "t0": min(max(began, ended), now), "step": run.step,
+            "submit": slurm.get("submit"), "sched": slurm.get("sched"), "job": slurm.get("job"),
+            "host": socket.gethostname(), "pid": os.getpid(), "world": run.world_size}
         self.on, self._stop = True, threading.Event()
         # a process the launcher started ends with its attempt (the Python API's goes on after fit(): its
         # attempt ends with fit); a second fit in one process moves the exit record to its own attempt
@@ -152,9 +149,14 @@ class Goodput(Callback):
             return {}
         self.on = False
         self._stop.set()
+        assert self.run is not None
+        if self.start is not None and self.run.step == self.start["step"] and how == "done":
+            return {}  # nothing trained, nothing recorded yet: not an attempt of the run's training
         try:
             with self._lock:
+                self._begin()
                 S.append(self.dir, {**self._now(), "e": "end", "how": how})
+                (self.dir / S.LIVE).unlink(missing_ok=True)  # the end record says more: a run dir ends without it
             _exiting["closed"] = _exiting.get("a") == self.attempt
             out = S.summarize(self.dir)
         except OSError as e:
@@ -179,11 +181,20 @@ class Goodput(Callback):
         val = self.val_s + (now - self.val_since if self.val_since is not None else 0.0)
         return {"a": self.attempt, "t": now, "step": run.step, "ckpt": round(blocked, 4), "val": round(val, 4)}
 
+    def _begin(self) -> None:
+        """The attempt's start record (and the killed one's last beat before it), once; under the lock."""
+        if self.start is not None:
+            if self.live is not None:
+                S.append(self.dir, self.live)
+            S.append(self.dir, self.start)
+            self.start = None
+
     def _record(self, kind: str) -> None:
         if not self.on:
             return
         try:
             with self._lock:
+                self._begin()
                 S.append(self.dir, {**self._now(), "e": kind})
         except OSError as e:  # (a full disk is the run's to report, at its next checkpoint)
             log.warning("goodput: cannot record in %s: %s", self.dir, e)
@@ -197,6 +208,10 @@ class Goodput(Callback):
             with self._lock:
                 if not self.on:
                     return
+                try:
+                    self._begin()  # the attempt has run every_s: it is one, whatever comes
+                except OSError:
+                    continue
                 rec = self._now()
                 if rec["step"] == last and not busy:
                     continue
