@@ -147,7 +147,8 @@ def _goodput_counts_the_kills(cut: Path, wall: float, last_stderr: str) -> None:
     """RUN_DIR/goodput.json of the run killed at steps 15 and 31 (resumed from 12 and 28), against the Killer's
     journal: `step time` after each step trained, in the order trained, all attempts."""
     g = json.loads((cut / "goodput.json").read_text())
-    trained = [(int(s), float(t)) for s, t in (ln.split() for ln in (cut / "steps-trained.txt").read_text().splitlines())]
+    lines = (cut / "steps-trained.txt").read_text().splitlines()
+    trained = [(int(s), float(t)) for s, t in (ln.split() for ln in lines)]
     twice = len(trained) - len({s for s, _ in trained})
     assert twice == 6 and g["steps"] == {"trained": len(trained), "lost": twice, "final": 72}, (g["steps"], twice)
     assert [(a["how"], a["steps"]) for a in g["attempts"]] == [("killed", [0, 15]), ("killed", [12, 31]),

@@ -68,8 +68,8 @@ def test_linreg_two_ranks_reaches_the_noise_floor(tmp_path: Path) -> None:
     p = run_cli(["recipe=linreg", *TWO_RANKS, *QUIET, f"run.dir={run_dir}"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = _check_run_dir(run_dir, 50)
-    assert p.stderr.splitlines()[-1].startswith("launcher: done: linreg (model.pt, metrics.csv, plots.png); goodput "), \
-        p.stderr[-2000:]
+    last = p.stderr.splitlines()[-1]
+    assert last.startswith("launcher: done: linreg (model.pt, metrics.csv, plots.png); goodput "), p.stderr[-2000:]
     assert float(rows[-1]["val_mae"]) < 1.9  # noise std 2: the best possible MAE is about 1.6
     w = torch.load(run_dir / "model.pt", weights_only=True)
     assert torch.allclose(w["weight"], torch.tensor([[2.0, -3.0]]), atol=0.3)

@@ -43,6 +43,7 @@ def _exited() -> None:
 
 atexit.register(_exited)
 
+
 def slurm_times(env: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """This SLURM job's submit and start times, where SLURM tells them: scontrol (once, rank 0, at the
     attempt's start), SLURM_JOB_START_TIME (newer SLURMs set it) for the start. {} outside SLURM."""
@@ -68,8 +69,9 @@ def attempt_began(env: Optional[dict[str, str]] = None) -> float:
     else a rank group restarted by elastic began with this process; else the launcher's CLI process
     (goodput_sums.STARTED_ENV, which its ranks inherit); else this process (the Python API, an outside torchrun)."""
     env = dict(os.environ) if env is None else env
+    restarted = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
     # (inside a SLURM job the CLI's may be the submitting process's, exported with the job's environment)
-    if int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0 and env.get(S.STARTED_ENV) and "SLURM_JOB_ID" not in env:
+    if not restarted and env.get(S.STARTED_ENV) and "SLURM_JOB_ID" not in env:
         with contextlib.suppress(ValueError):
             return float(env[S.STARTED_ENV])
     return S.process_start()
