@@ -147,11 +147,11 @@ class CheckpointManager:
             due = c.enabled and self.last_saved_step != step
         if not due:
             return 0.0
-        started = time.perf_counter()
+        started, before = time.perf_counter(), self.blocked_s
         self.before_save(self.dir / F.step_name(step))
         self.save(step, epoch, score)
         blocked = time.perf_counter() - started
-        self.blocked_s += blocked
+        self.blocked_s = before + blocked  # (its wait() for the previous save counted once, here)
         return blocked
 
     @property
