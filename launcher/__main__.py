@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 def main() -> None:
     """The CLI; its process ends as soon as the run is done (launch/rank.py's exit_now)."""
     from .launch.rank import run_then_exit
+    from .observe.goodput_sums import STARTED_ENV, process_start
+
+    os.environ[STARTED_ENV] = f"{process_start():.3f}"  # its ranks' attempt began with this process (goodput)
 
     if sys.argv[1:2] == ["export"]:  # `launcher export CHECKPOINT OUT.pt`, as `python -m launcher.export`
         from .export import main as export

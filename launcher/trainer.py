@@ -32,7 +32,7 @@ from .device import dist as D
 from .device.world import world_for
 from .fit import ledger, parts
 from .fit.callbacks import Callbacks, RunView
-from .observe.built_ins import built_ins
+from .observe.built_ins import built_ins, goodput
 from .fit.spike import SpikeGuard
 from .fit.evaluation import evaluate, outside_fit, predict
 from .fit.metrics import Accumulator
@@ -310,6 +310,7 @@ class Trainer:
         else:
             ckpt.final_weights(self.run.path / "model.pt", self.model, trained)
         ckpt.close()  # the async saves' host buffers (pinned on a GPU) go back
+        self.logger.log_step(p.step, goodput.close(self.callbacks.callbacks, self.preempted))  # to the trackers
         self.logger.finish(p.history, trained=trained, requeued=self.preempted)
         if not self.preempted:  # what ended the run; the Python API also says where its results are
             log.info(p.complete(self.cfg.trainer, self.stopper, trained, results(self.run.path) if self.api else ""))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,8 @@ def test_linreg_two_ranks_reaches_the_noise_floor(tmp_path: Path) -> None:
     p = run_cli(["recipe=linreg", *TWO_RANKS, *QUIET, f"run.dir={run_dir}"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = _check_run_dir(run_dir, 50)
-    assert p.stderr.splitlines()[-1] == "launcher: done: linreg (model.pt, metrics.csv, plots.png)", p.stderr[-2000:]
+    last = p.stderr.splitlines()[-1]
+    assert last.startswith("launcher: done: linreg (model.pt, metrics.csv, plots.png); goodput "), p.stderr[-2000:]
     assert float(rows[-1]["val_mae"]) < 1.9  # noise std 2: the best possible MAE is about 1.6
     w = torch.load(run_dir / "model.pt", weights_only=True)
     assert torch.allclose(w["weight"], torch.tensor([[2.0, -3.0]]), atol=0.3)
@@ -83,12 +85,16 @@ def test_one_rank_runs_in_process_and_writes_the_same_layout(tmp_path: Path) -> 
     _, err = p.communicate(timeout=240)
     assert p.returncode == 0, err[-3000:]
     # what ended the run, then where its results went (relative to the working directory: the user's ls)
-    assert err.splitlines()[-2:] == ["[launcher] run complete at epoch 2, step 28 (trainer.max_epochs=2)",
-                                     "launcher: done: one (model.pt, metrics.csv, plots.png)"], err[-2000:]
+    # (and how much of the wall clock trained: docs/observing.md "Goodput")
+    last = err.splitlines()[-2:]
+    assert last[0] == "[launcher] run complete at epoch 2, step 28 (trainer.max_epochs=2)", err[-2000:]
+    assert re.fullmatch(r"launcher: done: one \(model.pt, metrics.csv, plots.png\); goodput \d+% of \d+s, 1 attempt: "
+                        r"start-up \d+%.*", last[1]), last[1]
     assert f"pid {p.pid}\n" in (run_dir / "logs" / "rank-0.log").read_text(), "rank 0 ran in another process"
     assert [int(r["step"]) for r in _rows(run_dir)] == [14, 28]
     assert sorted(x.name for x in run_dir.iterdir()) == [".lock", ".lock.ranks", "checkpoints", "config.yaml",
-                                                         "ledger.jsonl", "logs", "metrics.csv", "model.pt", "plots.png", "run.json"]
+                                                         "goodput.json", "goodput.jsonl", "ledger.jsonl", "logs",
+                                                         "metrics.csv", "model.pt", "plots.png", "run.json"]
     assert sorted(x.name for x in (run_dir / "logs").iterdir()) == ["rank-0.log"]  # no elastic, no rank 1
 
 

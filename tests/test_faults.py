@@ -4,6 +4,7 @@ damaged newest checkpoint, a rank that hangs, and two hosts as network namespace
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -57,6 +58,13 @@ def test_sigkill_of_one_rank_restarts_from_the_checkpoint_bitwise(tmp_path: Path
         assert "resumed from" in log, f"trial {trial}: the restarted group did not resume"
         _same_weights(ref / "model.pt", run_dir / "model.pt")
         assert _rows(run_dir) == _rows(ref)
+        # goodput: the group the agent restarted is a second attempt; the first one's steps past the
+        # checkpoint the second resumed at are lost
+        g = json.loads((run_dir / "goodput.json").read_text())
+        (a, b) = g["attempts"]
+        assert a["how"] in ("killed", "error") and b["how"] == "done" and b["steps"][0] >= kill_step, g["attempts"]
+        assert g["steps"]["lost"] == a["steps"][1] - b["steps"][0] >= 0 and g["steps"]["final"] == b["steps"][1]
+        assert abs(sum(g["buckets_s"].values()) - g["wall_s"]) < 0.01 and b["startup_s"] > 0, g
 
 
 # ---- 8. kill during a checkpoint write; a damaged newest checkpoint -----------------------------------

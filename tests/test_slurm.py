@@ -4,6 +4,7 @@ this host, accounting on). Skipped with the reason only where it cannot be broug
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import os
 import shutil
@@ -136,6 +137,31 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(cluster, tmp_path: 
     b = torch.load(cut / "model.pt", weights_only=True)
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs from the uninterrupted run"
+    _goodput_across_the_requeue(cut, job)
+
+
+def _goodput_across_the_requeue(cut: Path, job: str) -> None:
+    """RUN_DIR/goodput.json: two attempts of one job, nothing lost (the requeue saved the step it stopped at),
+    the queue time from SLURM's own submit and start times; recomputed once the job ended (SLURM's end of its
+    last run: the interpreter's exit and srun's, after the process's own last record), the buckets sum to the
+    run's wall clock as sacct tells it (the first submit to the last end) within 2%."""
+    g = json.loads((cut / "goodput.json").read_text())  # as the job's last process wrote it
+    assert len(g["attempts"]) == 2 and g["buckets_s"]["shutdown"] > 0, g
+    subprocess.run([sys.executable, "-m", "launcher.observe.goodput_sums", str(cut)], check=True, capture_output=True)
+    g = json.loads((cut / "goodput.json").read_text())
+    (s1, e1), (s2, e2) = [a["steps"] for a in g["attempts"]]
+    assert [(a["how"], a["job"]) for a in g["attempts"]] == [("requeue", job), ("done", job)], g["attempts"]
+    assert s1 == 0 < e1 == s2 < e2 == 30 and g["steps"] == {"trained": 30, "lost": 0, "final": 30}, g["steps"]
+    starts = [json.loads(ln) for ln in (cut / "goodput.jsonl").read_text().splitlines() if '"start"' in ln]
+    assert all(r["submit"] and r["sched"] and r["sched"] >= r["submit"] for r in starts), starts
+    b = g["buckets_s"]
+    assert abs(sum(b.values()) - g["wall_s"]) < 0.01 and b["lost"] == 0 and b["queue"] >= 0, b
+    assert b["queue"] + b["between_attempts"] > 0 and b["startup"] > 0 and b["validation"] > 0, b
+    out = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", job, "-o", "Submit,End"], capture_output=True,
+                         text=True).stdout.split()
+    times = [datetime.datetime.fromisoformat(t).timestamp() for row in out for t in row.split("|")]
+    wall = max(times) - min(times)  # (whole seconds: 1 s either way)
+    assert abs(g["wall_s"] - wall) <= max(0.02 * wall, 1.0), (g["wall_s"], wall, out)
 
 
 @pytest.mark.slow

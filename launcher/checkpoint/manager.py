@@ -105,6 +105,7 @@ class CheckpointManager:
         # XLA tensors are written through xm.save, a rendezvous of all ranks: no background thread
         self.async_save = cfg.async_save and xla is None
         self.last_saved_step = -1
+        self.blocked_s = 0.0  # seconds the loop has waited in this process's saves (goodput's checkpoint stall)
         self.restored_config: Any = None
         self._thread: Optional[threading.Thread] = None
         self._future: Any = None
@@ -146,10 +147,12 @@ class CheckpointManager:
             due = c.enabled and self.last_saved_step != step
         if not due:
             return 0.0
-        started = time.perf_counter()
+        started, before = time.perf_counter(), self.blocked_s
         self.before_save(self.dir / F.step_name(step))
         self.save(step, epoch, score)
-        return time.perf_counter() - started
+        blocked = time.perf_counter() - started
+        self.blocked_s = before + blocked  # (its wait() for the previous save counted once, here)
+        return blocked
 
     @property
     def best(self) -> Optional[tuple[float, Path]]:
@@ -267,8 +270,9 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed; raise what it failed with."""
         if self._thread is not None:
+            started = time.perf_counter()
             self._thread.join()
-            self._thread = None
+            self._thread, self.blocked_s = None, self.blocked_s + time.perf_counter() - started
         if self._future is not None:  # ranks > 0 of a sharded async save
             self._future.result()
             self._future = None

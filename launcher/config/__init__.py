@@ -104,6 +104,7 @@ class TrainerConfig:
     summary: bool = True  # print the model summary (layers, output shapes, parameters) on rank 0 when fit starts
     deterministic: bool = False  # deterministic kernels (torch, cuBLAS, cuDNN): GPU resume bitwise by contract; slower
     hang_timeout_s: Optional[float] = None  # no step ended for this long: each rank writes its stacks to RUN_DIR/logs/stacks-N/ (docs/observing.md); null = min(300, dist_timeout_s / 2); 0 = off
+    goodput_every_s: float = 5.0  # rank 0 records the run's progress this often (and at each checkpoint, validation, epoch) for RUN_DIR/goodput.json (docs/observing.md); a killed attempt counts up to its last record; 0 = off
     profile: str = ""  # "START:END": a torch.profiler trace of optimizer steps START..END per rank in RUN_DIR/profile/ (docs/observing.md); "" = off
     straggler_every: int = 100  # every N steps the ranks compare their step times: one slower than the median by more than straggler_threshold of a step is named (docs/observing.md); 0 = off
     straggler_threshold: float = 0.2  # how much slower than the median rank, as a fraction of the median step time, names a straggler
@@ -260,6 +261,8 @@ def check_trainer(t: TrainerConfig) -> None:
         raise ConfigError("trainer.hang_timeout_s", t.hang_timeout_s, "the stacks must be written before the "
                           f"collective timeout (trainer.dist_timeout_s={t.dist_timeout_s:g}) ends the run",
                           "null (auto), 0 (off), 0 < seconds < trainer.dist_timeout_s")
+    if t.goodput_every_s < 0:
+        raise ConfigError("trainer.goodput_every_s", t.goodput_every_s, "must be >= 0 seconds (0 = off)")
     profile_window(t.profile)
     non_negative("trainer.straggler_every", t.straggler_every)
     positive_number("trainer.straggler_threshold", t.straggler_threshold, "a fraction of the median step time (e.g. 0.2)")

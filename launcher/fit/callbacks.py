@@ -89,6 +89,8 @@ class RunView:
     run_id = property(lambda self: self._t.run.id)
     history = property(lambda self: [dict(r) for r in self._t.progress.history])
     config = property(lambda self: self._t.cfg)
+    # seconds this process's loop has waited for checkpoint saves (the checkpoint manager's count)
+    checkpoint_blocked_s = property(lambda self: self._t.ckpt.blocked_s if self._t.ckpt is not None else 0.0)
 
     @property
     def model(self) -> "nn.Module":

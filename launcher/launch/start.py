@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -23,9 +24,11 @@ EXIT_CONFIG = 2  # the CLI's exit code for a user's error
 
 def done(run_dir: Path) -> None:
     """A run's last line: where its results went (the user should not have to `ls runs/`)."""
+    from ..observe.goodput_sums import finish
     from ..rundir.files import results
 
-    print(f"launcher: done: {results(run_dir)}", file=sys.stderr)
+    goodput = finish(run_dir)  # its ranks have ended: the last attempt's exit, RUN_DIR/goodput.json again
+    print(f"launcher: done: {results(run_dir)}" + (f"; {goodput}" if goodput else ""), file=sys.stderr)
 
 
 def start(cfgs: list[Any]) -> list[int]:
@@ -45,8 +48,8 @@ def start(cfgs: list[Any]) -> list[int]:
         return failures
     if cfgs[0].launcher.name == "ray":
         return _start_ray(cfgs)
-    for cfg in cfgs:
-        _start_local(cfg, failures)
+    for i, cfg in enumerate(cfgs):
+        _start_local(cfg, failures, first=i == 0)
     return failures
 
 
@@ -61,18 +64,22 @@ def _start_ray(cfgs: list[Any]) -> list[int]:
         return [EXIT_CONFIG]
     failures: list[int] = []
     try:
-        for cfg in cfgs:
-            _start_local(cfg, failures, session)
+        for i, cfg in enumerate(cfgs):
+            _start_local(cfg, failures, session, first=i == 0)
     finally:
         session.close()
     return failures
 
 
-def _start_local(cfg: Any, failures: list[int], ray_session: Optional["Session"] = None) -> None:
-    """A run whose ranks this process starts: on this node (elastic), or every node's (a Ray session)."""
+def _start_local(cfg: Any, failures: list[int], ray_session: Optional["Session"] = None, first: bool = True) -> None:
+    """A run whose ranks this process starts: on this node (elastic), or every node's (a Ray session).
+    `first`: the command's first run (a sweep's next one begins when it starts, not with the CLI process)."""
+    from ..observe.goodput_sums import STARTED_ENV
     from ..rundir.lock import LOCK_ENV
     from ..rundir.run_dir import RunDir
 
+    if not first:  # what its ranks take for the start of their attempt (goodput's start-up)
+        os.environ[STARTED_ENV] = f"{time.time():.3f}"
     path = Path(cfg.run.dir)
     # several nodes each running this command share the dir: their rank 0 claims it, and none deletes
     one_node = cfg.trainer.nodes == 1 or ray_session is not None

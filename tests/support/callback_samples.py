@@ -1,10 +1,13 @@
 """Callbacks for tests/test_callbacks.py: one that counts every hook and draws from the RNG (its state
-must survive a SIGKILL exactly), one that writes on rank 0 only, and a model with dropout (so the
-training RNG stream matters)."""
+must survive a SIGKILL exactly), one that writes on rank 0 only, one that notes each step trained and
+SIGKILLs the launcher at given steps, and a model with dropout (so the training RNG stream matters)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,26 @@ class MainOnly(launcher.Callback):
     def on_epoch_end(self, run, row: dict[str, Any]) -> None:
         with open(run.run_dir / "epochs.txt", "a") as f:
             f.write(f"{row['epoch']} rank {run.rank}\n")
+
+
+class Killer(launcher.Callback):
+    """Rank 0 appends `step time` to RUN_DIR/steps-trained.txt after every step of every attempt (what the
+    run really trained, steps trained twice included), and SIGKILLs the whole launcher (its session: the CLI
+    started with start_new_session) the first time it reaches a step listed in $KILL_AT_STEPS. It waits
+    $KILL_AFTER_S first: the run stalls, then dies without warning."""
+
+    @launcher.rank_zero
+    def on_step_end(self, run) -> None:
+        journal = run.run_dir / "steps-trained.txt"
+        seen = journal.read_text().split("\n") if journal.exists() else []
+        first = not any(ln.split(" ")[0] == str(run.step) for ln in seen)
+        with open(journal, "a") as f:
+            f.write(f"{run.step} {time.time():.4f}\n")
+        if first and str(run.step) in os.environ.get("KILL_AT_STEPS", "").split(","):
+            leader = os.getsid(0)
+            assert b"launcher" in open(f"/proc/{leader}/cmdline", "rb").read(), "not in the launcher's own session"
+            time.sleep(float(os.environ.get("KILL_AFTER_S", "0")))
+            os.killpg(leader, signal.SIGKILL)
 
 
 class Dropped(torch.nn.Module):
