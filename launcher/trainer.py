@@ -3,11 +3,10 @@
     history = Trainer(max_epochs=10, monitor="val_loss", patience=5, run_dir="runs/a").fit(
         net, loss_fn, optimizer, train_data, val_data, metrics={"acc": torchmetrics.Accuracy(...)})
 
-fit() is set-up, then one loop (`while self.should_continue(): one optimizer step, then what
-follows it`), then teardown. The Trainer owns the loop's state; the run directory is a RunDir
-(rundir/), the save decision the checkpoint manager's (maybe_save after each step and at each
-epoch end); what must survive a restart is registered once (checkpoint/adapters.run_states).
-"""
+fit() is set-up, then one loop (`while self.should_continue(): one optimizer step, then what follows
+it`), then teardown. The Trainer owns the loop's state; the run directory is a RunDir (rundir/), the
+save decision the checkpoint manager's (maybe_save after each step and at each epoch end); what must
+survive a restart is registered once (checkpoint/adapters.run_states)."""
 
 from __future__ import annotations
 
