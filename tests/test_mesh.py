@@ -133,10 +133,11 @@ def _held(run_dir: Path) -> float:
 
 @pytest.mark.slow
 def test_tp_and_hsdp_meshes_train_like_one_rank_resume_across_meshes_and_after_a_kill(tmp_path: Path) -> None:
-    """One rank at batch 64 is the reference. FSDP x TP 2x2 (batch 32 per data rank) trains 20 steps
-    alongside it; its step-8 DCP checkpoint resumes at 1 rank, that one's at 2-rank FSDP, that one's
-    at HSDP 2x2 (and so back on a 2-D mesh): every segment's losses within 2e-4 of the reference's.
-    The same TP command SIGKILLed after its step-4 checkpoint resumes bitwise."""
+    """One rank at batch 64 is the reference. FSDP x TP 2x2 (batch 32 per data rank) and HSDP 2x2
+    (batch 16) each train 20 steps alongside it; TP's step-8 DCP checkpoint resumes at 1 rank, that
+    one's at 2-rank FSDP, that one's at HSDP 2x2 (and so back on a 2-D mesh): every run's and
+    segment's losses within 2e-4 of the reference's. The same TP command SIGKILLed after its step-4
+    checkpoint resumes bitwise."""
     one, tp, cut = tmp_path / "one", tmp_path / "tp", tmp_path / "cut"
     p = run_cli([*SMALL, "trainer.max_steps=20", "trainer.batch_size=64", f"run.dir={one}"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -155,6 +156,12 @@ def test_tp_and_hsdp_meshes_train_like_one_rank_resume_across_meshes_and_after_a
     assert len(_rows(tp)) == 5
     # the summary says what each rank holds: TP'd block matmuls in quarters, the rest in halves
     assert _held(tp) < _held(one) / 2 and "dp_shard 2 x tp 2" in (tp / "logs" / "rank-0.log").read_text()
+    hsdp = tmp_path / "hsdp"
+    p = run_cli([*SMALL, "trainer.max_steps=20", "trainer.nproc=4", "trainer.strategy=hsdp", "trainer.hsdp_replicas=2",
+                 "trainer.batch_size=16", f"run.dir={hsdp}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    _close(_rows(hsdp), ref, "hsdp 2x2")
+    assert "dp_replicate 2 x dp_shard 2 x tp 1" in (hsdp / "logs" / "rank-0.log").read_text()
 
     chain = [("1 rank", ["trainer.nproc=1", "trainer.batch_size=64"], 12),
              ("2-rank fsdp", ["trainer.nproc=2", "trainer.batch_size=32", "trainer.strategy=fsdp"], 16),
