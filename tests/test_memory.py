@@ -12,6 +12,7 @@ ddp and compile runs.)
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import killed_then_resumed, run_cli
+from conftest import killed_then_resumed, rows, run_cli
 from launcher import config as C
 from launcher.config.memory import ac_rule
 from launcher.device.memory import checkpoint_blocks
@@ -218,3 +219,22 @@ def test_every_knob_with_checkpointing_trains_killed_then_resumed_bitwise(tmp_pa
     ema = [torch.load(r / "model-ema.pt", weights_only=True) for r in (ref, cut)]  # its names are the model's too
     assert ema[0].keys() == a.keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in a)
     assert (ref / "metrics.csv").read_text() == (cut / "metrics.csv").read_text()
+
+
+@pytest.mark.slow
+def test_reshard_over_groups_of_two_of_four_ranks_trains_and_resumes(tmp_path: Path) -> None:
+    """The int form of trainer.fsdp_reshard_after_forward needs a shard group of 4 ranks or more: 4
+    gloo ranks reshard over pairs after forward, train, and a longer limit continues from the checkpoint."""
+    run_dir = tmp_path / "r"
+    args = ["recipe=charlm", "data.n_chars=12000", "trainer.gpus=0", "trainer.nproc=4", "trainer.strategy=fsdp",
+            "trainer.fsdp_reshard_after_forward=2", "trainer.precision=32", "trainer.progress=false",
+            "trainer.summary=false", "trainer.max_epochs=1", f"run.dir={run_dir}"]
+    p = run_cli(args, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "fully_shard(reshard_after_forward=2" in (run_dir / "logs" / "rank-0.log").read_text()
+    p = run_cli([*args[:-2], "trainer.max_epochs=2", f"run.dir={run_dir}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in (run_dir / "logs" / "rank-0.log").read_text()
+    losses = [float(r["train_loss"]) for r in rows(run_dir)]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and losses[1] < losses[0], losses
+
