@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common import machine, table
-from hook_cost import best
+from hook_cost import View, best, overhead_step
 
 
 def main() -> str:
@@ -36,18 +36,7 @@ def main() -> str:
     from launcher.observe import goodput_sums as S
     from launcher.observe.built_ins import built_ins
 
-    class View:
-        step, world_size, rank, is_main = 1, 1, 0, True
-
-    lin = torch.nn.Linear(2, 1)
-    opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
-    x, y = torch.randn(64, 2), torch.randn(64, 1)
-
-    def tiny_step() -> None:
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(lin(x), y).backward()
-        opt.step()
-
+    tiny_step = overhead_step()
     on = Callbacks(built_ins([], TrainerConfig(goodput_every_s=5.0, hang_timeout_s=0.0)), View())  # type: ignore
     off = Callbacks(built_ins([], TrainerConfig(goodput_every_s=0.0, hang_timeout_s=0.0)), View())  # type: ignore
     added_hooks = len(on.by_hook["on_step_end"]) - len(off.by_hook["on_step_end"])

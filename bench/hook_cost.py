@@ -40,6 +40,26 @@ def best(fn: Callable[[], None], repeat: int, inner: int = 10) -> float:
     return min(times)
 
 
+class View:
+    """The RunView fields the measured hooks read (bench/goodput_cost.py too)."""
+    step, world_size, rank, is_main = 1, 1, 0, True
+
+
+def overhead_step() -> Callable[[], None]:
+    """One optimizer step of the overhead job (Linear(2, 1), batch 64, Adam: forward, backward, step, no
+    loader): the step a per-step cost is set beside (bench/goodput_cost.py too)."""
+    lin = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
+    x, y = torch.randn(64, 2), torch.randn(64, 1)
+
+    def tiny_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(lin(x), y).backward()
+        opt.step()
+
+    return tiny_step
+
+
 def main() -> str:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=2000)
@@ -61,19 +81,7 @@ def main() -> str:
         def on_step_end(self, run) -> None:  # noqa: D102
             pass
 
-    class View:
-        step, world_size, rank, is_main = 1, 1, 0, True
-
-    # the overhead job's step
-    lin = torch.nn.Linear(2, 1)
-    opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
-    x, y = torch.randn(64, 2), torch.randn(64, 1)
-
-    def tiny_step() -> None:
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(lin(x), y).backward()
-        opt.step()
-
+    tiny_step = overhead_step()
     cbs = Callbacks([NoOp() for _ in range(10)], View())  # type: ignore[arg-type]
     step_s = best(tiny_step, args.repeat)
     fire_s = best(lambda: cbs.fire("on_step_end"), args.repeat)
@@ -117,7 +125,7 @@ def main() -> str:
     import itertools
 
     ph = Phases(torch.device("cpu"))
-    batch = (x, y)
+    batch = (torch.randn(64, 2), torch.randn(64, 1))  # the overhead job's batch shapes
     timed = ph.batches(itertools.repeat(batch))
     bare = itertools.repeat(batch)
 
