@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import cli_env
+from conftest import cli_env, same_weights
 
 TRAIN = '''
 import functools, sys
@@ -40,21 +39,26 @@ def _script(tmp_path: Path) -> Path:
     return path
 
 
+def _plain(script: Path, out: Path, nproc: int) -> subprocess.CompletedProcess:
+    """`python train.py OUT NPROC`, as a user starts it; OUT is created first, and it must succeed."""
+    out.mkdir()
+    p = subprocess.run([sys.executable, str(script), str(out), str(nproc)], cwd=script.parent, env=cli_env(),
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
 @pytest.mark.slow
 def test_a_plain_script_with_two_ranks_equals_torchrun(tmp_path: Path) -> None:
     script = _script(tmp_path)
-    (tmp_path / "plain").mkdir()
     (tmp_path / "torchrun").mkdir()
-    plain = subprocess.run([sys.executable, str(script), str(tmp_path / "plain"), "2"], cwd=tmp_path, env=cli_env(),
-                           capture_output=True, text=True, timeout=240)
-    assert plain.returncode == 0, plain.stderr[-3000:]
+    plain = _plain(script, tmp_path / "plain", 2)
     assert plain.stdout.strip().splitlines() == ["world 2 steps 16"], "one rank 0, world of 2 (8 steps an epoch)"
     ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
                           str(tmp_path / "torchrun"), "2"], cwd=tmp_path, env=cli_env(), capture_output=True,
                          text=True, timeout=240)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    a, b = (torch.load(tmp_path / r / "w.pt", weights_only=True) for r in ("plain", "torchrun"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    same_weights(tmp_path / "plain" / "w.pt", tmp_path / "torchrun" / "w.pt")
     assert "rank 1 of 2" in (tmp_path / "plain" / "run" / "logs" / "rank-1.log").read_text()
 
 
@@ -74,12 +78,8 @@ def test_in_a_jupyter_notebook_one_rank_trains_as_the_script_does_and_two_are_on
     import nbformat
     from nbclient import NotebookClient
 
-    script = _script(tmp_path)
-    (tmp_path / "script").mkdir()
+    _plain(_script(tmp_path), tmp_path / "script", 1)
     (tmp_path / "nb").mkdir()
-    p = subprocess.run([sys.executable, str(script), str(tmp_path / "script"), "1"], cwd=tmp_path, env=cli_env(),
-                       capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, p.stderr[-3000:]
     one = TRAIN.replace("out, nproc = sys.argv[1], int(sys.argv[2])", f"out, nproc = {str(tmp_path / 'nb')!r}, 1")
     two = "tr = Trainer(nproc=2, gpus=0, max_epochs=1, run_dir=out + '/two', progress=False, logger='none')\n" \
           "tr.fit(net, torch.nn.MSELoss(), functools.partial(torch.optim.SGD, lr=0.05), data)"
@@ -89,8 +89,7 @@ def test_in_a_jupyter_notebook_one_rank_trains_as_the_script_does_and_two_are_on
     first, second = ([o for o in c.outputs] for c in nb.cells)
     assert [o.get("text", "").strip() for o in first if o.output_type == "stream" and o.name == "stdout"] == \
         ["world 1 steps 32"], first
-    a, b = (torch.load(tmp_path / r / "w.pt", weights_only=True) for r in ("script", "nb"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    same_weights(tmp_path / "script" / "w.pt", tmp_path / "nb" / "w.pt")
     error = [o for o in second if o.output_type == "error"]
     assert len(error) == 1 and error[0].ename == "UserError", second
     assert len(error[0].traceback) == 1 and error[0].traceback[0].startswith(

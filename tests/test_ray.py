@@ -179,7 +179,8 @@ def test_a_script_on_two_ray_nodes_equals_two_local_ranks_and_its_stop_restarts_
     with a stop on the first attempt (the script exits 75 after step 4, as on its stop signal): the
     group restarts (launcher.max_restarts=1), attempt 1 resumes from the script's own checkpoint, and
     the weights equal 2 local ranks' uninterrupted."""
-    from test_script import LOCAL, TRAIN, launcher_run, same_weights
+    from conftest import same_weights
+    from test_script import LOCAL, TRAIN, launcher_run
 
     script, ref, run_dir = tmp_path / "train.py", tmp_path / "ref", tmp_path / "ray"
     script.write_text(TRAIN)

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import cli_env
+from conftest import cli_env, same_weights
 
 # A plain DDP script: it reads the torch env, calls init_process_group, checkpoints every step into
 # LAUNCHER_RUN_DIR (or --out under torchrun) and resumes from it; on its stop signal (the name in
@@ -111,11 +110,6 @@ def script(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def launcher_run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launcher", "run", *args], cwd=cwd, env=cli_env(OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=timeout)
-
-
-def same_weights(a: Path, b: Path) -> None:
-    wa, wb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), (wa, wb)
 
 
 # ---- errors: one line each, exit 2, printed once (fast tier) ----------------------------------------

@@ -352,7 +352,8 @@ def test_a_script_on_two_nodes_stops_on_usr1_is_requeued_and_resumes(cluster, tm
     and exits 75, rank 0 requeues the job, the second attempt resumes from the script's own checkpoint
     in the same run dir and ends with the weights of an uninterrupted 2-rank run. Beside it, a one-rank
     job of the same script that ignores the signal is killed launcher.signal_delay_s after it."""
-    from test_script import LOCAL, TRAIN, launcher_run, same_weights
+    from conftest import same_weights
+    from test_script import LOCAL, TRAIN, launcher_run
 
     script, ref, cut = tmp_path / "train.py", tmp_path / "ref", tmp_path / "cut"
     script.write_text(TRAIN)
