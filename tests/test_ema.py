@@ -90,7 +90,8 @@ def test_every_n_steps_and_the_checks(tmp_path: Path) -> None:
 
 
 def test_a_sharded_average_is_put_together_at_another_world_size() -> None:
-    """Two ranks' dim-0 shards (FSDP2's torch.chunk sizes, uneven: 3 rows in 2 + 1) into a one-rank model."""
+    """A checkpoint from before the average went through DCP held each rank's dim-0 shards (FSDP2's
+    torch.chunk sizes, uneven: 3 rows in 2 + 1): they still load into a one-rank model."""
     model = torch.nn.Linear(4, 3)
     ema = EMA(0.9)
 
@@ -123,3 +124,20 @@ def test_fsdp_at_two_ranks_averages_its_shards_like_one_rank(tmp_path: Path) -> 
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
     raw = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
     assert not all(torch.equal(raw[k], b[k]) for k in b)
+
+
+def test_a_sharded_checkpoint_without_the_average_loads_what_it_has(tmp_path: Path) -> None:
+    """A sharded checkpoint written before an EMA was turned on holds no average: the parts that may be
+    absent are loaded with what the checkpoint has (DCP would refuse the missing keys), the rest fills."""
+    import torch.distributed.checkpoint as dcp
+
+    from launcher.checkpoint.held import dcp_prefixes, held
+
+    dcp.save({"model": {"w": torch.ones(3)}, "callback_shards": {}}, checkpoint_id=str(tmp_path))
+    saved = dcp_prefixes(dcp.FileSystemReader(str(tmp_path)).read_metadata())
+    assert {"model", "model.w"} <= saved
+    template = {"model": {"w": torch.zeros(3)}, "callback_shards": held({"0:EMA": {"w": torch.zeros(3)}}, saved,
+                                                                          "callback_shards")}
+    assert template["callback_shards"] == {}
+    dcp.load(template, checkpoint_id=str(tmp_path))
+    assert torch.equal(template["model"]["w"], torch.ones(3))

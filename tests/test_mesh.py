@@ -137,8 +137,11 @@ def test_tp_and_hsdp_meshes_train_like_one_rank_resume_across_meshes_and_after_a
     (batch 16) each train 20 steps alongside it; TP's step-8 DCP checkpoint resumes at 1 rank, that
     one's at 2-rank FSDP, that one's at HSDP 2x2 (and so back on a 2-D mesh): every run's and
     segment's losses within 2e-4 of the reference's. The same TP command SIGKILLed after its step-4
-    checkpoint resumes bitwise."""
+    checkpoint resumes bitwise. Every run keeps an EMA of the weights: each rank averages its own shards,
+    sharded checkpoints hold them through DCP, and the chain's last model-ema.pt (TP 2x2 -> 1 rank -> FSDP
+    -> HSDP) is the reference's within float rounding, as is TP's own (its packed q|k|v made whole)."""
     one, tp, cut = tmp_path / "one", tmp_path / "tp", tmp_path / "cut"
+    SMALL = [*globals()["SMALL"], "trainer.ema_decay=0.9"]
     p = run_cli([*SMALL, "trainer.max_steps=20", "trainer.batch_size=64", f"run.dir={one}"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     ref = _rows(one)
@@ -177,6 +180,10 @@ def test_tp_and_hsdp_meshes_train_like_one_rank_resume_across_meshes_and_after_a
         _close(rows, ref, what)
         start = run_dir / "checkpoints" / f"step-{steps:07d}"
     assert abs(_held(tmp_path / "seg2") * 2 - _held(one)) < 0.01 * _held(one)  # HSDP 2x2: each rank half
+    e1, e4, e_chain = (torch.load(r / "model-ema.pt", weights_only=True) for r in (one, tp, tmp_path / "seg2"))
+    for what, e in (("fsdp x tp 2x2", e4), ("tp -> 1 -> fsdp -> hsdp", e_chain)):
+        assert e.keys() == w1.keys() and all(torch.allclose(e1[k], e[k], atol=1e-4) for k in e1), what
+    assert not all(torch.equal(e1[k], w1[k]) for k in w1)  # (an average, not the weights)
 
     proc = subprocess.Popen([sys.executable, "-m", "launcher", *tp_args, f"run.dir={cut}"], cwd=tmp_path,
                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -188,8 +195,9 @@ def test_tp_and_hsdp_meshes_train_like_one_rank_resume_across_meshes_and_after_a
     p = run_cli([*tp_args, f"run.dir={cut}"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in (cut / "logs" / "rank-0.log").read_text()
-    a, b = (torch.load(r / "model.pt", weights_only=True) for r in (tp, cut))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for f in ("model.pt", "model-ema.pt"):
+        a, b = (torch.load(r / f, weights_only=True) for r in (tp, cut))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
     assert _rows(tp) == _rows(cut)
 
 

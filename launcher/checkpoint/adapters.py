@@ -140,6 +140,33 @@ class CallbackStates:
                 cb.load_state_dict(ranks[0 if resized else self.d.rank][k])
 
 
+class CallbackShards:
+    """The callbacks' tensors laid out as the model's sharded parameters (an EMA's average under FSDP2,
+    HSDP or TP: fit/ema.py `sharded_state`): written through DCP with the model, each rank its own
+    shards, and laid out by DCP for whatever mesh reads them. An unsharded run keeps them in the
+    callbacks' own state (CallbackStates), so here it has nothing."""
+
+    absent_ok = True  # a checkpoint from before it, or without such a callback: the callback's state says
+
+    def __init__(self, callbacks: dict[str, Any], model: nn.Module) -> None:
+        self.callbacks = {k: cb for k, cb in callbacks.items() if callable(getattr(cb, "sharded_state", None))}
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, sd: Optional[dict[str, Any]]) -> None:
+        pass
+
+    def dcp_state_dict(self) -> dict[str, Any]:
+        return {k: cb.sharded_state(self.model) for k, cb in self.callbacks.items()}
+
+    def load_dcp_state_dict(self, sd: dict[str, Any]) -> None:
+        for k, cb in self.callbacks.items():
+            if k in sd:
+                cb.load_sharded_state(sd[k])
+
+
 class Maybe:
     """A part a run may not have (no scheduler): None in the checkpoint, and loads only into one."""
 
@@ -218,5 +245,6 @@ def run_states(fp: Any, progress: Any, stopper: Any, d: Dist, ledger: Any,
         "data": Maybe(fp.train),
         "ledger": ledger,
         "callbacks": CallbackStates(callbacks, d),
+        "callback_shards": CallbackShards(callbacks, fp.model),  # (after "callbacks": an EMA's count first)
         "spikes": spikes,  # (fit/spike.py: after "data", whose exclusions it sets)
     }

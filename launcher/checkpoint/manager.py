@@ -27,6 +27,7 @@ from ..device import dist as D
 from ..config import CheckpointConfig
 from ..device.strategy import full_weights
 from . import format as F
+from .held import dcp_prefixes, held
 from .staging import HostStage, dcp_stager
 
 log = logging.getLogger("launcher")
@@ -329,9 +330,11 @@ class CheckpointManager:
         if F.is_sharded(folder):
             import torch.distributed.checkpoint as dcp  # sharded checkpoints only (see _write)
 
-            # DCP fills these templates with each rank's part of every tensor, whatever wrote them
-            shards = {name: part.dcp_state_dict() for name, part in self.states.items()  # type: ignore[attr-defined]
-                      if hasattr(part, "dcp_state_dict")}
+            # DCP fills these templates with each rank's part of every tensor, whatever wrote them; a part
+            # that may be absent keeps only what the checkpoint holds (DCP refuses a key it lacks)
+            saved = dcp_prefixes(dcp.FileSystemReader(str(folder / F.SHARDED)).read_metadata())
+            shards = {name: held(part.dcp_state_dict(), saved, name) if getattr(part, "absent_ok", False)
+                      else part.dcp_state_dict() for name, part in self.states.items() if hasattr(part, "dcp_state_dict")}
             dcp.load(shards, checkpoint_id=str(folder / F.SHARDED))
         for name, part in self.states.items():
             if name in shards:

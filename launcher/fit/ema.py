@@ -4,11 +4,12 @@ callbacks reach far enough, and `trainer.ema_decay` for the common case.
     ema <- p                        at the first update (as torch.optim.swa_utils.AveragedModel)
     ema <- ema + (1 - decay)(p - ema)   every `every_n_steps` optimizer steps after (torch.lerp)
 
-Under FSDP2 each rank averages its own shards of the parameters (the local tensors of their DTensors):
-no gather per step. The average is in every checkpoint and resumed bitwise: replicated (DDP, one rank)
-it is saved once from rank 0; sharded, each rank's shards are saved (together one copy of the model)
-and at another world size put back together along dimension 0 (FSDP2's Shard(0) layout) and split for
-the new one. Optionally the average is what validation measures (swapped in for it and back), and
+Under FSDP2 (HSDP and tensor parallel too) each rank averages its own shards of the parameters (the
+local tensors of their DTensors): no gather per step. The average is in every checkpoint and resumed
+bitwise: replicated (DDP, one rank) it is saved once from rank 0 with the callbacks' state; sharded,
+it is saved as the model is, through DCP (`sharded_state`: the average as DTensors laid out as their
+parameters, checkpoint/adapters.CallbackShards): each rank writes its own shards, nothing is gathered,
+and DCP lays them out again for whatever mesh the run resumes on (or one unsharded rank). Optionally the average is what validation measures (swapped in for it and back), and
 what RUN_DIR/model.pt holds at the end (the raw weights stay in the last checkpoint); the average is
 always written to RUN_DIR/model-ema.pt.
 """
@@ -20,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from ..device.memory import plain_name
+from ..device.mesh import back, portable, split_like, whole
 from .callbacks import Callback, RunView
 
 
@@ -32,6 +34,26 @@ def with_ema(callbacks: Optional[list[Any]], t: Any) -> list[Any]:
 def _local(p: torch.Tensor) -> torch.Tensor:
     """A parameter's own part: the local shard of an FSDP2 DTensor, else the tensor."""
     return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _like(avg: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The local average as a DTensor laid out as its parameter (a view: DCP loads into it in place)."""
+    if not hasattr(p, "to_local"):
+        return avg
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(avg, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
+
+
+def _piece(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a whole average, laid out as its parameter is (no communication)."""
+    if not hasattr(p, "to_local"):
+        return full
+    if type(p.placements[-1]).__name__ == "_StridedShard":  # a packed q|k|v under TP (device/mesh.py)
+        return split_like(full, p).to_local()
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
 class EMA(Callback):
@@ -49,21 +71,24 @@ class EMA(Callback):
         self._pending: Optional[dict[str, Any]] = None  # a checkpoint's state, until the model is known
         self._run: Optional[RunView] = None
         self._raw: Optional[list[torch.Tensor]] = None  # the weights while validation measures the average
+        self._loaded = False  # the average came from a sharded checkpoint before on_fit_start
 
-    # the replicated average is the same on every rank: saved once; shards are each rank's own
-    @property
-    def state_scope(self) -> str:
-        return "rank" if self._sharded() else "world"
+    # what is saved with the callbacks' state is the same on every rank (a sharded average is not in it)
+    state_scope = "world"
 
     def _sharded(self) -> bool:
         return any(hasattr(p, "to_local") for p in self.params)
 
-    def on_fit_start(self, run: RunView) -> None:
-        named = [(n, p) for n, p in run.model.named_parameters() if p.is_floating_point()]
+    def _bind(self, model: torch.nn.Module) -> None:
+        named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
         # the state_dict's names (checkpointed blocks' wrappers left out): model-ema.pt loads into the bare model
         self.names, self.params = [plain_name(n) for n, _ in named], [p for _, p in named]
         self.average = [_local(p).detach().clone() for p in self.params]
-        self._run = run
+
+    def on_fit_start(self, run: RunView) -> None:
+        if not self._loaded:  # (a fresh average each fit, unless a resume just filled it)
+            self._bind(run.model)
+        self._run, self._loaded = run, False
         if self._pending is not None:
             self._restore(self._pending, run)
             self._pending = None
@@ -103,20 +128,35 @@ class EMA(Callback):
                 F.save_atomic(full, run.run_dir / "model.pt")
 
     def full_weights(self) -> dict[str, torch.Tensor]:
-        """The average as the bare model's full parameters (name -> CPU tensor)."""
+        """The average as the bare model's full parameters (name -> CPU tensor); a collective when sharded
+        (a packed q|k|v made whole by hand: DTensor's own gather mis-orders it, device/mesh.py)."""
         out = {}
         for name, p, avg in zip(self.names, self.params, self.average):
             if hasattr(p, "to_local"):
-                from torch.distributed.tensor import DTensor
-
-                avg = DTensor.from_local(avg, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+                like = _like(avg, p)
+                avg = whole(like) if type(p.placements[-1]).__name__ == "_StridedShard" else like.full_tensor()
             out[name] = avg.detach().cpu()
         return out
 
     # ---- Stateful ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates, "sharded": self._sharded(), "decay": self.decay,
-                "average": {n: a.detach().cpu() for n, a in zip(self.names, self.average)}}
+        sd: dict[str, Any] = {"updates": self.updates, "sharded": self._sharded(), "decay": self.decay}
+        if not self._sharded():  # (sharded: in the checkpoint's DCP part, sharded_state)
+            sd["average"] = {n: a.detach().cpu() for n, a in zip(self.names, self.average)}
+        return sd
+
+    def sharded_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The average laid out as the model's parameters, for DCP (checkpoint/adapters.CallbackShards):
+        what a sharded checkpoint holds of it, and the template a resume fills in place, on any mesh."""
+        if self._run is None and not self._loaded:  # a resume, before on_fit_start: this fit's model
+            self._bind(model)
+        return portable({n: _like(a, p) for n, a, p in zip(self.names, self.average, self.params)})
+
+    def load_sharded_state(self, sd: dict[str, torch.Tensor]) -> None:
+        like = {n: _like(a, p) for n, a, p in zip(self.names, self.average, self.params)}
+        for avg, (name, t) in zip(self.average, back(sd, like).items()):
+            avg.copy_(_local(t))  # (in place already, but for a packed tensor DCP filled a whole copy)
+        self._loaded = self._run is None
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """A replicated average (saved once)."""
@@ -137,21 +177,14 @@ class EMA(Callback):
     def _restore(self, pending: dict[str, Any], run: RunView) -> None:
         ranks = pending["ranks"]
         self.updates = int(ranks[0]["updates"])
+        if "average" not in ranks[0]:
+            return  # a sharded checkpoint: DCP filled the average (load_sharded_state)
         same = ranks[0]["sharded"] and len(ranks) == run.world_size and self._sharded()
         for i, (name, p) in enumerate(zip(self.names, self.params)):
             if same:  # each rank's own shards back
                 saved = ranks[run.rank]["average"][name]
-            elif ranks[0]["sharded"]:  # FSDP2 shards dimension 0 in rank order: the whole, then this rank's
-                saved = self._mine(torch.cat([r["average"][name] for r in ranks], dim=0), p, run)
-            else:  # replicated: the whole (this rank's shard of it under FSDP)
-                saved = self._mine(ranks[0]["average"][name], p, run)
+            elif ranks[0]["sharded"]:  # a checkpoint from before sharded_state: FSDP2's dim-0 shards in rank order
+                saved = _piece(torch.cat([r["average"][name] for r in ranks], dim=0), p)
+            else:  # replicated: the whole (this rank's part of it when sharded)
+                saved = _piece(ranks[0]["average"][name], p)
             self.average[i].copy_(saved)
-
-    @staticmethod
-    def _mine(full: torch.Tensor, p: torch.Tensor, run: RunView) -> torch.Tensor:
-        """This rank's dim-0 chunk of a whole parameter (FSDP2's Shard(0): torch.chunk's sizes)."""
-        if not hasattr(p, "to_local"):
-            return full
-        chunks = list(torch.chunk(full, run.world_size, dim=0))
-        chunks += [full[:0]] * (run.world_size - len(chunks))
-        return chunks[run.rank]
