@@ -120,12 +120,13 @@ def build(t: TrainerConfig, d: Dist, model: nn.Module, loss_fn: Optional[Callabl
     bs = batch_size or t.batch_size
     dd = M.data_dist(t, d)  # data shards over the data-parallel ranks: tensor-parallel peers read the same batches
     train: Any = stream.from_data(train_data, dd, bs, t.num_workers, d.device.type == "cuda", True, t.persistent_workers,
-                                  t.prefetch_factor) if stream.is_stream(train_data) else Batches(train_data, dd, train=True, batch_size=bs, seed=t.seed, num_workers=t.num_workers,
+                                  t.prefetch_factor, t.seed, t.seed_per_sample) if stream.is_stream(train_data) else Batches(train_data, dd, train=True, batch_size=bs, seed=t.seed, num_workers=t.num_workers,
                     pin_memory=d.device.type == "cuda", seed_per_sample=t.seed_per_sample,
                     persistent_workers=t.persistent_workers, prefetch_factor=t.prefetch_factor)
     val: Any = None
     if stream.is_stream(val_data):  # every rank reads its streams whole: every sample once across ranks
-        val = stream.from_data(val_data, dd, t.eval_batch_size or bs, t.num_workers, False, train=False)
+        val = stream.from_data(val_data, dd, t.eval_batch_size or bs, t.num_workers, False, train=False, seed=t.seed,
+                               seeded=t.seed_per_sample)
     elif val_data is not None:
         val = Batches(val_data, dd, train=False, batch_size=t.eval_batch_size or bs, seed=t.seed,
                       num_workers=t.num_workers, seed_per_sample=t.seed_per_sample,

@@ -1,6 +1,7 @@
 """Seeds and RNG streams: seeding before the model is built, deterministic kernels, a rank's
 RNG streams as checkpointable values (the per-rank part of a checkpoint, the throwaway forward at
-a DDP resume), and a Dataset's `__getitem__` seeded per sample (`SeededSamples`)."""
+a DDP resume), and a Dataset's `__getitem__` seeded per sample (`SeededSamples`; a stream's draws:
+`SampleSeeds`, used by fit/shard.py)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,35 @@ def _seed_streams(s: int) -> None:
     torch.default_generator.manual_seed(_mix(s))
 
 
+Streams = tuple[Any, Any, torch.Tensor]  # python's, numpy's and torch's CPU generator's states
+
+
+def save_streams() -> Streams:
+    """The three streams a sample's seeding overwrites, to put back in the training process."""
+    return random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+
+
+def restore_streams(saved: Streams) -> None:
+    random.setstate(saved[0])
+    np.random.set_state(saved[1])
+    torch.default_generator.set_state(saved[2])
+
+
+class SampleSeeds:
+    """The seeds of one epoch's samples: `seed(*key)` seeds python's `random`, numpy's global RNG and
+    torch's CPU generator from (seed, epoch, key), the key being a sample's id (an index; a stream's
+    origin stream and offset). Why three seeds and not torch.manual_seed: `SeededSamples`."""
+
+    def __init__(self, seed: int, epoch: int) -> None:
+        self.base = _mix(_mix(seed & _MASK) ^ (epoch & _MASK))
+
+    def seed(self, *key: int) -> None:
+        s = self.base
+        for part in key:  # (one part: _mix(base ^ index), the seeds map-style data always had)
+            s = _mix(s ^ (part & _MASK))
+        _seed_streams(s)
+
+
 class SeededSamples(Dataset):
     """`dataset[i]` with python's `random`, numpy's global RNG and torch's CPU generator seeded from
     (seed, epoch, i): a sample's random augmentation is the same whichever worker, rank or resumed
@@ -94,13 +124,13 @@ class SeededSamples(Dataset):
 
     def __init__(self, dataset: Dataset, seed: int, epoch: int) -> None:
         self.dataset = dataset
-        self.base = _mix(_mix(seed & _MASK) ^ (epoch & _MASK))
+        self.seeds = SampleSeeds(seed, epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def _read(self, index: int) -> Any:
-        _seed_streams(_mix(self.base ^ index))
+        self.seeds.seed(index)
         return self.dataset[index]
 
     def __getitem__(self, index: int) -> Any:
@@ -109,13 +139,11 @@ class SeededSamples(Dataset):
     def __getitems__(self, indices: list[int]) -> list[Any]:
         if get_worker_info() is not None:  # a loader worker
             return [self._read(i) for i in indices]
-        saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+        saved = save_streams()
         try:
             return [self._read(i) for i in indices]
         finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.default_generator.set_state(saved[2])
+            restore_streams(saved)
 
 
 class EpochSamples(Dataset):

@@ -11,7 +11,8 @@ again. That is exact for a deterministic stream (the same samples in the same or
 epoch and shard), which is what `set_epoch` and a seeded shuffle buffer give; the cost of a resume is
 reading the skipped samples again (said in the log). The position is the world's (gathered at a
 checkpoint), so a run resumed inside an epoch at another world size or worker count reads exactly
-what the saved layout had left (fit/shard.py: the epoch's earlier layouts are kept as layers).
+what the saved layout had left (fit/shard.py: the epoch's earlier layouts are kept as layers). A
+stream whose dataset has a state of its own is resumed through it instead (`states`, fit/shard.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from ..config import UserError
 from ..device.dist import Dist, all_gather_object, all_reduce_min
-from .shard import Collate, Shard, Tagged, first_items, frozen, merge_positions
-from .sources import resizable, seeks, sharding
+from .shard import REPORT, Collate, Report, Shard, Tagged, Unusable, first_items, frozen, merge_positions
+from .sources import resizable, sharding
 
 log = logging.getLogger("launcher")
 
@@ -39,17 +40,21 @@ def is_stream(data: Any) -> bool:
 
 
 def from_data(data: Any, dist: Dist, batch_size: int, num_workers: int, pin_memory: bool,
-              train: bool = True, persistent_workers: bool = False, prefetch_factor: int = 0) -> "Stream":
-    """A DataLoader's own settings, else the trainer's (prefetch_factor 0: torch's default)."""
+              train: bool = True, persistent_workers: bool = False, prefetch_factor: int = 0, seed: int = 0,
+              seeded: bool = True) -> "Stream":
+    """A DataLoader's own settings, else the trainer's (prefetch_factor 0: torch's default); `seed`
+    and `seeded` are trainer.seed and trainer.seed_per_sample."""
     if isinstance(data, DataLoader):
         if data.batch_size is None:
             raise UserError("data: a DataLoader over an iterable dataset without a batch_size; valid: "
                             "DataLoader(dataset, batch_size=N), or the dataset itself")
         return Stream(data.dataset, dist, batch_size=data.batch_size, num_workers=data.num_workers,
                       collate_fn=data.collate_fn, pin_memory=data.pin_memory,
-                      persistent_workers=data.persistent_workers, prefetch_factor=data.prefetch_factor, train=train)
+                      persistent_workers=data.persistent_workers, prefetch_factor=data.prefetch_factor, train=train,
+                      seed=seed, seeded=seeded)
     return Stream(data, dist, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, train=train,
-                  persistent_workers=persistent_workers, prefetch_factor=prefetch_factor or None)
+                  persistent_workers=persistent_workers, prefetch_factor=prefetch_factor or None, seed=seed,
+                  seeded=seeded)
 
 
 class Stream:
@@ -60,14 +65,16 @@ class Stream:
 
     def __init__(self, data: Any, dist: Dist, *, batch_size: int, num_workers: int = 0,
                  collate_fn: Optional[Callable[[list], Any]] = None, pin_memory: bool = False,
-                 persistent_workers: bool = False, prefetch_factor: Optional[int] = None, train: bool = True) -> None:
+                 persistent_workers: bool = False, prefetch_factor: Optional[int] = None, train: bool = True,
+                 seed: int = 0, seeded: bool = True) -> None:
         if not isinstance(data, IterableDataset) and not callable(getattr(data, "__iter__", None)):
             raise UserError(f"data: a {type(data).__name__} is neither a map-style dataset nor an iterable one; "
                             "valid: a torch Dataset (__len__, __getitem__) or IterableDataset (__iter__)")
         self.data, self.dist, self.batch_size, self.train = data, dist, batch_size, train
+        self.seed, self.seeded = seed, seeded  # each draw seeded per sample (fit/shard.py)
         self.workers = max(num_workers, 1)
         self.streams = dist.world_size * self.workers
-        self.collate = Collate(collate_fn or default_collate)
+        self.collate = Collate(collate_fn or default_collate, batch_size)
         self.loader_kw: dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin_memory}
         if num_workers:  # (a DataLoader refuses both without workers)
             self.loader_kw.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
@@ -75,6 +82,7 @@ class Stream:
         self._epoch_box = torch.zeros(1, dtype=torch.int64).share_memory_()  # the epoch, as workers read it
         self.epoch_now = -1
         self.position: dict[int, int] = {}  # stream -> samples of it taken by the loop in the open epoch
+        self.states: dict[int, Any] = {}  # stream -> its dataset's state after the last batch taken (fit/shard.py)
         self.layers: list[tuple[int, list[int]]] = []  # the open epoch's earlier layouts (streams, positions)
         self.last: Optional[int] = None  # the stream of the last batch taken in the open epoch (this rank's)
         # the coverage ledger's (fit/ledger.py), this rank's in the open epoch since this process began it:
@@ -106,15 +114,9 @@ class Stream:
         """The epoch's batches on this rank, from where the position says (`start` is the loop's batch
         count, which the position already holds)."""
         if epoch != self.epoch_now or not self.train:  # (evaluation reads its streams whole, every time)
-            self.epoch_now, self.position, self.layers, self.last = epoch, {}, [], None
+            self.epoch_now, self.position, self.states, self.layers, self.last = epoch, {}, {}, [], None
             self.trained, self.seen = {}, {}
-        if any(self.position.values()) or self.layers:
-            how = "skipped where shard_stream starts them" if seeks(self.data) and not self.layers else \
-                "read again and skipped"
-            log.info("data: resuming the stream inside epoch %d: %d samples of the streams %s%s", epoch + 1,
-                     sum(self.position.values()), how, f" ({len(self.layers)} earlier layout(s): each stream reads "
-                     "the whole epoch to find its share of what they left)" if self.layers else "",
-                     extra={"file_only": True})
+        self._reports: list[Report] = []  # the resumed streams' (one per worker of this rank)
         self._source: Iterator[Tagged] = iter(self._loader_for(epoch))
         self._ahead: collections.deque[Tagged] = collections.deque()
         self._agreed: Optional[int] = None  # micro-batches every rank still has (agreed, less those taken since)
@@ -129,10 +131,15 @@ class Stream:
         # resumed at the saved layout after worker w's batch: workers up to w had their turn this round
         lead = self.last if self.last is not None and not self.layers and self.workers > 1 else -1
         shard = Shard(self.data, self.dist.rank, self.workers, [*self.layers, (self.streams, [])],
-                      dict(self.position), self._epoch_box, lead, self.batch_size)
+                      dict(self.position), self._epoch_box, lead, self.batch_size, dict(self.states), self.seed,
+                      self.seeded)
         if self._loader is not None and self._loader[1].fresh and shard.fresh:
             return self._loader[0]
-        loader = DataLoader(shard, batch_size=self.batch_size, collate_fn=self.collate, **self.loader_kw)
+        # its own generator for the workers' base seeds (as fit/data.py): the training process's RNG
+        # stream (dropout...) is then not drawn from by a new epoch's loader
+        gen = torch.Generator().manual_seed(hash((self.seed, epoch, self.dist.rank)) % 2**63)
+        loader = DataLoader(shard, batch_size=self.batch_size, collate_fn=self.collate, generator=gen,
+                            **self.loader_kw)
         self._loader = (loader, shard) if self.loader_kw.get("persistent_workers") else None
         return loader
 
@@ -153,6 +160,11 @@ class Stream:
                 tagged = self._ahead.popleft()
                 self._agreed = None if self._agreed is None else max(self._agreed - 1, 0)
                 self.position[tagged.stream] = tagged.end  # taken by the loop: what a checkpoint now holds
+                if isinstance(tagged.state, Unusable):
+                    raise UserError(f"data: {tagged.state.why}; valid: a state_dict() of tensors, numbers, strings, "
+                                    "lists and dicts (what torch.load(weights_only=True) reads), or none (a resume "
+                                    "then reads again what was taken)")
+                self.states[tagged.stream] = tagged.state
                 self.last = tagged.stream
                 for origin, lo, hi in tagged.origins:  # (numpy: ~2 us a batch here; a torch slice add ~6)
                     counts = self.trained.get(origin)
@@ -169,13 +181,35 @@ class Stream:
 
     def _fetch(self) -> bool:
         tagged = next(self._source, None)
-        while tagged is not None and tagged.end < 0:  # a turn's placeholder (fit/shard.py)
+        while tagged is not None and tagged.end < 0:  # a turn's placeholder or a report (fit/shard.py)
+            if tagged.end == REPORT:
+                self._reported(tagged.report)  # type: ignore[arg-type]
             tagged = next(self._source, None)
         if tagged is None:
             return False
         self._ahead.append(tagged)
         self._saw(tagged)
         return True
+
+    def _reported(self, report: Report) -> None:
+        """Every worker's first batch in a resumed epoch says how its stream found its place; once all
+        of this rank's have, one line with the path and its cost (measured in the workers, which open
+        their streams side by side: the slowest is the wait)."""
+        self._reports.append(report)
+        done = [r for r in self._reports if r.how]
+        if len(self._reports) != self.workers or not done:
+            return
+        said = []
+        if any(r.how == "state" for r in done):
+            said.append("stream resumed through the dataset's state_dict")
+        if any(r.how in ("skip", "seek") for r in done):
+            said.append(f"read again {sum(r.again for r in done)} samples to skip what was taken" +
+                        (" (shard_stream started at the position)" if all(r.how != "skip" for r in done) else ""))
+        if self.layers:
+            said.append(f"{len(self.layers)} earlier layout(s): each stream reads the whole epoch to find its share")
+        log.info("data: epoch %d resumed on rank %d: %s (%.3f s, the slowest of %d streams)", self.epoch_now + 1,
+                 self.dist.rank, "; ".join(said or ["its streams had ended"]), max(r.seconds for r in done),
+                 len(self._reports), extra={"file_only": not self.dist.is_main})
 
     def _saw(self, tagged: Tagged) -> None:
         for origin, _, hi in tagged.origins:
@@ -210,6 +244,8 @@ class Stream:
         left = sum(t.samples for t in list(self._ahead)[keep:])
         for tagged in self._source:
             if tagged.end < 0:
+                if tagged.end == REPORT:
+                    self._reported(tagged.report)  # type: ignore[arg-type]
                 continue
             self._saw(tagged)
             left += tagged.samples
@@ -262,23 +298,28 @@ class Stream:
 
     # ---- Stateful: the world's position (a collective: every rank calls state_dict) ----------------
     def state_dict(self) -> dict[str, Any]:
-        ranks = all_gather_object({"position": self.position, "last": self.last, "rank": self.dist.rank})
+        states = {s: v for s, v in self.states.items() if v is not None}
+        ranks = all_gather_object({"position": self.position, "last": self.last, "rank": self.dist.rank,
+                                   "states": states})
         return {"epoch": self.epoch_now, "streams": self.streams, "world_size": self.dist.world_size,
                 "workers": self.workers, "layers": [[n, list(p)] for n, p in self.layers],
-                "position": merge_positions([r["position"] for r in ranks]), "last": {r["rank"]: r["last"] for r in ranks}}
+                "position": merge_positions([r["position"] for r in ranks]), "last": {r["rank"]: r["last"] for r in ranks},
+                "states": {int(k): v for r in ranks for k, v in r["states"].items()}}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.epoch_now = int(sd["epoch"])
         self.layers = [(int(n), [int(x) for x in p]) for n, p in sd.get("layers", [])]
         position = {int(k): int(v) for k, v in sd["position"].items()}
         streams = int(sd.get("streams", int(sd["world_size"]) * int(sd["workers"])))
-        self.last = None
+        self.last, self.states = None, {}
         same = (int(sd["world_size"]), int(sd["workers"])) == (self.dist.world_size, self.workers)
         # stream s of S is the same whichever rank and worker read it (2 x 1 -> 1 x 2 keeps them), except
         # for a datasets.IterableDataset, which splits by the reading worker
         if streams == self.streams and (same or resizable(self.data)):
             self.position = {s: v for s, v in position.items() if s // self.workers == self.dist.rank}
             self.last = (sd.get("last") or {}).get(self.dist.rank) if same else None  # (the workers' turns)
+            # the dataset's states are a stream's, whichever rank and worker read it (as the positions)
+            self.states = {int(s): v for s, v in sd.get("states", {}).items() if int(s) // self.workers == self.dist.rank}
             return
         if any(position.values()) and not resizable(self.data):
             log.warning("data: the stream was saved at %d ranks x %d workers, resumed at %d x %d inside epoch %d: "
@@ -300,7 +341,8 @@ class Stream:
 
 def first_batch(stream: Stream) -> Any:
     """The first batch of epoch 0 of this rank's first stream, read apart (the preflight's, the summary's)."""
-    items = first_items(stream.data, stream.dist.rank, stream.workers, stream.streams, stream.batch_size)
+    items = first_items(stream.data, stream.dist.rank, stream.workers, stream.streams, stream.batch_size,
+                        stream.seed, stream.seeded)
     if not items:
         raise UserError(f"data: the stream yields nothing on rank {stream.dist.rank} (its first of "
                         f"{stream._streams_of(stream.dist.rank)}); valid: a dataset with at least one sample per "
