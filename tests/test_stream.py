@@ -18,11 +18,11 @@ import signal
 import subprocess
 import sys
 
+import stream_samples
 from conftest import QUIET, SUPPORT, cli_env, run_cli, wait_for_file
 from launcher import Trainer
 from launcher.config import UserError
 from launcher.device.dist import Dist
-from launcher.fit.shard import merge_positions
 from launcher.fit.stream import Stream, first_batch, from_data
 
 
@@ -122,28 +122,12 @@ def test_a_dataset_that_seeks_is_resumed_without_reading_twice(tmp_path: Path, w
     assert sorted(int(i) for i in (tmp_path / "read").read_text().split()) == _ids(rest), "nothing read twice"
 
 
-def _world_state(streams: list[Stream]) -> dict:
-    """What a checkpoint of these ranks holds (in-process there is no process group to gather with)."""
-    sd = streams[0].state_dict()
-    sd["position"] = merge_positions([s.state_dict()["position"] for s in streams])
-    sd["last"] = {r: s.last for r, s in enumerate(streams)}
-    return sd
-
-
 @pytest.mark.parametrize("layouts", [[(2, 2), (3, 2)], [(2, 2), (1, 0)], [(3, 1), (2, 2), (1, 0)], [(2, 0), (1, 2)]],
                          ids=["2x2-3x2", "2x2-1x0", "3x1-2x2-1x0", "2x1-1x2 (the same streams)"])
 def test_a_resize_inside_an_epoch_trains_exactly_what_was_left(layouts, caplog) -> None:
     """Each layout but the last takes 3 batches on every rank, then the run is resumed at the next
     (two resizes in one epoch in the last case); the last drains the epoch. Every sample once."""
-    data, taken, saved = Files(8, 13, Path(os.devnull)), [], None
-    for i, (world, workers) in enumerate(layouts):
-        ranks = [Stream(data, Dist(rank=r, world_size=world), batch_size=4, num_workers=workers) for r in range(world)]
-        for stream in ranks:
-            if saved is not None:
-                stream.load_state_dict(saved)
-            batches = stream.epoch(0)
-            taken += list(batches) if i == len(layouts) - 1 else list(itertools.islice(batches, 3))
-        saved = _world_state(ranks)
+    taken = stream_samples.across_layouts(Files(8, 13, Path(os.devnull)), layouts, epoch=0, take=3)
     assert _ids(taken) == list(range(104))
     resized = "inside epoch 1: the rest of the epoch is what the saved streams had left" in caplog.text
     assert resized == (layouts[0][0] * max(layouts[0][1], 1) != layouts[1][0] * max(layouts[1][1], 1))

@@ -4,11 +4,13 @@ sample once per epoch, resumed exactly (the `stream` extra; skipped where it is 
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 from pathlib import Path
 
 import pytest
+import stream_samples
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -259,16 +261,23 @@ def test_a_rank_whose_stream_is_empty_is_named_and_no_rank_waits(tmp_path: Path)
                                                  "1 (stream 1 of 2); valid: "), p.stderr[-3000:]
 
 
-def test_hf_resumed_at_another_layout_inside_an_epoch_starts_it_over(tmp_path: Path, caplog) -> None:
-    """What one of its streams holds depends on the loader worker that reads it, so the launcher cannot
-    read the saved layout's rest in another layout: the epoch starts over, said (not a traceback)."""
-    data = parquet(tmp_path, 4)
-    ranks = [Stream(data, Dist(rank=r, world_size=2), batch_size=4) for r in (0, 1)]
-    for s in ranks:
-        list(itertools.islice(s.epoch(0), 2))
-    sd = ranks[0].state_dict()
-    sd["position"] = {**sd["position"], **ranks[1].state_dict()["position"]}
-    one = Stream(data, Dist(), batch_size=4, num_workers=2)
-    one.load_state_dict(sd)
-    assert sorted(int(i) for b in one.epoch(0) for i in b["id"]) == list(range(4 * ROWS))
-    assert "cannot be read again at another layout, so the epoch starts over" in caplog.text
+@pytest.mark.parametrize("layouts", [[(2, 2), (1, 2)], [(1, 0), (2, 2)], [(2, 0), (1, 2)], [(2, 2), (3, 1), (1, 0)]],
+                         ids=["2x2-1x2", "1x0-2x2", "2x0-1x2 (as many streams)", "2x2-3x1-1x0"])
+@pytest.mark.parametrize("files, shuffled", [(8, False), (3, False), (8, True)],
+                         ids=["many-files", "few-files", "shuffle-buffer"])
+def test_hf_resized_inside_an_epoch_trains_every_sample_once(tmp_path: Path, monkeypatch, caplog, files: int,
+                                                             shuffled: bool, layouts) -> None:
+    """A datasets.IterableDataset's stream depends on the layout that read it (datasets splits by the
+    reading loader worker, and shifts a shuffle buffer's seed by it): resumed inside an epoch at another
+    layout, the saved streams are rebuilt as their workers read them and the new ones share out their
+    rest. Each layout but the last takes 2 batches a rank; every id of the epoch is trained once.
+    (Before, the epoch started over: the samples taken before the resume were trained twice.)"""
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)  # (see the shuffle test above)
+    data = parquet(tmp_path, files)
+    data = data.shuffle(seed=5, buffer_size=8) if shuffled else data
+    data.set_epoch(1)
+    taken = collections.Counter(int(x) for b in stream_samples.across_layouts(data, layouts, epoch=1, take=2)
+                                for x in b["id"])
+    assert sorted(taken) == list(range(files * ROWS)) and set(taken.values()) == {1}, \
+        f"twice: {sorted(i for i, n in taken.items() if n > 1)}"
+    assert "inside epoch 2: the rest of the epoch is what the saved streams had left" in caplog.text

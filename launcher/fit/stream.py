@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate
 from ..config import UserError
 from ..device.dist import Dist, all_gather_object, all_reduce_min
 from .shard import Collate, Shard, Tagged, first_items, frozen, merge_positions
-from .sources import resizable, seeks, sharding
+from .sources import as_first_layout, resizable, seeks, sharding
 
 log = logging.getLogger("launcher")
 
@@ -76,6 +76,9 @@ class Stream:
         self.epoch_now = -1
         self.position: dict[int, int] = {}  # stream -> samples of it taken by the loop in the open epoch
         self.layers: list[tuple[int, list[int]]] = []  # the open epoch's earlier layouts (streams, positions)
+        # with layers: the epoch's first layout's (streams a rank, read in loader workers), which a
+        # datasets.IterableDataset's streams depend on (sources.as_first_layout)
+        self.first: Optional[tuple[int, bool]] = None
         self.last: Optional[int] = None  # the stream of the last batch taken in the open epoch (this rank's)
         # the coverage ledger's (fit/ledger.py), this rank's in the open epoch since this process began it:
         # per origin stream, how often each offset was trained; and how many of its samples were read
@@ -106,7 +109,7 @@ class Stream:
         """The epoch's batches on this rank, from where the position says (`start` is the loop's batch
         count, which the position already holds)."""
         if epoch != self.epoch_now or not self.train:  # (evaluation reads its streams whole, every time)
-            self.epoch_now, self.position, self.layers, self.last = epoch, {}, [], None
+            self.epoch_now, self.position, self.layers, self.last, self.first = epoch, {}, [], None, None
             self.trained, self.seen = {}, {}
         if any(self.position.values()) or self.layers:
             how = "skipped where shard_stream starts them" if seeks(self.data) and not self.layers else \
@@ -128,7 +131,9 @@ class Stream:
         self._epoch_box[0] = epoch
         # resumed at the saved layout after worker w's batch: workers up to w had their turn this round
         lead = self.last if self.last is not None and not self.layers and self.workers > 1 else -1
-        shard = Shard(self.data, self.dist.rank, self.workers, [*self.layers, (self.streams, [])],
+        # resized inside the epoch: only layer 0 opens the data, read as the first layout read it
+        data = as_first_layout(self.data, *self.first) if self.layers and self.first else self.data
+        shard = Shard(data, self.dist.rank, self.workers, [*self.layers, (self.streams, [])],
                       dict(self.position), self._epoch_box, lead, self.batch_size)
         if self._loader is not None and self._loader[1].fresh and shard.fresh:
             return self._loader[0]
@@ -264,7 +269,8 @@ class Stream:
     def state_dict(self) -> dict[str, Any]:
         ranks = all_gather_object({"position": self.position, "last": self.last, "rank": self.dist.rank})
         return {"epoch": self.epoch_now, "streams": self.streams, "world_size": self.dist.world_size,
-                "workers": self.workers, "layers": [[n, list(p)] for n, p in self.layers],
+                "workers": self.workers, "in_workers": bool(self.loader_kw["num_workers"]),
+                "first": list(self.first) if self.first else None, "layers": [[n, list(p)] for n, p in self.layers],
                 "position": merge_positions([r["position"] for r in ranks]), "last": {r["rank"]: r["last"] for r in ranks}}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -272,23 +278,22 @@ class Stream:
         self.layers = [(int(n), [int(x) for x in p]) for n, p in sd.get("layers", [])]
         position = {int(k): int(v) for k, v in sd["position"].items()}
         streams = int(sd.get("streams", int(sd["world_size"]) * int(sd["workers"])))
+        # (checkpoints from before "in_workers": one stream a rank was read by the rank itself)
+        saved = (int(sd["workers"]), bool(sd.get("in_workers", int(sd["workers"]) > 1)))
+        self.first = (int(sd["first"][0]), bool(sd["first"][1])) if sd.get("first") else None
         self.last = None
-        same = (int(sd["world_size"]), int(sd["workers"])) == (self.dist.world_size, self.workers)
+        same = (int(sd["world_size"]), *saved) == (self.dist.world_size, self.workers, bool(self.loader_kw["num_workers"]))
         # stream s of S is the same whichever rank and worker read it (2 x 1 -> 1 x 2 keeps them), except
-        # for a datasets.IterableDataset, which splits by the reading worker
+        # for a datasets.IterableDataset, which splits by the reading worker (and shifts its shuffle seed by it)
         if streams == self.streams and (same or resizable(self.data)):
             self.position = {s: v for s, v in position.items() if s // self.workers == self.dist.rank}
             self.last = (sd.get("last") or {}).get(self.dist.rank) if same else None  # (the workers' turns)
             return
-        if any(position.values()) and not resizable(self.data):
-            log.warning("data: the stream was saved at %d ranks x %d workers, resumed at %d x %d inside epoch %d: "
-                        "a datasets.IterableDataset's streams cannot be read again at another layout, so the epoch "
-                        "starts over (its samples trained before the resume are trained again: the ledger counts "
-                        "them twice)", sd["world_size"], sd["workers"], self.dist.world_size, self.workers,
-                        self.epoch_now + 1, extra={"file_only": not self.dist.is_main})
-            self.layers = []
-        elif any(position.values()):
+        if any(position.values()):
             # the saved layout's streams are not this one's: freeze it, and read what it left (shard.py)
+            if not self.layers:
+                self.first = saved
+            as_first_layout(self.data, *self.first)  # (a datasets without the internals it reads: one line)
             self.layers.append(frozen(streams, position))
             log.warning("data: the stream was saved at %d ranks x %d workers, resumed at %d x %d inside epoch %d: "
                         "the rest of the epoch is what the saved streams had left, each sample once; each new "

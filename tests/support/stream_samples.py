@@ -4,7 +4,7 @@ streams read whole files (shard_stream), so ranks' streams have different length
 from __future__ import annotations
 
 import itertools
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch.utils.data import IterableDataset
@@ -43,3 +43,34 @@ class Probe(torch.nn.Module):
 
 def datasets(files: int = 8, base: int = 20, step: int = 3) -> tuple[ShardFiles, Optional[object]]:
     return ShardFiles(files, base, step), None
+
+
+def across_layouts(data: Any, layouts: list[tuple[int, int]], epoch: int, take: int) -> list[Any]:
+    """The batches of one epoch of `data` read at each (world, workers) layout in turn: every layout but
+    the last takes `take` batches a rank and is resumed at the next from its state (a checkpoint's);
+    the last drains the epoch."""
+    from launcher.device.dist import Dist
+    from launcher.fit.stream import Stream
+
+    taken: list[Any] = []
+    saved = None
+    for i, (world, workers) in enumerate(layouts):
+        ranks = [Stream(data, Dist(rank=r, world_size=world), batch_size=4, num_workers=workers) for r in range(world)]
+        for stream in ranks:
+            if saved is not None:
+                stream.load_state_dict(saved)
+            batches = stream.epoch(epoch)
+            taken += list(batches) if i == len(layouts) - 1 else list(itertools.islice(batches, take))
+        saved = world_state(ranks)
+    return taken
+
+
+def world_state(streams: list) -> dict[str, Any]:
+    """What a checkpoint of these ranks' Streams (fit/stream.py) holds: in-process there is no process
+    group to gather the positions with, so they are merged here."""
+    from launcher.fit.shard import merge_positions
+
+    sd = streams[0].state_dict()
+    sd["position"] = merge_positions([s.state_dict()["position"] for s in streams])
+    sd["last"] = {r: s.last for r, s in enumerate(streams)}
+    return sd
