@@ -13,13 +13,16 @@ from torch.utils.data import DataLoader, IterableDataset
 import functools
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import time
 
+import seen_samples
 import stream_samples
-from conftest import QUIET, SUPPORT, cli_env, run_cli, wait_for_file
+from conftest import QUIET, SUPPORT, cli_env, run_cli
 from launcher import Trainer
 from launcher.config import UserError
 from launcher.device.dist import Dist
@@ -207,12 +210,23 @@ def test_the_api_trains_on_a_stream_with_accumulation(tmp_path: Path) -> None:
         tr.predict(data, model=model)
 
 
-def _kill_after(run_dir: Path, step: int, args: list[str], cwd: Path) -> None:
-    """Start the run, SIGKILL it once the checkpoint of `step` is on disk (it lands a few steps later)."""
+def _kill_at(run_dir: Path, step: int, resumed_at: int, args: list[str], cwd: Path) -> None:
+    """Start the run (resumed at step `resumed_at`, 0 fresh) and SIGKILL it once rank 0's recorder says
+    it trained step `step` (a point between checkpoints as often as on one) and the checkpoint after
+    `resumed_at` (epoch 2's first, 18, at least) is committed, so that each kill leaves the run further on
+    inside epoch 2."""
+    after = max(resumed_at, 15)
+    checkpoint = run_dir / "checkpoints" / f"step-{after - after % 3 + 3:07d}" / "manifest.json"
+    seen = run_dir.parent / f"{run_dir.name}-seen" / "rank-0.txt"
+    before = seen.read_text().count("\n") if seen.exists() else 0
     proc = subprocess.Popen([sys.executable, "-m", "launcher", *args, f"run.dir={run_dir}"], cwd=cwd,
                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    wait_for_file(run_dir / "checkpoints" / f"step-{step:07d}" / "manifest.json", proc)
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() or not seen.exists() or seen.read_text().count("\n") - before < step - resumed_at:
+        assert proc.poll() is None, f"the run ended before step {step}:\n{proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"step {step} was not reached"
+        time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
 
@@ -224,15 +238,22 @@ def _last_step(run_dir: Path) -> int:
 
 @pytest.mark.slow
 def test_uneven_streams_with_workers_killed_twice_in_an_epoch_resume_bitwise(tmp_path: Path) -> None:
-    """Shard files of unequal sizes over 2 ranks x 2 workers: every epoch ends on both ranks together
-    (the longer rank's rest is counted in one line and in the ledger, trained 0 times). Two SIGKILLs
-    inside epoch 2, each followed by the same command, give the weights, the history and the ledger of
-    a run that never stopped; the run dir after the first kill, resumed on 1 rank, trains every sample
-    the killed epoch had left exactly once (the ledger's line for it: each of the 244 once)."""
-    args = ["--config-dir", str(SUPPORT / "stream_conf"), "recipe=stream", "trainer.gpus=0", "trainer.nproc=2",
-            "trainer.num_workers=2", "checkpoint.every_n_steps=3", "trainer.max_epochs=2", *QUIET]
+    """Real shard files (.npy, of unequal sizes, read in order through shard_stream) over 2 ranks x 2
+    workers: every epoch ends on both ranks together (the longer rank's rest is counted in one line and
+    in the ledger, trained 0 times). Two SIGKILLs at seeded random steps inside epoch 2, each followed by
+    the same command, give the weights, the history and the ledger of a run that never stopped, and the
+    model's own record of the ids each rank trained (seen_samples.Recorder) agrees with the ledger: each
+    sample of epoch 2 that the checkpoints kept trained once, the uneven rest never. The run dir after
+    the first kill, resumed on 1 rank, trains every sample the killed epoch had left exactly once."""
+    shards = tmp_path / "shards"
+    stream_samples.write_shards(shards)
+    seed = int(os.environ.get("LAUNCHER_KILL_SEED", random.randrange(1 << 16)))
+    rng = random.Random(seed)
+    args = ["--config-dir", str(SUPPORT / "stream_conf"), "recipe=stream", f"+data.root={shards}",
+            "model._target_=seen_samples.Recorder", "trainer.gpus=0", "trainer.nproc=2", "trainer.num_workers=2",
+            "checkpoint.every_n_steps=3", "trainer.max_epochs=2", *QUIET]
     ref, cut, resized = tmp_path / "ref", tmp_path / "cut", tmp_path / "resized"
-    p = run_cli([*args, f"run.dir={ref}"], cwd=tmp_path)
+    p = run_cli([*args, f"run.dir={ref}", f"+model.out={tmp_path / 'ref-seen'}"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     # rank 0's streams (files 0, 4 and 1, 5) hold 52 + 58 samples: 15 batches of 8; rank 1's (2, 6 and 3, 7)
     # 64 + 70: 17 batches, the last 2 (8 + 6 samples) past the agreed end
@@ -240,20 +261,30 @@ def test_uneven_streams_with_workers_killed_twice_in_an_epoch_resume_bitwise(tmp
     assert len(said) == 2 and all("held 14 more samples" in ln for ln in said), p.stderr[-3000:]
     ledger = [json.loads(line) for line in (ref / "ledger.jsonl").read_text().splitlines()]
     assert [(e["n"], e["times"]) for e in ledger] == [(244, {"0": 14, "1": 230, "2+": 0})] * 2
-    _kill_after(cut, 18, args, tmp_path)  # epoch 2 is steps 16..30
-    first = _last_step(cut)
-    assert 18 <= first <= 24, f"the first kill must leave room for a second inside epoch 2 (at {first})"
+    cut_args = [*args, f"+model.out={tmp_path / 'cut-seen'}"]
+    kills = [rng.randint(19, 23)]  # epoch 2 is steps 16..30, a checkpoint every 3 (the kill waits for 18's)
+    print(f"LAUNCHER_KILL_SEED={seed}: the first SIGKILL at step {kills[0]}")
+    _kill_at(cut, kills[0], 0, cut_args, tmp_path)
+    resumed = [_last_step(cut)]
+    assert 18 <= resumed[0] <= 24, f"the first kill at step {kills[0]} kept step {resumed[0]}"
+    kills.append(rng.randint(resumed[0] + 4, 28))
+    print(f"LAUNCHER_KILL_SEED={seed}: the second SIGKILL at step {kills[1]} (resumed at {resumed[0]})")
     shutil.copytree(cut, resized, symlinks=True)  # (checkpoints/last is a link)
-    _kill_after(cut, first + 3, args, tmp_path)
-    assert _last_step(cut) < 30 and not (cut / "model.pt").exists(), "both kills inside epoch 2"
-    again = run_cli([*args, f"run.dir={cut}"], cwd=tmp_path)
+    _kill_at(cut, kills[1], resumed[0], cut_args, tmp_path)
+    resumed.append(_last_step(cut))
+    assert resumed[0] < resumed[1] < 30 and not (cut / "model.pt").exists(), f"both kills inside epoch 2: {resumed}"
+    again = run_cli([*cut_args, f"run.dir={cut}"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "epoch 2 at batch" in (cut / "logs" / "rank-0.log").read_text()
     a, b = (torch.load(r / "model.pt", weights_only=True) for r in (ref, cut))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (ref / "metrics.csv").read_text() == (cut / "metrics.csv").read_text()
     assert (ref / "ledger.jsonl").read_text() == (cut / "ledger.jsonl").read_text()
-    one = run_cli([*[a for a in args if a != "trainer.nproc=2"], "trainer.nproc=1", f"run.dir={resized}"],
+    trained = seen_samples.kept(tmp_path / "cut-seen", resumed, 15, 2)
+    assert set(trained.values()) == {1} and len(trained) == 230 and set(trained) < set(range(244)), \
+        f"the record of what the ranks trained in epoch 2 (kills at {kills}, resumed at {resumed})"
+    assert trained == seen_samples.kept(tmp_path / "ref-seen", [], 15, 2), "the samples the uninterrupted run trained"
+    one = run_cli([*[a for a in cut_args if a != "trainer.nproc=2"], "trainer.nproc=1", f"run.dir={resized}"],
                   cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "resumed at 1 x 2 inside epoch 2" in one.stderr, one.stderr[-3000:]

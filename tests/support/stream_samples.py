@@ -4,30 +4,56 @@ streams read whole files (shard_stream), so ranks' streams have different length
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
 
 class ShardFiles(IterableDataset):
-    """`files` files; file f holds `base + f * step` samples (x: [id, feature], y: a linear target)."""
+    """`files` files; file f holds `base + f * step` samples (x: [id, feature], y: a linear target).
+    In memory, or with `root` the .npy files `write_shards` wrote there (the same samples), read in
+    order through a memory map in the process that reads them."""
 
-    def __init__(self, files: int = 8, base: int = 20, step: int = 3) -> None:
-        self.sizes = [base + f * step for f in range(files)]
-        self.starts = [sum(self.sizes[:f]) for f in range(files)]
+    def __init__(self, files: int = 8, base: int = 20, step: int = 3, root: Optional[str] = None) -> None:
+        self.root = root
+        self.paths = sorted(Path(root).glob("shard-*.npy")) if root else []
+        if root and not self.paths:
+            raise FileNotFoundError(f"no shard-*.npy files in {root}")
+        self.sizes = [len(np.load(p, mmap_mode="r")) for p in self.paths] if root else \
+            [base + f * step for f in range(files)]
+        self.starts = [sum(self.sizes[:f]) for f in range(len(self.sizes))]
 
     def _file(self, f: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        g = torch.Generator().manual_seed(f)
-        for i in range(self.sizes[f]):
-            feature = torch.randn(1, generator=g)
-            yield torch.cat([torch.tensor([float(self.starts[f] + i)]), feature]), 3 * feature - 1
+        if self.root:
+            for row in np.load(self.paths[f], mmap_mode="r"):
+                x = torch.from_numpy(np.array(row))
+                yield x, 3 * x[1:] - 1
+            return
+        yield from _generated(f, self.starts[f], self.sizes[f])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return itertools.chain.from_iterable(self._file(f) for f in range(len(self.sizes)))
 
     def shard_stream(self, index: int, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return itertools.chain.from_iterable(self._file(f) for f in range(index, len(self.sizes), count))
+
+
+def _generated(f: int, start: int, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(f)
+    for i in range(size):
+        feature = torch.randn(1, generator=g)
+        yield torch.cat([torch.tensor([float(start + i)]), feature]), 3 * feature - 1
+
+
+def write_shards(root: Path, files: int = 8, base: int = 20, step: int = 3) -> None:
+    """ShardFiles(files, base, step)'s samples as float32 .npy files of [id, feature] rows in `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    data = ShardFiles(files, base, step)
+    for f in range(files):
+        np.save(root / f"shard-{f:03d}.npy", torch.stack([x for x, _ in data._file(f)]).numpy())
 
 
 class Probe(torch.nn.Module):
@@ -41,8 +67,9 @@ class Probe(torch.nn.Module):
         return self.lin(x[:, 1:])
 
 
-def datasets(files: int = 8, base: int = 20, step: int = 3) -> tuple[ShardFiles, Optional[object]]:
-    return ShardFiles(files, base, step), None
+def datasets(files: int = 8, base: int = 20, step: int = 3,
+             root: Optional[str] = None) -> tuple[ShardFiles, Optional[object]]:
+    return ShardFiles(files, base, step, root), None
 
 
 def across_layouts(data: Any, layouts: list[tuple[int, int]], epoch: int, take: int) -> list[Any]:
