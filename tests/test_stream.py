@@ -15,14 +15,10 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import seen_samples
 import stream_samples
-from conftest import QUIET, SUPPORT, cli_env, run_cli
+from conftest import QUIET, SUPPORT, kill_when, last_checkpoint, run_cli
 from launcher import Trainer
 from launcher.config import UserError
 from launcher.device.dist import Dist
@@ -219,21 +215,8 @@ def _kill_at(run_dir: Path, step: int, resumed_at: int, args: list[str], cwd: Pa
     checkpoint = run_dir / "checkpoints" / f"step-{after - after % 3 + 3:07d}" / "manifest.json"
     seen = run_dir.parent / f"{run_dir.name}-seen" / "rank-0.txt"
     before = seen.read_text().count("\n") if seen.exists() else 0
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args, f"run.dir={run_dir}"], cwd=cwd,
-                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() or not seen.exists() or seen.read_text().count("\n") - before < step - resumed_at:
-        assert proc.poll() is None, f"the run ended before step {step}:\n{proc.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, f"step {step} was not reached"
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-
-
-def _last_step(run_dir: Path) -> int:
-    return max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")
-               if (p / "manifest.json").exists())
+    kill_when([*args, f"run.dir={run_dir}"], cwd, lambda: checkpoint.exists() and seen.exists() and
+              seen.read_text().count("\n") - before >= step - resumed_at, f"step {step} and {checkpoint.parent.name}")
 
 
 @pytest.mark.slow
@@ -265,13 +248,13 @@ def test_uneven_streams_with_workers_killed_twice_in_an_epoch_resume_bitwise(tmp
     kills = [rng.randint(19, 23)]  # epoch 2 is steps 16..30, a checkpoint every 3 (the kill waits for 18's)
     print(f"LAUNCHER_KILL_SEED={seed}: the first SIGKILL at step {kills[0]}")
     _kill_at(cut, kills[0], 0, cut_args, tmp_path)
-    resumed = [_last_step(cut)]
+    resumed = [last_checkpoint(cut)]
     assert 18 <= resumed[0] <= 24, f"the first kill at step {kills[0]} kept step {resumed[0]}"
     kills.append(rng.randint(resumed[0] + 4, 28))
     print(f"LAUNCHER_KILL_SEED={seed}: the second SIGKILL at step {kills[1]} (resumed at {resumed[0]})")
     shutil.copytree(cut, resized, symlinks=True)  # (checkpoints/last is a link)
     _kill_at(cut, kills[1], resumed[0], cut_args, tmp_path)
-    resumed.append(_last_step(cut))
+    resumed.append(last_checkpoint(cut))
     assert resumed[0] < resumed[1] < 30 and not (cut / "model.pt").exists(), f"both kills inside epoch 2: {resumed}"
     again = run_cli([*cut_args, f"run.dir={cut}"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -7,6 +7,8 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,7 @@ from launcher.device.dist import Dist
 from launcher.fit.stream import Stream
 
 datasets = pytest.importorskip("datasets")
-pq = pytest.importorskip("pyarrow.parquet")
-pa = pytest.importorskip("pyarrow")
+pytest.importorskip("pyarrow.parquet")  # (stream_samples.write_parquet)
 stateful = pytest.importorskip("torchdata.stateful_dataloader")
 
 ROWS = 12  # per parquet file
@@ -29,14 +30,7 @@ ROWS = 12  # per parquet file
 
 def parquet(tmp_path: Path, files: int):
     """`files` parquet files of ROWS rows (id, x: [feature], labels: [3 * feature - 1]), streamed."""
-    paths = []
-    g = torch.Generator().manual_seed(0)
-    for f in range(files):
-        ids = list(range(f * ROWS, (f + 1) * ROWS))
-        x = torch.randn(ROWS, generator=g).tolist()
-        path = tmp_path / f"part-{f:03d}.parquet"
-        pq.write_table(pa.table({"id": ids, "x": [[v] for v in x], "labels": [[3 * v - 1] for v in x]}), path)
-        paths.append(str(path))
+    paths = stream_samples.write_parquet(tmp_path, files, ROWS)
     return datasets.load_dataset("parquet", data_files=paths, split="train", streaming=True).with_format("torch")
 
 
@@ -94,20 +88,11 @@ def test_hf_already_split_by_node_is_one_line(tmp_path: Path) -> None:
         Stream(data, Dist(rank=0, world_size=2), batch_size=4)
 
 
-class Probe(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(1, 1)
-
-    def forward(self, x: torch.Tensor, id: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the dataset's column
-        return self.lin(x)
-
-
 def _fit(run: Path, data, **kw) -> tuple[dict, list]:
     torch.manual_seed(0)
     tr = Trainer(max_epochs=2, batch_size=8, num_workers=2, run_dir=run, progress=False, logger="none",
                  precision="32", gpus=0, checkpoint_every_n_steps=2, **kw)
-    history = tr.fit(Probe(), torch.nn.MSELoss(), functools.partial(torch.optim.SGD, lr=0.1), data, step="dict_batch")
+    history = tr.fit(stream_samples.Columns(), torch.nn.MSELoss(), functools.partial(torch.optim.SGD, lr=0.1), data, step="dict_batch")
     return torch.load(run / "model.pt", weights_only=True), history
 
 
@@ -124,6 +109,39 @@ def test_hf_parquet_trains_through_the_api_and_continues_mid_epoch_bitwise(tmp_p
         _fit(tmp_path / f"cut{stop}", data, max_steps=stop)
         cut, _ = _fit(tmp_path / f"cut{stop}", data)
         assert all(torch.equal(ref[k], cut[k]) for k in ref), f"stopped at step {stop}"
+
+
+@pytest.mark.slow
+def test_hf_parquet_through_the_cli_sigkilled_resumes_bitwise_and_at_one_rank_once(tmp_path: Path) -> None:
+    """A recipe whose data is a Hugging Face stream over 16 parquet files of 24 rows, 2 ranks x 2 loader
+    workers that persist across epochs, batch 8: 24 steps an epoch. SIGKILLed inside epoch 2 and run again with the same command: the
+    weights, metrics.csv and ledger of a run that never stopped. The killed run dir resumed at 1 rank
+    instead: every sample of epoch 2 trained once (each saved stream rebuilt as its worker read it)."""
+    from conftest import QUIET, SUPPORT, kill_when, last_checkpoint, run_cli
+
+    stream_samples.write_parquet(tmp_path / "parquet", 16, 24)
+    args = ["--config-dir", str(SUPPORT / "stream_conf"), "recipe=hf_stream", f"data.root={tmp_path / 'parquet'}",
+            "trainer.gpus=0", "trainer.nproc=2", "trainer.num_workers=2", "trainer.persistent_workers=true",
+            "checkpoint.every_n_steps=4", *QUIET]
+    ref, cut, resized = tmp_path / "ref", tmp_path / "cut", tmp_path / "resized"
+    p = run_cli([*args, f"run.dir={ref}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    manifest = cut / "checkpoints" / "step-0000028" / "manifest.json"  # epoch 2 is steps 25..48
+    kill_when([*args, f"run.dir={cut}"], tmp_path, manifest.exists, "checkpoint 28")
+    assert 28 <= last_checkpoint(cut) < 48 and not (cut / "model.pt").exists(), "the kill inside epoch 2"
+    shutil.copytree(cut, resized, symlinks=True)
+    again = run_cli([*args, f"run.dir={cut}"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = (torch.load(r / "model.pt", weights_only=True) for r in (ref, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("metrics.csv", "ledger.jsonl"):
+        assert (ref / name).read_text() == (cut / name).read_text(), name
+    one = run_cli([*[a for a in args if a != "trainer.nproc=2"], "trainer.nproc=1", f"run.dir={resized}"],
+                  cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "resumed at 1 x 2 inside epoch 2" in one.stderr, one.stderr[-3000:]
+    lines = [json.loads(line) for line in (resized / "ledger.jsonl").read_text().splitlines()]
+    assert (lines[1]["epoch"], lines[1]["n"], lines[1]["times"]) == (2, 384, {"0": 0, "1": 384, "2+": 0})
 
 
 # ---- torchdata's StatefulDataLoader: a DataLoader, taken as one --------------------------------------

@@ -92,6 +92,41 @@ def across_layouts(data: Any, layouts: list[tuple[int, int]], epoch: int, take: 
     return taken
 
 
+def write_parquet(root: Path, files: int, rows: int) -> list[str]:
+    """`files` parquet files of `rows` rows (id, x: [feature], labels: [3 * feature - 1]) in `root`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    paths, g = [], torch.Generator().manual_seed(0)
+    for f in range(files):
+        x = torch.randn(rows, generator=g).tolist()
+        path = root / f"part-{f:03d}.parquet"
+        pq.write_table(pa.table({"id": list(range(f * rows, (f + 1) * rows)), "x": [[v] for v in x],
+                                 "labels": [[3 * v - 1] for v in x]}), path)
+        paths.append(str(path))
+    return paths
+
+
+def hf_parquet(root: str) -> tuple[Any, None]:
+    """The parquet files in `root` as a Hugging Face stream (a recipe's data: stream_conf's hf_stream)."""
+    import datasets as hf
+
+    files = sorted(str(p) for p in Path(root).glob("*.parquet"))
+    return hf.load_dataset("parquet", data_files=files, split="train", streaming=True).with_format("torch"), None
+
+
+class Columns(torch.nn.Module):
+    """Linear on the `x` column (step=dict_batch passes the columns but labels by name; `id` unused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(1, 1)
+
+    def forward(self, x: torch.Tensor, id: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the dataset's column
+        return self.lin(x)
+
+
 def world_state(streams: list) -> dict[str, Any]:
     """What a checkpoint of these ranks' Streams (fit/stream.py) holds: in-process there is no process
     group to gather the positions with, so they are merged here."""
