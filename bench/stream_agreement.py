@@ -15,7 +15,10 @@ once and handed out again, so the step is the model's and the loop's. Reported p
 of the two loops' medians (noisy: the ranks share 2 cores), and the time spent in the agreement's
 all-reduce itself (timed around it: the direct measure), each in us and as % of the bare step.
 
-    python bench/stream_agreement.py [--rounds 5]
+    python bench/stream_agreement.py [--rounds 5] [--lookahead 8]
+
+--lookahead N sets Stream.LOOKAHEAD (the most optimizer steps one agreement covers, 8 in the package)
+for this run only: what a longer window would save.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ class Even(IterableDataset):
         return self.shard_stream(0, 1)
 
 
-def _rank(rank: int, port: int, rounds: int, out: Any) -> None:
+def _rank(rank: int, port: int, rounds: int, lookahead: int, out: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     td.init_process_group("gloo", rank=rank, world_size=2)
@@ -89,6 +92,7 @@ def _rank(rank: int, port: int, rounds: int, out: Any) -> None:
         return t
 
     stream_module.all_reduce_min = timed_min  # (the name stream.py calls; this process only)
+    stream_module.Stream.LOOKAHEAD = lookahead
     results = {}
     for name, job in JOBS.items():
         torch.manual_seed(0)
@@ -136,11 +140,12 @@ def _rank(rank: int, port: int, rounds: int, out: Any) -> None:
 def main() -> str:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--lookahead", type=int, default=stream_module.Stream.LOOKAHEAD)
     a = ap.parse_args()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = 29500 + os.getpid() % 1000
-    procs = [ctx.Process(target=_rank, args=(r, port, a.rounds, q)) for r in range(2)]
+    procs = [ctx.Process(target=_rank, args=(r, port, a.rounds, a.lookahead, q)) for r in range(2)]
     for p in procs:
         p.start()
     results = q.get(timeout=1800)
@@ -153,7 +158,7 @@ def main() -> str:
                      f"{diff * 1e6:+.0f} ({diff / bare:+.1%})", f"{reduces} ({reduces / steps:.3f})",
                      f"{reduce_s * 1e6:.1f} ({reduce_s / bare:.2%})"])
     return (f"Machine: {machine()}; load before: {os.getloadavg()[0]:.2f}; 2 gloo CPU ranks, 1 thread each, "
-            f"{a.rounds} interleaved rounds, medians\n\n" + table(
+            f"{a.rounds} interleaved rounds, medians; Stream.LOOKAHEAD={a.lookahead}\n\n" + table(
                 ["job", "batch", "steps an epoch", "bare step ms", "agreed step ms", "agreed - bare us (% of step)",
                  "all-reduces an epoch (per step)", "in the all-reduce us per step (% of step)"], rows))
 
