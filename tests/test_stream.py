@@ -227,12 +227,14 @@ def test_uneven_streams_with_workers_killed_twice_in_an_epoch_resume_bitwise(tmp
     the same command, give the weights, the history and the ledger of a run that never stopped, and the
     model's own record of the ids each rank trained (seen_samples.Recorder) agrees with the ledger: each
     sample of epoch 2 that the checkpoints kept trained once, the uneven rest never. The run dir after
-    the first kill, resumed on 1 rank, trains every sample the killed epoch had left exactly once."""
+    the first kill, resumed on 1 rank, trains every sample the killed epoch had left exactly once. Validated
+    on the same stream: val_loss is the final weights' loss over every sample once."""
     shards = tmp_path / "shards"
     stream_samples.write_shards(shards)
     seed = int(os.environ.get("LAUNCHER_KILL_SEED", random.randrange(1 << 16)))
     rng = random.Random(seed)
-    args = ["--config-dir", str(SUPPORT / "stream_conf"), "recipe=stream", f"+data.root={shards}",
+    args = ["--config-dir", str(SUPPORT / "stream_conf"), "recipe=stream", f"+data.root={shards}", "+data.validate=true",
+            "+metrics.count._target_=stream_samples.SampleCount",
             "model._target_=seen_samples.Recorder", "trainer.gpus=0", "trainer.nproc=2", "trainer.num_workers=2",
             "checkpoint.every_n_steps=3", "trainer.max_epochs=2", *QUIET]
     ref, cut, resized = tmp_path / "ref", tmp_path / "cut", tmp_path / "resized"
@@ -244,6 +246,17 @@ def test_uneven_streams_with_workers_killed_twice_in_an_epoch_resume_bitwise(tmp
     assert len(said) == 2 and all("held 14 more samples" in ln for ln in said), p.stderr[-3000:]
     ledger = [json.loads(line) for line in (ref / "ledger.jsonl").read_text().splitlines()]
     assert [(e["n"], e["times"]) for e in ledger] == [(244, {"0": 14, "1": 230, "2+": 0})] * 2
+    # validation on the same stream at 2 ranks: each rank reads its streams whole, the uneven rest too
+    lin = torch.nn.Linear(1, 1)
+    lin.load_state_dict({k.removeprefix("lin."): v for k, v in torch.load(ref / "model.pt", weights_only=True).items()})
+    x, y = (torch.stack(t) for t in zip(*stream_samples.ShardFiles(root=str(shards))))
+    with torch.no_grad():
+        want = float(torch.nn.functional.mse_loss(lin(x[:, 1:]), y))
+    header, *rows = (ref / "metrics.csv").read_text().splitlines()
+    last = dict(zip(header.split(","), rows[-1].split(",")))
+    assert float(last["val_loss"]) == pytest.approx(want, rel=1e-5) and float(last["val_count"]) == 244, \
+        "every validation sample once over the 2 ranks (the loss of all of them; 244 counted)"
+    assert float(last["train_count"]) == 230, "the samples trained in epoch 2, the uneven rest left out"
     cut_args = [*args, f"+model.out={tmp_path / 'cut-seen'}"]
     kills = [rng.randint(19, 23)]  # epoch 2 is steps 16..30, a checkpoint every 3 (the kill waits for 18's)
     print(f"LAUNCHER_KILL_SEED={seed}: the first SIGKILL at step {kills[0]}")

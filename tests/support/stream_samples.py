@@ -67,9 +67,34 @@ class Probe(torch.nn.Module):
         return self.lin(x[:, 1:])
 
 
-def datasets(files: int = 8, base: int = 20, step: int = 3,
-             root: Optional[str] = None) -> tuple[ShardFiles, Optional[object]]:
-    return ShardFiles(files, base, step, root), None
+class SampleCount:
+    """A metric: how many samples it was given, summed over the ranks (a torchmetrics Metric, built at
+    call time so that importing this module does not import torchmetrics)."""
+
+    def __new__(cls):  # type: ignore[misc]
+        import torchmetrics
+
+        class _SampleCount(torchmetrics.Metric):
+            full_state_update = False
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.add_state("n", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+            def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+                self.n += target.shape[0]
+
+            def compute(self) -> torch.Tensor:
+                return self.n
+
+        return _SampleCount()
+
+
+def datasets(files: int = 8, base: int = 20, step: int = 3, root: Optional[str] = None,
+             validate: bool = False) -> tuple[ShardFiles, Optional[ShardFiles]]:
+    """The shard files, and with `validate` the same stream as the validation data."""
+    train = ShardFiles(files, base, step, root)
+    return train, (train if validate else None)
 
 
 def across_layouts(data: Any, layouts: list[tuple[int, int]], epoch: int, take: int) -> list[Any]:
