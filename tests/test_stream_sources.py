@@ -301,3 +301,17 @@ def test_hf_resized_inside_an_epoch_trains_every_sample_once(tmp_path: Path, mon
     assert sorted(taken) == list(range(files * ROWS)) and set(taken.values()) == {1}, \
         f"twice: {sorted(i for i, n in taken.items() if n > 1)}"
     assert "inside epoch 2: the rest of the epoch is what the saved streams had left" in caplog.text
+
+
+def test_hf_resized_with_a_datasets_that_lacks_the_internals_the_rebuild_reads_is_one_line(tmp_path: Path,
+                                                                                         monkeypatch) -> None:
+    """The rebuild of a saved stream reads datasets' internals (5.2's): without them the resize is
+    refused in one line, never guessed (a guess would train samples twice or never)."""
+    data = parquet(tmp_path, 4)
+    saved = Stream(data, Dist(), batch_size=4, num_workers=0)
+    list(itertools.islice(saved.epoch(0), 2))
+    monkeypatch.delattr(datasets.iterable_dataset, "shift_ex_examples_rngs")
+    with pytest.raises(UserError, match=r"^data: this datasets version \(.*\) lacks shift_ex_examples_rngs: a "
+                                        r"datasets.IterableDataset saved inside an epoch cannot be resumed at another "
+                                        r"world size or loader worker count; valid: resume at the saved layout"):
+        Stream(data, Dist(), batch_size=4, num_workers=2).load_state_dict(saved.state_dict())
