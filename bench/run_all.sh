@@ -32,6 +32,8 @@ t0=$(date +%s)
   python hf_causal_lm.py --rounds 5; echo
   echo "## 8. Input throughput (issue 25): a stream and memory-mapped shards, 2 loader workers, vs a hand-written DataLoader loop"; echo
   python stream.py --rounds 5; echo
+  echo "## 9. The epoch-end agreement of uneven streams (issue 25): its cost per step, 2 gloo CPU ranks"; echo
+  python stream_agreement.py --rounds 5; echo
   echo "Total benchmark time: $(( $(date +%s) - t0 )) s"
 } > "$out.tmp"
 mv "$out.tmp" "$out"

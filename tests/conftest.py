@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -53,14 +54,32 @@ def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120) -> N
         time.sleep(0.005)
 
 
+def kill_when(args: list[str], cwd: Path, ready: Callable[[], bool], what: str, timeout: float = 120,
+              **env: str) -> None:
+    """Run `python -m launcher ARGS` and SIGKILL it (launcher and ranks) once `ready()`; fails if the run
+    ends first or `what` has not happened within `timeout` seconds."""
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=cwd, env=cli_env(**env),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the run ended before {what}:\n{proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def last_checkpoint(run_dir: Path) -> int:
+    """The step of the run dir's latest complete checkpoint."""
+    return max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")
+               if (p / "manifest.json").exists())
+
+
 def killed_then_resumed(args: list[str], run_dir: Path, step: int, cwd: Path, **env: str) -> str:
     """Run `python -m launcher ARGS`, SIGKILL it (launcher and ranks) once checkpoint `step` is
     committed in `run_dir`, run the same command again; the resumed run's "resumed from" line."""
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=cwd, env=cli_env(**env),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for_file(run_dir / "checkpoints" / f"step-{step:07d}" / "manifest.json", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    manifest = run_dir / "checkpoints" / f"step-{step:07d}" / "manifest.json"
+    kill_when(args, cwd, manifest.exists, f"{manifest} appeared", **env)
     assert not (run_dir / "model.pt").exists(), "the run must really have been cut short"
     again = run_cli(args, cwd=cwd, **env)  # the same command resumes
     assert again.returncode == 0, again.stderr[-3000:]

@@ -24,6 +24,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+import seen_samples
 from conftest import QUIET, SUPPORT, cli_env, run_cli, wait_for_file
 from launcher import Trainer
 from launcher.checkpoint import format as F
@@ -36,25 +37,6 @@ def _lines(run_dir: Path) -> list[dict]:
 
 def _counts(run_dir: Path, epoch: int) -> np.ndarray:
     return np.load(run_dir / "ledger" / f"epoch-{epoch:05d}.npy")
-
-
-def _seen(out: Path, resumed: list[int], steps_per_epoch: int, epoch: int) -> Counter:
-    """From the recorder's lines: the trainings of `epoch` the checkpoints kept. Each rank's processes
-    are its attempts, in order; attempt i starts at step resumed[i - 1] (0 first) and what it trained
-    after step resumed[i] (where the next attempt resumed) was lost with it."""
-    starts, kept = [0, *resumed], Counter()
-    for f in sorted(out.glob("rank-*.txt")):
-        pids: list[str] = []
-        for line in f.read_text().splitlines():
-            pid, call, *ids = line.split()
-            if pid not in pids:
-                pids.append(pid)
-            attempt = pids.index(pid)
-            step = starts[attempt] + int(call)  # one micro-batch a step
-            end = starts[attempt + 1] if attempt + 1 < len(starts) else float("inf")
-            if step <= end and (epoch - 1) * steps_per_epoch < step <= epoch * steps_per_epoch:
-                kept.update(int(i) for i in ids)
-    return kept
 
 
 def _as_counter(counts: np.ndarray) -> Counter:
@@ -94,11 +76,11 @@ def test_two_sigkills_in_one_epoch_and_padding_are_counted_exactly(tmp_path: Pat
     assert (first["partial"], first["complete"]) == (False, True)
     counts = _counts(run_dir, 1)
     assert digest(counts) == first["sha256"]
-    assert _as_counter(counts) == _seen(tmp_path / "seen", resumed, steps_per_epoch, 1), \
+    assert _as_counter(counts) == seen_samples.kept(tmp_path / "seen", resumed, steps_per_epoch, 1), \
         "the ledger differs from the trainings the checkpoints kept"
     # epoch 2 starts from nothing: what epoch 1 carried through its checkpoints is not counted again
     assert second["times"] == first["times"] and second["step"] == 2 * steps_per_epoch
-    assert _as_counter(_counts(run_dir, 2)) == _seen(tmp_path / "seen", resumed, steps_per_epoch, 2)
+    assert _as_counter(_counts(run_dir, 2)) == seen_samples.kept(tmp_path / "seen", resumed, steps_per_epoch, 2)
 
 
 @pytest.mark.slow

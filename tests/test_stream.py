@@ -13,16 +13,15 @@ from torch.utils.data import DataLoader, IterableDataset
 import functools
 import json
 import os
+import random
 import shutil
-import signal
-import subprocess
-import sys
 
-from conftest import QUIET, SUPPORT, cli_env, run_cli, wait_for_file
+import seen_samples
+import stream_samples
+from conftest import QUIET, SUPPORT, kill_when, last_checkpoint, run_cli
 from launcher import Trainer
 from launcher.config import UserError
 from launcher.device.dist import Dist
-from launcher.fit.shard import merge_positions
 from launcher.fit.stream import Stream, first_batch, from_data
 
 
@@ -122,28 +121,12 @@ def test_a_dataset_that_seeks_is_resumed_without_reading_twice(tmp_path: Path, w
     assert sorted(int(i) for i in (tmp_path / "read").read_text().split()) == _ids(rest), "nothing read twice"
 
 
-def _world_state(streams: list[Stream]) -> dict:
-    """What a checkpoint of these ranks holds (in-process there is no process group to gather with)."""
-    sd = streams[0].state_dict()
-    sd["position"] = merge_positions([s.state_dict()["position"] for s in streams])
-    sd["last"] = {r: s.last for r, s in enumerate(streams)}
-    return sd
-
-
 @pytest.mark.parametrize("layouts", [[(2, 2), (3, 2)], [(2, 2), (1, 0)], [(3, 1), (2, 2), (1, 0)], [(2, 0), (1, 2)]],
                          ids=["2x2-3x2", "2x2-1x0", "3x1-2x2-1x0", "2x1-1x2 (the same streams)"])
 def test_a_resize_inside_an_epoch_trains_exactly_what_was_left(layouts, caplog) -> None:
     """Each layout but the last takes 3 batches on every rank, then the run is resumed at the next
     (two resizes in one epoch in the last case); the last drains the epoch. Every sample once."""
-    data, taken, saved = Files(8, 13, Path(os.devnull)), [], None
-    for i, (world, workers) in enumerate(layouts):
-        ranks = [Stream(data, Dist(rank=r, world_size=world), batch_size=4, num_workers=workers) for r in range(world)]
-        for stream in ranks:
-            if saved is not None:
-                stream.load_state_dict(saved)
-            batches = stream.epoch(0)
-            taken += list(batches) if i == len(layouts) - 1 else list(itertools.islice(batches, 3))
-        saved = _world_state(ranks)
+    taken = stream_samples.across_layouts(Files(8, 13, Path(os.devnull)), layouts, epoch=0, take=3)
     assert _ids(taken) == list(range(104))
     resized = "inside epoch 1: the rest of the epoch is what the saved streams had left" in caplog.text
     assert resized == (layouts[0][0] * max(layouts[0][1], 1) != layouts[1][0] * max(layouts[1][1], 1))
@@ -223,32 +206,39 @@ def test_the_api_trains_on_a_stream_with_accumulation(tmp_path: Path) -> None:
         tr.predict(data, model=model)
 
 
-def _kill_after(run_dir: Path, step: int, args: list[str], cwd: Path) -> None:
-    """Start the run, SIGKILL it once the checkpoint of `step` is on disk (it lands a few steps later)."""
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args, f"run.dir={run_dir}"], cwd=cwd,
-                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    wait_for_file(run_dir / "checkpoints" / f"step-{step:07d}" / "manifest.json", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-
-
-def _last_step(run_dir: Path) -> int:
-    return max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")
-               if (p / "manifest.json").exists())
+def _kill_at(run_dir: Path, step: int, resumed_at: int, args: list[str], cwd: Path) -> None:
+    """Start the run (resumed at step `resumed_at`, 0 fresh) and SIGKILL it once rank 0's recorder says
+    it trained step `step` (a point between checkpoints as often as on one) and the checkpoint after
+    `resumed_at` (epoch 2's first, 18, at least) is committed, so that each kill leaves the run further on
+    inside epoch 2."""
+    after = max(resumed_at, 15)
+    checkpoint = run_dir / "checkpoints" / f"step-{after - after % 3 + 3:07d}" / "manifest.json"
+    seen = run_dir.parent / f"{run_dir.name}-seen" / "rank-0.txt"
+    before = seen.read_text().count("\n") if seen.exists() else 0
+    kill_when([*args, f"run.dir={run_dir}"], cwd, lambda: checkpoint.exists() and seen.exists() and
+              seen.read_text().count("\n") - before >= step - resumed_at, f"step {step} and {checkpoint.parent.name}")
 
 
 @pytest.mark.slow
 def test_uneven_streams_with_workers_killed_twice_in_an_epoch_resume_bitwise(tmp_path: Path) -> None:
-    """Shard files of unequal sizes over 2 ranks x 2 workers: every epoch ends on both ranks together
-    (the longer rank's rest is counted in one line and in the ledger, trained 0 times). Two SIGKILLs
-    inside epoch 2, each followed by the same command, give the weights, the history and the ledger of
-    a run that never stopped; the run dir after the first kill, resumed on 1 rank, trains every sample
-    the killed epoch had left exactly once (the ledger's line for it: each of the 244 once)."""
-    args = ["--config-dir", str(SUPPORT / "stream_conf"), "recipe=stream", "trainer.gpus=0", "trainer.nproc=2",
-            "trainer.num_workers=2", "checkpoint.every_n_steps=3", "trainer.max_epochs=2", *QUIET]
+    """Real shard files (.npy, of unequal sizes, read in order through shard_stream) over 2 ranks x 2
+    workers: every epoch ends on both ranks together (the longer rank's rest is counted in one line and
+    in the ledger, trained 0 times). Two SIGKILLs at seeded random steps inside epoch 2, each followed by
+    the same command, give the weights, the history and the ledger of a run that never stopped, and the
+    model's own record of the ids each rank trained (seen_samples.Recorder) agrees with the ledger: each
+    sample of epoch 2 that the checkpoints kept trained once, the uneven rest never. The run dir after
+    the first kill, resumed on 1 rank, trains every sample the killed epoch had left exactly once. Validated
+    on the same stream: val_loss is the final weights' loss over every sample once."""
+    shards = tmp_path / "shards"
+    stream_samples.write_shards(shards)
+    seed = int(os.environ.get("LAUNCHER_KILL_SEED", random.randrange(1 << 16)))
+    rng = random.Random(seed)
+    args = ["--config-dir", str(SUPPORT / "stream_conf"), "recipe=stream", f"+data.root={shards}", "+data.validate=true",
+            "+metrics.count._target_=stream_samples.SampleCount",
+            "model._target_=seen_samples.Recorder", "trainer.gpus=0", "trainer.nproc=2", "trainer.num_workers=2",
+            "checkpoint.every_n_steps=3", "trainer.max_epochs=2", *QUIET]
     ref, cut, resized = tmp_path / "ref", tmp_path / "cut", tmp_path / "resized"
-    p = run_cli([*args, f"run.dir={ref}"], cwd=tmp_path)
+    p = run_cli([*args, f"run.dir={ref}", f"+model.out={tmp_path / 'ref-seen'}"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     # rank 0's streams (files 0, 4 and 1, 5) hold 52 + 58 samples: 15 batches of 8; rank 1's (2, 6 and 3, 7)
     # 64 + 70: 17 batches, the last 2 (8 + 6 samples) past the agreed end
@@ -256,20 +246,41 @@ def test_uneven_streams_with_workers_killed_twice_in_an_epoch_resume_bitwise(tmp
     assert len(said) == 2 and all("held 14 more samples" in ln for ln in said), p.stderr[-3000:]
     ledger = [json.loads(line) for line in (ref / "ledger.jsonl").read_text().splitlines()]
     assert [(e["n"], e["times"]) for e in ledger] == [(244, {"0": 14, "1": 230, "2+": 0})] * 2
-    _kill_after(cut, 18, args, tmp_path)  # epoch 2 is steps 16..30
-    first = _last_step(cut)
-    assert 18 <= first <= 24, f"the first kill must leave room for a second inside epoch 2 (at {first})"
+    # validation on the same stream at 2 ranks: each rank reads its streams whole, the uneven rest too
+    lin = torch.nn.Linear(1, 1)
+    lin.load_state_dict({k.removeprefix("lin."): v for k, v in torch.load(ref / "model.pt", weights_only=True).items()})
+    x, y = (torch.stack(t) for t in zip(*stream_samples.ShardFiles(root=str(shards))))
+    with torch.no_grad():
+        want = float(torch.nn.functional.mse_loss(lin(x[:, 1:]), y))
+    header, *rows = (ref / "metrics.csv").read_text().splitlines()
+    last = dict(zip(header.split(","), rows[-1].split(",")))
+    assert float(last["val_loss"]) == pytest.approx(want, rel=1e-5) and float(last["val_count"]) == 244, \
+        "every validation sample once over the 2 ranks (the loss of all of them; 244 counted)"
+    assert float(last["train_count"]) == 230, "the samples trained in epoch 2, the uneven rest left out"
+    cut_args = [*args, f"+model.out={tmp_path / 'cut-seen'}"]
+    kills = [rng.randint(19, 23)]  # epoch 2 is steps 16..30, a checkpoint every 3 (the kill waits for 18's)
+    print(f"LAUNCHER_KILL_SEED={seed}: the first SIGKILL at step {kills[0]}")
+    _kill_at(cut, kills[0], 0, cut_args, tmp_path)
+    resumed = [last_checkpoint(cut)]
+    assert 18 <= resumed[0] <= 24, f"the first kill at step {kills[0]} kept step {resumed[0]}"
+    kills.append(rng.randint(resumed[0] + 4, 28))
+    print(f"LAUNCHER_KILL_SEED={seed}: the second SIGKILL at step {kills[1]} (resumed at {resumed[0]})")
     shutil.copytree(cut, resized, symlinks=True)  # (checkpoints/last is a link)
-    _kill_after(cut, first + 3, args, tmp_path)
-    assert _last_step(cut) < 30 and not (cut / "model.pt").exists(), "both kills inside epoch 2"
-    again = run_cli([*args, f"run.dir={cut}"], cwd=tmp_path)
+    _kill_at(cut, kills[1], resumed[0], cut_args, tmp_path)
+    resumed.append(last_checkpoint(cut))
+    assert resumed[0] < resumed[1] < 30 and not (cut / "model.pt").exists(), f"both kills inside epoch 2: {resumed}"
+    again = run_cli([*cut_args, f"run.dir={cut}"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "epoch 2 at batch" in (cut / "logs" / "rank-0.log").read_text()
     a, b = (torch.load(r / "model.pt", weights_only=True) for r in (ref, cut))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (ref / "metrics.csv").read_text() == (cut / "metrics.csv").read_text()
     assert (ref / "ledger.jsonl").read_text() == (cut / "ledger.jsonl").read_text()
-    one = run_cli([*[a for a in args if a != "trainer.nproc=2"], "trainer.nproc=1", f"run.dir={resized}"],
+    trained = seen_samples.kept(tmp_path / "cut-seen", resumed, 15, 2)
+    assert set(trained.values()) == {1} and len(trained) == 230 and set(trained) < set(range(244)), \
+        f"the record of what the ranks trained in epoch 2 (kills at {kills}, resumed at {resumed})"
+    assert trained == seen_samples.kept(tmp_path / "ref-seen", [], 15, 2), "the samples the uninterrupted run trained"
+    one = run_cli([*[a for a in cut_args if a != "trainer.nproc=2"], "trainer.nproc=1", f"run.dir={resized}"],
                   cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "resumed at 1 x 2 inside epoch 2" in one.stderr, one.stderr[-3000:]

@@ -4,11 +4,15 @@ sample once per epoch, resumed exactly (the `stream` extra; skipped where it is 
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
+import json
+import shutil
 from pathlib import Path
 
 import pytest
+import stream_samples
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -18,8 +22,7 @@ from launcher.device.dist import Dist
 from launcher.fit.stream import Stream
 
 datasets = pytest.importorskip("datasets")
-pq = pytest.importorskip("pyarrow.parquet")
-pa = pytest.importorskip("pyarrow")
+pytest.importorskip("pyarrow.parquet")  # (stream_samples.write_parquet)
 stateful = pytest.importorskip("torchdata.stateful_dataloader")
 
 ROWS = 12  # per parquet file
@@ -27,14 +30,7 @@ ROWS = 12  # per parquet file
 
 def parquet(tmp_path: Path, files: int):
     """`files` parquet files of ROWS rows (id, x: [feature], labels: [3 * feature - 1]), streamed."""
-    paths = []
-    g = torch.Generator().manual_seed(0)
-    for f in range(files):
-        ids = list(range(f * ROWS, (f + 1) * ROWS))
-        x = torch.randn(ROWS, generator=g).tolist()
-        path = tmp_path / f"part-{f:03d}.parquet"
-        pq.write_table(pa.table({"id": ids, "x": [[v] for v in x], "labels": [[3 * v - 1] for v in x]}), path)
-        paths.append(str(path))
+    paths = stream_samples.write_parquet(tmp_path, files, ROWS)
     return datasets.load_dataset("parquet", data_files=paths, split="train", streaming=True).with_format("torch")
 
 
@@ -92,35 +88,60 @@ def test_hf_already_split_by_node_is_one_line(tmp_path: Path) -> None:
         Stream(data, Dist(rank=0, world_size=2), batch_size=4)
 
 
-class Probe(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(1, 1)
-
-    def forward(self, x: torch.Tensor, id: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the dataset's column
-        return self.lin(x)
-
-
 def _fit(run: Path, data, **kw) -> tuple[dict, list]:
     torch.manual_seed(0)
     tr = Trainer(max_epochs=2, batch_size=8, num_workers=2, run_dir=run, progress=False, logger="none",
                  precision="32", gpus=0, checkpoint_every_n_steps=2, **kw)
-    history = tr.fit(Probe(), torch.nn.MSELoss(), functools.partial(torch.optim.SGD, lr=0.1), data, step="dict_batch")
+    history = tr.fit(stream_samples.Columns(), torch.nn.MSELoss(), functools.partial(torch.optim.SGD, lr=0.1), data, step="dict_batch")
     return torch.load(run / "model.pt", weights_only=True), history
 
 
 def test_hf_parquet_trains_through_the_api_and_continues_mid_epoch_bitwise(tmp_path: Path) -> None:
     """8 files x 12 rows, batch 8, 2 loader workers: 12 steps an epoch. A run stopped inside epoch 1
-    (max_steps=6) and continued in the same process gives the weights of one that never stopped (and
-    the first run's loader workers are gone: they held the run dir's lock). At a stop that is not a
-    multiple of the worker count the samples are exact but their order is not yet: the resumed loader
-    starts at worker 0 (stream.py, the lead's rewrite)."""
+    (max_steps=6, or 5: worker 0's turn was the last) and continued in the same process gives the
+    weights of one that never stopped (and the first run's loader workers are gone: they held the run
+    dir's lock). An odd stop is bitwise because the resumed loader gives the workers that had their
+    turn in the round an empty one first (fit/shard.py, the lead)."""
     data = parquet(tmp_path, 8)
     ref, hist = _fit(tmp_path / "ref", data)
     assert [h["step"] for h in hist] == [12, 24] and hist[1]["train_loss"] < hist[0]["train_loss"]
-    _fit(tmp_path / "cut", data, max_steps=6)
-    cut, _ = _fit(tmp_path / "cut", data)
-    assert all(torch.equal(ref[k], cut[k]) for k in ref)
+    for stop in (6, 5):
+        _fit(tmp_path / f"cut{stop}", data, max_steps=stop)
+        cut, _ = _fit(tmp_path / f"cut{stop}", data)
+        assert all(torch.equal(ref[k], cut[k]) for k in ref), f"stopped at step {stop}"
+
+
+@pytest.mark.slow
+def test_hf_parquet_through_the_cli_sigkilled_resumes_bitwise_and_at_one_rank_once(tmp_path: Path) -> None:
+    """A recipe whose data is a Hugging Face stream over 16 parquet files of 24 rows, 2 ranks x 2 loader
+    workers that persist across epochs, batch 8: 24 steps an epoch. SIGKILLed inside epoch 2 and run again with the same command: the
+    weights, metrics.csv and ledger of a run that never stopped. The killed run dir resumed at 1 rank
+    instead: every sample of epoch 2 trained once (each saved stream rebuilt as its worker read it)."""
+    from conftest import QUIET, SUPPORT, kill_when, last_checkpoint, run_cli
+
+    stream_samples.write_parquet(tmp_path / "parquet", 16, 24)
+    args = ["--config-dir", str(SUPPORT / "stream_conf"), "recipe=hf_stream", f"data.root={tmp_path / 'parquet'}",
+            "trainer.gpus=0", "trainer.nproc=2", "trainer.num_workers=2", "trainer.persistent_workers=true",
+            "checkpoint.every_n_steps=4", *QUIET]
+    ref, cut, resized = tmp_path / "ref", tmp_path / "cut", tmp_path / "resized"
+    p = run_cli([*args, f"run.dir={ref}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    manifest = cut / "checkpoints" / "step-0000028" / "manifest.json"  # epoch 2 is steps 25..48
+    kill_when([*args, f"run.dir={cut}"], tmp_path, manifest.exists, "checkpoint 28")
+    assert 28 <= last_checkpoint(cut) < 48 and not (cut / "model.pt").exists(), "the kill inside epoch 2"
+    shutil.copytree(cut, resized, symlinks=True)
+    again = run_cli([*args, f"run.dir={cut}"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = (torch.load(r / "model.pt", weights_only=True) for r in (ref, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("metrics.csv", "ledger.jsonl"):
+        assert (ref / name).read_text() == (cut / name).read_text(), name
+    one = run_cli([*[a for a in args if a != "trainer.nproc=2"], "trainer.nproc=1", f"run.dir={resized}"],
+                  cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "resumed at 1 x 2 inside epoch 2" in one.stderr, one.stderr[-3000:]
+    lines = [json.loads(line) for line in (resized / "ledger.jsonl").read_text().splitlines()]
+    assert (lines[1]["epoch"], lines[1]["n"], lines[1]["times"]) == (2, 384, {"0": 0, "1": 384, "2+": 0})
 
 
 # ---- torchdata's StatefulDataLoader: a DataLoader, taken as one --------------------------------------
@@ -164,9 +185,10 @@ def test_stateful_dataloader_over_an_iterable_dataset_is_a_stream_with_its_setti
     assert sorted(int(i) for r in ranks for x, _ in r for i in x[:, 0]) == list(range(80))
     ref, hist = _fit_api(tmp_path / "ref", loader)
     assert [h["step"] for h in hist] == [16, 32]
-    _fit_api(tmp_path / "cut", loader, max_steps=6)
-    cut, _ = _fit_api(tmp_path / "cut", loader)
-    assert all(torch.equal(ref[k], cut[k]) for k in ref)
+    for stop in (6, 5):  # (5: worker 0's turn was the last; as the Hugging Face test above)
+        _fit_api(tmp_path / f"cut{stop}", loader, max_steps=stop)
+        cut, _ = _fit_api(tmp_path / f"cut{stop}", loader)
+        assert all(torch.equal(ref[k], cut[k]) for k in ref), f"stopped at step {stop}"
 
 
 def test_stateful_dataloader_over_map_style_data_is_sharded_and_resumed_by_the_launcher(tmp_path: Path) -> None:
@@ -259,16 +281,37 @@ def test_a_rank_whose_stream_is_empty_is_named_and_no_rank_waits(tmp_path: Path)
                                                  "1 (stream 1 of 2); valid: "), p.stderr[-3000:]
 
 
-def test_hf_resumed_at_another_layout_inside_an_epoch_starts_it_over(tmp_path: Path, caplog) -> None:
-    """What one of its streams holds depends on the loader worker that reads it, so the launcher cannot
-    read the saved layout's rest in another layout: the epoch starts over, said (not a traceback)."""
+@pytest.mark.parametrize("layouts", [[(2, 2), (1, 2)], [(1, 0), (2, 2)], [(2, 0), (1, 2)], [(2, 2), (3, 1), (1, 0)]],
+                         ids=["2x2-1x2", "1x0-2x2", "2x0-1x2 (as many streams)", "2x2-3x1-1x0"])
+@pytest.mark.parametrize("files, shuffled", [(8, False), (3, False), (8, True)],
+                         ids=["many-files", "few-files", "shuffle-buffer"])
+def test_hf_resized_inside_an_epoch_trains_every_sample_once(tmp_path: Path, monkeypatch, caplog, files: int,
+                                                             shuffled: bool, layouts) -> None:
+    """A datasets.IterableDataset's stream depends on the layout that read it (datasets splits by the
+    reading loader worker, and shifts a shuffle buffer's seed by it): resumed inside an epoch at another
+    layout, the saved streams are rebuilt as their workers read them and the new ones share out their
+    rest. Each layout but the last takes 2 batches a rank; every id of the epoch is trained once.
+    (Before, the epoch started over: the samples taken before the resume were trained twice.)"""
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)  # (see the shuffle test above)
+    data = parquet(tmp_path, files)
+    data = data.shuffle(seed=5, buffer_size=8) if shuffled else data
+    data.set_epoch(1)
+    taken = collections.Counter(int(x) for b in stream_samples.across_layouts(data, layouts, epoch=1, take=2)
+                                for x in b["id"])
+    assert sorted(taken) == list(range(files * ROWS)) and set(taken.values()) == {1}, \
+        f"twice: {sorted(i for i, n in taken.items() if n > 1)}"
+    assert "inside epoch 2: the rest of the epoch is what the saved streams had left" in caplog.text
+
+
+def test_hf_resized_with_a_datasets_that_lacks_the_internals_the_rebuild_reads_is_one_line(tmp_path: Path,
+                                                                                         monkeypatch) -> None:
+    """The rebuild of a saved stream reads datasets' internals (5.2's): without them the resize is
+    refused in one line, never guessed (a guess would train samples twice or never)."""
     data = parquet(tmp_path, 4)
-    ranks = [Stream(data, Dist(rank=r, world_size=2), batch_size=4) for r in (0, 1)]
-    for s in ranks:
-        list(itertools.islice(s.epoch(0), 2))
-    sd = ranks[0].state_dict()
-    sd["position"] = {**sd["position"], **ranks[1].state_dict()["position"]}
-    one = Stream(data, Dist(), batch_size=4, num_workers=2)
-    one.load_state_dict(sd)
-    assert sorted(int(i) for b in one.epoch(0) for i in b["id"]) == list(range(4 * ROWS))
-    assert "cannot be read again at another layout, so the epoch starts over" in caplog.text
+    saved = Stream(data, Dist(), batch_size=4, num_workers=0)
+    list(itertools.islice(saved.epoch(0), 2))
+    monkeypatch.delattr(datasets.iterable_dataset, "shift_ex_examples_rngs")
+    with pytest.raises(UserError, match=r"^data: this datasets version \(.*\) lacks shift_ex_examples_rngs: a "
+                                        r"datasets.IterableDataset saved inside an epoch cannot be resumed at another "
+                                        r"world size or loader worker count; valid: resume at the saved layout"):
+        Stream(data, Dist(), batch_size=4, num_workers=2).load_state_dict(saved.state_dict())

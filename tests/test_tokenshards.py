@@ -99,3 +99,28 @@ def test_persistent_workers_train_and_resume_exactly(tmp_path: Path, one_thread:
     for name, other in (("resumed", resumed), ("without persistent workers", fresh)):
         assert all(torch.equal(straight[k], other[k]) for k in straight), f"{name}: other weights"
     assert ledger == resumed_ledger == fresh_ledger and ledger[0]["epoch"] == 1
+
+
+def test_the_recipe_runs_through_the_cli_on_shards_that_prepare_wrote(tmp_path: Path) -> None:
+    """`python -m launcher.recipes.tokenshards prepare DIR FILE` then `python -m launcher recipe=tokenshards
+    data.path=DIR` as docs/recipes.md shows them (the recipe was trained only through the API in tests):
+    8 KB of text, windows of 16 (~15 steps an epoch), 1 rank with its 2 persistent workers, stopped at step 3: the
+    ledger's partial line has each of the 96 windows trained once and the rest not yet."""
+    import subprocess
+    import sys
+
+    from conftest import QUIET, cli_env, run_cli
+
+    (tmp_path / "text.txt").write_text(charlm.corpus(8_000, 0))
+    prep = subprocess.run([sys.executable, "-m", "launcher.recipes.tokenshards", "prepare", str(tmp_path / "shards"),
+                           str(tmp_path / "text.txt")], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert prep.returncode == 0 and "train and" in prep.stdout, prep.stderr[-3000:]
+    windows = len(tokenshards.datasets(str(tmp_path / "shards"), block_size=16)[0])
+    p = run_cli(["recipe=tokenshards", f"data.path={tmp_path / 'shards'}", "data.block_size=16", "trainer.gpus=0",
+                 "trainer.max_steps=3", "trainer.summary=false", f"run.dir={tmp_path / 'run'}",
+                 *QUIET], cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = json.loads((tmp_path / "run" / "ledger.jsonl").read_text())
+    assert (line["n"], line["times"], line["partial"]) == (windows, {"0": windows - 96, "1": 96, "2+": 0}, True)
+    assert (tmp_path / "run" / "model.pt").exists()

@@ -7,7 +7,12 @@ keeps the shards (files) worker::num_workers of whatever it is asked to read (an
 shard yields nothing). Asking it for stream `index` of `count` there would split twice, and the
 stride fallback would stride over one worker's files only: both lost samples (at 2 ranks x 2 workers
 half of them). So for it the launcher splits by rank only and leaves the split by worker to it; that
-relies on stream.py's numbering of streams, rank * workers + worker (checked where it is used)."""
+relies on stream.py's numbering of streams, rank * workers + worker (checked where it is used).
+
+A run resumed inside an epoch at another layout reads what the saved layout's streams had left
+(fit/shard.py), so each saved stream must be read again as its own worker read it: `as_first_layout`
+rebuilds it the way datasets' `_iter_pytorch` splits by worker (its shards worker::workers and its
+shuffle buffer's seed shifted by the worker id), outside that worker."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import collections.abc
 import inspect
 import itertools
 import sys
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler, get_worker_info
 
@@ -48,10 +53,61 @@ def sharding(data: Any, count: int) -> str:
 
 
 def resizable(data: Any) -> bool:
-    """Whether one layout's stream can be read again inside another layout's loader worker (a resume at
-    another world size or worker count, fit/shard.py). Not a datasets.IterableDataset: what one of its
-    streams holds depends on the worker that reads it (datasets splits by the reading worker)."""
+    """Whether stream s of S holds the same samples whichever rank and worker read it (so 2 x 1 -> 1 x 2
+    keeps the positions as they are). Not a datasets.IterableDataset: what one of its streams holds
+    depends on the layout that read it (datasets splits by the reading worker); a resize reads it
+    again through `as_first_layout`."""
     return not _hf(data)
+
+
+def as_first_layout(data: Any, workers: int, in_workers: bool) -> Any:
+    """The data as the epoch's first layout read it (`workers` streams a rank, read inside loader workers
+    or by the rank itself), for a run resumed inside that epoch at another layout. Only a
+    datasets.IterableDataset needs it (any other stream is the same whoever reads it)."""
+    if not _hf(data):
+        return data
+    missing = [name for name in ("_prepare_ex_iterable_for_iteration", "_formatting", "features")
+               if not hasattr(data, name)]
+    module = sys.modules["datasets"].iterable_dataset
+    missing += [name for name in ("shift_ex_examples_rngs", "get_formatter") if not hasattr(module, name)]
+    if missing:
+        # the split by worker is rebuilt from datasets' internals (5.2's); without them it cannot be
+        # rebuilt, and guessing would train some samples twice and others never
+        raise UserError(f"data: this datasets version ({getattr(sys.modules['datasets'], '__version__', '?')}) lacks "
+                        f"{', '.join(missing)}: a datasets.IterableDataset saved inside an epoch cannot be resumed at "
+                        "another world size or loader worker count; valid: resume at the saved layout, or datasets 5.2")
+    return FirstLayout(data, workers, in_workers)
+
+
+class FirstLayout:
+    """A datasets.IterableDataset's stream `index` of `count` as it was read at `workers` streams a rank:
+    rank index // workers's part (the launcher's split, _rank_part), then, when a loader worker read it,
+    what datasets' `_iter_pytorch` keeps in worker index % workers. Iterated directly (not through the
+    dataset's __iter__, which inside the new layout's worker would split by that worker instead)."""
+
+    def __init__(self, data: Any, workers: int, in_workers: bool) -> None:
+        self.data, self.workers, self.in_workers = data, workers, in_workers
+
+    def set_epoch(self, epoch: int) -> None:
+        self.data.set_epoch(epoch)
+
+    def shard_stream(self, index: int, count: int) -> Iterator[Any]:
+        module = sys.modules["datasets"].iterable_dataset
+        rank, worker = divmod(index, self.workers)
+        part = _rank_part(self.data, rank, count // self.workers, count)
+        ex = part._prepare_ex_iterable_for_iteration()  # the epoch's shuffle of files, the rank's split, format
+        if self.in_workers:  # _iter_pytorch's split by worker, and its seed shift (a shuffle buffer's order)
+            if not ex.split_shard_indices_by_worker(num_shards=self.workers, index=worker, contiguous=False):
+                return  # fewer files than workers: this worker read nothing
+            ex = ex.shard_data_sources(num_shards=self.workers, index=worker, contiguous=False)
+            ex = module.shift_ex_examples_rngs(ex_iterable=ex, value=worker)
+        if part._formatting and (ex.iter_arrow or part._formatting.is_table):
+            formatter = module.get_formatter(part._formatting.format_type, features=part.features)
+            for _, table in ex.iter_arrow():
+                yield formatter.format_row(table)
+            return
+        for _, example in ex:
+            yield example
 
 
 def set_epoch(data: Any, epoch: int) -> None:
@@ -94,7 +150,11 @@ def _open_hf(data: Any, index: int, count: int) -> Iterable[Any]:
     if count % workers or index % workers != worker:
         raise RuntimeError(f"stream {index} of {count} opened in loader worker {worker} of {workers}: the "
                            "streams are no longer numbered rank * workers + worker (launcher/fit/stream.py)")
-    rank, world = index // workers, count // workers
+    return _rank_part(data, index // workers, count // workers, count)
+
+
+def _rank_part(data: Any, rank: int, world: int, count: int) -> Any:
+    """Rank `rank` of `world`'s part of a datasets.IterableDataset read as `count` streams in all."""
     if data.n_shards >= count:
         # at least `workers` shards per rank: every worker has files of its own
         part = data.shard(num_shards=world, index=rank, contiguous=False) if world > 1 else data

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate
 from ..config import UserError
 from ..device.dist import Dist, all_gather_object, all_reduce_min
 from .shard import REPORT, Collate, Report, Shard, Tagged, Unusable, first_items, frozen, merge_positions
-from .sources import resizable, sharding
+from .sources import as_first_layout, resizable, sharding
 
 log = logging.getLogger("launcher")
 
@@ -84,6 +84,9 @@ class Stream:
         self.position: dict[int, int] = {}  # stream -> samples of it taken by the loop in the open epoch
         self.states: dict[int, Any] = {}  # stream -> its dataset's state after the last batch taken (fit/shard.py)
         self.layers: list[tuple[int, list[int]]] = []  # the open epoch's earlier layouts (streams, positions)
+        # with layers: the epoch's first layout's (streams a rank, read in loader workers), which a
+        # datasets.IterableDataset's streams depend on (sources.as_first_layout)
+        self.first: Optional[tuple[int, bool]] = None
         self.last: Optional[int] = None  # the stream of the last batch taken in the open epoch (this rank's)
         # the coverage ledger's (fit/ledger.py), this rank's in the open epoch since this process began it:
         # per origin stream, how often each offset was trained; and how many of its samples were read
@@ -115,6 +118,7 @@ class Stream:
         count, which the position already holds)."""
         if epoch != self.epoch_now or not self.train:  # (evaluation reads its streams whole, every time)
             self.epoch_now, self.position, self.states, self.layers, self.last = epoch, {}, {}, [], None
+            self.first = None
             self.trained, self.seen = {}, {}
         self._reports: list[Report] = []  # the resumed streams' (one per worker of this rank)
         self._source: Iterator[Tagged] = iter(self._loader_for(epoch))
@@ -130,7 +134,9 @@ class Stream:
         self._epoch_box[0] = epoch
         # resumed at the saved layout after worker w's batch: workers up to w had their turn this round
         lead = self.last if self.last is not None and not self.layers and self.workers > 1 else -1
-        shard = Shard(self.data, self.dist.rank, self.workers, [*self.layers, (self.streams, [])],
+        # resized inside the epoch: only layer 0 opens the data, read as the first layout read it
+        data = as_first_layout(self.data, *self.first) if self.layers and self.first else self.data
+        shard = Shard(data, self.dist.rank, self.workers, [*self.layers, (self.streams, [])],
                       dict(self.position), self._epoch_box, lead, self.batch_size, dict(self.states), self.seed,
                       self.seeded)
         if self._loader is not None and self._loader[1].fresh and shard.fresh:
@@ -302,7 +308,8 @@ class Stream:
         ranks = all_gather_object({"position": self.position, "last": self.last, "rank": self.dist.rank,
                                    "states": states})
         return {"epoch": self.epoch_now, "streams": self.streams, "world_size": self.dist.world_size,
-                "workers": self.workers, "layers": [[n, list(p)] for n, p in self.layers],
+                "workers": self.workers, "in_workers": bool(self.loader_kw["num_workers"]),
+                "first": list(self.first) if self.first else None, "layers": [[n, list(p)] for n, p in self.layers],
                 "position": merge_positions([r["position"] for r in ranks]), "last": {r["rank"]: r["last"] for r in ranks},
                 "states": {int(k): v for r in ranks for k, v in r["states"].items()}}
 
@@ -311,25 +318,24 @@ class Stream:
         self.layers = [(int(n), [int(x) for x in p]) for n, p in sd.get("layers", [])]
         position = {int(k): int(v) for k, v in sd["position"].items()}
         streams = int(sd.get("streams", int(sd["world_size"]) * int(sd["workers"])))
+        # (checkpoints from before "in_workers": one stream a rank was read by the rank itself)
+        saved = (int(sd["workers"]), bool(sd.get("in_workers", int(sd["workers"]) > 1)))
+        self.first = (int(sd["first"][0]), bool(sd["first"][1])) if sd.get("first") else None
         self.last, self.states = None, {}
-        same = (int(sd["world_size"]), int(sd["workers"])) == (self.dist.world_size, self.workers)
+        same = (int(sd["world_size"]), *saved) == (self.dist.world_size, self.workers, bool(self.loader_kw["num_workers"]))
         # stream s of S is the same whichever rank and worker read it (2 x 1 -> 1 x 2 keeps them), except
-        # for a datasets.IterableDataset, which splits by the reading worker
+        # for a datasets.IterableDataset, which splits by the reading worker (and shifts its shuffle seed by it)
         if streams == self.streams and (same or resizable(self.data)):
             self.position = {s: v for s, v in position.items() if s // self.workers == self.dist.rank}
             self.last = (sd.get("last") or {}).get(self.dist.rank) if same else None  # (the workers' turns)
             # the dataset's states are a stream's, whichever rank and worker read it (as the positions)
             self.states = {int(s): v for s, v in sd.get("states", {}).items() if int(s) // self.workers == self.dist.rank}
             return
-        if any(position.values()) and not resizable(self.data):
-            log.warning("data: the stream was saved at %d ranks x %d workers, resumed at %d x %d inside epoch %d: "
-                        "a datasets.IterableDataset's streams cannot be read again at another layout, so the epoch "
-                        "starts over (its samples trained before the resume are trained again: the ledger counts "
-                        "them twice)", sd["world_size"], sd["workers"], self.dist.world_size, self.workers,
-                        self.epoch_now + 1, extra={"file_only": not self.dist.is_main})
-            self.layers = []
-        elif any(position.values()):
+        if any(position.values()):
             # the saved layout's streams are not this one's: freeze it, and read what it left (shard.py)
+            if not self.layers:
+                self.first = saved
+            as_first_layout(self.data, *self.first)  # (a datasets without the internals it reads: one line)
             self.layers.append(frozen(streams, position))
             log.warning("data: the stream was saved at %d ranks x %d workers, resumed at %d x %d inside epoch %d: "
                         "the rest of the epoch is what the saved streams had left, each sample once; each new "

@@ -3,12 +3,14 @@
 Column 0 of every input is the sample's id; the model trains on column 1 only. Each training
 forward (the summary's and evaluation's run in eval mode and are not recorded) appends one line to
 `<out>/rank-<RANK>.txt`: "<pid> <call number in this process> <id> <id> ...", flushed at once so a
-run that is stopped leaves every step it took on disk. Used by tests/test_world_size.py.
+run that is stopped leaves every step it took on disk. Used by tests/test_world_size.py,
+test_ledger.py and test_stream.py (`kept`: the trainings a run's checkpoints kept, one micro-batch a step).
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -41,3 +43,21 @@ def datasets(n: int = 64) -> tuple[TensorDataset, Optional[TensorDataset]]:
     x = torch.cat([torch.arange(n, dtype=torch.float32).unsqueeze(1), feature], dim=1)
     return TensorDataset(x, 3 * feature + 0.1 * torch.randn(n, 1, generator=g)), None
 
+
+def kept(out: Path, resumed: list[int], steps_per_epoch: int, epoch: int) -> Counter:
+    """From the recorder's lines: the trainings of `epoch` the checkpoints kept. Each rank's processes
+    are its attempts, in order; attempt i starts at step resumed[i - 1] (0 first) and what it trained
+    after step resumed[i] (where the next attempt resumed) was lost with it."""
+    starts, trained = [0, *resumed], Counter()
+    for f in sorted(out.glob("rank-*.txt")):
+        pids: list[str] = []
+        for line in f.read_text().splitlines():
+            pid, call, *ids = line.split()
+            if pid not in pids:
+                pids.append(pid)
+            attempt = pids.index(pid)
+            step = starts[attempt] + int(call)  # one micro-batch a step
+            end = starts[attempt + 1] if attempt + 1 < len(starts) else float("inf")
+            if step <= end and (epoch - 1) * steps_per_epoch < step <= epoch * steps_per_epoch:
+                trained.update(int(i) for i in ids)
+    return trained
