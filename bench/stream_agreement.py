@@ -1,24 +1,28 @@
 """What the epoch-end agreement of a stream costs per step (docs/your-data.md, "Uneven streams").
 
 A stream has no length, so the ranks agree where the epoch ends: one all-reduce of one number per up
-to Stream.LOOKAHEAD (8) optimizer steps (fit/stream.py `available`). Here 2 gloo CPU ranks (one
-thread each) train a stream of the same length on each rank (so the epoch's end needs no agreement
-and a loop can run without it) two ways, interleaved, in the same processes:
+to EndAgreement.WINDOW (8) optimizer steps (fit/agreement.py), started a window early and waited for
+a window later. Here 2 gloo CPU ranks (one thread each) train a stream of the same length on each rank
+(so the epoch's end needs no agreement and a loop can run without it) three ways, interleaved, in the
+same processes:
 
-  bare     for batch in stream.epoch(e): step(batch)          (what an even stream could do)
-  agreed   the launcher's loop: group_end(b, 1) before each step, then the step (Trainer._train_step)
+  bare      for batch in stream.epoch(e): step(batch)          (what an even stream could do)
+  agreed    the launcher's loop: group_end(b, 1) before each step, then the step (Trainer._train_step)
+  blocking  the same with the agreement waited for as soon as it is started (EndAgreement.PIPELINED
+            off: the same windows, each agreement waited for at once)
 
 with the step a DDP training step of one of three jobs: the overhead job (Linear(2, 1), batch 64, Adam:
 bench/hook_cost.py's), the tiny model (embedding 32 + linear head over 256 ids, 64 ids a sample, batch
 32: bench/stream.py's) and the MNIST CNN (batch 128, Adadelta: the mnist recipe's). The samples are made
 once and handed out again, so the step is the model's and the loop's. Reported per step: the difference
-of the two loops' medians (noisy: the ranks share 2 cores), and the time spent in the agreement's
-all-reduce itself (timed around it: the direct measure), each in us and as % of the bare step.
+of the loops' medians (noisy: the ranks share 2 cores), and the loop's time inside the agreement's
+collectives (starting the all-reduce and waiting for it: EndAgreement.blocked_s, the direct measure),
+each in us and as % of the bare step.
 
     python bench/stream_agreement.py [--rounds 5] [--lookahead 8]
 
---lookahead N sets Stream.LOOKAHEAD (the most optimizer steps one agreement covers, 8 in the package)
-for this run only: what a longer window would save.
+--lookahead N sets EndAgreement.WINDOW (the most optimizer steps one agreement covers, 8 in the
+package) for this run only.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from stream import Tiny  # noqa: E402
 
 from launcher.device.dist import Dist  # noqa: E402
 from launcher.fit import stream as stream_module  # noqa: E402
+from launcher.fit.agreement import EndAgreement  # noqa: E402
 from launcher.recipes.mnist import Net  # noqa: E402
 
 
@@ -82,17 +87,7 @@ def _rank(rank: int, port: int, rounds: int, lookahead: int, out: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     td.init_process_group("gloo", rank=rank, world_size=2)
-    spent = [0.0, 0]  # seconds inside the agreement's all-reduce, and how many
-
-    def timed_min(t: torch.Tensor) -> torch.Tensor:
-        t0 = time.perf_counter()
-        td.all_reduce(t, op=td.ReduceOp.MIN)
-        spent[0] += time.perf_counter() - t0
-        spent[1] += 1
-        return t
-
-    stream_module.all_reduce_min = timed_min  # (the name stream.py calls; this process only)
-    stream_module.Stream.LOOKAHEAD = lookahead
+    EndAgreement.WINDOW = lookahead
     results = {}
     for name, job in JOBS.items():
         torch.manual_seed(0)
@@ -106,13 +101,15 @@ def _rank(rank: int, port: int, rounds: int, lookahead: int, out: Any) -> None:
             loss_fn(ddp, b).backward()
             opt.step()
 
-        times: dict[str, list[float]] = {"bare": [], "agreed": []}
-        reduce_s, reduces = [], []
+        times: dict[str, list[float]] = {"bare": [], "agreed": [], "blocking": []}
+        reduce_s: dict[str, list[float]] = {"agreed": [], "blocking": []}
+        reduces = []
+        modes = ["bare", "agreed", "blocking"]
         for r in range(rounds + 1):  # round 0 warms up
-            for mode in ("bare", "agreed") if r % 2 else ("agreed", "bare"):
+            for mode in modes[r % 3:] + modes[: r % 3]:
+                EndAgreement.PIPELINED = mode != "blocking"
                 s = stream_module.Stream(data, Dist(rank=rank, world_size=2), batch_size=batch)
                 batches, n = iter(s.epoch(r)), 0
-                spent[:] = [0.0, 0]
                 td.barrier()
                 t0 = time.perf_counter()
                 if mode == "bare":
@@ -127,11 +124,11 @@ def _rank(rank: int, port: int, rounds: int, lookahead: int, out: Any) -> None:
                 assert n == steps, (mode, n, steps)
                 if r:
                     times[mode].append(elapsed / steps)
-                    if mode == "agreed":
-                        reduce_s.append(spent[0] / steps)
-                        reduces.append(spent[1])
-        results[name] = (statistics.median(times["bare"]), statistics.median(times["agreed"]),
-                         statistics.median(reduce_s), statistics.median(reduces), steps, batch)
+                    if mode != "bare":
+                        reduce_s[mode].append(s.agreement.blocked_s / steps)
+                        reduces.append(s.agreement.count)
+        results[name] = ({m: statistics.median(v) for m, v in times.items()},
+                         {m: statistics.median(v) for m, v in reduce_s.items()}, statistics.median(reduces), steps, batch)
     if rank == 0:
         out.put(results)
     td.destroy_process_group()
@@ -140,7 +137,7 @@ def _rank(rank: int, port: int, rounds: int, lookahead: int, out: Any) -> None:
 def main() -> str:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--lookahead", type=int, default=stream_module.Stream.LOOKAHEAD)
+    ap.add_argument("--lookahead", type=int, default=EndAgreement.WINDOW)
     a = ap.parse_args()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -152,15 +149,19 @@ def main() -> str:
     for p in procs:
         p.join()
     rows = []
-    for name, (bare, agreed, reduce_s, reduces, steps, batch) in results.items():
-        diff = agreed - bare
-        rows.append([name, f"{batch}", f"{steps}", f"{bare * 1e3:.3f}", f"{agreed * 1e3:.3f}",
-                     f"{diff * 1e6:+.0f} ({diff / bare:+.1%})", f"{reduces} ({reduces / steps:.3f})",
-                     f"{reduce_s * 1e6:.1f} ({reduce_s / bare:.2%})"])
+    for name, (times, inside, reduces, steps, batch) in results.items():
+        bare = times["bare"]
+        for mode in ("agreed", "blocking"):
+            diff = times[mode] - bare
+            rows.append([name, "pipelined (the launcher)" if mode == "agreed" else "blocking, same windows", f"{batch}",
+                         f"{steps}", f"{bare * 1e3:.3f}", f"{times[mode] * 1e3:.3f}",
+                         f"{diff * 1e6:+.0f} ({diff / bare:+.1%})", f"{reduces} ({reduces / steps:.3f})",
+                         f"{inside[mode] * 1e6:.1f} ({inside[mode] / bare:.2%})"])
     return (f"Machine: {machine()}; load before: {os.getloadavg()[0]:.2f}; 2 gloo CPU ranks, 1 thread each, "
-            f"{a.rounds} interleaved rounds, medians; Stream.LOOKAHEAD={a.lookahead}\n\n" + table(
-                ["job", "batch", "steps an epoch", "bare step ms", "agreed step ms", "agreed - bare us (% of step)",
-                 "all-reduces an epoch (per step)", "in the all-reduce us per step (% of step)"], rows))
+            f"{a.rounds} interleaved rounds, medians; EndAgreement.WINDOW={a.lookahead}\n\n" + table(
+                ["job", "agreement", "batch", "steps an epoch", "bare step ms", "agreed step ms",
+                 "agreed - bare us (% of step)", "agreements an epoch (per step)",
+                 "waiting in the agreement us per step (% of step)"], rows))
 
 
 if __name__ == "__main__":

@@ -286,3 +286,50 @@ def test_uneven_streams_with_workers_killed_twice_in_an_epoch_resume_bitwise(tmp
     assert "resumed at 1 x 2 inside epoch 2" in one.stderr, one.stderr[-3000:]
     lines = [json.loads(line) for line in (resized / "ledger.jsonl").read_text().splitlines()]
     assert lines[1]["epoch"] == 2 and (lines[1]["n"], lines[1]["times"]) == (244, {"0": 0, "1": 244, "2+": 0})
+
+
+class Uneven(IterableDataset):
+    """Stream i of 2 holds `sizes[i]` samples (i * 1000 + offset)."""
+
+    def __init__(self, sizes: tuple[int, int]) -> None:
+        self.sizes = sizes
+
+    def __iter__(self):
+        return self.shard_stream(0, 1)
+
+    def shard_stream(self, index: int, count: int):
+        return iter(torch.arange(index * 1000, index * 1000 + self.sizes[index]).unbind())
+
+
+def _agree_rank(rank: int, store: str, k: int, out) -> None:
+    import torch.distributed as td
+
+    td.init_process_group("gloo", store=td.FileStore(store, 2), rank=rank, world_size=2)
+    s = Stream(Uneven((40, 92)), Dist(rank=rank, world_size=2), batch_size=4)
+    batches, n, ids, early = iter(s.epoch(0)), 0, [], 0
+    while (end := s.group_end(n, k)) > n:
+        early += s.agreement.pending is not None  # the next window's agreement already under way
+        for _ in range(end - n):
+            ids += [int(x) for x in next(batches)]
+        n = end
+    out.put((rank, n, ids, s.agreement.count, early))
+    td.destroy_process_group()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_uneven_streams_agree_ahead_and_end_together(tmp_path: Path, k: int) -> None:
+    """2 gloo ranks holding 10 and 23 batches: both train 10 (the shortest), each agreement but the first
+    is started a window before the loop needs it, and a handful of collectives cover the epoch."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_agree_rank, args=(r, str(tmp_path / "store"), k, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict((r, rest) for r, *rest in (out.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    for rank, (n, ids, count, early) in got.items():
+        assert n == 10 and ids == list(range(rank * 1000, rank * 1000 + 40)), (rank, n, ids)
+        assert count <= 6 and early >= 1, (rank, count, early)

@@ -26,7 +26,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from ..config import UserError
-from ..device.dist import Dist, all_gather_object, all_reduce_min
+from ..device.dist import Dist, all_gather_object
+from .agreement import EndAgreement
+from .batch import map_tensors
 from .shard import REPORT, Collate, Report, Shard, Tagged, Unusable, first_items, frozen, merge_positions
 from .sources import as_first_layout, resizable, sharding
 
@@ -79,6 +81,7 @@ class Stream:
         if num_workers:  # (a DataLoader refuses both without workers)
             self.loader_kw.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
         self._loader: Optional[tuple[DataLoader, Shard]] = None  # kept across epochs with persistent workers
+        self.agreement = EndAgreement(dist, self._held)  # where an epoch of uneven streams ends
         self._epoch_box = torch.zeros(1, dtype=torch.int64).share_memory_()  # the epoch, as workers read it
         self.epoch_now = -1
         self.position: dict[int, int] = {}  # stream -> samples of it taken by the loop in the open epoch
@@ -100,10 +103,11 @@ class Stream:
                      extra={"file_only": not dist.is_main})
 
     # The loop's interface (what fit/data.Batches also offers): there is no length, so the epoch's
-    # end is found by looking ahead, and agreed by all ranks (one small all-reduce per up to LOOKAHEAD
-    # optimizer steps; none at 1 rank): every rank trains the same number of micro-batches, the epoch
-    # ends for all when the shortest stream ends, and what the longer ones held is counted and said
-    # (never trained twice, never dropped without a line).
+    # end is found by looking ahead, and agreed by all ranks (fit/agreement.py: one small all-reduce
+    # per up to 8 optimizer steps, started a window early so the loop does not wait for it; none at 1
+    # rank): every rank trains the same number of micro-batches, the epoch ends for all when the
+    # shortest stream ends, and what the longer ones held is counted and said (never trained twice,
+    # never dropped without a line).
     n = None  # samples: unknown
     tensors = None
 
@@ -123,9 +127,7 @@ class Stream:
         self._reports: list[Report] = []  # the resumed streams' (one per worker of this rank)
         self._source: Iterator[Tagged] = iter(self._loader_for(epoch))
         self._ahead: collections.deque[Tagged] = collections.deque()
-        self._agreed: Optional[int] = None  # micro-batches every rank still has (agreed, less those taken since)
-        self._ended = False  # the agreement found the epoch's end: no more collectives in it
-        self._window = 1  # optimizer steps the next agreement covers (doubling up to LOOKAHEAD)
+        self.agreement.begin()
         return self._take()
 
     def _loader_for(self, epoch: int) -> DataLoader:
@@ -164,7 +166,7 @@ class Stream:
                 if not self._ahead and not self._fetch():
                     return
                 tagged = self._ahead.popleft()
-                self._agreed = None if self._agreed is None else max(self._agreed - 1, 0)
+                self.agreement.took()
                 self.position[tagged.stream] = tagged.end  # taken by the loop: what a checkpoint now holds
                 if isinstance(tagged.state, Unusable):
                     raise UserError(f"data: {tagged.state.why}; valid: a state_dict() of tensors, numbers, strings, "
@@ -195,6 +197,10 @@ class Stream:
             return False
         self._ahead.append(tagged)
         self._saw(tagged)
+        if not self.agreement.batch_bytes:  # (bounds how far the agreement reads ahead)
+            sizes: list[int] = []
+            map_tensors(tagged.batch, lambda t: sizes.append(t.nbytes))
+            self.agreement.batch_bytes = sum(sizes)
         return True
 
     def _reported(self, report: Report) -> None:
@@ -221,28 +227,19 @@ class Stream:
         for origin, _, hi in tagged.origins:
             self.seen[origin] = max(self.seen.get(origin, 0), hi)
 
-    LOOKAHEAD = 8  # the most optimizer steps one agreement covers (its batches wait in host memory)
-
     def available(self, k: int) -> int:
-        """Micro-batches (at most k) that every rank still has in this epoch. One agreement (an
-        all-reduce of one number) covers up to LOOKAHEAD requests: each rank reads that far ahead
-        and the ranks agree on the least any of them holds; the window doubles from 1 so the first
-        step waits for one group only. Whether to ask is decided from the agreed count and k, the
-        same on every rank, so the ranks meet in the same collectives."""
-        if self._agreed is not None and (self._agreed >= k or self._ended):
-            return min(self._agreed, k)
-        want = k * self._window
-        self._window = min(self._window * 2, self.LOOKAHEAD)
-        while len(self._ahead) < want and self._fetch():
-            pass
-        mine = torch.tensor([min(len(self._ahead), want)], dtype=torch.int64, device=self.dist.device)
-        self._agreed = int(all_reduce_min(mine).item())
-        if self._agreed < want:  # some rank's stream ends within this window: the epoch ends there for all
-            if self._agreed == 0 and not self.position and not self.layers:
+        """Micro-batches (at most k) that every rank still has in this epoch (fit/agreement.py)."""
+        n, ended = self.agreement.available(k)
+        if ended:  # some rank's stream ends within the window: the epoch ends there for all
+            if self.agreement.end == 0 and not self.position and not self.layers:
                 self._refuse_empty()
-            self._ended = True
-            self._count_rest(keep=self._agreed)
-        return min(self._agreed, k)
+            self._count_rest(keep=self.agreement.end - self.agreement.taken)
+        return n
+
+    def _held(self, n: int) -> int:
+        while len(self._ahead) < n and self._fetch():
+            pass
+        return len(self._ahead)
 
     def _count_rest(self, keep: int) -> None:
         """The epoch ends after `keep` more micro-batches on every rank: this rank's rest is read (to be
