@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import torch
 import launcher
 from conftest import QUIET, SUPPORT, cli_env, run_cli
 from launcher import Trainer
+from launcher.checkpoint import format as F
 from launcher.config import UserError
 
 
@@ -34,8 +36,14 @@ class Events(launcher.Callback):
     def on_fit_start(self, run) -> None:
         self.seen.append(("fit_start", run.step))
 
+    def on_checkpoint_restored(self, run, path) -> None:
+        self.seen.append((f"restored {path.name}", run.step))
+
     def on_step_end(self, run) -> None:
         self.seen.append(("step_end", run.step))
+
+    def on_validation_start(self, run) -> None:
+        self.seen.append(("validation_start", run.step))
 
     def on_validation_end(self, run, metrics) -> None:
         self.seen.append((f"validation_end {sorted(metrics)}", run.step))
@@ -46,8 +54,12 @@ class Events(launcher.Callback):
     def on_checkpoint(self, run, path) -> None:
         self.seen.append((f"checkpoint {path.name}", run.step))
 
+    def on_checkpoint_saved(self, run, path) -> None:
+        # complete: committed under its own name, its manifest's checksums match what is on disk
+        self.seen.append((f"saved {path.name} {'complete' if F.verify(path) is None else F.verify(path)}", run.step))
+
     def on_fit_end(self, run) -> None:
-        self.seen.append(("fit_end", run.step))
+        self.seen.append((f"fit_end {run.ending}", run.step))
 
 
 def _fit(tmp_path: Path, callbacks: list, **kw) -> Trainer:
@@ -61,16 +73,34 @@ def _fit(tmp_path: Path, callbacks: list, **kw) -> Trainer:
     return tr
 
 
-def test_the_hooks_in_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_the_hooks_in_order(tmp_path: Path, async_save: bool) -> None:
     events = Events()
-    _fit(tmp_path, [events], checkpoint_every_n_steps=3)
-    # 64 samples, batch 16: 4 steps an epoch; checkpoints at steps 3, 4 (epoch end), 6, 8 (epoch end and the run's)
-    val = "validation_end ['val_loss']"
-    assert events.seen == [
-        ("fit_start", 0), ("step_end", 1), ("step_end", 2), ("step_end", 3), ("checkpoint step-0000003", 3),
-        ("step_end", 4), (val, 4), ("epoch_end 1 True", 4), ("checkpoint step-0000004", 4),
-        ("step_end", 5), ("step_end", 6), ("checkpoint step-0000006", 6), ("step_end", 7), ("step_end", 8),
-        (val, 8), ("epoch_end 2 True", 8), ("checkpoint step-0000008", 8), ("fit_end", 8)]
+    _fit(tmp_path, [events], checkpoint_every_n_steps=3, checkpoint_async=async_save)
+    # 64 samples, batch 16: 4 steps an epoch; checkpoints at steps 3, 4 (epoch end), 6, 8 (epoch end and the run's).
+    # on_checkpoint_saved: a sync save right after it; an async one where the loop next waits for it (the next
+    # save, the fit's end); either way the folder is complete when the hook reads it
+    val = [("validation_start", 4), ("validation_end ['val_loss']", 4)]
+    saved = {n: ("saved step-000000%d complete" % n,) for n in (3, 4, 6, 8)}
+    sync = [("fit_start", 0), ("step_end", 1), ("step_end", 2), ("step_end", 3), ("checkpoint step-0000003", 3),
+            (*saved[3], 3), ("step_end", 4), *val, ("epoch_end 1 True", 4), ("checkpoint step-0000004", 4),
+            (*saved[4], 4), ("step_end", 5), ("step_end", 6), ("checkpoint step-0000006", 6), (*saved[6], 6),
+            ("step_end", 7), ("step_end", 8), *[(v, 8) for v, _ in val], ("epoch_end 2 True", 8),
+            ("checkpoint step-0000008", 8), (*saved[8], 8), ("fit_end done", 8)]
+    asynchronous = [("fit_start", 0), ("step_end", 1), ("step_end", 2), ("step_end", 3), ("checkpoint step-0000003", 3),
+                    ("step_end", 4), *val, ("epoch_end 1 True", 4), (*saved[3], 4), ("checkpoint step-0000004", 4),
+                    ("step_end", 5), ("step_end", 6), (*saved[4], 6), ("checkpoint step-0000006", 6),
+                    ("step_end", 7), ("step_end", 8), *[(v, 8) for v, _ in val], ("epoch_end 2 True", 8),
+                    (*saved[6], 8), ("checkpoint step-0000008", 8), (*saved[8], 8), ("fit_end done", 8)]
+    assert events.seen == (asynchronous if async_save else sync)
+    ok = "complete"
+    # the same command with one epoch more: restored, the restored checkpoint's on_checkpoint_saved again (its
+    # state is from before it), then on as the uninterrupted run
+    again = Events()
+    _fit(tmp_path, [again], max_epochs=3, checkpoint_every_n_steps=0, checkpoint_async=async_save)
+    assert again.seen[:4] == [("restored step-0000008", 8), (f"saved step-0000008 {ok}", 8), ("fit_start", 8),
+                              ("step_end", 9)]
+    assert again.seen[-3:] == [("checkpoint step-0000012", 12), (f"saved step-0000012 {ok}", 12), ("fit_end done", 12)]
 
 
 def test_attempt_hooks_leave_the_training_rng_alone(tmp_path: Path) -> None:
@@ -101,6 +131,33 @@ def test_a_raising_hook_is_one_line_naming_it(tmp_path: Path) -> None:
     assert "Traceback" in (tmp_path / "run" / "logs" / "rank-0.log").read_text()
     with pytest.raises(UserError, match=r"callbacks\[0\] \(int\): defines none of the hooks"):
         _fit(tmp_path / "b", [3])
+
+
+def test_the_view_is_read_only_and_a_try_to_write_leaves_the_run_alone(tmp_path: Path) -> None:
+    class Meddler(launcher.Callback):
+        def __init__(self) -> None:
+            self.refused: list[str] = []
+
+        def _try(self, what: str, write: Any) -> None:
+            try:
+                write()
+            except (AttributeError, TypeError):
+                self.refused.append(what)
+
+        def on_step_end(self, run) -> None:
+            self._try("max_epochs", lambda: setattr(run.config.trainer, "max_epochs", 1))
+            self._try("trainer", lambda: setattr(run.config, "trainer", None))
+            run.config.trainer.fsdp_wrap.append("Linear")  # a list field: the callback's own copy
+
+        def on_validation_end(self, run, metrics) -> None:
+            self._try("metrics", lambda: setattr(run, "metrics", {}))
+            self._try("metrics[key]", lambda: run.metrics.__setitem__("val_loss", 0.0))
+
+    m = Meddler()
+    tr = _fit(tmp_path, [m], max_epochs=2)
+    assert set(m.refused) == {"max_epochs", "trainer", "metrics", "metrics[key]"}
+    assert len(tr.history) == 2 and tr.cfg.trainer.max_epochs == 2 and tr.cfg.trainer.fsdp_wrap == []
+    assert tr.callbacks.view.metrics["epoch"] == 2  # the epoch row, as the run reported it
 
 
 @pytest.mark.slow
