@@ -13,7 +13,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import launcher
-from conftest import QUIET, SUPPORT, run_cli
+from conftest import QUIET, SUPPORT, StopAt, run_cli
 from launcher import Trainer
 from launcher.config import UserError
 from launcher.fit.ema import EMA
@@ -70,6 +70,23 @@ def test_the_average_is_averaged_models_bitwise_and_validation_and_export_use_it
     assert all(torch.equal(out[k], ema[k]) for k in ema)
     last = torch.load(tmp_path / "x" / "checkpoints" / "last" / "model.pt", weights_only=True)
     assert torch.equal(last["0.weight"], raw["0.weight"])
+
+
+def test_a_run_stopped_for_a_requeue_exports_nothing_until_it_ends(tmp_path: Path) -> None:
+    class Ending(launcher.Callback):
+        def on_fit_end(self, run) -> None:
+            self.ending = run.ending
+
+    said = Ending()
+    tr, _, _ = _fit(tmp_path / "cut", [said], ema_decay=0.9, ema_export=True, stop=StopAt(8))
+    assert tr.preempted and said.ending == "requeue"
+    assert not (tmp_path / "cut" / "model.pt").exists() and not (tmp_path / "cut" / "model-ema.pt").exists()
+    _fit(tmp_path / "cut", [said], ema_decay=0.9, ema_export=True)  # the requeued job: on to the end
+    _fit(tmp_path / "straight", [], ema_decay=0.9, ema_export=True)
+    assert said.ending == "done"
+    for name in ("model.pt", "model-ema.pt"):
+        a, b = (torch.load(tmp_path / d / name, weights_only=True) for d in ("cut", "straight"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_every_n_steps_and_the_checks(tmp_path: Path) -> None:
