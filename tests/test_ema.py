@@ -125,10 +125,34 @@ def test_a_sharded_average_is_put_together_at_another_world_size() -> None:
     assert ema.updates == 5 and torch.equal(full["weight"], w) and torch.equal(full["bias"], b)
 
 
+def test_an_average_sharded_over_another_mesh_is_refused_in_one_line() -> None:
+    """HSDP's (or tensor parallel's) pieces are not dimension 0's chunks in rank order: put together as if
+    they were, the average would be wrong. 4 ranks' HSDP (2 replicas x 2 shards) resumed on 1 rank: refused."""
+    model = torch.nn.Linear(4, 3)
+    ema = EMA(0.9)
+
+    class View:
+        world_size, rank = 1, 0
+
+    view = View()
+    view.model = model
+    hsdp = "mesh (2, 2) (Replicate(), Shard(dim=0))"
+    w, b = torch.arange(12.0).reshape(3, 4), torch.tensor([7.0, 8.0, 9.0])
+    ema.load_rank_states([{"updates": 5, "sharded": True, "decay": 0.9, "layouts": {"weight": hsdp, "bias": hsdp},
+                           "average": {"weight": w[:2] if r % 2 == 0 else w[2:], "bias": b[:2] if r % 2 == 0 else b[2:]}}
+                          for r in range(4)])
+    with pytest.raises(UserError, match=r"^trainer.ema_decay: the EMA was saved by 4 ranks laid out as mesh \(2, 2\) "
+                                        r"\(Replicate\(\), Shard\(dim=0\)\) \(weight\), and this run's 1 ranks lay it out "
+                                        r"as whole: .*; valid: resume with the world size and mesh") as e:
+        ema.on_fit_start(view)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.slow
 def test_fsdp_at_two_ranks_averages_its_shards_like_one_rank(tmp_path: Path) -> None:
     """The same global batches (1 rank x 16 = 2 ranks x 8 of DistributedSampler's order): the gathered
-    average of FSDP's shards equals the one-rank average within float noise."""
+    average of FSDP's shards equals the one-rank average within float noise, and still does after both
+    runs go on for an epoch at 1 rank (the FSDP run's sharded average resumed at another world size)."""
     base = ["--config-dir", str(SUPPORT / "callback_conf"), "recipe=counted", "trainer.gpus=0", "trainer.max_epochs=2",
             "trainer.ema_decay=0.9", "model._target_=callback_samples.Wide", "~callbacks", *QUIET]
     one = run_cli([*base, "trainer.batch_size=16", f"run.dir={tmp_path / 'one'}"], cwd=tmp_path)
@@ -140,3 +164,12 @@ def test_fsdp_at_two_ranks_averages_its_shards_like_one_rank(tmp_path: Path) -> 
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
     raw = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
     assert not all(torch.equal(raw[k], b[k]) for k in b)
+    # one epoch more: the one-rank run goes on; the FSDP run's last checkpoint goes on at 1 FSDP rank (its 2
+    # ranks' shards put together and cut again), in a new run dir (resume=PATH) with the one-rank run's batch
+    last = tmp_path / "two" / "checkpoints" / "last"
+    for run, extra in (("one", []), ("three", ["trainer.strategy=fsdp", f"resume={last}"])):
+        more = run_cli([*base, "trainer.max_epochs=3", "trainer.batch_size=16", f"run.dir={tmp_path / run}", *extra],
+                       cwd=tmp_path)
+        assert more.returncode == 0 and "resumed from" in more.stderr, more.stderr[-3000:]
+    a, b = (torch.load(tmp_path / r / "model-ema.pt", weights_only=True) for r in ("one", "three"))
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)

@@ -7,19 +7,25 @@ callbacks reach far enough, and `trainer.ema_decay` for the common case.
 Under FSDP2 each rank averages its own shards of the parameters (the local tensors of their DTensors):
 no gather per step. The average is in every checkpoint and resumed bitwise: replicated (DDP, one rank)
 it is saved once from rank 0; sharded, each rank's shards are saved (together one copy of the model)
-and at another world size put back together along dimension 0 (FSDP2's Shard(0) layout) and split for
-the new one. Optionally the average is what validation measures (swapped in for it and back), and
+with how they were laid out (each parameter's mesh and placements). Resumed on the same layout, each
+rank takes its own back. Saved by plain FSDP (a 1-D mesh, Shard(0) everywhere) it is put back
+together along dimension 0 and laid out for the new run, whatever its mesh; a replicated average is
+laid out the same way (each rank cuts its own part of the whole as the parameter's placements say).
+Saved over an HSDP or tensor-parallel mesh and resumed on another, the resume is refused in one line:
+those pieces are not dimension 0's chunks in rank order. Optionally the average is what validation measures (swapped in for it and back), and
 what RUN_DIR/model.pt holds at the end (the raw weights stay in the last checkpoint); the average is
 always written to RUN_DIR/model-ema.pt.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 import torch
 
 from ..device.memory import plain_name
+from ..config import UserError
 from .callbacks import Callback, RunView
 
 
@@ -32,6 +38,18 @@ def with_ema(callbacks: Optional[list[Any]], t: Any) -> list[Any]:
 def _local(p: torch.Tensor) -> torch.Tensor:
     """A parameter's own part: the local shard of an FSDP2 DTensor, else the tensor."""
     return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _layout(p: torch.Tensor) -> str:
+    """How a parameter lies over the ranks: its mesh's shape and placements ("whole": not a DTensor)."""
+    if not hasattr(p, "to_local"):
+        return "whole"
+    return f"mesh {tuple(p.device_mesh.shape)} {tuple(p.placements)}"
+
+
+def _dim0(layout: str) -> bool:
+    """Plain FSDP2's layout (or none): a 1-D mesh, the rows in torch.chunk's pieces in rank order."""
+    return layout == "whole" or re.fullmatch(r"mesh \(\d+,\) \(Shard\(dim=0\),\)", layout) is not None
 
 
 class EMA(Callback):
@@ -118,6 +136,7 @@ class EMA(Callback):
     # ---- Stateful ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"updates": self.updates, "sharded": self._sharded(), "decay": self.decay,
+                "layouts": {n: _layout(p) for n, p in zip(self.names, self.params)},
                 "average": {n: a.detach().cpu() for n, a in zip(self.names, self.average)}}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -139,21 +158,30 @@ class EMA(Callback):
     def _restore(self, pending: dict[str, Any], run: RunView) -> None:
         ranks = pending["ranks"]
         self.updates = int(ranks[0]["updates"])
-        same = ranks[0]["sharded"] and len(ranks) == run.world_size and self._sharded()
+        now = {n: _layout(p) for n, p in zip(self.names, self.params)}
+        saved = ranks[0].get("layouts", now)  # (a checkpoint from before layouts were recorded: FSDP2's dim 0)
+        same = ranks[0]["sharded"] and len(ranks) == run.world_size and self._sharded() and saved == now
+        moved = [n for n in self.names if not _dim0(saved.get(n, "whole"))]
+        if ranks[0]["sharded"] and not same and moved:
+            raise UserError(f"trainer.ema_decay: the EMA was saved by {len(ranks)} ranks laid out as {saved[moved[0]]} "
+                            f"({moved[0]}), and this run's {run.world_size} ranks lay it out as {now[moved[0]]}: its "
+                            "pieces cannot be put back together here; valid: resume with the world size and mesh "
+                            "(trainer.strategy, hsdp_replicas, tensor_parallel) it was saved with")
         for i, (name, p) in enumerate(zip(self.names, self.params)):
             if same:  # each rank's own shards back
-                saved = ranks[run.rank]["average"][name]
-            elif ranks[0]["sharded"]:  # FSDP2 shards dimension 0 in rank order: the whole, then this rank's
-                saved = self._mine(torch.cat([r["average"][name] for r in ranks], dim=0), p, run)
-            else:  # replicated: the whole (this rank's shard of it under FSDP)
-                saved = self._mine(ranks[0]["average"][name], p, run)
-            self.average[i].copy_(saved)
+                mine = ranks[run.rank]["average"][name]
+            elif ranks[0]["sharded"]:  # plain FSDP2 sharded dimension 0 in rank order: the whole, then this rank's
+                mine = self._mine(torch.cat([r["average"][name] for r in ranks], dim=0), p)
+            else:  # replicated: the whole (this rank's part of it when sharded)
+                mine = self._mine(ranks[0]["average"][name], p)
+            self.average[i].copy_(mine)
 
     @staticmethod
-    def _mine(full: torch.Tensor, p: torch.Tensor, run: RunView) -> torch.Tensor:
-        """This rank's dim-0 chunk of a whole parameter (FSDP2's Shard(0): torch.chunk's sizes)."""
+    def _mine(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a whole parameter, as `p`'s mesh and placements lay it out (FSDP's Shard(0),
+        HSDP's replicas, tensor parallel's columns or rows): cut locally, no communication."""
         if not hasattr(p, "to_local"):
             return full
-        chunks = list(torch.chunk(full, run.world_size, dim=0))
-        chunks += [full[:0]] * (run.world_size - len(chunks))
-        return chunks[run.rank]
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
