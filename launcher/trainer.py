@@ -113,7 +113,7 @@ class Trainer:
             t.seed + fp.train.dist.rank + self.progress.step), cbs.stateful(), self.spikes)
         self.ckpt = CheckpointManager(run.path / "checkpoints", cfg.checkpoint, mode=t.mode, dist=d, states=states,
                                       sharded=fp.sharded, xla=fp.xla, info={"run_id": run.id, "config": run.config},
-                                      before_save=lambda folder: (fp.stepper.check(), cbs.fire("on_checkpoint", folder)))
+                                      **cbs.around_saves(fp.stepper.check))
         point = restore(self.ckpt, d, lambda below: run.resume_point(d, cfg.resume, below), cfg.resume, restarted())
         if point is not None:  # (at another world size: the rest of the epoch is the samples not yet seen)
             p = self.progress
@@ -301,7 +301,7 @@ class Trainer:
         fp.stepper.check()  # no bad step unheard of in the last weights
         self.bar.close()  # type: ignore[union-attr]
         fp.phases.add("checkpoint", ckpt.maybe_save(p.step, p.epoch, "requeue" if self.preempted else "end"))
-        ckpt.wait()
+        ckpt.settle()  # (an async save: written, and on_checkpoint_saved told of it)
         if self.preempted:  # mid-epoch: no epoch row; the requeued job finishes this epoch
             D.barrier()  # every rank leaves only once rank 0's checkpoint is on disk
             log.info("stopped at step %d for a requeue (signal %s); checkpoint written", p.step,

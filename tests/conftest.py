@@ -100,6 +100,18 @@ def rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+class StopAt:
+    """A stop request (what a SLURM signal becomes) agreed at one step: the run stops for a requeue there."""
+
+    signame = "TEST"
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def agreed(self, step: int) -> bool:
+        return step == self.step
+
+
 def same_weights(a: Path, b: Path) -> None:
     """Two model.pt files hold bitwise the same tensors under the same names."""
     import torch

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from conftest import StopAt
 from launcher import Trainer
 from launcher import config as C
 from launcher.recipes import circles
@@ -115,18 +116,6 @@ def test_an_early_stopped_run_says_so_and_continues_when_patience_is_raised(tmp_
     assert all(torch.equal(a[k], b[k]) for k in a), "bitwise as if the patience had been there from the start"
 
 
-class _StopAt:
-    """A stop request (what a SLURM signal becomes) agreed at one step."""
-
-    signame = "TEST"
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def agreed(self, step: int) -> bool:
-        return step == self.step
-
-
 def test_a_run_stopped_at_an_epoch_end_resumes_without_an_extra_step(tmp_path: Path) -> None:
     """Preempted on the last step of a non-final epoch: the continuation takes no empty step."""
     train, val = circles.datasets(n_per_class=200)  # 280 samples, batch 100: 3 steps per epoch
@@ -139,7 +128,7 @@ def test_a_run_stopped_at_an_epoch_end_resumes_without_an_extra_step(tmp_path: P
                    scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5))
         return tr, h
 
-    tr, h = fit(tmp_path / "cut", stop=_StopAt(3))
+    tr, h = fit(tmp_path / "cut", stop=StopAt(3))
     assert tr.preempted and h == [], "stopped at the end of epoch 1's batches, before its row"
     _, resumed = fit(tmp_path / "cut")
     _, straight = fit(tmp_path / "straight")

@@ -13,7 +13,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import launcher
-from conftest import QUIET, SUPPORT, run_cli
+from conftest import QUIET, SUPPORT, StopAt, run_cli
 from launcher import Trainer
 from launcher.config import UserError
 from launcher.fit.ema import EMA
@@ -72,6 +72,23 @@ def test_the_average_is_averaged_models_bitwise_and_validation_and_export_use_it
     assert torch.equal(last["0.weight"], raw["0.weight"])
 
 
+def test_a_run_stopped_for_a_requeue_exports_nothing_until_it_ends(tmp_path: Path) -> None:
+    class Ending(launcher.Callback):
+        def on_fit_end(self, run) -> None:
+            self.ending = run.ending
+
+    said = Ending()
+    tr, _, _ = _fit(tmp_path / "cut", [said], ema_decay=0.9, ema_export=True, stop=StopAt(8))
+    assert tr.preempted and said.ending == "requeue"
+    assert not (tmp_path / "cut" / "model.pt").exists() and not (tmp_path / "cut" / "model-ema.pt").exists()
+    _fit(tmp_path / "cut", [said], ema_decay=0.9, ema_export=True)  # the requeued job: on to the end
+    _fit(tmp_path / "straight", [], ema_decay=0.9, ema_export=True)
+    assert said.ending == "done"
+    for name in ("model.pt", "model-ema.pt"):
+        a, b = (torch.load(tmp_path / d / name, weights_only=True) for d in ("cut", "straight"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_every_n_steps_and_the_checks(tmp_path: Path) -> None:
     class Steps(launcher.Callback):
         def on_fit_start(self, run) -> None:
@@ -112,7 +129,8 @@ def test_a_sharded_average_is_put_together_at_another_world_size() -> None:
 @pytest.mark.slow
 def test_fsdp_at_two_ranks_averages_its_shards_like_one_rank(tmp_path: Path) -> None:
     """The same global batches (1 rank x 16 = 2 ranks x 8 of DistributedSampler's order): the gathered
-    average of FSDP's shards equals the one-rank average within float noise."""
+    average of FSDP's shards equals the one-rank average within float noise, and still does after both
+    runs go on for an epoch at 1 rank (the FSDP run's sharded average resumed at another world size)."""
     base = ["--config-dir", str(SUPPORT / "callback_conf"), "recipe=counted", "trainer.gpus=0", "trainer.max_epochs=2",
             "trainer.ema_decay=0.9", "model._target_=callback_samples.Wide", "~callbacks", *QUIET]
     one = run_cli([*base, "trainer.batch_size=16", f"run.dir={tmp_path / 'one'}"], cwd=tmp_path)
@@ -124,6 +142,15 @@ def test_fsdp_at_two_ranks_averages_its_shards_like_one_rank(tmp_path: Path) -> 
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
     raw = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
     assert not all(torch.equal(raw[k], b[k]) for k in b)
+    # one epoch more: the one-rank run goes on; the FSDP run's last checkpoint goes on at 1 FSDP rank (its 2
+    # ranks' shards put together and cut again), in a new run dir (resume=PATH) with the one-rank run's batch
+    last = tmp_path / "two" / "checkpoints" / "last"
+    for run, extra in (("one", []), ("three", ["trainer.strategy=fsdp", f"resume={last}"])):
+        more = run_cli([*base, "trainer.max_epochs=3", "trainer.batch_size=16", f"run.dir={tmp_path / run}", *extra],
+                       cwd=tmp_path)
+        assert more.returncode == 0 and "resumed from" in more.stderr, more.stderr[-3000:]
+    a, b = (torch.load(tmp_path / r / "model-ema.pt", weights_only=True) for r in ("one", "three"))
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
 
 
 def test_a_sharded_checkpoint_without_the_average_loads_what_it_has(tmp_path: Path) -> None:

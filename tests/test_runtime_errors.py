@@ -70,6 +70,9 @@ CASES: list[tuple[str, object, int, str, bool]] = [
      lambda tmp, mnist: [*mnist_small(mnist), "metrics.acc.num_classes=3"], 1,
      "preflight: metrics.acc (torchmetrics.classification.accuracy.MulticlassAccuracy): num_classes=3, but the "
      "model's output has 10 classes (its last dimension, output [128, 10] float32); valid: num_classes=10", True),
+    # a recipe's callback whose hook raises on every rank: named with its hook and step, once
+    ("callbacks: a hook raises, 2 ranks", ["recipe=linreg", "callbacks=[{_target_:faulty.RaisingCallback}]", *TWO], 2,
+     "callbacks[0] (RaisingCallback).on_step_end raised at step 2: KeyError: 'no_such_metric'", True),
     ("run dir: cannot be created", ["recipe=linreg", "run.dir=/proc/launcher-test/run"], 1,
      "run.dir='/proc/launcher-test/run': cannot be written", False),
 ]
@@ -87,9 +90,11 @@ def test_runtime_user_error(tmp_path: Path, mnist_root: Path, what: str, overrid
     if ranks == 2 and "trainer.nproc=2" not in args:
         args += TWO
     p = run_cli([*args, *QUIET, "trainer.max_epochs=1"], cwd=tmp_path, timeout=180)
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    # (an error after training began follows the run's own `[launcher] ...` lines and the summary's table)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith(("[launcher] ", "  "))]
     assert p.returncode == 2, p.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("launcher: error: "), p.stderr[-3000:]
+    assert p.stderr.rstrip().splitlines()[-1] == lines[0], "the error is the last word"
     assert expected in lines[0], lines[0]
     log: Optional[Path] = None
     if traceback:

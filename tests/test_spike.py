@@ -18,11 +18,11 @@ from launcher.config import UserError
 POISONED = range(96, 112)  # batch 6 of 10 (batch 16): the 7th optimizer step
 
 
-def _data(drop: range = range(0)) -> TensorDataset:
+def _data(drop: range = range(0), poisoned: range = POISONED) -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(160, 2, generator=g)
     y = x @ torch.tensor([[2.0], [-3.0]]) + 1
-    y[POISONED.start:POISONED.stop] = 1e4  # a corrupt shard's labels
+    y[poisoned.start:poisoned.stop] = 1e4  # a corrupt shard's labels
     keep = [i for i in range(160) if i not in drop]
     return TensorDataset(x[keep], y[keep])
 
@@ -56,6 +56,24 @@ def test_a_spike_rolls_back_and_the_run_ends_as_if_the_samples_were_never_there(
         _fit(tmp_path / "stop", _data(), spike_factor=5, spike_max_rollbacks=0)
     with pytest.raises(UserError, match=r"trainer.spike_factor=0.5: .*valid: 0 \(off\), or a factor > 1"):
         Trainer(spike_factor=0.5)
+
+
+def test_spikes_in_a_row_roll_back_each_time_up_to_the_limit(tmp_path: Path) -> None:
+    """Two poisoned batches in a row (the 7th and 8th of 10): step 7 spikes, goes back to step 6 without its
+    batch; the batch after it becomes step 7 and spikes again: a second rollback in a row, to step 6 again."""
+    two = range(96, 128)
+    rolled = _fit(tmp_path / "rolled", _data(poisoned=two), spike_factor=5, spike_max_rollbacks=2)
+    clean = _fit(tmp_path / "clean", _data(drop=two, poisoned=two))
+    a, b = rolled.state_dict(), clean.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "not the weights of the run without both batches"
+    assert rolled.history[-1]["step"] == clean.history[-1]["step"] == 8
+    lines = [json.loads(ln) for ln in (tmp_path / "rolled" / "spikes.jsonl").read_text().splitlines()]
+    assert [(ln["step"], ln["samples"], ln["in_a_row"], Path(ln["rolled_back_to"]).name) for ln in lines] == [
+        (7, list(range(96, 112)), 1, "step-0000006"), (7, list(range(112, 128)), 2, "step-0000006")]
+    # one rollback allowed in a row: the second spike stops the run in one line
+    with pytest.raises(UserError, match=r"^trainer.spike_factor: the loss spiked at step 7 .* after 1 rollbacks in "
+                                        r"a row; valid: a larger trainer.spike_factor or spike_max_rollbacks"):
+        _fit(tmp_path / "stop", _data(poisoned=two), spike_factor=5, spike_max_rollbacks=1)
 
 
 @pytest.mark.slow

@@ -50,8 +50,7 @@ class Retention:
     def __init__(self, ckpt_dir: Path, *, save_top_k: int, mode: str, keep_last: int) -> None:
         self.dir, self.save_top_k, self.mode, self.keep_last = ckpt_dir, save_top_k, mode, keep_last
         self.top: list[tuple[float, str]] = []  # (score, folder name), best first
-        # (score, name) of the checkpoint being written: it records the top-k list as it will be
-        # once it is committed, so a run resumed from it ranks itself correctly
+        # (score, name) of the checkpoint being written: its top-k list as once committed (a resume ranks it right)
         self.pending: Optional[tuple[Optional[float], str]] = None
 
     def ranked(self, score: Optional[float], name: str) -> list[tuple[float, str]]:
@@ -97,10 +96,12 @@ class CheckpointManager:
 
     def __init__(self, ckpt_dir: Path, cfg: CheckpointConfig, *, mode: str, dist: D.Dist,
                  states: dict[str, Stateful], sharded: bool, info: dict[str, Any], xla: Any = None,
-                 before_save: Callable[[Path], None] = lambda folder: None) -> None:
+                 before_save: Callable[[Path], None] = lambda folder: None,
+                 after_commit: Optional[Callable[[Path], None]] = None) -> None:
         self.dir, self.cfg, self.d, self.sharded, self.info, self.xla = ckpt_dir, cfg, dist, sharded, info, xla
-        # the guard's read (a skipped step is heard of before its checkpoint), the callbacks' on_checkpoint
-        self.before_save = before_save
+        # the guard's read and the callbacks' on_checkpoint; after_commit: on_checkpoint_saved (settle())
+        self.before_save, self.after_commit = before_save, after_commit
+        self._untold: Optional[Path] = None  # the newest save after_commit has not heard of
         self.retention = Retention(ckpt_dir, save_top_k=cfg.save_top_k, mode=mode, keep_last=cfg.keep_last)
         self.states: dict[str, Stateful] = {**states, "checkpointer": self.retention}
         # XLA tensors are written through xm.save, a rendezvous of all ranks: no background thread
@@ -149,8 +150,12 @@ class CheckpointManager:
         if not due:
             return 0.0
         started, before = time.perf_counter(), self.blocked_s
+        if self.after_commit is not None:
+            self.settle()  # (an async save in flight: durable, and heard of, before the next one begins)
         self.before_save(self.dir / F.step_name(step))
         self.save(step, epoch, score)
+        if self.after_commit is not None and not self.async_save:
+            self.settle()
         blocked = time.perf_counter() - started
         self.blocked_s = before + blocked  # (its wait() for the previous save counted once, here)
         return blocked
@@ -166,6 +171,7 @@ class CheckpointManager:
 
     def retire_after(self, step: int) -> None:
         """Rank 0, once training continues from `step`: newer checkpoints are another timeline."""
+        self._untold = self._untold if self._untold is None or F.step_of(self._untold) <= step else None
         if self.d.is_main:
             F.retire_after(self.dir, step)
 
@@ -199,7 +205,7 @@ class CheckpointManager:
         meta = {"step": step, "epoch": epoch, "run_id": self.info.get("run_id", ""),
                 "world_size": self.d.world_size, "sharded": self.sharded}
         self._write(folder, state, meta, score, shards, started)
-        self.last_saved_step = step
+        self.last_saved_step, self._untold = step, folder
         log.info("checkpoint at step %d: training blocked %.3f s", step, time.perf_counter() - started,
                  extra={"file_only": True})
 
@@ -281,6 +287,15 @@ class CheckpointManager:
             error, self._error = self._error, None
             raise RuntimeError(f"background checkpoint save failed: {error}") from error
 
+    def settle(self) -> None:
+        """wait() for the save in flight; then tell after_commit of the newest save it has not heard of, on every
+        rank after a barrier: rank 0 (which commits) is through, so the folder is complete wherever it is read."""
+        self.wait()
+        if self.after_commit is not None and self._untold is not None:
+            D.barrier()
+            folder, self._untold = self._untold, None
+            self.after_commit(folder)
+
     def close(self) -> None:
         """Give back the host buffers of async saves (pinned memory is scarce); call after wait()."""
         self._host = HostStage()
@@ -289,12 +304,11 @@ class CheckpointManager:
         self._stager = None
 
     def publish_weights(self, dest: Path) -> bool:
-        """Make `dest` (the run's model.pt) the newest save's weights file by a hard link: no second
-        serialisation, and pruning that checkpoint later leaves `dest` whole (the data stays while
-        a link does). Atomic: `dest` is the old file or the new one, never missing or partial.
-        False, with nothing changed, where there is no such file: this rank wrote no checkpoint, the
-        newest is sharded or from before format 2, or links do not work there (another filesystem);
-        the caller then saves the weights itself. Call after wait()."""
+        """Make `dest` (the run's model.pt) the newest save's weights file by a hard link: no second serialisation,
+        and pruning that checkpoint later leaves `dest` whole (the data stays while a link does). Atomic: `dest`
+        is the old file or the new one, never missing or partial. False, with nothing changed, where there is no
+        such file: this rank wrote no checkpoint, the newest is sharded or from before format 2, or links do
+        not work there (another filesystem); the caller then saves the weights itself. Call after wait()."""
         if self._weights is None or self._weights[0] != self.last_saved_step or not self._weights[1].is_file():
             return False
         tmp = dest.with_name(f".{dest.name}.link{os.getpid()}")
@@ -322,8 +336,8 @@ class CheckpointManager:
 
     # ---- restore ---------------------------------------------------------------------------------
     def restore(self, folder: Path) -> None:
-        """Put every registered part back from `folder` (every rank reads it; rank 0 chose and
-        verified it). A sharded checkpoint loads at any world size, sharded run or not."""
+        """Put every registered part back from `folder` (every rank reads it; rank 0 chose and verified
+        it). A sharded checkpoint loads at any world size, sharded run or not."""
         sd = F.load(folder, verified=True)
         self.restored_config = sd.get("config")  # what that segment of the run ran with
         shards: dict[str, Any] = {}

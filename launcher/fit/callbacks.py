@@ -7,15 +7,21 @@
     Trainer(...).fit(..., callbacks=[Counter()])      # or a recipe's `callbacks:` list of _target_ nodes
 
 Every hook runs on every rank (`run.is_main` says which is rank 0; `launcher.rank_zero` makes a hook
-rank 0's only). Two kinds of hook:
+rank 0's only). Three kinds of hook:
 
 - **Training hooks** follow the training and are replayed exactly by a resumed run: on_step_end (after
   each optimizer step), on_validation_start, on_validation_end (its metrics), on_epoch_end (the epoch's row), on_checkpoint
   (a checkpoint of this step is being saved to `path`: what a callback changes then is in it, so a run
   resumed from it continues as the uninterrupted one). Each is called before the step's checkpoint is
   taken, so a callback's state (and what it drew from the RNG) is in it.
-- **Attempt hooks** run once per process that runs the fit: on_fit_start, on_checkpoint_restored, on_fit_end,
-  on_error. They run with the RNG streams put back after them, so they never change the training.
+- **on_checkpoint_saved** (`path` is complete on disk: to copy or upload it): a sync save, right after
+  it; an async one, where the loop next waits for it (the next save, or the fit's end), every rank at
+  the same point. At least once per checkpoint: a resumed run says it again for the checkpoint it
+  resumed from (a kill may have come between the commit and the hook), so its count matches an
+  uninterrupted run's. Only when some callback defines it do saves wait for it (a barrier per save).
+- **Attempt hooks** run once per process that runs the fit: on_fit_start, on_checkpoint_restored, on_fit_end
+  (`run.ending` says why: "done" or "requeue"), on_error. They, and on_checkpoint_saved, run with the RNG
+  streams put back after them, so they never change the training.
 
 A callback with `state_dict()` / `load_state_dict()` is saved and restored with the run: per rank (its
 state may differ per rank, e.g. its RNG draws); at another world size each rank gets rank 0's. One
@@ -26,10 +32,13 @@ recipe run); its traceback is in the rank log.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from ..config import UserError, one_line
 from .seeding import rng_state, set_rng_state
@@ -41,7 +50,9 @@ log = logging.getLogger("launcher")
 
 TRAINING_HOOKS = ("on_step_end", "on_validation_start", "on_validation_end", "on_epoch_end", "on_checkpoint")
 ATTEMPT_HOOKS = ("on_fit_start", "on_checkpoint_restored", "on_fit_end", "on_error")
-HOOKS = ATTEMPT_HOOKS[:2] + TRAINING_HOOKS + ATTEMPT_HOOKS[2:]
+HOOKS = ATTEMPT_HOOKS[:2] + TRAINING_HOOKS + ("on_checkpoint_saved",) + ATTEMPT_HOOKS[2:]
+# hooks whose RNG draws are put back: they run at points an interrupted run does not replay alike
+PUT_BACK = frozenset(ATTEMPT_HOOKS + ("on_checkpoint_saved",))
 
 
 class Callback:
@@ -56,6 +67,7 @@ class Callback:
     def on_validation_end(self, run: "RunView", metrics: dict[str, float]) -> None: ...
     def on_epoch_end(self, run: "RunView", row: dict[str, Any]) -> None: ...
     def on_checkpoint(self, run: "RunView", path: Path) -> None: ...
+    def on_checkpoint_saved(self, run: "RunView", path: Path) -> None: ...
     def on_fit_end(self, run: "RunView") -> None: ...
     def on_error(self, run: "RunView", error: BaseException) -> None: ...
 
@@ -69,14 +81,43 @@ def rank_zero(hook: Callable[..., None]) -> Callable[..., None]:
     return on_rank_zero
 
 
+class ReadOnly:
+    """A config (a dataclass, its sections too) that reads like it and refuses every write: a hook
+    that could set `run.config.trainer.max_epochs` would change the run behind the checks' back."""
+
+    __slots__ = ("_of", "_where")
+
+    def __init__(self, of: Any, where: str = "run.config") -> None:
+        object.__setattr__(self, "_of", of)
+        object.__setattr__(self, "_where", where)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._of, name)
+        if dataclasses.is_dataclass(value):
+            return ReadOnly(value, f"{self._where}.{name}")
+        # a list or dict field: the callback's own copy (the run's is not reachable through it)
+        return copy.deepcopy(value) if isinstance(value, (list, dict, set)) else value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{self._where}.{name} is read-only: a callback reads the run's config, "
+                             "it cannot change it")
+
+    __delattr__ = __setattr__  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ReadOnly({self._of!r})"
+
+
 class RunView:
     """What a hook may read: the loop's position, the world, the bare model and its optimizer, the
-    last metrics, the history, the run dir. Read-only by contract: the properties read the Trainer's
-    state at the moment of the call (no copy per hook)."""
+    last metrics, the history, the run dir. Read-only: the properties read the Trainer's state at the
+    moment of the call (no copy per hook); the config is a read-only copy made once, the metrics a
+    read-only mapping."""
 
     def __init__(self, trainer: Any) -> None:
         self._t = trainer
-        self.metrics: dict[str, Any] = {}  # the last validation's or epoch row's
+        self._metrics: dict[str, Any] = {}  # the last validation's or epoch row's (Callbacks.fire sets it)
+        self._config: Optional[ReadOnly] = None
 
     step = property(lambda self: self._t.progress.step)  # optimizer steps taken
     epoch = property(lambda self: self._t.progress.epoch)  # epochs completed
@@ -88,7 +129,22 @@ class RunView:
     run_dir = property(lambda self: self._t.run.path)
     run_id = property(lambda self: self._t.run.id)
     history = property(lambda self: [dict(r) for r in self._t.progress.history])
-    config = property(lambda self: self._t.cfg)
+    # why the fit ends, for on_fit_end: "done" (finished, stopped early or at max_steps), or "requeue"
+    # (stopped for a preemption: the next job goes on with the run, whose results are not final yet)
+    ending = property(lambda self: "requeue" if self._t.preempted else "done")
+
+    @property
+    def config(self) -> Any:
+        """The run's resolved config, read-only (a copy taken at the first read: the run's own stays out of reach)."""
+        if self._config is None:
+            self._config = ReadOnly(copy.deepcopy(self._t.cfg))
+        return self._config
+
+    @property
+    def metrics(self) -> Mapping[str, Any]:
+        """The last validation's metrics or epoch row, read-only."""
+        return MappingProxyType(self._metrics)
+
     # seconds this process's loop has waited for checkpoint saves (the checkpoint manager's count)
     checkpoint_blocked_s = property(lambda self: self._t.ckpt.blocked_s if self._t.ckpt is not None else 0.0)
 
@@ -142,11 +198,11 @@ class Callbacks:
     def fire(self, hook: str, *args: Any) -> None:
         """Call `hook` of each callback that has it. Attempt hooks run with the RNG streams put back."""
         if hook in ("on_validation_end", "on_epoch_end"):
-            self.view.metrics = dict(args[0])
+            self.view._metrics = dict(args[0])
         fns = self.by_hook[hook]
         if not fns:
             return
-        saved = rng_state() if hook in ATTEMPT_HOOKS else None
+        saved = rng_state() if hook in PUT_BACK else None
         try:
             for name, fn in fns:
                 try:
@@ -163,10 +219,18 @@ class Callbacks:
                 set_rng_state(saved)
 
     def start(self, restored: Optional[Path]) -> None:
-        """Once the fit is set up: on_checkpoint_restored (when it resumed from `restored`), on_fit_start."""
+        """Once the fit is set up: on_checkpoint_restored and on_checkpoint_saved again (when it resumed
+        from `restored`: its state is from before that checkpoint's on_checkpoint_saved), on_fit_start."""
         if restored is not None:
             self.fire("on_checkpoint_restored", restored)
+            self.fire("on_checkpoint_saved", restored)
         self.fire("on_fit_start")
+
+    def around_saves(self, check: Callable[[], None]) -> dict[str, Any]:
+        """The checkpoint manager's before_save (the guard's `check`, then on_checkpoint) and after_commit
+        (on_checkpoint_saved; None where no callback has it: saves then never wait for a listener)."""
+        saved = (lambda folder: self.fire("on_checkpoint_saved", folder)) if self.by_hook["on_checkpoint_saved"] else None
+        return {"before_save": lambda folder: (check(), self.fire("on_checkpoint", folder)), "after_commit": saved}
 
     def stateful(self) -> dict[str, Any]:
         """name -> callback, for those with state_dict / load_state_dict (checkpoint/adapters.run_states)."""

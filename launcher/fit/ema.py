@@ -121,6 +121,8 @@ class EMA(Callback):
     def on_fit_end(self, run: RunView) -> None:
         from ..checkpoint import format as F  # (the run's own atomic writer)
 
+        if run.ending == "requeue":  # the run goes on in the next job: no result yet (every rank agrees)
+            return
         full = self.full_weights()  # a collective under FSDP: every rank calls it
         if run.is_main and self.updates:
             F.save_atomic(full, run.run_dir / "model-ema.pt")

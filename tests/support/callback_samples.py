@@ -18,7 +18,7 @@ from launcher.fit.callbacks import HOOKS
 
 
 class Counter(launcher.Callback):
-    """Counts each hook and, after every optimizer step, draws one number from torch's RNG (the training
+    """Counts every hook and, after every optimizer step, draws one number from torch's RNG (the training
     stream: dropout's) and adds it up. At the fit's end it writes what it holds to the run dir."""
 
     def __init__(self) -> None:
@@ -38,6 +38,9 @@ class Counter(launcher.Callback):
         self.draws += float(torch.rand(()))
         self.steps.append(run.step)
 
+    def on_validation_start(self, run) -> None:
+        self.counts["on_validation_start"] += 1
+
     def on_validation_end(self, run, metrics: dict[str, float]) -> None:
         self.counts["on_validation_end"] += 1
 
@@ -46,6 +49,13 @@ class Counter(launcher.Callback):
 
     def on_checkpoint(self, run, path: Path) -> None:
         self.counts["on_checkpoint"] += 1
+
+    def on_checkpoint_saved(self, run, path: Path) -> None:
+        self.counts["on_checkpoint_saved"] += 1
+        torch.rand(2)  # put back: a checkpoint's announcement never changes the training
+
+    def on_error(self, run, error: BaseException) -> None:
+        self.counts["on_error"] += 1  # (a SIGKILL gives it no chance: the killed runs never count it)
 
     def on_fit_end(self, run) -> None:
         self.counts["on_fit_end"] += 1

@@ -41,3 +41,12 @@ class RaisingNet(nn.Module):
         if hidden < 1:
             raise ValueError(f"hidden={hidden}: must be >= 1")
         self.lin = nn.Linear(2, hidden)
+
+
+class RaisingCallback:
+    """A recipe's callback whose hook fails on every rank at step 2, as a user's callback might (duck-typed:
+    any object with a hook is a callback)."""
+
+    def on_step_end(self, run) -> None:  # noqa: ANN001 - launcher.fit.callbacks.RunView
+        if run.step == 2:
+            raise KeyError("no_such_metric")
