@@ -27,7 +27,7 @@ from ..device import dist as D
 from ..config import CheckpointConfig
 from ..device.strategy import full_weights
 from . import format as F
-from .held import dcp_prefixes, held
+from .held import load_sharded
 from .staging import HostStage, dcp_stager
 
 log = logging.getLogger("launcher")
@@ -341,15 +341,8 @@ class CheckpointManager:
         sd = F.load(folder, verified=True)
         self.restored_config = sd.get("config")  # what that segment of the run ran with
         shards: dict[str, Any] = {}
-        if F.is_sharded(folder):
-            import torch.distributed.checkpoint as dcp  # sharded checkpoints only (see _write)
-
-            # DCP fills these templates with each rank's part of every tensor, whatever wrote them; a part
-            # that may be absent keeps only what the checkpoint holds (DCP refuses a key it lacks)
-            saved = dcp_prefixes(dcp.FileSystemReader(str(folder / F.SHARDED)).read_metadata())
-            shards = {name: held(part.dcp_state_dict(), saved, name) if getattr(part, "absent_ok", False)
-                      else part.dcp_state_dict() for name, part in self.states.items() if hasattr(part, "dcp_state_dict")}
-            dcp.load(shards, checkpoint_id=str(folder / F.SHARDED))
+        if F.is_sharded(folder):  # DCP fills the templates with each rank's part, whatever wrote them
+            shards = load_sharded(self.states, str(folder / F.SHARDED))
         for name, part in self.states.items():
             if name in shards:
                 part.load_dcp_state_dict(shards[name])  # type: ignore[attr-defined]
