@@ -5,7 +5,7 @@ tokens and their next-token targets, batch 32, 2 loader workers, one CPU rank (t
 agreement is an all-reduce per up to 8 steps at more than one rank: none at one).
 
   stream     an IterableDataset with shard_stream(index, count) (files[index::count], read in order)
-             launcher: Trainer.fit(train_data=dataset, num_workers=2)
+             launcher: Trainer.fit(train_data=dataset, num_workers=2) (and with seed_per_sample=False)
              hand:     DataLoader(the same dataset, each worker reading shard_stream(worker id, 2))
   map        tokenshards.TokenWindows (np.memmap windows, random access), shuffled
              launcher: Trainer.fit(train_data=dataset, num_workers=2, persistent_workers=True)
@@ -205,6 +205,8 @@ def main() -> str:
             "stream: hand loop": lambda k: hand_run(DataLoader(stream, batch_size=BATCH, num_workers=WORKERS), k,
                                                     args.steps, args.warmup),
             "stream: launcher": lambda k: launcher_run(stream, k, args.steps, args.warmup),
+            "stream: launcher, seed_per_sample=false": lambda k: launcher_run(stream, k, args.steps, args.warmup,
+                                                                              seed_per_sample=False),
             "map: hand loop (persistent workers)": lambda k: hand_run(hand_map(), k, args.steps, args.warmup),
             "map: launcher (persistent workers)": lambda k: launcher_run(windows, k, args.steps, args.warmup,
                                                                          persistent_workers=True),

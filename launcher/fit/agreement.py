@@ -35,7 +35,7 @@ from ..device.dist import Dist
 
 class EndAgreement:
     WINDOW = 256  # the most optimizer steps one agreement covers
-    BUDGET = 256 << 20  # bytes of batches a rank may hold read ahead for it (two windows)
+    BUDGET = 8 << 20  # bytes of batches a rank may hold read ahead for it (two windows): about a cache's worth
     PIPELINED = True  # (bench/stream_agreement.py turns it off to measure a blocking agreement beside it)
 
     def __init__(self, dist: Dist, fill: Callable[[int], int]) -> None:
@@ -76,7 +76,8 @@ class EndAgreement:
         mine = torch.tensor([min(held, target)], dtype=torch.int64)
         k = max(1, target - max(self.end, self.taken)) // self.window  # (micro-batches a step)
         room = max(1, self.BUDGET // max(1, 2 * k * self.batch_bytes))
-        self.window = max(1, min(self.window * 2, self.WINDOW, room))
+        # (one rank agrees with nobody: it reads one group ahead, to know whether the stream goes on)
+        self.window = 1 if self.dist.world_size == 1 else max(1, min(self.window * 2, self.WINDOW, room))
         if self.dist.world_size == 1:
             self.pending = (None, mine, target)
             return
