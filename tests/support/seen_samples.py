@@ -10,6 +10,7 @@ test_ledger.py and test_stream.py (`kept`: the trainings a run's checkpoints kep
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -33,6 +34,8 @@ class Recorder(nn.Module):
             ids = " ".join(str(int(i)) for i in x[:, 0].tolist())
             with open(self.out / f"rank-{os.environ.get('RANK', '0')}.txt", "a") as f:
                 f.write(f"{os.getpid()} {self.calls} {ids}\n")
+            # a test that kills the run at a step slows its steps so the kill lands there, not a few later
+            time.sleep(float(os.environ.get("SEEN_SAMPLES_STEP_S", "0")))
         return self.lin(x[:, 1:])
 
 
