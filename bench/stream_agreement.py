@@ -1,27 +1,25 @@
 """What the epoch-end agreement of a stream costs per step (docs/your-data.md, "Uneven streams").
 
 A stream has no length, so the ranks agree where the epoch ends: one all-reduce of one number per up
-to EndAgreement.WINDOW (8) optimizer steps (fit/agreement.py), started a window early and waited for
-a window later. Here 2 gloo CPU ranks (one thread each) train a stream of the same length on each rank
-(so the epoch's end needs no agreement and a loop can run without it) three ways, interleaved, in the
-same processes:
+a window of optimizer steps (fit/agreement.py: doubling up to EndAgreement.WINDOW steps, within
+EndAgreement.BUDGET bytes of batches read ahead). Here 2 gloo CPU ranks (one thread each) train a
+stream of the same length on each rank (so the epoch's end needs no agreement and a loop can run
+without it) two ways, interleaved, in the same processes:
 
   bare      for batch in stream.epoch(e): step(batch)          (what an even stream could do)
   agreed    the launcher's loop: group_end(b, 1) before each step, then the step (Trainer._train_step)
-  blocking  the same with the agreement waited for as soon as it is started (EndAgreement.PIPELINED
-            off: the same windows, each agreement waited for at once)
 
 with the step a DDP training step of one of three jobs: the overhead job (Linear(2, 1), batch 64, Adam:
 bench/hook_cost.py's), the tiny model (embedding 32 + linear head over 256 ids, 64 ids a sample, batch
 32: bench/stream.py's) and the MNIST CNN (batch 128, Adadelta: the mnist recipe's). The samples are made
 once and handed out again, so the step is the model's and the loop's. Reported per step: the difference
 of the loops' medians (noisy: the ranks share 2 cores), and the loop's time inside the agreement's
-collectives (starting the all-reduce and waiting for it: EndAgreement.blocked_s, the direct measure),
+all-reduce (EndAgreement.blocked_s, the direct measure),
 each in us and as % of the bare step.
 
     python bench/stream_agreement.py [--rounds 5] [--lookahead 8]
 
---lookahead N sets EndAgreement.WINDOW (the most optimizer steps one agreement covers, 8 in the
+--lookahead N sets EndAgreement.WINDOW (the most optimizer steps one agreement covers, 256 in the
 package) for this run only.
 """
 
@@ -101,13 +99,11 @@ def _rank(rank: int, port: int, rounds: int, lookahead: int, out: Any) -> None:
             loss_fn(ddp, b).backward()
             opt.step()
 
-        times: dict[str, list[float]] = {"bare": [], "agreed": [], "blocking": []}
-        reduce_s: dict[str, list[float]] = {"agreed": [], "blocking": []}
+        times: dict[str, list[float]] = {"bare": [], "agreed": []}
+        reduce_s: dict[str, list[float]] = {"agreed": []}
         reduces = []
-        modes = ["bare", "agreed", "blocking"]
         for r in range(rounds + 1):  # round 0 warms up
-            for mode in modes[r % 3:] + modes[: r % 3]:
-                EndAgreement.PIPELINED = mode != "blocking"
+            for mode in ("bare", "agreed") if r % 2 else ("agreed", "bare"):
                 s = stream_module.Stream(data, Dist(rank=rank, world_size=2), batch_size=batch)
                 batches, n = iter(s.epoch(r)), 0
                 td.barrier()
@@ -151,15 +147,14 @@ def main() -> str:
     rows = []
     for name, (times, inside, reduces, steps, batch) in results.items():
         bare = times["bare"]
-        for mode in ("agreed", "blocking"):
+        for mode in ("agreed",):
             diff = times[mode] - bare
-            rows.append([name, "pipelined (the launcher)" if mode == "agreed" else "blocking, same windows", f"{batch}",
-                         f"{steps}", f"{bare * 1e3:.3f}", f"{times[mode] * 1e3:.3f}",
+            rows.append([name, f"{batch}", f"{steps}", f"{bare * 1e3:.3f}", f"{times[mode] * 1e3:.3f}",
                          f"{diff * 1e6:+.0f} ({diff / bare:+.1%})", f"{reduces} ({reduces / steps:.3f})",
                          f"{inside[mode] * 1e6:.1f} ({inside[mode] / bare:.2%})"])
     return (f"Machine: {machine()}; load before: {os.getloadavg()[0]:.2f}; 2 gloo CPU ranks, 1 thread each, "
             f"{a.rounds} interleaved rounds, medians; EndAgreement.WINDOW={a.lookahead}\n\n" + table(
-                ["job", "agreement", "batch", "steps an epoch", "bare step ms", "agreed step ms",
+                ["job", "batch", "steps an epoch", "bare step ms", "agreed step ms",
                  "agreed - bare us (% of step)", "agreements an epoch (per step)",
                  "waiting in the agreement us per step (% of step)"], rows))
 
