@@ -63,18 +63,19 @@ class EndAgreement:
         return max(min(self.end - self.taken, k), 0), False
 
     def _agree(self, target: int, k: int) -> None:
-        held = self.taken + self.fill(target - self.taken)
-        mine = torch.tensor([min(held, target)], dtype=torch.int64)
-        room = max(1, self.BUDGET // max(1, k * self.batch_bytes))
-        # (one rank agrees with nobody: it reads one group ahead, to know whether the stream goes on)
-        self.window = 1 if self.dist.world_size == 1 else max(1, min(self.window * 2, self.WINDOW, room))
-        if self.dist.world_size > 1:
+        held = min(self.taken + self.fill(target - self.taken), target)
+        if self.dist.world_size == 1:  # one rank agrees with nobody (no tensor, no collective on its hot
+            self.end = held  # path): it reads one group ahead, to know whether the stream goes on
+        else:
+            room = max(1, self.BUDGET // max(1, k * self.batch_bytes))
+            self.window = max(1, min(self.window * 2, self.WINDOW, room))
             t0 = time.perf_counter()
             self.count += 1
             if self.group is None:
                 gloo = td.get_backend() == "gloo"
                 self.group = td.group.WORLD if gloo else td.new_group(backend="gloo")
+            mine = torch.tensor([held], dtype=torch.int64)
             td.all_reduce(mine, op=td.ReduceOp.MIN, group=self.group)
             self.blocked_s += time.perf_counter() - t0
-        self.end = int(mine.item())
+            self.end = int(mine.item())
         self.ended = self.end < target  # some rank's stream ends inside that window
